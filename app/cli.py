@@ -1,0 +1,53 @@
+"""The ``worldloop`` command line: one entry point, one module per command group.
+
+Each command module exposes ``register(subparsers)`` which adds its subcommand(s) and sets
+``func(args) -> int`` on the parser. A subcommand is listed here only once its feature works.
+Errors a user can fix (bad paths, bad options, bad checkpoints) raise ``UserError`` and are printed as a
+single line with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Command modules, in the order their groups appear in ``worldloop --help``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "app.commands.world",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldloop",
+        description="worldloop: a real-time interactive world model you can play in the browser.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        print(f"worldloop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"worldloop {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Model configuration: small frozen dataclasses and the named presets.
+
+Configs are parsed once at the edge (the CLI), saved inside every checkpoint, and every dimension in the
+model code derives from them. Presets:
+
+- ``tiny``    — tests: well under 1M parameters, 32×32 frames.
+- ``default`` — the shipped model: 128×128 frames, sized to play at ≥30 FPS on a 2-core laptop CPU.
+- ``large``   — GPU: 256×256 frames.
+- ``wan``     — Wan-1.3B-shaped DiT at 480×832 (1,560 tokens per latent frame); only for measuring engine
+  speed on a GPU with random weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The latent autoencoder: RGB frame (H, W) ↔ latent (latent_channels, H/downsample, W/downsample)."""
+
+    latent_channels: int = 8
+    downsample: int = 8  # a power of two; one stride-2 stage per factor of two
+    encoder_channels: tuple[int, ...] = (32, 64, 128)
+    decoder_channels: tuple[int, ...] = (128, 64, 32)
+    blocks_per_stage: int = 1
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The causal frame-wise diffusion transformer."""
+
+    patch_size: int = 2
+    dim: int = 256
+    depth: int = 8  # transformer layers
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # MiniLM-L6 token embedding width
+    max_prompt_tokens: int = 32
+    num_keys: int = 6  # multi-hot held keys, see models.keys.KEYS
+    window: int = 8  # frames in the rolling window (excluding the sink)
+    sink: int = 1  # first frames of a stream kept forever
+    slack: int = 2  # extra cache slots for speculative frames
+    bidirectional: bool = False  # full attention inside a clip (distillation teacher only)
+    rope_theta: float = 10_000.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Rectified-flow sampling: x_t = (1-σ)·x0 + σ·ε, the network predicts v = ε - x0."""
+
+    steps: int = 1  # denoising steps per frame
+    first_frame_steps: int = 4  # the first frame of a stream may take more
+    shift: float = 3.0  # timestep shift s: σ' = sσ / (1 + (s-1)σ)
+    context_sigma: float = 0.0  # noise level at which finished frames are written to the cache
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "default"
+    height: int = 128
+    width: int = 128
+    fps: int = 30
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        d = self.vae.downsample
+        if d < 1 or d & (d - 1):
+            raise ValueError(f"vae.downsample must be a power of two, got {d}")
+        if self.height % d or self.width % d:
+            raise ValueError(f"frame size {self.height}x{self.width} is not divisible by vae.downsample={d}")
+        lh, lw = self.latent_size
+        p = self.dit.patch_size
+        if lh % p or lw % p:
+            raise ValueError(f"latent size {lh}x{lw} is not divisible by dit.patch_size={p}")
+        if self.dit.dim % self.dit.heads:
+            raise ValueError(f"dit.dim={self.dit.dim} is not divisible by dit.heads={self.dit.heads}")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.latent_channels
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.height // self.vae.downsample, self.width // self.vae.downsample
+
+    @property
+    def tokens_per_frame(self) -> int:
+        lh, lw = self.latent_size
+        return (lh // self.dit.patch_size) * (lw // self.dit.patch_size)
+
+    def replace(self, **sections: Any) -> ModelConfig:
+        """Return a copy with top-level fields or whole sections replaced."""
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build a config from ``to_dict`` output; unknown keys are an error, missing keys take defaults."""
+        sections = {"vae": VAEConfig, "dit": DiTConfig, "sampling": SamplingConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value)
+            elif key in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unknown model config field {key!r}")
+        return cls(**kwargs)
+
+
+def _build(kind: type, value: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(value) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return kind(**fixed)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny",
+        height=32,
+        width=32,
+        vae=VAEConfig(latent_channels=4, downsample=4, encoder_channels=(8, 16), decoder_channels=(16, 8)),
+        dit=DiTConfig(dim=64, depth=2, heads=2, max_prompt_tokens=16, window=4, sink=1, slack=2),
+        sampling=SamplingConfig(steps=1, first_frame_steps=2),
+    ),
+    "default": ModelConfig(name="default"),
+    "large": ModelConfig(
+        name="large",
+        height=256,
+        width=256,
+        vae=VAEConfig(latent_channels=16, downsample=8, encoder_channels=(64, 128, 256),
+                      decoder_channels=(256, 128, 64)),
+        dit=DiTConfig(dim=512, depth=12, heads=8, window=12, sink=1),
+    ),
+    "wan": ModelConfig(
+        name="wan",
+        height=480,
+        width=832,
+        fps=16,
+        vae=VAEConfig(latent_channels=16, downsample=8, encoder_channels=(64, 128, 256),
+                      decoder_channels=(256, 128, 64)),
+        dit=DiTConfig(dim=1536, depth=30, heads=12, mlp_ratio=8960 / 1536, window=6, sink=1),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
