@@ -14,7 +14,13 @@ import sys
 
 # Command modules, in the order their groups appear in ``worldloop --help``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "app.commands.play",
+    "app.commands.serve",
+    "app.commands.gradio_app",
+    "app.commands.rollout",
     "app.commands.world",
+    "app.commands.train",
+    "app.commands.eval",
 )
 
 

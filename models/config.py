@@ -20,18 +20,35 @@ from typing import Any
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The latent autoencoder: RGB frame (H, W) ↔ latent (latent_channels, H/downsample, W/downsample)."""
+    """The latent autoencoder: RGB frame (H, W) ↔ latent (latent_channels, H/downsample, W/downsample).
+
+    ``downsample`` = 2**n; the encoder and decoder have n stages, one channel width each: encoder widths from
+    H/2 down to the latent resolution, decoder widths from the latent resolution up to H/2 (the last
+    upsampling goes straight to RGB). See models/vae.py for the measured speed of the default.
+    """
 
     latent_channels: int = 8
-    downsample: int = 8  # a power of two; one stride-2 stage per factor of two
+    downsample: int = 8  # a power of two ≥ 2
     encoder_channels: tuple[int, ...] = (32, 64, 128)
     decoder_channels: tuple[int, ...] = (128, 64, 32)
-    blocks_per_stage: int = 1
+    blocks_per_stage: int = 1  # residual blocks after each stage
+
+    def __post_init__(self) -> None:
+        stages = self.downsample.bit_length() - 1
+        if self.downsample < 2 or self.downsample != 1 << stages:
+            raise ValueError(f"vae.downsample must be a power of two ≥ 2, got {self.downsample}")
+        for name in ("encoder_channels", "decoder_channels"):
+            channels = getattr(self, name)
+            if len(channels) != stages or min(channels) < 1:
+                raise ValueError(f"vae.{name} needs {stages} positive widths for downsample "
+                                 f"{self.downsample}, got {channels}")
+        if self.latent_channels < 1 or self.blocks_per_stage < 0:
+            raise ValueError("vae.latent_channels must be ≥ 1 and vae.blocks_per_stage ≥ 0")
 
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """The causal frame-wise diffusion transformer."""
+    """The causal frame-wise diffusion transformer (see ``models/dit.py`` for the architecture)."""
 
     patch_size: int = 2
     dim: int = 256
@@ -47,16 +64,40 @@ class DiTConfig:
     bidirectional: bool = False  # full attention inside a clip (distillation teacher only)
     rope_theta: float = 10_000.0
 
+    def __post_init__(self) -> None:
+        if self.dim % self.heads or (self.dim // self.heads) % 8:
+            raise ValueError(f"dit.dim / dit.heads must be a multiple of 8, got {self.dim}/{self.heads}")
+        if self.window < 1 or self.sink < 0 or self.slack < 0:
+            raise ValueError("dit.window must be >= 1 and dit.sink, dit.slack >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def cache_frames(self) -> int:
+        """Frame slots per session in the KV cache: sink + window + slack."""
+        return self.sink + self.window + self.slack
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Rectified-flow sampling: x_t = (1-σ)·x0 + σ·ε, the network predicts v = ε - x0."""
+    """Rectified-flow sampling: x_t = (1-σ)·x0 + σ·ε, the network predicts v = ε - x0.
+
+    With ``shift`` 5 the few-step grids are σ = [1] (1 step) and σ = [1, 0.833] (2 steps).
+    """
 
     steps: int = 1  # denoising steps per frame
     first_frame_steps: int = 4  # the first frame of a stream may take more
-    shift: float = 3.0  # timestep shift s: σ' = sσ / (1 + (s-1)σ)
+    shift: float = 5.0  # timestep shift s: σ' = sσ / (1 + (s-1)σ)
     context_sigma: float = 0.0  # noise level at which finished frames are written to the cache
-    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
+    guidance: float = 1.0  # classifier-free guidance scale on the prompt (1 = off)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.first_frame_steps < 1:
+            raise ValueError("sampling.steps and sampling.first_frame_steps must be >= 1")
+        if self.shift <= 0 or not 0.0 <= self.context_sigma < 1.0:
+            raise ValueError("sampling.shift must be > 0 and sampling.context_sigma in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -134,7 +175,7 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny",
         height=32,
         width=32,
-        vae=VAEConfig(latent_channels=4, downsample=4, encoder_channels=(8, 16), decoder_channels=(16, 8)),
+        vae=VAEConfig(latent_channels=4, downsample=4, encoder_channels=(16, 32), decoder_channels=(32, 16)),
         dit=DiTConfig(dim=64, depth=2, heads=2, max_prompt_tokens=16, window=4, sink=1, slack=2),
         sampling=SamplingConfig(steps=1, first_frame_steps=2),
     ),

@@ -1,0 +1,68 @@
+"""``worldloop eval MODEL [MODEL ...]``: world models against the built-in world's engine (held-out seeds).
+
+    worldloop eval assets/teacher --steps 16 --out runs/eval
+    worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm --classifier runs/classifier
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.cli import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR/SSIM, keys, prompts, drift)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="model directories")
+    p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
+    p.add_argument("--idm", type=Path, default=Path("runs/idm"), help="inverse-dynamics model directory")
+    p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier directory")
+    p.add_argument("--episodes", type=int, default=8, help="held-out worlds")
+    p.add_argument("--horizons", default="1,4,16,64", help="frames after the context, comma-separated")
+    p.add_argument("--context", type=int, default=0, help="engine context frames (0: sink + window)")
+    p.add_argument("--switch-frames", type=int, default=48, help="frames generated after the prompt switch")
+    p.add_argument("--drift-seconds", type=float, default=600.0, help="length of the drift rollout")
+    p.add_argument("--drift-sessions", type=int, default=2)
+    p.add_argument("--drift-every", type=int, default=30, help="frames between drift measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name} takes comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"--{name} values must be at least 1, got {text!r}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill.evaluate import EvalConfig, run_eval
+    from distill.train_common import resolve_device
+
+    for path in args.models:
+        if not path.is_dir():
+            raise UserError(f"{path}: not a model directory")
+    horizons = _ints(args.horizons, "horizons")
+    if not horizons:
+        raise UserError("--horizons needs at least one value")
+    steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
+    cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
+                     switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
+                     drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed)
+    report = run_eval(args.models, steps, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
+                      device=resolve_device(args.device))
+    for r in report["runs"]:
+        h = r["horizons"]
+        psnr = ", ".join(f"h{k} {v['psnr']:.2f} (copy {v['copy_last_psnr']:.2f})" for k, v in h.items())
+        print(f"{r['model']} @ {r['steps']} steps: PSNR dB {psnr}")
+        for note in r["notes"]:
+            print(f"  note: {note}")
+    print(f"report: {args.out / 'report.json'}")
+    return 0

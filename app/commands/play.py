@@ -1,0 +1,94 @@
+"""``worldloop play``: start the server with the default model and open the game in your browser.
+
+    worldloop play                       # assets/default, or random weights with a loud warning
+    worldloop play --no-browser --port 9000
+    worldloop play --model runs/student/model --device cuda --steps 2
+
+This is ``worldloop serve`` with the defaults a player wants, plus opening the page; the URL is always
+printed. Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+import webbrowser
+from typing import TYPE_CHECKING
+
+from app.commands import serve
+from app.loading import choose_model
+from models.config import PRESETS
+
+if TYPE_CHECKING:
+    from streaming.server import WorldloopServer
+
+DEFAULT_PORT = 8765
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("play", help="play the world model in your browser (starts the server)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: local only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="port (default: %(default)s, or a free one if that is taken; 0: any free port)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    p.set_defaults(func=run)
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _open_browser(url: str) -> None:
+    """Open the page without holding up the server; say so when there is no browser to open."""
+    def attempt() -> None:
+        try:
+            opened = webbrowser.open(url, new=2)
+        except Exception:  # a broken browser setup must not take the server down
+            opened = False
+        if not opened:
+            print(f"worldloop play: could not open a browser here; open {url} yourself", flush=True)
+
+    threading.Thread(target=attempt, name="worldloop-browser", daemon=True).start()
+
+
+def serve_args(args: argparse.Namespace, port: int) -> argparse.Namespace:
+    """The ``worldloop serve`` options for a ``play`` command line (serve checks and applies them)."""
+    parser = argparse.ArgumentParser(prog="worldloop")
+    serve.register(parser.add_subparsers(dest="command"))
+    argv = ["serve", "--host", args.host, "--port", str(port), "--device", args.device]
+    if args.model is not None:
+        argv += ["--model", args.model]
+    if args.preset is not None:
+        argv += ["--preset", args.preset]
+    if args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    choose_model(args.model, args.preset, fallback=True)  # a bad --model fails before the port is chosen
+    port = args.port
+    if port == DEFAULT_PORT and not _port_is_free(args.host, port):
+        print(f"worldloop play: port {port} is taken; using a free port instead", file=sys.stderr, flush=True)
+        port = 0
+
+    def ready(server: WorldloopServer) -> None:
+        url = server.url
+        print(f"\n  worldloop is running: open {url}  (Ctrl-C stops it)\n", flush=True)
+        if not args.no_browser:
+            _open_browser(url)
+
+    return serve.run(serve_args(args, port), on_ready=ready)

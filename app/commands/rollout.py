@@ -1,0 +1,157 @@
+"""``worldloop rollout``: roll the world model out offline into a long video (fragmented MP4) + JSON sidecar.
+
+    worldloop rollout --prompt "ice cave" --seconds 60 --out ice.mp4
+    worldloop rollout --prompt "a dungeon" --prompt-at 600:"a neon city" --frames 1200 --keys walk.txt
+    worldloop rollout --preset default --schedule prompts.json --seconds 3600 --out hour.mp4  # random
+
+Keys come from a key script (``--keys FILE``: one line per frame as for ``worldloop world record``, e.g.
+``30*w``, ``w+a``, ``none``; it must cover every frame) or, by default, from the rollout explorer: a
+seeded, sticky, forward-biased random key policy (a model rollout has no map, so unlike the built-in
+world's explorer it cannot steer around walls). Ctrl-C or SIGTERM stops the rollout and closes the video
+cleanly; even a killed run leaves a playable file up to its last one-second fragment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.cli import UserError
+from app.commands.world import read_key_script
+from app.loading import choose_model, load_model
+from app.rollout import (
+    RolloutResult,
+    build_schedule,
+    explorer_keys,
+    frames_for,
+    rollout,
+    scripted_keys,
+    sidecar,
+    write_sidecar,
+)
+from models.config import PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("rollout", help="roll the model out offline into an MP4 video",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed: same seed, prompts and keys → same video")
+    p.add_argument("--prompt", help="the prompt from frame 0")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:PROMPT",
+                   help='switch the prompt at a frame (600:"neon city") or second (20s:...); repeatable')
+    p.add_argument("--schedule", type=Path, metavar="FILE",
+                   help='prompt schedule as JSON: [{"frame": 0, "prompt": "..."}, ...]')
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--keys", type=Path, metavar="FILE", help="key script (as `worldloop world record`)")
+    keys.add_argument("--explorer", action="store_true", help="the seeded random key policy (the default)")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--frames", type=int, help="number of frames")
+    length.add_argument("--seconds", type=float, help="length in seconds of video")
+    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    p.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
+    p.add_argument("--scale", type=int, default=1, help="enlarge frames by pixel repetition (default: 1)")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality, 0 (lossless) … 51 (default: 18)")
+    p.add_argument("--out", type=Path, default=Path("rollout.mp4"), help="video file (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _check_output(path: Path) -> None:
+    """Fail before loading anything if the video cannot be written."""
+    if path.suffix.lower() != ".mp4":
+        raise UserError(f"--out must end in .mp4, got {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, lo, hi in (("steps", 1, 8), ("fps", 1, 240), ("scale", 1, 16), ("crf", 0, 51)):
+        value = getattr(args, name)
+        if value is not None and not lo <= value <= hi:
+            raise UserError(f"--{name} must be in {lo}..{hi}, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so a terminated rollout unwinds and closes its video."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(total: int, quiet: bool):  # -> (callback, close)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="frame", desc="rollout", disable=quiet, dynamic_ncols=True, smoothing=0.1)
+
+    def update(index: int, result: RolloutResult) -> None:
+        bar.update(1)
+
+    return update, bar.close
+
+
+def run(args: argparse.Namespace) -> int:
+    from streaming.recording import Mp4Recorder
+
+    _check_numbers(args)
+    _check_output(args.out)
+    choice = choose_model(args.model, args.preset, fallback=False)
+    fps = args.fps or choice.config.fps
+    frames = frames_for(args.seconds, args.frames, fps)
+    schedule = build_schedule(args.prompt, args.prompt_at, args.schedule, fps, frames)
+    key_source = f"script {args.keys}" if args.keys else f"explorer (seed {args.seed})"
+    keys = scripted_keys(read_key_script(args.keys), frames) if args.keys else explorer_keys(args.seed, fps)
+    if choice.warning():
+        print(choice.warning(), file=sys.stderr, flush=True)
+
+    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=1)
+    height, width = model.frame_shape
+    recorder = Mp4Recorder(args.out, width * args.scale, height * args.scale, fps, crf=args.crf)
+    meta = dict(model_name=model.config.name, model_source=choice.source, trained=choice.trained,
+                seed=args.seed, schedule=schedule, fps=fps, steps=model.steps, size=(height, width),
+                requested_frames=frames, key_source=key_source)
+    write_sidecar(args.out, sidecar(RolloutResult(), **meta))  # a killed run still leaves its plan
+    update, close_bar = _progress(frames, args.quiet)
+    started, status = time.perf_counter(), 0
+    try:
+        with _sigterm_as_interrupt():
+            try:
+                result = rollout(model, seed=args.seed, frames=frames, schedule=schedule, keys=keys,
+                                 writer=recorder, scale=args.scale, on_frame=update)
+            except KeyboardInterrupt as err:
+                result, status = err.rollout_result, 130  # type: ignore[attr-defined]
+    finally:
+        close_bar()
+        recorder.close()
+    write_sidecar(args.out, sidecar(result, **meta))
+    _report(args.out, result, frames, time.perf_counter() - started)
+    return status
+
+
+def _report(out: Path, result: RolloutResult, requested: int, seconds: float) -> None:
+    t = result.timings()
+    state = "wrote" if result.completed else f"interrupted after {result.frames} of {requested} frames; wrote"
+    print(f"worldloop rollout: {state} {out} ({result.frames} frames in {seconds:.1f} s, {t['fps']} FPS, "
+          f"model {t['model_ms_per_frame']} ms/frame) and {out.with_suffix('.json')}", file=sys.stderr)

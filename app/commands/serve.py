@@ -1,0 +1,121 @@
+"""``worldloop serve``: stream the world model to browsers and programs over a websocket.
+
+    worldloop serve                        # assets/default, or random weights with a warning
+    worldloop serve --preset tiny --port 0 --record-dir runs/recordings
+    WORLDLOOP_TOKEN=secret worldloop serve --host 0.0.0.0 --allow-origin https://example.org
+
+The browser client (app/web) is served at ``/``; the websocket is ``/ws`` (docs/protocol.md); health and
+metrics at ``/healthz`` and ``/metrics``. SIGTERM or Ctrl-C shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.cli import UserError
+from app.loading import choose_model, load_model
+from models.config import PRESETS
+
+if TYPE_CHECKING:
+    from streaming.server import WorldloopServer
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="stream the world model to browsers and programs (websocket)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: local only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free port; default: %(default)s)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="PATH", help="model directory (default: assets/default)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights (tests)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is often fastest for "
+                                               "small models on a busy machine)")
+    p.add_argument("--token", default=os.environ.get("WORLDLOOP_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' (default: $WORLDLOOP_TOKEN; prefer the "
+                        "variable: a command line is visible to other users)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin to allow besides this server's own and localhost ('*': any); "
+                        "repeatable")
+    p.add_argument("--record-dir", type=Path, help="where `record` writes MP4s (recording is off without it)")
+    p.add_argument("--web-dir", type=Path, default=WEB_DIR, help="static files of the browser client")
+    p.add_argument("--resume-grace", type=float, default=10.0,
+                   help="seconds a dropped connection's session waits to be resumed (default: %(default)s)")
+    p.add_argument("--no-speculative", action="store_true", help="do not generate frames ahead of time")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_sessions < 1:
+        raise UserError(f"--max-sessions must be ≥ 1, got {args.max_sessions}")
+    if args.steps is not None and not 1 <= args.steps <= 8:
+        raise UserError(f"--steps must be in 1..8, got {args.steps}")
+    if args.fps is not None and not 1 <= args.fps <= 60:
+        raise UserError(f"--fps must be in 1..60, got {args.fps}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.token is not None and len(args.token) < 8:
+        raise UserError("--token must be at least 8 characters")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
+    """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
+    from streaming.engine import Engine
+    from streaming.server import ServerConfig, run_server
+
+    _check_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    choice = choose_model(args.model, args.preset, fallback=True)
+    if choice.warning():
+        print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
+    if not _is_loopback(args.host) and args.token is None:
+        print(f"worldloop serve: warning: listening on {args.host} without a token; anyone who can reach "
+              "this port can use the model (set WORLDLOOP_TOKEN)", file=sys.stderr, flush=True)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
+    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative)
+    config = ServerConfig(host=args.host, port=args.port, token=args.token,
+                          allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
+                          record_dir=args.record_dir, resume_grace_s=args.resume_grace)
+
+    def ready(server: WorldloopServer) -> None:
+        print(f"worldloop serve: {server.url} (websocket {server.url.replace('http', 'ws', 1)}ws) — model "
+              f"{choice.source} on {engine.device}, {engine.steps} step(s) per frame, {engine.fps} FPS, "
+              f"up to {engine.max_sessions} sessions", flush=True)
+        if on_ready is not None:
+            on_ready(server)
+
+    engine.start()
+    try:
+        asyncio.run(run_server(engine, config, on_ready=ready))
+    finally:
+        engine.close()
+    print("worldloop serve: stopped", flush=True)
+    return 0

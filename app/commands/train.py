@@ -1,0 +1,142 @@
+"""``worldloop train vae|teacher|idm|classifier``: the training stages, one subcommand each.
+
+Options are parsed here, once, into frozen configs (``ModelConfig``, ``TrainConfig`` and the stage's
+objective); the trainers in ``distill/`` never see argparse. Several processes: ``torchrun
+--nproc-per-node N $(which worldloop) train teacher ...`` (DDP; gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from distill.train_common import Distributed, TrainConfig, setup_distributed, teardown_distributed
+from models.config import PRESETS, ModelConfig, preset
+
+# Per-stage defaults that differ from TrainConfig's.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vae": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100},
+    "teacher": {"steps": 20000, "batch_size": 16, "lr": 3e-4, "warmup": 500},
+    "idm": {"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 4},
+    "classifier": {"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 2},
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train the autoencoder, the teacher or the eval helpers")
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    helps = {"vae": "the latent autoencoder on world frames",
+             "teacher": "the causal DiT teacher (teacher forcing, flow matching)",
+             "idm": "the inverse-dynamics model (two frames → keys) used by `worldloop eval`",
+             "classifier": "the theme classifier (frame → theme) used by `worldloop eval`"}
+    for stage, text in helps.items():
+        p = stages.add_parser(stage, help=text, description=f"Train {text}.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _common_options(p, stage)
+        if stage == "vae":
+            p.add_argument("--noise-std", type=float, default=0.1, help="latent noise σ (fixed-variance VAE)")
+            p.add_argument("--kl-weight", type=float, default=1e-3)
+            p.add_argument("--edge-weight", type=float, default=0.5)
+        if stage == "teacher":
+            _teacher_options(p)
+        p.set_defaults(func=run)
+
+
+def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | STAGE_DEFAULTS[stage]
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="model config preset")
+    p.add_argument("--out", type=Path, default=Path("runs") / stage, help="run directory")
+    p.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
+    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
+    p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
+    p.add_argument("--clip-frames", type=int, default=d.get("clip_frames"),
+                   help="frames per training clip (teacher default: window + sink + 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA, off for CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--sample-every", type=int, default=500, help="steps between sample PNG/MP4s (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--episodes", type=Path, help="train on recorded episode folders under this path")
+    p.add_argument("--pool-clips", type=int, default=-1,
+                   help="reuse rendered clips from a pool of this size (-1: 256 on CPU, 4096 on CUDA; 0: off)")
+    p.add_argument("--pool-refresh", type=int, default=25, help="steps between re-rendering a pool chunk")
+    if stage in ("vae", "teacher"):
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                       help="start from a model directory's weights (and EMA) with a fresh optimizer")
+
+
+def _teacher_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", type=Path, metavar="MODEL_DIR", help="autoencoder from `worldloop train vae`")
+    p.add_argument("--bidirectional", action="store_true", help="full attention inside a clip (DMD teacher)")
+    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of training noise levels")
+    p.add_argument("--context-noise", type=float, default=0.1, help="max σ of the clean-context augmentation")
+    p.add_argument("--key-dropout", type=float, default=0.1)
+    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--random-keys", type=float, default=0.1,
+                   help="fraction of frames driven by random keys instead of the explorer")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    config = preset(args.preset)
+    if getattr(args, "bidirectional", False):
+        config = config.replace(dit=dataclasses.replace(config.dit, bidirectional=True))
+    return config
+
+
+def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed) -> TrainConfig:
+    clip = args.clip_frames or config.dit.window + config.dit.sink + 1
+    bf16 = ddp.device.type == "cuda" if args.bf16 is None else args.bf16
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, clip_frames=clip,
+        seed=args.seed, device=str(ddp.device), bf16=bf16, compile=args.compile, out=str(args.out),
+        log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+        episodes=str(args.episodes) if args.episodes else None, pool_clips=args.pool_clips,
+        pool_refresh=args.pool_refresh,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = model_config(args)
+    ddp = setup_distributed(args.device)
+    try:
+        cfg = train_config(args, config, ddp)
+        result = _run_stage(args, config, cfg, ddp)
+    finally:
+        teardown_distributed()
+    if ddp.is_main:
+        print(result)
+    return 0
+
+
+def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed) -> str:
+    if args.stage == "vae":
+        from distill.train_vae import VAEObjective, train_vae
+
+        objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
+        result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
+        return f"step {result.step}; model directory: {result.model_dir}"
+    if args.stage == "teacher":
+        from distill.train_teacher import TeacherObjective, train_teacher
+
+        objective = TeacherObjective(shift=args.shift, context_noise=args.context_noise,
+                                     key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
+                                     random_keys=args.random_keys)
+        result = train_teacher(config, cfg, objective, ddp, vae_from=args.vae, resume=args.resume,
+                               init_from=args.init_from)
+        return f"step {result.step}; model directory: {result.model_dir}"
+    from distill.evaluators import train_for_config
+
+    metrics = train_for_config(args.stage, config, cfg, ddp)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    return f"{args.stage} saved to {cfg.out}; held-out accuracy: {shown}"

@@ -1,0 +1,299 @@
+// worldloop browser client: speaks websocket protocol v1 (docs/CONTRACTS.md, docs/protocol.md) with the server
+// that serves this page. Frames arrive as binary messages (24-byte header + JPEG/WebP), everything else is JSON.
+// Test hooks and live numbers are exposed on window.worldloop.
+
+import { HeldKeys } from "./input.js";
+import { FrameView, StreamMeter, setText, toast } from "./view.js";
+
+const HEADER_BYTES = 24;
+const MAGIC = "WLF1";
+
+// Theme presets: one prompt per theme of the built-in world, worded exactly as the world describes itself
+// (themes.json is checked against distill/world/themes.py by tests/test_web_client.py).
+const THEMES = await fetch("themes.json").then((r) => r.json()).catch(() => []);
+const DEFAULT_PROMPT = THEMES[0]?.prompt ?? "a softly lit dungeon of mossy grey brick walls";
+
+const params = new URLSearchParams(location.search);
+const randomSeed = () => Math.floor(Math.random() * 2 ** 31);
+const state = {
+  framesReceived: 0,
+  framesDrawn: 0,
+  lastHeader: null,
+  session: null,
+  ready: null,
+  prompt: params.get("prompt") || DEFAULT_PROMPT,
+  seed: params.has("seed") ? Number(params.get("seed")) : randomSeed(),
+  keySeq: 0,
+  keys: 0,
+  fps: 0,
+  latencyMs: null,
+  connected: false,
+  errors: [],
+  messages: [], // the last JSON messages from the server, newest last
+  confirmed: null, // the last `ok` reply: {request, frame} — frames from `frame` on reflect the change
+  snapshots: [],
+  reconnect: true,
+};
+window.worldloop = state;
+
+const view = new FrameView(document.getElementById("view"), document.getElementById("stage"));
+const meter = new StreamMeter();
+let socket = null;
+let retries = 0;
+let retryTimer = null;
+let pending = null; // the newest frame not yet decoded; older ones are dropped (latest frame wins)
+let decoding = false;
+
+function send(type, body = {}) {
+  if (socket?.readyState !== WebSocket.OPEN) return false;
+  socket.send(JSON.stringify({ type, ...body }));
+  return true;
+}
+state.send = send;
+Object.defineProperty(state, "socket", { get: () => socket }); // for tests: simulate a network blip
+
+// ---- connection --------------------------------------------------------------------------------------------
+
+function connect() {
+  clearTimeout(retryTimer);
+  setStatus("connecting", state.session ? "reconnecting…" : "connecting…");
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  socket = new WebSocket(url);
+  socket.binaryType = "arraybuffer";
+  socket.onopen = sendStart;
+  socket.onmessage = (e) => (typeof e.data === "string" ? onJson(JSON.parse(e.data)) : onFrame(e.data));
+  socket.onclose = (e) => {
+    state.connected = false;
+    if (!state.reconnect) return;
+    // Exponential backoff with jitter, resuming the same session on the next start.
+    const delay = Math.min(10000, 500 * 2 ** retries) * (0.75 + Math.random() * 0.5);
+    retries += 1;
+    setStatus("offline", `disconnected${e.reason ? `: ${e.reason}` : ""} — retrying in ${(delay / 1000).toFixed(1)} s`);
+    retryTimer = setTimeout(connect, delay);
+  };
+}
+
+function sendStart() {
+  const start = { prompt: state.prompt, seed: state.seed, format: params.get("format") || "jpeg" };
+  for (const name of ["fps", "steps", "quality"]) if (params.has(name)) start[name] = Number(params.get(name));
+  if (state.session) start.session = state.session;
+  send("start", start);
+}
+
+function onJson(msg) {
+  state.messages.push(msg);
+  if (state.messages.length > 50) state.messages.shift();
+  switch (msg.type) {
+    case "ready": return onReady(msg);
+    case "ok":
+      state.confirmed = msg;
+      if (msg.request === "prompt") toast(`Prompt applied from frame ${msg.frame}.`, "info", 2500);
+      return undefined;
+    case "error": return onError(msg);
+    case "snapshot": return addSnapshot(msg);
+    case "recording": return onRecording(msg);
+    case "bye": return onBye(msg);
+    default: return undefined;
+  }
+}
+
+function onError(msg) {
+  state.errors.push(msg);
+  if (msg.code === "unknown_session") {
+    // The session expired while we were away: start a fresh one with the same prompt and seed.
+    state.session = null;
+    toast("The previous session has expired; starting a new one.", "info");
+    return sendStart();
+  }
+  return toast(msg.message || msg.code);
+}
+
+function onBye(msg) {
+  if (msg.reason === "replaced") {
+    state.reconnect = false; // another tab took this session over; reconnecting would take it back
+    setStatus("offline", "this session continues in another window");
+  } else {
+    setStatus("offline", `server ended the session (${msg.reason})`);
+  }
+}
+
+function onReady(msg) {
+  const resumed = msg.resumed;
+  state.ready = msg;
+  state.session = msg.session;
+  state.connected = true;
+  retries = 0;
+  view.setFrameSize(msg.width, msg.height);
+  setText("hud-model", msg.model);
+  setText("hud-device", msg.device);
+  setText("hud-steps", msg.steps);
+  document.getElementById("untrained").hidden = msg.trained !== false; // servers that say so
+  setText("seed", state.seed);
+  setStatus("live", resumed ? "live (resumed)" : "live");
+  document.getElementById("prompt").value = state.prompt;
+  markTheme();
+  if (state.keys) sendKeys(state.keys); // the server may have missed a change while we were away
+}
+
+function setStatus(kind, text) {
+  const el = document.getElementById("status");
+  el.dataset.state = kind;
+  el.textContent = text;
+  const overlay = document.getElementById("overlay");
+  overlay.hidden = kind === "live" && state.framesDrawn > 0;
+  if (kind !== "live") overlay.textContent = text;
+}
+
+// ---- frames ------------------------------------------------------------------------------------------------
+
+function onFrame(buffer) {
+  if (buffer.byteLength < HEADER_BYTES) return;
+  const dv = new DataView(buffer);
+  const magic = String.fromCharCode(...new Uint8Array(buffer, 0, 4));
+  if (magic !== MAGIC) return;
+  const header = {
+    frame: dv.getUint32(4, true),
+    keySeq: dv.getUint32(8, true),
+    width: dv.getUint16(12, true),
+    height: dv.getUint16(14, true),
+    serverTimeMs: dv.getFloat64(16, true),
+  };
+  const now = performance.now();
+  state.framesReceived += 1;
+  state.lastHeader = header;
+  meter.frame(now, header.keySeq);
+  const type = state.ready?.format === "webp" ? "image/webp" : "image/jpeg";
+  if (pending) send("ack", { frame: pending.header.frame }); // superseded before it was drawn
+  pending = { header, blob: new Blob([new Uint8Array(buffer, HEADER_BYTES)], { type }) };
+  if (!decoding) drainFrames();
+}
+
+async function drainFrames() {
+  decoding = true;
+  while (pending) {
+    const { header, blob } = pending;
+    pending = null;
+    try {
+      view.draw(await createImageBitmap(blob));
+      state.framesDrawn += 1;
+      if (state.framesDrawn === 1) document.getElementById("overlay").hidden = true;
+    } catch (err) {
+      state.errors.push({ code: "decode", message: String(err) });
+    }
+    send("ack", { frame: header.frame });
+  }
+  decoding = false;
+}
+
+// ---- keys, prompt, world controls --------------------------------------------------------------------------
+
+function sendKeys(mask) {
+  state.keys = mask;
+  state.keySeq += 1;
+  meter.keyChange(state.keySeq, performance.now());
+  send("keys", { keys: mask, seq: state.keySeq });
+}
+
+function setPrompt(prompt) {
+  prompt = prompt.trim();
+  if (!prompt) return toast("Type a prompt first.", "info");
+  state.prompt = prompt;
+  document.getElementById("prompt").value = prompt;
+  markTheme();
+  if (!send("prompt", { prompt })) toast("Not connected; the prompt will apply when the stream resumes.", "info");
+}
+
+function markTheme() {
+  for (const b of document.querySelectorAll("#themes button")) {
+    b.classList.toggle("active", b.dataset.prompt === state.prompt);
+  }
+}
+
+function setupControls() {
+  const themes = document.getElementById("themes");
+  for (const { theme: label, prompt } of THEMES) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.dataset.prompt = prompt;
+    b.title = prompt;
+    b.addEventListener("click", () => setPrompt(prompt));
+    themes.append(b);
+  }
+  const form = document.getElementById("prompt-form");
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    setPrompt(document.getElementById("prompt").value);
+    document.getElementById("stage").focus();
+  });
+  document.getElementById("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  document.getElementById("new-world").addEventListener("click", () => {
+    state.seed = randomSeed();
+    setText("seed", state.seed);
+    send("reset", { seed: state.seed, prompt: state.prompt });
+  });
+  document.getElementById("reset").addEventListener("click", () => send("reset", {}));
+  document.getElementById("snapshot").addEventListener("click", () => send("snapshot", {}));
+  document.getElementById("record").addEventListener("click", () => {
+    const recording = document.getElementById("record").getAttribute("aria-pressed") === "true";
+    send("record", { action: recording ? "stop" : "start" });
+  });
+  document.getElementById("smooth").addEventListener("change", (e) => view.setSmooth(e.target.checked));
+  const stage = document.getElementById("stage");
+  stage.addEventListener("pointerdown", () => stage.focus());
+  new HeldKeys(sendKeys).attach(document.querySelectorAll(".key[data-key]"));
+}
+
+function addSnapshot(msg) {
+  state.snapshots.push(msg);
+  document.getElementById("snapshots-empty").hidden = true;
+  const li = document.createElement("li");
+  const img = document.createElement("img");
+  img.alt = "";
+  img.src = view.thumbnail();
+  const label = document.createElement("span");
+  label.textContent = `frame ${msg.frame}`;
+  const rewind = document.createElement("button");
+  rewind.type = "button";
+  rewind.textContent = "Rewind";
+  rewind.addEventListener("click", () => send("restore", { id: msg.id }));
+  li.append(img, label, rewind);
+  document.getElementById("snapshots").prepend(li);
+}
+
+function onRecording(msg) {
+  const active = msg.state === "started";
+  const button = document.getElementById("record");
+  button.setAttribute("aria-pressed", String(active));
+  button.textContent = active ? "Stop recording" : "Start recording";
+  document.getElementById("rec-badge").hidden = !active;
+  if (!active) {
+    const li = document.createElement("li");
+    const label = document.createElement("span");
+    label.textContent = `${msg.frames} frames`;
+    const link = document.createElement("a");
+    link.href = msg.url;
+    link.download = msg.file;
+    link.textContent = "Download";
+    li.append(label, link);
+    document.getElementById("recordings").prepend(li);
+  }
+}
+
+function updateHud() {
+  const now = performance.now();
+  state.fps = meter.fps(now);
+  state.latencyMs = meter.latency();
+  setText("hud-fps", state.connected ? state.fps : "–");
+  setText("hud-latency", state.latencyMs === null ? "–" : `${Math.round(state.latencyMs)} ms`);
+  setText("hud-frame", state.lastHeader ? state.lastHeader.frame : "–");
+}
+
+setupControls();
+setInterval(updateHud, 250);
+connect();

@@ -1,0 +1,223 @@
+"""Training clips: rendered on the fly by the built-in world, or read from recorded episode folders.
+
+A ``ClipBatch`` is B clips of F consecutive frames with the keys that produced them: ``keys[:, i]`` is the
+key state held while the world moved from frame i − 1 to frame i (what ``WorldModel.step(keys)`` is given to
+produce a frame), ``keys[:, 0]`` the one that led to the first frame.
+
+Both sources are deterministic functions of ``(seed, rank, step)``: ``batch(step, size)`` always returns the
+same clips, so a resumed run sees exactly the data the uninterrupted run would have seen, and no iterator
+state needs saving.
+
+``WorldClips``: each clip is a fresh world (random maze, theme and jitter from its seed; the prompt is the
+world's ``describe()``) whose camera starts at a random empty tile facing a random way, driven by the
+scripted explorer (optionally with random keys mixed in) and rendered on the training device. Training
+seeds lie below ``HELD_OUT_SEED_START``; evaluation uses seeds from there on (``held_out=True``). Frames
+smaller than the engine's minimum (64 px) are rendered at an integer multiple and area-downsampled.
+
+``EpisodeClips``: random windows of the episodes under a folder, read once with ``read_episode``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from distill.train_common import TrainConfig
+from distill.world.engine import World
+from distill.world.explorer import Explorer
+from distill.world.hashing import hash32
+from distill.world.themes import THEMES
+from models.config import ModelConfig
+from models.keys import KEYS
+
+HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
+MIN_RENDER, MAX_RENDER = 64, 256  # the engine's frame size limits
+_AXES = tuple((KEYS.index(a), KEYS.index(b)) for a, b in
+              (("forward", "back"), ("left", "right"), ("turn_left", "turn_right")))
+
+
+@dataclass
+class ClipBatch:
+    frames: torch.Tensor  # uint8 (B, F, H, W, 3)
+    keys: torch.Tensor  # long (B, F) key bitmasks; keys[:, i] produced frame i
+    prompts: list[str]  # (B,) one prompt per clip
+    themes: torch.Tensor  # long (B,) index into distill.world.themes.THEMES
+
+    def to(self, device: torch.device) -> ClipBatch:
+        return ClipBatch(self.frames.to(device), self.keys.to(device), self.prompts, self.themes.to(device))
+
+
+class ClipSource(Protocol):
+    height: int
+    width: int
+    frames: int
+
+    def batch(self, step: int, size: int) -> ClipBatch: ...
+
+
+def render_scale(height: int, width: int) -> int:
+    """The integer factor at which frames of this size are rendered (1 unless smaller than 64 px)."""
+    k = max(1, math.ceil(MIN_RENDER / min(height, width)))
+    if max(height, width) * k > MAX_RENDER or (height * k) % 2 or (width * k) % 2:
+        raise ValueError(f"the built-in world cannot render {height}x{width} frames "
+                         f"(sizes {MIN_RENDER}–{MAX_RENDER}, even, or an integer fraction of that)")
+    return k
+
+
+def downsample(frames: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 (N, kH, kW, 3) → (N, H, W, 3) by k×k averaging (rounded)."""
+    if k == 1:
+        return frames
+    x = F.avg_pool2d(frames.permute(0, 3, 1, 2).float(), k)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class WorldClips:
+    """Clips of fresh built-in worlds, generated on ``device``; see the module docstring."""
+
+    def __init__(self, height: int, width: int, frames: int, device: torch.device | str = "cpu", *,
+                 seed: int = 0, rank: int = 0, held_out: bool = False, random_keys: float = 0.0) -> None:
+        if frames < 1:
+            raise ValueError(f"clips need at least one frame, got {frames}")
+        if not 0.0 <= random_keys <= 1.0:
+            raise ValueError(f"random_keys must be a probability, got {random_keys}")
+        self.scale = render_scale(height, width)
+        self.height, self.width, self.frames = height, width, frames
+        self.device = torch.device(device)
+        self.seed, self.rank, self.held_out = seed, rank, held_out
+        self.random_keys = random_keys
+
+    def seeds(self, step: int, size: int) -> torch.Tensor:
+        """World seeds of a step's clips (B,): hashed below HELD_OUT_SEED_START, or consecutive held-out."""
+        index = torch.arange(size, dtype=torch.long)
+        if self.held_out:
+            return HELD_OUT_SEED_START + self.seed * 1_000_000 + step * size + index
+        return hash32(torch.tensor(self.seed), self.rank, step, index) % HELD_OUT_SEED_START
+
+    def batch(self, step: int, size: int) -> ClipBatch:
+        seeds = self.seeds(step, size)
+        world = World(seeds.tolist(), self.height * self.scale, self.width * self.scale, self.device)
+        g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 7)))
+        world.set_poses(random_poses(world.grid.cpu(), g))
+        world.set_poses(open_headings(world, g))
+        explorer = Explorer(world.seeds)
+        keys = torch.zeros(size, dtype=torch.long, device=self.device)
+        frames, clip_keys = [world.render()], [keys]
+        for _ in range(self.frames - 1):
+            keys = self._perturb(explorer.act(world), g)
+            frames.append(world.step(keys))
+            clip_keys.append(keys)
+        video = downsample(torch.stack(frames, 1).flatten(0, 1), self.scale)
+        themes = torch.tensor([THEMES.index(p.theme) for p in world.params], device=self.device)
+        return ClipBatch(video.view(size, self.frames, self.height, self.width, 3), torch.stack(clip_keys, 1),
+                         list(world.prompts), themes)
+
+    def _perturb(self, keys: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """With probability ``random_keys`` per clip and frame, hold a random key state instead."""
+        if self.random_keys == 0.0:
+            return keys
+        swap = (torch.rand(keys.shape, generator=g) < self.random_keys).to(keys.device)
+        return torch.where(swap, sample_keys(keys.shape[0], g).to(keys.device), keys)
+
+
+def sample_keys(n: int, g: torch.Generator) -> torch.Tensor:
+    """n random key states without opposing pairs: per axis (forward/back, strafe, turn) none, one or the other.
+
+    Opposing keys cancel in the engine, so including them would make keys unobservable from the frames.
+    """
+    choice = torch.randint(0, 3, (n, 3), generator=g)  # 0 none, 1 the first key of the axis, 2 the second
+    bits = torch.zeros(n, dtype=torch.long)
+    for axis, (a, b) in enumerate(_AXES):
+        bits |= torch.where(choice[:, axis] == 1, 1 << a, 0) | torch.where(choice[:, axis] == 2, 1 << b, 0)
+    return bits
+
+
+def random_poses(grid: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A pose (x, y, angle 0) per world at the centre of a random empty tile of ``grid`` (B, G, G)."""
+    size = grid.shape[-1]
+    tile = torch.multinomial((grid == 0).flatten(1).float(), 1, generator=g)[:, 0]
+    return torch.stack([(tile % size).float() + 0.5, (tile // size).float() + 0.5, torch.zeros(len(tile))], 1)
+
+
+def open_headings(world: World, g: torch.Generator, directions: int = 16, room: float = 2.0) -> torch.Tensor:
+    """The worlds' poses turned to a random direction with at least ``room`` tiles of free view (or the most
+    open one), so clips do not start face to face with a wall."""
+    offsets = torch.arange(directions) * (2 * math.pi / directions)
+    dist = world.probe(offsets).cpu()  # (B, directions)
+    weight = (dist >= min(room, float(dist.max()))).float() + 1e-6 * (dist == dist.max(1, keepdim=True).values)
+    pick = torch.multinomial(weight, 1, generator=g)[:, 0]
+    jitter = (torch.rand(len(pick), generator=g) - 0.5) * (2 * math.pi / directions)
+    poses = world.poses.cpu()
+    poses[:, 2] = poses[:, 2] + offsets[pick] + jitter
+    return poses
+
+
+class ClipPool:
+    """Renders clips once and reuses them: random windows of a pool whose chunks are replaced in turn.
+
+    For the CPU, where rendering costs more than a training step. The pool holds ``clips`` clips of
+    ``source.frames`` frames in chunks of ``chunk``; every ``refresh_every`` steps one chunk is replaced by
+    newly rendered worlds (round robin). Which worlds a chunk holds at step n is a pure function of n, so
+    ``batch(step, size)`` stays deterministic across resumes (a resumed run re-renders its pool).
+    """
+
+    def __init__(self, source: WorldClips, clips: int, frames: int, *, chunk: int = 32,
+                 refresh_every: int = 25, seed: int = 0, rank: int = 0) -> None:
+        if not 1 <= frames <= source.frames:
+            raise ValueError(f"pool windows of {frames} frames do not fit clips of {source.frames}")
+        self.source, self.frames = source, frames
+        self.height, self.width = source.height, source.width
+        self.chunk = min(chunk, clips)
+        self.chunks = max(1, clips // self.chunk)
+        self.refresh_every, self.seed, self.rank = refresh_every, seed, rank
+        self._data: list[ClipBatch | None] = [None] * self.chunks
+        self._generation = [-1] * self.chunks
+
+    def generation(self, chunk: int, step: int) -> int:
+        """How often chunk ``chunk`` has been replaced by ``step`` (refresh e replaces chunk e mod chunks)."""
+        done = step // self.refresh_every if self.refresh_every > 0 else 0
+        return max(0, (done - chunk + self.chunks - 1) // self.chunks)
+
+    def _chunk(self, j: int, step: int) -> ClipBatch:
+        g = self.generation(j, step)
+        if self._generation[j] != g:
+            self._data[j] = self.source.batch(g * self.chunks + j, self.chunk)
+            self._generation[j] = g
+        data = self._data[j]
+        assert data is not None
+        return data
+
+    def batch(self, step: int, size: int) -> ClipBatch:
+        pool = [self._chunk(j, step) for j in range(self.chunks)]
+        g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 11)))
+        picks = torch.randint(0, self.chunks * self.chunk, (size,), generator=g).tolist()
+        starts = torch.randint(0, self.source.frames - self.frames + 1, (size,), generator=g).tolist()
+        out = [(pool[i // self.chunk], i % self.chunk, s) for i, s in zip(picks, starts, strict=True)]
+        window = [slice(s, s + self.frames) for _, _, s in out]
+        return ClipBatch(torch.stack([c.frames[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
+                         torch.stack([c.keys[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
+                         [c.prompts[i] for c, i, _ in out], torch.stack([c.themes[i] for c, i, _ in out]))
+
+
+def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,
+                     random_keys: float = 0.0) -> ClipSource:
+    """The training data of a run: recorded episodes (``cfg.episodes``), else the built-in world.
+
+    World clips are pooled (``cfg.pool_clips``, default 256 on the CPU, 4096 on a GPU): building a world
+    and stepping the explorer cost a fixed time per batch and per frame, more than a training step.
+    """
+    if cfg.episodes:
+        return EpisodeClips(Path(cfg.episodes), config.height, config.width, frames, seed=cfg.seed, rank=rank)
+    pool = cfg.pool_clips if cfg.pool_clips >= 0 else (256 if device.type == "cpu" else 4096)
+    if pool == 0:
+        return WorldClips(config.height, config.width, frames, device, seed=cfg.seed, rank=rank,
+                          random_keys=random_keys)
+    source = WorldClips(config.height, config.width, max(2 * frames, 16), device, seed=cfg.seed, rank=rank,
+                        random_keys=random_keys)
+    return ClipPool(source, pool, frames, chunk=max(32, pool // 8), refresh_every=cfg.pool_refresh,
+                    seed=cfg.seed, rank=rank)

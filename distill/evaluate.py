@@ -1,0 +1,317 @@
+"""``worldloop eval``: world models against the built-in world's engine, on held-out seeds (DESIGN §7).
+
+Every frame is generated through ``WorldModel`` (the one rollout loop); this module only feeds it engine
+context, keys and prompts and measures what comes out. For each model and step count:
+
+1. Horizons: ``episodes`` held-out worlds; the engine's first ``context`` frames become the session's
+   context (``new_session(first_frames=...)``), then the model steps with the engine's keys. PSNR and SSIM
+   against the engine at each horizon, beside the copy-last-frame baseline (the last context frame).
+2. Key accuracy: the inverse-dynamics model on consecutive generated frames vs the keys given (and on the
+   engine's frames, for reference).
+3. Prompt adherence: after the horizon frames each session switches (``set_prompt``) to a prompt of another
+   theme; the theme classifier on the frames after the switch says whether the model followed.
+4. Drift: a long rollout (``drift_seconds`` at the model's FPS) driven by the explorer in a lockstep engine
+   world; classifier confidence, sharpness and colour statistics of model and engine frames over time.
+
+Outputs in ``out``: ``report.json``, ``rollout.mp4`` (engine | model per episode), ``drift.mp4``,
+``horizons.png`` and ``drift.png`` (``distill/eval_plots.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill import metrics
+from distill.data import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
+from distill.evaluators import EvaluatorNet, key_accuracy, load_evaluator, predict_keys, predict_themes
+from distill.media import write_video
+from distill.world.engine import World
+from distill.world.explorer import Explorer
+from distill.world.themes import THEMES, describe, sample_params
+from models.text import PromptEncoder
+from models.world_model import Session, WorldModel
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    episodes: int = 8  # held-out worlds rolled out side by side
+    horizons: tuple[int, ...] = (1, 4, 16, 64)
+    context: int = 0  # engine frames given as context; 0 = sink + window of the model
+    switch_frames: int = 48  # frames generated after the prompt switch
+    drift_seconds: float = 600.0
+    drift_sessions: int = 2
+    drift_every: int = 30  # frames between drift measurements
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1 or not self.horizons or min(self.horizons) < 1:
+            raise ValueError("--episodes and every horizon must be at least 1")
+        if self.context < 0 or self.switch_frames < 1 or self.drift_every < 1 or self.drift_sessions < 1:
+            raise ValueError("--context must be ≥ 0; --switch-frames, --drift-every, --drift-sessions ≥ 1")
+        if self.drift_seconds <= 0:
+            raise ValueError(f"--drift-seconds must be positive, got {self.drift_seconds}")
+
+
+@dataclass
+class EngineClips:
+    """Held-out engine clips: frames uint8 (E, T, H, W, 3), keys (E, T), prompts, theme indices (E,)."""
+
+    frames: np.ndarray
+    keys: np.ndarray
+    prompts: list[str]
+    themes: list[int]
+    seeds: list[int] = field(default_factory=list)
+
+
+def engine_clips(height: int, width: int, episodes: int, frames: int, seed: int,
+                 device: torch.device) -> EngineClips:
+    source = WorldClips(height, width, frames, device, seed=seed, held_out=True)
+    batch = source.batch(0, episodes)
+    return EngineClips(batch.frames.cpu().numpy(), batch.keys.cpu().numpy(), batch.prompts,
+                       batch.themes.tolist(), source.seeds(0, episodes).tolist())
+
+
+def context_length(wm: WorldModel, requested: int) -> int:
+    dit = wm.config.dit
+    return min(requested, dit.sink + dit.window) if requested else dit.sink + dit.window
+
+
+def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames: int,
+                        seed: int) -> tuple[list[Session], np.ndarray]:
+    """Sessions started from the engine's first ``context`` frames, stepped ``frames`` times with its keys.
+
+    Returns the open sessions and the generated frames uint8 (E, frames, H, W, 3).
+    """
+    sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context])
+                for i, p in enumerate(clips.prompts)]
+    out = [wm.step(sessions, clips.keys[:, t].tolist()) for t in range(context, context + frames)]
+    return sessions, np.stack(out, 1)
+
+
+def horizon_metrics(generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
+                    horizons: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """PSNR/SSIM (mean over episodes) of generated and copy-last frames at each horizon (1 = first frame)."""
+    out: dict[str, dict[str, float]] = {}
+    last = metrics.from_uint8(last_context)
+    for h in horizons:
+        truth = metrics.from_uint8(engine[:, h - 1])
+        model = metrics.from_uint8(generated[:, h - 1])
+        out[str(h)] = {"psnr": _mean(metrics.psnr(model, truth)), "ssim": _mean(metrics.ssim(model, truth)),
+                       "copy_last_psnr": _mean(metrics.psnr(last, truth)),
+                       "copy_last_ssim": _mean(metrics.ssim(last, truth))}
+    return out
+
+
+def _mean(values: torch.Tensor) -> float:
+    """Mean over finite values (an identical pair gives PSNR = inf; it is capped at 100 dB)."""
+    return float(values.clamp(max=100.0).mean())
+
+
+def idm_metrics(idm: EvaluatorNet, generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
+                keys: np.ndarray) -> dict[str, Any]:
+    """IDM key accuracy on model frames and on engine frames, for the transitions into each frame."""
+    def run(frames: np.ndarray) -> torch.Tensor:
+        streams = np.concatenate([last_context[:, None], frames], 1)  # (E, T + 1, H, W, 3)
+        return torch.cat([predict_keys(idm, torch.from_numpy(s)).cpu() for s in streams])
+
+    target = torch.from_numpy(keys).reshape(-1)
+    return {"model": key_accuracy(run(generated), target), "engine": key_accuracy(run(engine), target)}
+
+
+def switch_targets(clips: EngineClips) -> tuple[list[str], list[int]]:
+    """For each episode a prompt of another theme (a world of the same seed with that theme)."""
+    prompts, themes = [], []
+    for i, (seed, theme) in enumerate(zip(clips.seeds, clips.themes, strict=True)):
+        target = (theme + 1 + i % (len(THEMES) - 1)) % len(THEMES)
+        prompts.append(describe(sample_params(seed, THEMES[target])))
+        themes.append(target)
+    return prompts, themes
+
+
+def prompt_switch(wm: WorldModel, sessions: list[Session], classifier: EvaluatorNet | None, clips: EngineClips,
+                  start: int, frames: int, before: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Switch every session to another theme's prompt and generate ``frames`` more frames."""
+    prompts, targets = switch_targets(clips)
+    for s, p in zip(sessions, prompts, strict=True):
+        wm.set_prompt(s, p)
+    keys = clips.keys[:, start: start + frames]
+    after = np.stack([wm.step(sessions, keys[:, t].tolist()) for t in range(keys.shape[1])], 1)
+    if classifier is None:
+        return {"skipped": "no theme classifier"}, after
+    own, target = torch.tensor(clips.themes), torch.tensor(targets)
+
+    def probs(frames_: np.ndarray) -> torch.Tensor:  # (E, T, themes)
+        flat = torch.from_numpy(frames_.reshape(-1, *frames_.shape[2:]))
+        return predict_themes(classifier, flat).cpu().view(*frames_.shape[:2], -1)
+
+    p_after, p_before = probs(after), probs(before)
+    tail = max(1, frames // 4)
+    hits = p_after.argmax(-1) == target[:, None]
+    return {
+        "frames_after_switch": frames,
+        "adherence": float(hits.float().mean()),
+        "adherence_last_quarter": float(hits[:, -tail:].float().mean()),
+        "target_probability": float(p_after.gather(-1, target.view(-1, 1, 1).expand(-1, frames, 1)).mean()),
+        "theme_accuracy_before_switch": float((p_before.argmax(-1) == own[:, None]).float().mean()),
+        "engine_theme_accuracy": float((probs(clips.frames).argmax(-1) == own[:, None]).float().mean()),
+    }, after
+
+
+def frame_stats(frames: np.ndarray, classifier: EvaluatorNet | None, themes: list[int]) -> dict[str, list]:
+    """Per-frame drift statistics of uint8 frames (B, H, W, 3)."""
+    x = metrics.from_uint8(frames)
+    colour = metrics.colour_stats(x)
+    stats = {"sharpness": metrics.sharpness(x).tolist(), "colour_mean": colour.mean.tolist(),
+             "colour_std": colour.std.tolist(), "saturation": colour.saturation.tolist()}
+    if classifier is not None:
+        p = predict_themes(classifier, torch.from_numpy(frames)).cpu()
+        stats["confidence"] = p.gather(1, torch.tensor(themes).view(-1, 1))[:, 0].tolist()
+    return stats
+
+
+def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, context: int,
+          device: torch.device) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A long explorer-driven rollout; the engine world moves in lockstep and is rendered at measurements."""
+    h, w = wm.frame_shape
+    k = render_scale(h, w)
+    seeds = [HELD_OUT_SEED_START + 500_000 + cfg.seed * 1_000 + i for i in range(cfg.drift_sessions)]
+    world = World(seeds, h * k, w * k, device)
+    explorer = Explorer(world.seeds)
+    themes = [THEMES.index(p.theme) for p in world.params]
+    first = [downsample(world.render(), k)]
+    for _ in range(context - 1):
+        first.append(downsample(world.step(explorer.act(world)), k))
+    start = np.stack([f.cpu().numpy() for f in first], 1)
+    sessions = [wm.new_session(world.prompts[i], seed=cfg.seed + 1000 + i, first_frames=start[i])
+                for i in range(len(seeds))]
+    total = max(1, round(cfg.drift_seconds * wm.config.fps))
+    points: list[dict[str, Any]] = []
+    video: list[np.ndarray] = []
+    for t in range(total):
+        keys = explorer.act(world)
+        world.move(keys)
+        frames = wm.step(sessions, keys.tolist())
+        if t % cfg.drift_every == 0 or t == total - 1:
+            engine = downsample(world.render(), k).cpu().numpy()
+            points.append({"frame": t + 1, "seconds": (t + 1) / wm.config.fps,
+                           "model": frame_stats(frames, classifier, themes),
+                           "engine": frame_stats(engine, classifier, themes)})
+            video.append(np.concatenate([engine[0], frames[0]], 1))
+    for s in sessions:
+        wm.close_session(s)
+    return {"frames": total, "sessions": len(seeds), "every": cfg.drift_every, "points": points,
+            "summary": drift_summary(points)}, video
+
+
+def drift_summary(points: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean statistics of the first and last fifth of the measurements, model and engine."""
+    n = max(1, len(points) // 5)
+    out: dict[str, float] = {}
+    for who in ("model", "engine"):
+        for key in ("sharpness", "saturation", "confidence"):
+            if key not in points[0][who]:
+                continue
+            for part, chunk in (("first", points[:n]), ("last", points[-n:])):
+                out[f"{who}_{key}_{part}"] = float(np.mean([p[who][key] for p in chunk]))
+    return out
+
+
+def evaluate_model(wm: WorldModel, clips: EngineClips, cfg: EvalConfig, idm: EvaluatorNet | None,
+                   classifier: EvaluatorNet | None, device: torch.device) -> tuple[dict[str, Any], dict]:
+    """Every metric for one model at its step count; also returns the frames for the videos."""
+    started = time.perf_counter()
+    context = context_length(wm, cfg.context)
+    horizon = max(cfg.horizons)
+    sessions, generated = rollout_from_engine(wm, clips, context, horizon, cfg.seed)
+    engine = clips.frames[:, context: context + horizon]
+    last = clips.frames[:, context - 1]
+    report: dict[str, Any] = {"steps": wm.steps, "context": context,
+                              "horizons": horizon_metrics(generated, engine, last, cfg.horizons)}
+    report["keys"] = (idm_metrics(idm, generated, engine, last, clips.keys[:, context: context + horizon])
+                      if idm is not None else {"skipped": "no inverse-dynamics model"})
+    report["prompt_switch"], after = prompt_switch(wm, sessions, classifier, clips, context + horizon,
+                                                   cfg.switch_frames, generated)
+    for s in sessions:
+        wm.close_session(s)
+    report["drift"], drift_video = drift(wm, classifier, cfg, context, device)
+    report["seconds"] = time.perf_counter() - started
+    return report, {"generated": np.concatenate([generated, after], 1), "drift": drift_video}
+
+
+def load_helpers(idm_path: Path | None, classifier_path: Path | None, frame_shape: tuple[int, int],
+                 device: torch.device) -> tuple[EvaluatorNet | None, EvaluatorNet | None, list[str]]:
+    """Load the helpers that exist; a missing one is skipped with a note, a wrong-sized one is an error."""
+    notes, loaded = [], []
+    for kind, path in (("idm", idm_path), ("classifier", classifier_path)):
+        if path is None or not (Path(path) / "config.json").exists():
+            notes.append(f"{kind}: not found at {path}; train it with `worldloop train {kind}`")
+            loaded.append(None)
+            continue
+        net = load_evaluator(path, kind, device)  # type: ignore[arg-type]
+        if (net.config.height, net.config.width) != frame_shape:
+            raise ValueError(f"{path}: the {kind} was trained on {net.config.height}x{net.config.width} frames, "
+                             f"the model makes {frame_shape[0]}x{frame_shape[1]}")
+        loaded.append(net)
+    return loaded[0], loaded[1], notes
+
+
+def write_report(out: Path, report: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return path
+
+
+def side_by_side(engine: np.ndarray, generated: np.ndarray, episodes: int = 4) -> list[np.ndarray]:
+    """Frames of a grid video: one row per episode, engine left, model right."""
+    e = min(episodes, len(generated))
+    t = generated.shape[1]
+    return [np.concatenate([np.concatenate([engine[i, j], generated[i, j]], 1) for i in range(e)], 0)
+            for j in range(t)]
+
+
+def save_videos(out: Path, clips: EngineClips, context: int, frames: dict[str, Any], fps: int,
+                tag: str) -> None:
+    generated = frames["generated"]
+    engine = clips.frames[:, context: context + generated.shape[1]]
+    write_video(out / f"rollout{tag}.mp4", side_by_side(engine, generated), fps)
+    if frames["drift"]:
+        write_video(out / f"drift{tag}.mp4", frames["drift"], max(1, min(fps, 10)))
+
+
+def run_eval(models: list[Path], steps: list[int | None], cfg: EvalConfig, out: Path, *,
+             idm_path: Path | None, classifier_path: Path | None, device: torch.device,
+             prompt_encoder: PromptEncoder | None = None) -> dict[str, Any]:
+    """Evaluate every (model, step count) pair on the same held-out engine clips; write report, videos, plots."""
+    report: dict[str, Any] = {"config": asdict(cfg), "held_out_seed_start": HELD_OUT_SEED_START, "runs": []}
+    clips_by_size: dict[tuple[int, int], EngineClips] = {}
+    for path in models:
+        for n in steps:
+            wm = WorldModel.from_pretrained(path, steps=n, device=device, prompt_encoder=prompt_encoder,
+                                            max_sessions=max(cfg.episodes, cfg.drift_sessions))
+            prompt_encoder = wm.prompt_encoder
+            idm, classifier, notes = load_helpers(idm_path, classifier_path, wm.frame_shape, device)
+            context = context_length(wm, cfg.context)
+            size = wm.frame_shape
+            needed = context + max(cfg.horizons) + cfg.switch_frames
+            if size not in clips_by_size or clips_by_size[size].frames.shape[1] < needed:
+                clips_by_size[size] = engine_clips(*size, cfg.episodes, needed, cfg.seed, device)
+            result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
+            tag = f"_{len(report['runs'])}" if len(models) * len(steps) > 1 else ""
+            result = {"model": str(path), "stage": wm.metadata.get("stage"), "train_step": wm.metadata.get("step"),
+                      "notes": notes, **result}
+            report["runs"].append(result)
+            save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
+    write_report(out, report)
+    from distill.eval_plots import plot_drift, plot_horizons
+
+    plot_horizons(report, out / "horizons.png")
+    plot_drift(report, out / "drift.png")
+    return report

@@ -1,0 +1,65 @@
+"""Writing training samples and evaluation videos: PNG grids and H.264 MP4s (PyAV)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from models.vae import to_uint8
+
+
+def image_grid(rows: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+    """Rows of images → one uint8 (H·rows, W·n, 3) picture.
+
+    Each row is float (n, 3, H, W) in [-1, 1] or uint8 (n, H, W, 3); rows must hold the same number of
+    images of the same size.
+    """
+    strips = []
+    for row in rows:
+        if isinstance(row, torch.Tensor) and row.is_floating_point():
+            row = to_uint8(row.detach().float().cpu())
+        arr = np.asarray(row.cpu() if isinstance(row, torch.Tensor) else row)
+        strips.append(np.concatenate(list(arr), axis=1))  # (H, n·W, 3)
+    return np.concatenate(strips, axis=0)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 (H, W, 3) image as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def save_png_grid(path: Path, rows: Sequence[torch.Tensor | np.ndarray]) -> None:
+    save_png(path, image_grid(rows))
+
+
+def write_video(path: Path, frames: np.ndarray | Sequence[np.ndarray], fps: int, crf: int = 20) -> None:
+    """Write uint8 frames (T, H, W, 3) as H.264 MP4 (yuv420p, so sizes are padded to even numbers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [np.ascontiguousarray(f) for f in frames]
+    if not frames:
+        raise ValueError(f"no frames to write to {path}")
+    h, w = frames[0].shape[:2]
+    ph, pw = h + h % 2, w + w % 2
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for f in frames:
+            if (ph, pw) != (h, w):
+                f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)

@@ -1,0 +1,247 @@
+"""What every training stage shares: the run settings, devices and DDP, EMA, the optimizer step.
+
+Each stage (``train_vae``, ``train_teacher``, ``evaluators``) is a plain loop in its own module that uses
+these pieces and those of ``distill/run.py`` (run directory, checkpoints, logs). A run directory holds:
+
+    train.json        the run's settings (model config, train config, objective), rewritten on every start
+    checkpoint.pt     the latest resumable state: weights, EMA, optimizer, step, RNG state (atomic writes)
+    log.jsonl         one JSON object per logged step
+    samples/          periodic PNGs and MP4s
+    model/            the exported model directory (``models/checkpoint.py`` format)
+
+Determinism: every random draw of a step (its data, noise levels, noise, dropout) comes from a generator
+seeded by ``(seed, step, rank)`` (``step_generator``), so a resumed run continues with exactly the numbers
+the uninterrupted run would have used; the global torch RNG state is saved as well for anything else.
+The learning rate is warm-up then constant: it never depends on the total step count, so a run can be
+extended or continued across GPU sessions without changing its past.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by every stage; parsed once by the CLI and saved in every checkpoint."""
+
+    steps: int = 1000  # total optimizer steps of the run (a resumed run continues up to this)
+    batch_size: int = 8  # global: split evenly over the DDP processes
+    lr: float = 3e-4
+    warmup: int = 100  # linear learning-rate warm-up steps (again after --init-from)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    clip_frames: int = 8  # frames per training clip (teacher, IDM)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: bool = False  # bf16 autocast
+    compile: bool = False  # torch.compile the model
+    out: str = "runs/run"
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    episodes: str | None = None  # a folder of recorded episodes instead of the built-in world
+    pool_clips: int = -1  # reuse rendered clips from a pool of this many: -1 auto (256 CPU, 4096 CUDA)
+    pool_refresh: int = 25  # steps between re-rendering one chunk of the pool
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
+            "warmup": self.warmup >= 0, "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "ema_decay": 0 <= self.ema_decay < 1, "clip_frames": 2 <= self.clip_frames <= 1024,
+            "log_every": self.log_every >= 1, "sample_every": self.sample_every >= 0,
+            "checkpoint_every": self.checkpoint_every >= 1, "pool_clips": self.pool_clips >= -1,
+            "pool_refresh": self.pool_refresh >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and distributed training
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; an unavailable CUDA device is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def setup_distributed(device_name: str) -> Distributed:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:  # share the cores between the processes of this machine
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, ddp: Distributed) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    if not ddp.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ddp.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def local_batch_size(batch_size: int, ddp: Distributed) -> int:
+    if batch_size % ddp.world_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {ddp.world_size} processes")
+    return batch_size // ddp.world_size
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA or CPU when enabled; otherwise a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """A generator owned by one (seed, step, rank, stream): resumable without saving generator state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 8_191 + rank * 131 + stream) % (2**63 - 1))
+    return g
+
+
+@dataclass
+class TrainResult:
+    """What a training stage returns: the exported model directory, the last step, the trained module."""
+
+    model_dir: Path
+    step: int
+    model: nn.Module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+class EMA:
+    """An exponential moving average of a module's parameters (buffers are copied), kept as a module.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, so early averages are
+    not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then constant (EMA does the averaging a decay would)."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices and kernels (not on biases, norms or embeddings' scales)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+                   grad_clip: float) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def wrap_model(model: nn.Module, cfg: TrainConfig, ddp: Distributed) -> nn.Module:
+    """Optionally compile, then wrap in DDP when several processes train together."""
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    if ddp.enabled:
+        ids = [ddp.device.index] if ddp.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model

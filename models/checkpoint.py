@@ -1,0 +1,160 @@
+"""Model directories and training checkpoints: safetensors weights plus JSON that carries the config.
+
+A model directory (what ``WorldModel.from_pretrained`` reads):
+
+    config.json           {"format": "worldloop-model", "version": 1, "config": ModelConfig.to_dict(),
+                           "metadata": {"preset", "created", "step", ...training info}}
+    dit.safetensors       DiT weights
+    dit_ema.safetensors   EMA of the DiT weights (optional; bfloat16 by default — what ships)
+    vae.safetensors       autoencoder weights
+
+Training checkpoints use ``save_state``/``load_state``: one safetensors file per module, with string metadata
+in its header. Every problem — a missing file, a truncated or garbage file, a config that does not parse,
+missing/unexpected tensors, a shape that does not match the config — raises ``CheckpointError`` naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+
+FORMAT = "worldloop-model"
+VERSION = 1
+CONFIG_FILE, DIT_FILE, EMA_FILE, VAE_FILE = "config.json", "dit.safetensors", "dit_ema.safetensors", "vae.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class ModelFiles:
+    """The contents of a model directory (state dicts on the requested device)."""
+
+    config: ModelConfig
+    metadata: dict[str, Any]
+    dit: dict[str, Tensor]
+    dit_ema: dict[str, Tensor] | None
+    vae: dict[str, Tensor]
+
+
+def _state_of(state: nn.Module | dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    sd = state.state_dict() if isinstance(state, nn.Module) else state
+    out = {}
+    for name, t in sd.items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.cpu().contiguous().clone()  # safetensors refuses shared storage
+    return out
+
+
+def save_state(path: str | Path, state: nn.Module | dict[str, Tensor], metadata: dict[str, Any] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write a module's state dict (floating tensors cast to ``dtype`` if given) with JSON-able metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"metadata": json.dumps(metadata or {}, sort_keys=True)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(_state_of(state, dtype), str(tmp), metadata=header)
+    tmp.replace(path)  # never leave a half-written file under the real name
+    return path
+
+
+def read_state(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a safetensors file → (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            header = f.metadata() or {}
+        metadata = json.loads(header.get("metadata", "{}"))
+    except Exception as err:  # safetensors raises its own error types for truncated or garbage files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    return tensors, metadata
+
+
+def load_state(path: str | Path, module: nn.Module, strict: bool = True) -> dict[str, Any]:
+    """Load a file written by ``save_state`` into ``module`` (cast to its dtypes); returns the metadata."""
+    tensors, metadata = read_state(path, device="cpu")
+    load_into(module, tensors, Path(path), strict)
+    return metadata
+
+
+def load_into(module: nn.Module, tensors: dict[str, Tensor], source: Path, strict: bool = True) -> None:
+    """Copy ``tensors`` into ``module`` after checking names and shapes; errors name ``source``."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{source}: does not match the model: missing {_few(missing)}, "
+                              f"unexpected {_few(unexpected)}")
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(own[n].shape)}"
+             for n in sorted(set(own) & set(tensors)) if tensors[n].shape != own[n].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: tensor shapes do not match the config: {_few(wrong)}")
+    module.load_state_dict({n: t for n, t in tensors.items() if n in own}, strict=False)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    if not items:
+        return "none"
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def save_model(path: str | Path, config: ModelConfig, dit: nn.Module, vae: nn.Module, *,
+               dit_ema: nn.Module | dict[str, Tensor] | None = None, metadata: dict[str, Any] | None = None,
+               ema_dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write a model directory; ``metadata`` (step, training info, …) is stored in config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"preset": config.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "step": 0} | (metadata or {})
+    save_state(path / DIT_FILE, dit)
+    if dit_ema is not None:
+        save_state(path / EMA_FILE, dit_ema, dtype=ema_dtype)
+    save_state(path / VAE_FILE, vae)
+    doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "metadata": meta}
+    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config and metadata of a model directory."""
+    file = Path(path) / CONFIG_FILE
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: not a model directory")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        doc = json.loads(file.read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+        if doc.get("version") != VERSION:
+            raise ValueError(f"version {doc.get('version')!r} is not supported (expected {VERSION})")
+        return ModelConfig.from_dict(doc["config"]), dict(doc.get("metadata", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{file}: invalid model config ({err})") from err
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFiles:
+    """Read a model directory (shapes are checked when the weights are loaded into modules)."""
+    path = Path(path)
+    config, metadata = read_config(path)
+    dit, _ = read_state(path / DIT_FILE, device)
+    ema = read_state(path / EMA_FILE, device)[0] if (path / EMA_FILE).exists() else None
+    vae, _ = read_state(path / VAE_FILE, device)
+    return ModelFiles(config, metadata, dit, ema, vae)

@@ -1,0 +1,433 @@
+"""WorldModel: the one rollout loop of worldloop. The server, the CLI, evaluation and distillation all call it.
+
+A ``WorldModel`` owns a DiT, an autoencoder, a prompt encoder and a ``KVCache`` pool of ``max_sessions`` slots.
+A ``Session`` is one slot plus its stream state: the next frame index, a per-session RNG (a CPU generator seeded
+by the session seed, so the same seed and keys give the same frames however sessions are batched) and the
+*pending* frame — the newest generated frame, whose K/V are not yet in the cache.
+
+One step for a batch of sessions (``generate``):
+1. Per-session σ grids (``first_frame_steps`` on frame 0, else ``steps``) and noise from each session's RNG.
+2. ``sampling.sample_frame`` with a model function whose first call runs [pending clean frame | noisy new frame]
+   in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``) while denoising the new
+   frame — the cache pass fused into the next frame's forward, so a 1-step frame costs one forward.
+3. The x0 prediction becomes the session's pending frame; ``step`` decodes it to uint8 RGB.
+
+Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds the
+session (frame index, RNG) to before the first speculative step. ``set_prompt`` re-caches the window: the stored
+latents of the window frames are run again in one forward under the new prompt (the sink is kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.checkpoint import load_into, load_model
+from models.config import ModelConfig
+from models.dit import DiT, PromptKV
+from models.keys import ALL_KEYS_MASK, keys_to_tensor
+from models.kv_cache import CacheSnapshot, KVCache
+from models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
+from models.text import PromptEncoder
+from models.vae import LatentAutoencoder
+
+
+@dataclass
+class StepTimings:
+    """Where the time of one ``step``/``generate`` call went (host clock; on CUDA parts are launch-bound)."""
+
+    batch: int
+    forwards: int = 0
+    dit_ms: float = 0.0  # all DiT forwards, the fused cache pass included
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class Session:
+    slot: int
+    prompt: str
+    seed: int
+    generator: torch.Generator
+    frame_index: int = 0  # frames generated so far = index of the next frame
+    pending: Tensor | None = None  # (C, h, w) newest frame's model input at context σ, not yet in the cache
+    pending_keys: Tensor | None = None  # (num_keys,) the keys it was generated with
+    pending_speculative: bool = False
+    speculative: int = 0  # speculative frames since the last commit/discard
+    rollback: SessionSnapshot | None = field(default=None, repr=False)
+    closed: bool = False
+
+
+@dataclass
+class SessionSnapshot:
+    cache: CacheSnapshot | None
+    frame_index: int
+    pending: Tensor | None
+    pending_keys: Tensor | None
+    prompt: str
+    seed: int
+    rng_state: Tensor
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """"fp32", "bf16" or "auto" (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32)."""
+    if precision == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if precision not in choices:
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return choices[precision]
+
+
+class WorldModel:
+    def __init__(self, config: ModelConfig, dit: DiT, vae: LatentAutoencoder, prompt_encoder: PromptEncoder, *,
+                 device: torch.device | str = "cpu", max_sessions: int = 8, steps: int | None = None,
+                 precision: str = "auto") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(precision, self.device)
+        self.dit = dit.to(self.device, self.dtype).eval()
+        self.vae = vae.to(self.device).optimize_for_inference(self.dtype)
+        self.prompt_encoder = prompt_encoder
+        self.steps = steps or config.sampling.steps
+        self.max_sessions = max_sessions
+        self.cache = KVCache.for_model(config, max_sessions, self.device, self.dtype)
+        self.frame_shape = (config.height, config.width)
+        self.latent_shape = (config.latent_channels, *config.latent_size)
+        self.last_timings = StepTimings(batch=0)
+        self.metadata: dict = {}  # from the model directory's config.json
+        self.on_timings: Callable[[StepTimings], None] | None = None
+        self._sessions: dict[int, Session] = {}
+        with torch.no_grad():
+            self._null_prompt = self.dit.null_prompt_kv(1)
+
+    # -- construction -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
+                    prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8, *,
+                    steps: int | None = None, precision: str = "auto") -> WorldModel:
+        """Random weights (seeded), for tests and speed measurements."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dit, vae = DiT(config), LatentAutoencoder(config)
+        encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
+        return cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
+                   precision=precision)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu", *,
+                        prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8, precision: str = "auto",
+                        ema: bool = True) -> WorldModel:
+        """Load a model directory (``models/checkpoint.py``); the EMA weights are used when present and ``ema``."""
+        files = load_model(path)
+        config = files.config
+        dit, vae = DiT(config), LatentAutoencoder(config)
+        use_ema = ema and files.dit_ema is not None
+        load_into(dit, files.dit_ema if use_ema else files.dit, Path(path) / ("dit_ema.safetensors" if use_ema
+                                                                              else "dit.safetensors"))
+        load_into(vae, files.vae, Path(path) / "vae.safetensors")
+        encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
+        wm = cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
+                 precision=precision)
+        wm.metadata = files.metadata
+        return wm
+
+    # -- sessions -------------------------------------------------------------------------------------------------
+
+    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None) -> Session:
+        """Open a session in a free cache slot; ``first_frames`` uint8 (T, H, W, 3) become its context."""
+        prompt_kv = self._encode_prompt(prompt)  # validates before any state changes
+        latents = self._encode_frames(first_frames) if first_frames is not None else None
+        free = [i for i in range(self.max_sessions) if i not in self._sessions]
+        if not free:
+            raise RuntimeError(f"all {self.max_sessions} sessions of the model are in use")
+        session = Session(free[0], prompt, seed, torch.Generator().manual_seed(seed))
+        self._sessions[session.slot] = session
+        self.cache.reset(session.slot)
+        self.cache.set_prompt([session.slot], prompt_kv)
+        if latents is not None:
+            frames = torch.arange(len(latents), device=self.device)
+            keys = torch.zeros(len(latents), self.config.dit.num_keys, device=self.device)
+            self._write_context(session, self._at_context_sigma(session, latents), keys, frames)
+            session.frame_index = len(latents)
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self._check(session)
+        self.cache.reset(session.slot)
+        del self._sessions[session.slot]
+        session.closed = True
+
+    def reset(self, session: Session, prompt: str | None = None, seed: int | None = None) -> None:
+        """Start the session's stream again (optionally with a new prompt and seed)."""
+        self._check(session)
+        new_prompt = session.prompt if prompt is None else prompt
+        prompt_kv = self._encode_prompt(new_prompt)
+        self.cache.reset(session.slot)
+        self.cache.set_prompt([session.slot], prompt_kv)
+        session.prompt, session.seed = new_prompt, session.seed if seed is None else seed
+        session.generator.manual_seed(session.seed)
+        session.frame_index, session.pending, session.pending_keys = 0, None, None
+        session.speculative, session.pending_speculative, session.rollback = 0, False, None
+
+    def set_prompt(self, session: Session, prompt: str) -> None:
+        """Switch the prompt: new prompt K/V and a re-cache of the window frames under it (the sink is kept)."""
+        self._check(session, plain=True)
+        prompt_kv = self._encode_prompt(prompt)
+        self.cache.set_prompt([session.slot], prompt_kv)
+        context = self.cache.context(session.slot)
+        self.cache.evict(session.slot)
+        if len(context.frames):
+            self._write_context(session, context.latents, context.keys, context.frames, context.sigma)
+        session.prompt = prompt
+
+    def snapshot(self, session: Session) -> SessionSnapshot:
+        self._check(session, plain=True)
+        return SessionSnapshot(self.cache.snapshot(session.slot), session.frame_index,
+                               _clone(session.pending), _clone(session.pending_keys), session.prompt, session.seed,
+                               session.generator.get_state())
+
+    def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
+        """Rewind (or branch) a session to a snapshot, taken from it or from another session."""
+        self._check(session)
+        if snapshot.cache is not None:
+            self.cache.restore(session.slot, snapshot.cache)
+        session.frame_index, session.prompt, session.seed = snapshot.frame_index, snapshot.prompt, snapshot.seed
+        session.pending, session.pending_keys = _clone(snapshot.pending), _clone(snapshot.pending_keys)
+        session.generator.set_state(snapshot.rng_state)
+        session.speculative, session.pending_speculative, session.rollback = 0, False, None
+
+    def commit(self, session: Session) -> None:
+        """Keep the speculative frames: they become ordinary frames of the stream."""
+        self._check(session)
+        self.cache.commit(session.slot)
+        session.speculative, session.pending_speculative, session.rollback = 0, False, None
+
+    def discard(self, session: Session) -> None:
+        """Drop the speculative frames: back to the state before the first speculative step."""
+        self._check(session)
+        if session.rollback is None:
+            return
+        self.cache.discard(session.slot)
+        back = session.rollback
+        # The committed frame pending at the first speculative step was written then: nothing stays pending.
+        session.frame_index, session.pending, session.pending_keys = back.frame_index, None, None
+        session.generator.set_state(back.rng_state)
+        session.speculative, session.pending_speculative, session.rollback = 0, False, None
+
+    # -- the rollout loop -------------------------------------------------------------------------------------------
+
+    def step(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
+             ) -> np.ndarray:
+        """One new frame for each session, all in one batched forward per denoising step → uint8 (B, H, W, 3)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents, timings = self._generate(sessions, keys, speculative)
+            t0 = time.perf_counter()
+            frames = self.vae.decode_frames(latents).cpu().numpy()
+        timings.decode_ms = (time.perf_counter() - t0) * 1e3
+        timings.total_ms = (time.perf_counter() - start) * 1e3
+        self._report(timings)
+        return frames
+
+    def generate(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
+                 ) -> Tensor:
+        """Like ``step`` without decoding: the new frames' latents (B, C, h, w), float32."""
+        with torch.no_grad():
+            latents, timings = self._generate(sessions, keys, speculative)
+        self._report(timings)
+        return latents
+
+    def rollout_latents(self, sessions: Sequence[Session], keys: Tensor, *, grad_frames: int = 0,
+                        steps: int | None = None) -> Tensor:
+        """Roll the sessions forward T frames with the inference cache policy → latents (B, T, C, h, w).
+
+        ``keys``: bitmasks (B, T) or multi-hot (B, T, num_keys). For self-forcing training, the last
+        ``grad_frames`` frames carry gradients through their final denoising step (one DiT forward each); earlier
+        steps, earlier frames and every cache write run without gradients — gradients stop at the cache. ``steps``
+        overrides the step count of every frame (the first included) so all rows end on the same call.
+        """
+        out = []
+        total = keys.shape[1]
+        for t in range(total):
+            grad = t >= total - grad_frames
+            with torch.set_grad_enabled(grad):
+                latents, timings = self._generate(sessions, keys[:, t], False, grad=grad, steps=steps)
+            self._report(timings)
+            out.append(latents)
+        return torch.stack(out, dim=1)
+
+    def _generate(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool,
+                  grad: bool = False, steps: int | None = None) -> tuple[Tensor, StepTimings]:
+        for s in sessions:
+            self._check(s, plain=not speculative)
+            if speculative and s.speculative >= self.config.dit.slack:
+                raise ValueError(f"session in slot {s.slot} already has {s.speculative} speculative frames "
+                                 f"(slack {self.config.dit.slack}); commit or discard first")
+        if len({s.slot for s in sessions}) != len(sessions) or not sessions:
+            raise ValueError("step needs one or more distinct sessions")
+        key_vec = self._key_vectors(keys, len(sessions))
+        timings = StepTimings(batch=len(sessions))
+        if speculative:
+            for s in sessions:
+                if s.rollback is None:
+                    s.rollback = SessionSnapshot(None, s.frame_index, None, None, s.prompt, s.seed,
+                                                 s.generator.get_state())
+        samp = self.config.sampling
+        grids = [sigma_grid(steps or (samp.first_frame_steps if s.frame_index == 0 else self.steps), samp.shift)
+                 for s in sessions]
+        sigmas = torch.zeros(len(grids), max(len(g) for g in grids))
+        for i, g in enumerate(grids):
+            sigmas[i, : len(g)] = g
+        calls_per_step = 1 if samp.guidance == 1.0 else 2
+        last_call = (sigmas.shape[1] - 2) * calls_per_step
+        call = _FrameForward(self, sessions, key_vec, timings, grad_call=last_call if grad else None)
+        if grad:
+            with torch.no_grad():
+                call.write_pending()  # the unfused cache pass: no gradient through the cache
+        generators = [s.generator for s in sessions]
+        noise = randn_rows(generators, self.latent_shape, self.device)
+        prompt = self.cache.view([s.slot for s in sessions]).prompt
+        null = _expand_prompt(self._null_prompt, len(sessions))
+        x0 = sample_frame(call, noise, sigmas, prompt, self.cache, generators, guidance=samp.guidance,
+                          null_cond=null)
+        for i, s in enumerate(sessions):
+            s.pending = self._at_context_sigma(s, x0[i : i + 1].detach())[0]
+            s.pending_keys, s.pending_speculative = key_vec[i], speculative
+            s.frame_index += 1
+            s.speculative += int(speculative)
+        return x0, timings
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _check(self, session: Session, plain: bool = False) -> None:
+        if session.closed or self._sessions.get(session.slot) is not session:
+            raise ValueError("the session is closed or belongs to another model")
+        if plain and session.speculative:
+            raise ValueError("the session has speculative frames; commit or discard them first")
+
+    def _key_vectors(self, keys: Sequence[int] | Tensor, batch: int) -> Tensor:
+        if isinstance(keys, Tensor) and keys.dim() == 2:
+            vec = keys.float()
+        else:
+            masks = [int(k) for k in (keys.tolist() if isinstance(keys, Tensor) else keys)]
+            if any(not 0 <= k <= ALL_KEYS_MASK for k in masks):
+                raise ValueError(f"key bitmasks must be in 0..{ALL_KEYS_MASK}, got {masks}")
+            vec = keys_to_tensor(masks)
+        if vec.shape != (batch, self.config.dit.num_keys):
+            raise ValueError(f"expected keys for {batch} sessions, got shape {tuple(vec.shape)}")
+        return vec.to(self.device)
+
+    def _encode_prompt(self, prompt: str) -> PromptKV:
+        emb = self.prompt_encoder.encode([prompt])
+        with torch.no_grad():
+            return self.dit.prompt_kv(emb.tokens.to(self.device), emb.mask.to(self.device))
+
+    def _encode_frames(self, frames: np.ndarray) -> Tensor:
+        if frames.ndim != 4 or frames.shape[1:] != (*self.frame_shape, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"first_frames must be uint8 (T, {self.frame_shape[0]}, {self.frame_shape[1]}, 3), "
+                             f"got {frames.dtype} {frames.shape}")
+        return self.vae.encode_frames(frames).to(self.device)
+
+    def _at_context_sigma(self, session: Session, latents: Tensor) -> Tensor:
+        """Latents as the cache sees them: re-noised to ``context_sigma`` with the session's RNG (if > 0)."""
+        sigma_c = self.config.sampling.context_sigma
+        if sigma_c == 0:
+            return latents
+        eps = torch.randn(latents.shape, generator=session.generator).to(latents.device)
+        return add_noise(latents, eps, torch.full((len(latents),), sigma_c, device=latents.device))
+
+    def _write_context(self, session: Session, latents: Tensor, keys: Tensor, frames: Tensor,
+                       sigma: Tensor | None = None) -> None:
+        """Run clean frames (G, C, h, w) through the DiT in one forward and append their K/V to the cache."""
+        sigma = torch.full((len(frames),), self.config.sampling.context_sigma) if sigma is None else sigma
+        x, s = latents[None].to(self.device), sigma[None].to(self.device)
+        k, f = keys[None].to(self.device), frames[None].to(self.device)
+        with torch.no_grad():
+            view = self.cache.view([session.slot])
+            out = self.dit.forward_cached(x, s, k, f, len(frames), view.prompt, view)
+            self.cache.append([session.slot], f, out.k, out.v_cache, x, k, s)
+
+    def _report(self, timings: StepTimings) -> None:
+        self.last_timings = timings
+        if self.on_timings is not None:
+            self.on_timings(timings)
+
+
+class _FrameForward:
+    """The model function of one frame's sampling: v = DiT(x, σ | cache, prompt).
+
+    Its first call also carries each session's pending frame as a clean context frame and appends that frame's
+    K/V to the cache (the fused cache pass). ``grad_call``: the call index that runs with gradients (None: none).
+    """
+
+    def __init__(self, wm: WorldModel, sessions: Sequence[Session], keys: Tensor, timings: StepTimings,
+                 grad_call: int | None) -> None:
+        self.wm, self.sessions, self.keys, self.timings = wm, list(sessions), keys, timings
+        self.slots = [s.slot for s in sessions]
+        self.frames = torch.tensor([s.frame_index for s in sessions], device=wm.device)
+        self.present = torch.tensor([s.pending is not None for s in sessions], device=wm.device)
+        self.has_pending = bool(self.present.any())
+        self.grad_call, self.calls = grad_call, 0
+
+    def _pending_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        wm = self.wm
+        zeros = torch.zeros(wm.latent_shape, device=wm.device)
+        latents = torch.stack([s.pending if s.pending is not None else zeros for s in self.sessions])
+        no_keys = torch.zeros(wm.config.dit.num_keys, device=wm.device)
+        keys = torch.stack([s.pending_keys if s.pending_keys is not None else no_keys for s in self.sessions])
+        sigma = torch.full((len(self.sessions),), wm.config.sampling.context_sigma, device=wm.device)
+        return latents, keys, sigma
+
+    def _append(self, frames: Tensor, k: Tensor, v: Tensor, latents: Tensor, keys: Tensor, sigma: Tensor) -> None:
+        spec = torch.tensor([s.pending_speculative for s in self.sessions])
+        self.wm.cache.append(self.slots, frames, k, v, latents, keys, sigma, self.present[:, None], spec)
+        self.has_pending = False
+
+    def write_pending(self) -> None:
+        """The unfused cache pass: write the pending frames in a forward of their own."""
+        if not self.has_pending:
+            return
+        latents, keys, sigma = self._pending_batch()
+        frames = (self.frames - 1)[:, None]
+        view = self.wm.cache.view(self.slots)
+        out = self.wm.dit.forward_cached(latents[:, None], sigma[:, None], keys[:, None], frames, 1, view.prompt,
+                                         view, self.present[:, None])
+        self._append(frames, out.k, out.v_cache, latents[:, None], keys[:, None], sigma[:, None])
+
+    def __call__(self, x: Tensor, sigma: Tensor, prompt: PromptKV, cache: KVCache) -> Tensor:
+        start = time.perf_counter()
+        grad = self.grad_call is not None and self.calls >= self.grad_call
+        view = cache.view(self.slots)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if self.has_pending:
+                latents, keys, sig_c = self._pending_batch()
+                frames = torch.stack([self.frames - 1, self.frames], 1)
+                present = torch.stack([self.present, torch.ones_like(self.present)], 1)
+                out = self.wm.dit.forward_cached(torch.stack([latents, x], 1), torch.stack([sig_c, sigma], 1),
+                                                 torch.stack([keys, self.keys], 1), frames, 1, prompt, view, present)
+                self._append(frames[:, :1], out.k, out.v_cache, latents[:, None], keys[:, None], sig_c[:, None])
+            else:
+                out = self.wm.dit.forward_cached(x[:, None], sigma[:, None], self.keys[:, None],
+                                                 self.frames[:, None], 0, prompt, view)
+        self.calls += 1
+        self.timings.forwards += 1
+        self.timings.dit_ms += (time.perf_counter() - start) * 1e3
+        return out.v[:, 0]
+
+
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _expand_prompt(prompt: PromptKV, batch: int) -> PromptKV:
+    return PromptKV(prompt.k.expand(-1, batch, -1, -1, -1), prompt.v.expand(-1, batch, -1, -1, -1),
+                    prompt.mask.expand(batch, -1))

@@ -1,0 +1,411 @@
+"""The worldloop streaming protocol, version 1: typed messages, one validating parser, the frame header.
+
+Transport-free: nothing here knows about sockets. Every text message is a JSON object with a literal
+``type``; each type is a frozen dataclass below. ``parse_client_message`` is the only way a client message
+enters the server: it checks size, JSON syntax, the type, every field's type and range, and returns a typed
+message or raises ``ProtocolError(code, message)``. Frames travel as binary messages: a fixed 24-byte header
+(``FRAME_HEADER``) followed by JPEG or WebP bytes. ``docs/protocol.md`` is the reference, with examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from models.keys import ALL_KEYS_MASK, parse_keys
+from models.text import validate_prompt
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 4096  # client text messages above this are answered with `too_large`
+MAX_PROMPT_CHARS = 300
+U32_MAX = 2**32 - 1
+MAX_FPS = 60
+MAX_STEPS = 8
+FRAME_MAGIC = b"WLF1"
+FRAME_HEADER = struct.Struct("<4sIIHHd")  # magic, frame_seq, key_seq_applied, width, height, server_time_ms
+ImageFormat = Literal["jpeg", "webp"]
+
+# Every error code a server may send, with its meaning (docs/protocol.md lists the same table).
+ERROR_CODES: dict[str, str] = {
+    "bad_json": "not a JSON object (bad syntax, NaN/Infinity, a duplicate field, an over-long number)",
+    "too_large": f"the text message is over {MAX_MESSAGE_BYTES} bytes",
+    "binary_not_allowed": "clients send text messages only",
+    "unknown_type": "the `type` field is missing or names no client message",
+    "bad_field": "a field is missing, unknown, of the wrong type or out of range",
+    "bad_prompt": f"the prompt is over {MAX_PROMPT_CHARS} characters or has control characters or lone "
+                  "surrogates",
+    "bad_keys": "a key name is unknown or a key bitmask is out of range",
+    "unsupported_protocol": "the client asked for a protocol version this server does not speak",
+    "unsupported": "valid, but this server cannot do it (another `steps`; `record` without a record dir)",
+    "no_session": "the message needs a session: send `start` first",
+    "already_started": "this connection already has a session",
+    "unknown_session": "the resume id is unknown or its grace period has expired",
+    "unknown_snapshot": "the snapshot id is unknown or was evicted",
+    "server_full": "the server is at its session limit; the connection is then closed with code 1013",
+    "internal": "the server failed to carry out a valid request",
+}
+
+
+class ProtocolError(Exception):
+    """A message the server rejects; ``code`` is a key of ``ERROR_CODES``."""
+
+    def __init__(self, code: str, message: str, request: str | None = None) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request = request
+
+    def to_message(self) -> Error:
+        return Error(code=self.code, message=self.message, request=self.request)
+
+
+# ---- client → server ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    prompt: str
+    seed: int = 0
+    fps: int | None = None
+    steps: int | None = None
+    format: ImageFormat = "jpeg"
+    quality: int = 80
+    session: str | None = None  # a resume id from an earlier `ready`
+    protocol: int = PROTOCOL_VERSION
+    type: Literal["start"] = "start"
+
+
+@dataclass(frozen=True)
+class Keys:
+    keys: int  # bitmask, bit i ⇔ models.keys.KEYS[i]; names are turned into a bitmask by the parser
+    seq: int
+    type: Literal["keys"] = "keys"
+
+
+@dataclass(frozen=True)
+class SetPrompt:
+    prompt: str
+    type: Literal["prompt"] = "prompt"
+
+
+@dataclass(frozen=True)
+class Reset:
+    prompt: str | None = None
+    seed: int | None = None
+    type: Literal["reset"] = "reset"
+
+
+@dataclass(frozen=True)
+class TakeSnapshot:
+    type: Literal["snapshot"] = "snapshot"
+
+
+@dataclass(frozen=True)
+class Restore:
+    id: int
+    type: Literal["restore"] = "restore"
+
+
+@dataclass(frozen=True)
+class Ack:
+    frame: int
+    type: Literal["ack"] = "ack"
+
+
+@dataclass(frozen=True)
+class Record:
+    action: Literal["start", "stop"]
+    type: Literal["record"] = "record"
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    type: Literal["stats"] = "stats"
+
+
+ClientMessage = Start | Keys | SetPrompt | Reset | TakeSnapshot | Restore | Ack | Record | StatsRequest
+
+# ---- server → client ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    session: str
+    model: str
+    device: str
+    width: int
+    height: int
+    fps: int
+    steps: int
+    format: ImageFormat
+    prompt: str
+    seed: int
+    resumed: bool = False
+    max_in_flight: int = 2
+    protocol: int = PROTOCOL_VERSION
+    type: Literal["ready"] = "ready"
+
+
+@dataclass(frozen=True)
+class Done:
+    """Reply to `prompt`, `reset` and `restore`: frames with seq ≥ ``frame`` reflect the change."""
+
+    request: Literal["prompt", "reset", "restore"]
+    frame: int
+    type: Literal["ok"] = "ok"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    frame: int  # restoring continues the stream as frame seq `frame` did
+    type: Literal["snapshot"] = "snapshot"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts for this session; `frames_sent`/`frames_dropped` and `in_flight` for this connection."""
+
+    frame: int
+    frames_generated: int
+    frames_sent: int
+    frames_dropped: int
+    deadlines_missed: int
+    speculative_kept: int
+    speculative_discarded: int
+    fps: float
+    in_flight: int
+    sessions: int
+    type: Literal["stats"] = "stats"
+
+
+@dataclass(frozen=True)
+class Recording:
+    state: Literal["started", "stopped"]
+    name: str  # the file name under the server's record dir
+    url: str  # where the finished file can be downloaded
+    frames: int = 0
+    type: Literal["recording"] = "recording"
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str
+    request: str | None = None
+    type: Literal["error"] = "error"
+
+
+@dataclass(frozen=True)
+class Bye:
+    reason: Literal["shutdown", "replaced", "stalled", "closed"]
+    type: Literal["bye"] = "bye"
+
+
+ServerMessage = Ready | Done | Snapshot | Stats | Recording | Error | Bye
+
+
+def encode_message(message: ClientMessage | ServerMessage) -> str:
+    """A message as compact JSON; optional fields that are None are left out."""
+    fields = {k: v for k, v in dataclasses.asdict(message).items() if v is not None}
+    return json.dumps(fields, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+# ---- field validators -----------------------------------------------------------------------------------
+
+Validator = Callable[[str, Any], Any]
+
+
+def _integer(lo: int, hi: int) -> Validator:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError("bad_field", f"`{name}` must be an integer")
+        if not lo <= value <= hi:
+            raise ProtocolError("bad_field", f"`{name}` must be in {lo}..{hi}, got {value}")
+        return value
+    return check
+
+
+def _choice(*choices: str) -> Validator:
+    def check(name: str, value: Any) -> str:
+        if value not in choices or not isinstance(value, str):
+            raise ProtocolError("bad_field", f"`{name}` must be one of {', '.join(map(repr, choices))}")
+        return value
+    return check
+
+
+def _prompt(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"`{name}` must be a string")
+    try:
+        return validate_prompt(value, max_chars=MAX_PROMPT_CHARS)  # the canonical form
+    except ValueError as err:
+        raise ProtocolError("bad_prompt", str(err)) from None
+
+
+def _keys(name: str, value: Any) -> int:
+    if isinstance(value, list):
+        if len(value) > 16 or not all(isinstance(k, str) and k.isascii() and len(k) <= 16 for k in value):
+            raise ProtocolError("bad_keys", f"`{name}` must be a list of at most 16 short key names")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("bad_keys", f"`{name}` must be a bitmask 0..{ALL_KEYS_MASK} or a list of names")
+    try:
+        return parse_keys(value)
+    except ValueError as err:
+        raise ProtocolError("bad_keys", str(err)) from None
+
+
+_RESUME_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def _resume_id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _RESUME_ID.fullmatch(value):
+        raise ProtocolError("bad_field", f"`{name}` must be a resume id from `ready`")
+    return value
+
+
+def _protocol(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL_VERSION} only")
+    return value
+
+
+_SEQ = _integer(1, U32_MAX)
+# type → (class, {field: (validator, required)})
+_CLIENT_SCHEMAS: dict[str, tuple[type, dict[str, tuple[Validator, bool]]]] = {
+    "start": (Start, {
+        "prompt": (_prompt, True), "seed": (_integer(0, U32_MAX), False),
+        "fps": (_integer(1, MAX_FPS), False), "steps": (_integer(1, MAX_STEPS), False),
+        "format": (_choice("jpeg", "webp"), False), "quality": (_integer(1, 100), False),
+        "session": (_resume_id, False), "protocol": (_protocol, False),
+    }),
+    "keys": (Keys, {"keys": (_keys, True), "seq": (_SEQ, True)}),
+    "prompt": (SetPrompt, {"prompt": (_prompt, True)}),
+    "reset": (Reset, {"prompt": (_prompt, False), "seed": (_integer(0, U32_MAX), False)}),
+    "snapshot": (TakeSnapshot, {}),
+    "restore": (Restore, {"id": (_integer(0, U32_MAX), True)}),
+    "ack": (Ack, {"frame": (_integer(0, U32_MAX), True)}),
+    "record": (Record, {"action": (_choice("start", "stop"), True)}),
+    "stats": (StatsRequest, {}),
+}
+
+
+# ---- JSON decoding that refuses what Python's json module would accept silently -------------------------
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError("bad_json", f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError("bad_json", f"number {text[:20]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:
+        raise ProtocolError("bad_json", f"integer {text[:20]}… is too long")
+    return int(text)
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ProtocolError("bad_json", f"duplicate field {key[:40]!r}")
+        obj[key] = value
+    return obj
+
+
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int, object_pairs_hook=_unique_object)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("bad_json", "JSON nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError and int-conversion limits
+        raise ProtocolError("bad_json", f"invalid JSON: {err}") from None
+
+
+def parse_client_message(data: str | bytes) -> ClientMessage:
+    """Validate one websocket message from a client; return its typed message or raise ``ProtocolError``."""
+    if not isinstance(data, str):
+        raise ProtocolError("binary_not_allowed", "binary messages are not accepted; send JSON text")
+    if len(data) > MAX_MESSAGE_BYTES or len(data.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes")
+    obj = _load_json(data)
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", "a message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in _CLIENT_SCHEMAS:
+        shown = kind[:40] if isinstance(kind, str) else kind
+        known = ", ".join(_CLIENT_SCHEMAS)
+        raise ProtocolError("unknown_type", f"unknown message type {shown!r}; known: {known}")
+    cls, schema = _CLIENT_SCHEMAS[kind]
+    try:
+        unknown = [k for k in obj if k != "type" and k not in schema]
+        if unknown:
+            raise ProtocolError("bad_field", f"unknown field {unknown[0][:40]!r} in `{kind}`")
+        values: dict[str, Any] = {}
+        for name, (check, required) in schema.items():
+            if name in obj:
+                values[name] = check(name, obj[name])
+            elif required:
+                raise ProtocolError("bad_field", f"`{kind}` needs the field `{name}`")
+    except ProtocolError as err:
+        raise ProtocolError(err.code, err.message, request=kind) from None
+    return cls(**values)
+
+
+_SERVER_TYPES: dict[str, type] = {
+    "ready": Ready, "ok": Done, "snapshot": Snapshot, "stats": Stats, "recording": Recording,
+    "error": Error, "bye": Bye,
+}
+
+
+def parse_server_message(text: str) -> ServerMessage:
+    """Client side: a server text message as its typed message (fields are trusted, names are checked)."""
+    obj = _load_json(text)
+    if not isinstance(obj, dict) or obj.get("type") not in _SERVER_TYPES:
+        raise ProtocolError("unknown_type", f"unexpected server message {text[:80]!r}")
+    cls = _SERVER_TYPES[obj["type"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in names})
+    except TypeError as err:
+        raise ProtocolError("bad_field", f"malformed `{obj['type']}` message: {err}") from None
+
+
+# ---- binary frames --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FrameHeader:
+    frame_seq: int
+    key_seq: int  # seq of the last `keys` message applied to this frame (0: none yet)
+    width: int
+    height: int
+    server_time_ms: float  # Unix time in ms when the frame's generation finished
+
+
+def pack_frame(header: FrameHeader, payload: bytes) -> bytes:
+    head = FRAME_HEADER.pack(FRAME_MAGIC, header.frame_seq & U32_MAX, header.key_seq & U32_MAX,
+                             header.width, header.height, header.server_time_ms)
+    return head + payload
+
+
+def unpack_frame(data: bytes) -> tuple[FrameHeader, bytes]:
+    """Split a binary frame message into its header and image bytes; raise ``ProtocolError`` if malformed."""
+    if len(data) < FRAME_HEADER.size:
+        raise ProtocolError("bad_field", f"frame message of {len(data)} bytes is shorter than its header")
+    magic, seq, key_seq, width, height, t_ms = FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError("bad_field", f"frame magic {magic!r} is not {FRAME_MAGIC!r}")
+    return FrameHeader(seq, key_seq, width, height, t_ms), bytes(data[FRAME_HEADER.size:])

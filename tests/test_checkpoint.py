@@ -1,0 +1,122 @@
+"""Model directories and training checkpoints: round trips and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_state,
+    read_config,
+    save_model,
+    save_state,
+)
+from models.config import DiTConfig, ModelConfig
+from models.dit import DiT
+from models.text import PromptEncoder
+from models.vae import LatentAutoencoder
+from models.world_model import WorldModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def random_modules(config: ModelConfig, seed: int) -> tuple[DiT, LatentAutoencoder]:
+    torch.manual_seed(seed)
+    dit, vae = DiT(config), LatentAutoencoder(config)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return dit, vae
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_config: ModelConfig) -> Path:
+    dit, vae = random_modules(tiny_config, 0)
+    ema, _ = random_modules(tiny_config, 1)
+    return save_model(tmp_path / "model", tiny_config, dit, vae, dit_ema=ema, metadata={"step": 1200,
+                                                                                        "stage": "dmd"})
+
+
+def frames_of(wm: WorldModel) -> torch.Tensor:
+    s = wm.new_session("a desert ruin", 3)
+    out = [wm.step([s], [k]) for k in (1, 1, 16)]
+    return torch.from_numpy(out[-1])
+
+
+def test_round_trip_gives_the_same_frames(tmp_path: Path, tiny_config: ModelConfig,
+                                          prompt_encoder: PromptEncoder) -> None:
+    dit, vae = random_modules(tiny_config, 0)
+    path = save_model(tmp_path / "m", tiny_config, dit, vae, metadata={"step": 5})
+    loaded = WorldModel.from_pretrained(path, device="cpu", prompt_encoder=prompt_encoder, precision="fp32")
+    direct = WorldModel(tiny_config, dit, vae, prompt_encoder, precision="fp32")
+    assert torch.equal(frames_of(loaded), frames_of(direct))
+    assert loaded.metadata["step"] == 5 and loaded.metadata["preset"] == "tiny"
+    assert WorldModel.from_pretrained(path, steps=2, prompt_encoder=prompt_encoder).steps == 2
+
+
+def test_ema_is_stored_in_bf16_and_preferred(model_dir: Path, tiny_config: ModelConfig,
+                                             prompt_encoder: PromptEncoder) -> None:
+    files = load_model(model_dir)
+    assert files.dit_ema is not None and all(t.dtype == torch.bfloat16 for t in files.dit_ema.values())
+    assert files.metadata["step"] == 1200 and files.config == tiny_config
+    wm = WorldModel.from_pretrained(model_dir, prompt_encoder=prompt_encoder, precision="fp32")
+    key = "blocks.0.qkv.weight"
+    assert torch.equal(wm.dit.state_dict()[key], files.dit_ema[key].float())
+    raw = WorldModel.from_pretrained(model_dir, prompt_encoder=prompt_encoder, precision="fp32", ema=False)
+    assert torch.equal(raw.dit.state_dict()[key], files.dit[key])
+
+
+def test_missing_files(model_dir: Path, tmp_path: Path) -> None:
+    (model_dir / "vae.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: file not found"):
+        load_model(model_dir)
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        load_model(tmp_path / "nothing")
+    (model_dir / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json: file not found"):
+        load_model(model_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_weights(model_dir: Path, damage: str) -> None:
+    file = model_dir / "dit.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64 + data[64:200],
+                      "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=r"dit\.safetensors: not a readable safetensors file"):
+        load_model(model_dir)
+
+
+def test_mismatched_config_and_bad_json(model_dir: Path, tiny_config: ModelConfig,
+                                        prompt_encoder: PromptEncoder) -> None:
+    doc = json.loads((model_dir / "config.json").read_text())
+    doc["config"]["dit"]["dim"] = 96  # weights were saved for dim 64
+    (model_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"dit_ema\.safetensors: tensor shapes do not match"):
+        WorldModel.from_pretrained(model_dir, prompt_encoder=prompt_encoder)
+    doc["config"]["dit"]["no_such_field"] = 1
+    (model_dir / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid model config"):
+        read_config(model_dir)
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid model config"):
+        read_config(model_dir)
+
+
+def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
+    dit, _ = random_modules(tiny_config, 0)
+    path = save_state(tmp_path / "ckpt" / "student.safetensors", dit, metadata={"step": 7, "lr": 1e-4},
+                      dtype=torch.bfloat16)
+    other = DiT(tiny_config)
+    assert load_state(path, other) == {"step": 7, "lr": 1e-4}
+    key = "final.linear.weight"
+    assert torch.equal(other.state_dict()[key], dit.state_dict()[key].bfloat16().float())
+    smaller = DiT(tiny_config.replace(dit=DiTConfig(**{**tiny_config.dit.__dict__, "depth": 1})))
+    with pytest.raises(CheckpointError, match=r"student\.safetensors: does not match the model: missing none, "
+                                              r"unexpected blocks\.1"):
+        load_state(path, smaller)

@@ -1,0 +1,192 @@
+"""The causal DiT: the cached rollout equals the masked teacher-forcing forward; masks, modes, conditioning.
+
+Equality tolerance: max abs difference < 1e-4 in float32 (observed ~1e-6; the paths differ only in summation
+order and in applying spatial and temporal rotary phase in one or two rotations).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
+from models.dit import NULL_KEY, DiT, drop_keys, frame_mask
+from models.kv_cache import KVCache
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TOL = 1e-4
+
+
+def perturbed(config: ModelConfig, seed: int = 0) -> DiT:
+    """A DiT whose zero-initialised layers are made non-zero, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = DiT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def clip(config: ModelConfig, batch: int, frames: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, frames, config.latent_channels, *config.latent_size)
+    return {"clean": torch.randn(shape, generator=g), "noisy": torch.randn(shape, generator=g),
+            "sigma": torch.rand(batch, frames, generator=g),
+            "keys": (torch.rand(batch, frames, config.dit.num_keys, generator=g) > 0.5).float(),
+            "tokens": torch.randn(batch, 5, config.dit.text_dim, generator=g)}
+
+
+def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool) -> torch.Tensor:
+    """Frame by frame against a KV cache (slots 1 and 3 of 4), writing each clean frame's K/V."""
+    b, f = data["noisy"].shape[:2]
+    prompt = model.prompt_kv(data["tokens"], torch.ones(b, 5, dtype=torch.bool))
+    cache = KVCache.for_model(config, max_sessions=4)
+    slots = [1, 3]
+    cache.set_prompt(slots, prompt)
+    zeros = torch.zeros(b)
+    outs = []
+    for i in range(f):
+        clean, keys = data["clean"][:, i : i + 1], data["keys"][:, i : i + 1]
+        noisy, nkeys, nsig = data["noisy"][:, i : i + 1], data["keys"][:, i : i + 1], data["sigma"][:, i : i + 1]
+        frame = torch.full((b, 1), i)
+        if fused and i > 0:  # [clean i-1 | noisy i] in one forward
+            prev, pkeys = data["clean"][:, i - 1 : i], data["keys"][:, i - 1 : i]
+            out = model.forward_cached(torch.cat([prev, noisy], 1), torch.stack([zeros, nsig[:, 0]], 1),
+                                       torch.cat([pkeys, nkeys], 1), torch.cat([frame - 1, frame], 1), 1,
+                                       cache.view(slots).prompt, cache.view(slots))
+            cache.append(slots, frame - 1, out.k, out.v_cache, prev, pkeys, zeros[:, None])
+        else:
+            out = model.forward_cached(noisy, nsig, nkeys, frame, 0, cache.view(slots).prompt, cache.view(slots))
+        outs.append(out.v)
+        if not fused:  # the simple path: a cache pass of its own
+            ctx = model.forward_cached(clean, zeros[:, None], keys, frame, 1, cache.view(slots).prompt,
+                                       cache.view(slots))
+            cache.append(slots, frame, ctx.k, ctx.v_cache, clean, keys, zeros[:, None])
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_rollout_equals_teacher_forcing_beyond_the_window(tiny_config: ModelConfig, fused: bool) -> None:
+    model = perturbed(tiny_config)
+    frames = tiny_config.dit.sink + tiny_config.dit.window + 4  # eviction is in effect for the last frames
+    data = clip(tiny_config, batch=2, frames=frames)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(2, 5, dtype=torch.bool))
+        full = model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+        cached = cached_rollout(model, tiny_config, data, fused)
+    assert full.shape == data["noisy"].shape
+    assert (cached - full).abs().max().item() < TOL
+
+
+def test_window_restriction_changes_the_output(tiny_config: ModelConfig) -> None:
+    """The training mask really applies the window: a wider window sees more context and gives other outputs."""
+    wide = tiny_config.replace(dit=DiTConfig(**{**tiny_config.dit.__dict__, "window": 16}))
+    model = perturbed(tiny_config)
+    wide_model = DiT(wide).eval()
+    wide_model.load_state_dict(model.state_dict())
+    data = clip(tiny_config, 1, 10)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(1, 5, dtype=torch.bool))
+        a = model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+        b = wide_model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+    within = tiny_config.dit.window + 1  # frames 0..window see the same context either way
+    assert (a[:, :within] - b[:, :within]).abs().max() < TOL
+    assert (a[:, within:] - b[:, within:]).abs().max() > 1e-3
+
+
+def test_frame_mask_rule() -> None:
+    f = 4
+    pos = torch.arange(f).repeat(2)
+    ctx = torch.arange(2 * f) < f
+    m = frame_mask(pos, ctx, pos, ctx, pos < 1, window=2)
+    clean_to_clean, noisy_to_clean, noisy_to_noisy = m[:f, :f], m[f:, :f], m[f:, f:]
+    assert not m[:f, f:].any()  # clean frames never see noisy ones
+    assert torch.equal(noisy_to_noisy, torch.eye(f, dtype=torch.bool))
+    assert clean_to_clean.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # window 2 + sink
+    assert noisy_to_clean.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    m3 = frame_mask(torch.arange(5), torch.ones(5).bool(), torch.arange(5), torch.ones(5).bool(),
+                    torch.arange(5) < 1, window=2)
+    assert m3[4].tolist() == [True, False, True, True, True]  # sink + the last 2 frames + itself
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_matches_sdpa(tiny_config: ModelConfig) -> None:
+    model = perturbed(tiny_config)
+    data = clip(tiny_config, 1, 3)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(1, 5, dtype=torch.bool))
+        sdpa = model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+        model.attention_kernel = "flex"
+        flex = model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+    assert (sdpa - flex).abs().max() < TOL
+
+
+def test_training_mask_is_built_once_per_shape(tiny_config: ModelConfig) -> None:
+    model = perturbed(tiny_config)
+    data = clip(tiny_config, 1, 3)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(1, 5, dtype=torch.bool))
+        for _ in range(2):
+            model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+    assert len(model._masks) == 1
+
+
+def test_bidirectional_mode_runs_and_differs_from_causal(tiny_config: ModelConfig) -> None:
+    causal = perturbed(tiny_config)
+    bi_config = tiny_config.replace(dit=DiTConfig(**{**tiny_config.dit.__dict__, "bidirectional": True}))
+    bi = DiT(bi_config).eval()
+    bi.load_state_dict(causal.state_dict())
+    data = clip(tiny_config, 2, 4)
+    with torch.no_grad():
+        prompt = causal.prompt_kv(data["tokens"], torch.ones(2, 5, dtype=torch.bool))
+        a = causal(data["noisy"], data["sigma"], data["keys"], prompt)
+        b = bi(data["noisy"], data["sigma"], data["keys"], prompt)
+    assert torch.isfinite(b).all() and b.shape == a.shape
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3  # the first frame only sees the future when bidirectional
+    with pytest.raises(ValueError, match="bidirectional"):
+        bi(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+
+
+def test_null_conditions_are_defined_and_distinct(tiny_config: ModelConfig) -> None:
+    model = perturbed(tiny_config)
+    data = clip(tiny_config, 1, 2)
+    none_held = torch.zeros_like(data["keys"])
+    dropped = drop_keys(data["keys"], torch.ones(1, 2, dtype=torch.bool))
+    assert (dropped == NULL_KEY).all()
+    with torch.no_grad():
+        null = model.null_prompt_kv(1)
+        empty = model.prompt_kv(data["tokens"], torch.zeros(1, 5, dtype=torch.bool))
+        outs = [model(data["noisy"], data["sigma"], k, p) for k, p in
+                [(none_held, null), (dropped, null), (data["keys"], empty), (data["keys"], null)]]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert (outs[0] - outs[1]).abs().max() > 1e-4  # dropped keys ≠ no key held
+    assert (outs[2] - outs[3]).abs().max() < TOL  # an all-masked prompt is the null prompt
+
+
+def test_zero_init_blocks_start_as_identity_on_keys(tiny_config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = DiT(tiny_config).eval()
+    data = clip(tiny_config, 1, 2)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(1, 5, dtype=torch.bool))
+        out = model(data["noisy"], data["sigma"], data["keys"], prompt)
+    assert out.abs().max() == 0  # adaLN-Zero + zero final layer: a fresh model predicts v = 0
+
+
+def test_prompt_longer_than_the_limit_is_an_error(tiny_config: ModelConfig) -> None:
+    model = DiT(tiny_config)
+    limit = tiny_config.dit.max_prompt_tokens
+    with pytest.raises(ValueError, match="at most"):
+        model.prompt_kv(torch.zeros(1, limit + 1, 384), torch.ones(1, limit + 1, dtype=torch.bool))
+
+
+def test_preset_sizes() -> None:
+    counts = {name: sum(p.numel() for p in DiT(cfg).parameters()) for name, cfg in PRESETS.items()
+              if name != "wan"}
+    assert counts["tiny"] < 1_000_000
+    assert 4_000_000 <= counts["default"] <= 12_000_000
+    assert preset("default").tokens_per_frame == 64
+    assert preset("wan").tokens_per_frame == 1560
+    with pytest.raises(ValueError):
+        ModelConfig(dit=DiTConfig(dim=100, heads=4))
+    assert ModelConfig(vae=VAEConfig()).latent_size == (16, 16)

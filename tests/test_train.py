@@ -1,0 +1,193 @@
+"""Training stages on the tiny preset: a step learns, resuming is exact, SIGTERM leaves a checkpoint, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main
+from distill.data import ClipPool, WorldClips
+from distill.run import RunError, read_checkpoint
+from distill.train_common import TrainConfig, setup_distributed
+from distill.train_teacher import TeacherLoss, TeacherObjective, train_teacher
+from distill.train_vae import VAEObjective, train_vae
+from models import checkpoint
+from models.config import preset
+from models.dit import DiT
+from models.world_model import WorldModel
+from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
+
+TINY = preset("tiny")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models on a shared 2-core machine: one thread is ~10x faster than two under contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(out: Path, **kw: object) -> TrainConfig:
+    base = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=0, clip_frames=4, out=str(out), log_every=1,
+                       sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0)
+    return replace(base, **kw)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _teacher(out: Path, vae: Path, resume: bool = False, **kw: object) -> Path:
+    return train_teacher(TINY, _cfg(out, **kw), TeacherObjective(), setup_distributed("cpu"), vae_from=vae,
+                         resume=resume, prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens),
+                         clips=FakeClips(32, 32, 4)).model_dir
+
+
+def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
+    out = train_vae(TINY, _cfg(tmp_path / "vae"), VAEObjective(), setup_distributed("cpu"),
+                    clips=FakeClips(32, 32, 2)).model_dir
+    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "vae"))
+    files = checkpoint.load_model(out)
+    assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2
+    torch.manual_seed(0)
+    from models.vae import LatentAutoencoder
+
+    init = LatentAutoencoder(TINY).state_dict()
+    assert not torch.equal(files.vae["decoder.layers.0.weight"], init["decoder.layers.0.weight"])
+    assert files.vae["latent_scale"].item() != 1.0  # calibrated on frames
+
+
+def test_teacher_step_learns_and_exports_a_playable_model(tmp_path: Path) -> None:
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    out = _teacher(tmp_path / "t", vae, steps=3)  # adaLN-Zero: attention weights get gradients from step 3
+    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "t"))
+    files = checkpoint.load_model(out)
+    torch.manual_seed(0)
+    init = DiT(TINY).state_dict()
+    changed = [k for k in init if not torch.equal(files.dit[k], init[k])]
+    assert "final.linear.weight" in changed and "blocks.0.qkv.weight" in changed
+    assert files.dit_ema is not None and files.dit_ema["final.linear.weight"].dtype == torch.bfloat16
+    wm = WorldModel.from_pretrained(out, prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
+    session = wm.new_session("a dungeon", seed=1)
+    assert wm.step([session], [1]).shape == (1, 32, 32, 3)
+
+
+def test_bidirectional_teacher_loss_trains() -> None:
+    config = TINY.replace(dit=replace(TINY.dit, bidirectional=True))
+    torch.manual_seed(0)
+    loss_module = TeacherLoss(DiT(config), TeacherObjective())
+    x0 = torch.randn(2, 3, TINY.latent_channels, *TINY.latent_size)
+    keys = torch.randint(0, 2, (2, 3, 6)).float()
+    tokens, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.bool)
+    loss, _ = loss_module(x0, keys, tokens, mask, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss_module.dit.final.linear.weight.grad.abs().sum() > 0
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    _teacher(tmp_path / "straight", vae, steps=3)
+    _teacher(tmp_path / "split", vae, steps=2)
+    _teacher(tmp_path / "split", vae, resume=True, steps=3)
+    straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3]
+    assert abs(straight[2]["loss"] - split[2]["loss"]) <= 1e-6
+    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt", "teacher")
+    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt", "teacher")
+    assert all(torch.allclose(a["modules"]["dit"][k], b["modules"]["dit"][k], atol=1e-6) for k in a["modules"]["dit"])
+
+
+def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    with pytest.raises(RunError, match="no checkpoint"):
+        _teacher(tmp_path / "t", vae, resume=True)
+    _teacher(tmp_path / "t", vae, steps=1)
+    with pytest.raises(RunError, match="already holds a run"):
+        _teacher(tmp_path / "t", vae, steps=1)
+    objective = TeacherObjective(context_noise=0.2)
+    with pytest.raises(RunError, match="differ"):
+        train_teacher(TINY, _cfg(tmp_path / "t"), objective, setup_distributed("cpu"), vae_from=vae, resume=True,
+                      prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4))
+    (tmp_path / "t" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="cannot read checkpoint"):
+        _teacher(tmp_path / "t", vae, resume=True)
+    other = random_model_dir(preset("default"), tmp_path / "default_vae")
+    with pytest.raises(RunError, match="does not match"):
+        _teacher(tmp_path / "t2", other)
+    with pytest.raises(ValueError, match="out of range"):
+        TrainConfig(steps=0)
+
+
+def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "teacher", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "a")]) == 2
+    assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "b")]) == 2
+    assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c"),
+                 "--vae", str(tmp_path / "missing")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 3
+    assert "--steps 0" in errors[0] and "--vae" in errors[1] and "missing" in errors[2]
+
+
+def test_world_clips_and_pool_are_deterministic_by_step() -> None:
+    clips = WorldClips(32, 32, 3, random_keys=0.5)
+    a, b = clips.batch(4, 2), clips.batch(4, 2)
+    assert a.frames.shape == (2, 3, 32, 32, 3) and a.frames.dtype == torch.uint8
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.keys, b.keys) and a.prompts == b.prompts
+    assert not torch.equal(a.frames, clips.batch(5, 2).frames)
+    held_out = WorldClips(32, 32, 3, held_out=True)
+    assert held_out.seeds(0, 2).min() >= clips.seeds(0, 64).max()
+    pool = ClipPool(WorldClips(32, 32, 4), clips=2, frames=3, chunk=2, refresh_every=3)
+    fresh = ClipPool(WorldClips(32, 32, 4), clips=2, frames=3, chunk=2, refresh_every=3)
+    pool.batch(0, 2)
+    assert pool.generation(0, 5) == 1 and torch.equal(pool.batch(5, 3).frames, fresh.batch(5, 3).frames)
+
+
+_SIGTERM_CHILD = """
+import sys
+from pathlib import Path
+from distill.train_common import TrainConfig, setup_distributed
+from distill.train_vae import VAEObjective, train_vae
+from models.config import preset
+from tests.train_fakes import FakeClips
+cfg = TrainConfig(steps=100000, batch_size=2, warmup=0, out=sys.argv[1], log_every=1, sample_every=0,
+                  checkpoint_every=100000, device="cpu")
+train_vae(preset("tiny"), cfg, VAEObjective(), setup_distributed("cpu"), clips=FakeClips(32, 32, 2))
+"""
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "vae"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, str(run)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "log.jsonl").exists() or not (run / "log.jsonl").read_text().strip():
+            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    step = read_checkpoint(run / "checkpoint.pt", "vae")["step"]
+    assert step >= 1 and (run / "model" / "config.json").exists()
+    cfg = TrainConfig(steps=step + 1, batch_size=2, warmup=0, out=str(run), log_every=1, sample_every=0,
+                      checkpoint_every=100000, device="cpu")
+    train_vae(TINY, cfg, VAEObjective(), setup_distributed("cpu"), resume=True, clips=FakeClips(32, 32, 2))
+    assert _log(run)[-1]["step"] == step + 1
