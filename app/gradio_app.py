@@ -95,8 +95,11 @@ class GradioWorld:
 
     def set_keys(self, evt: gr.EventData, request: gr.Request) -> None:
         data = getattr(evt, "_data", None) or {}
+        keys = data.get("keys", 0)
+        if isinstance(keys, (str, list)) and len(keys) > 64:
+            raise gr.Error("bad keys: expected a bitmask or a few key names")
         try:
-            mask = parse_keys(data.get("keys", 0))
+            mask = parse_keys(keys)
         except (TypeError, ValueError) as err:
             raise gr.Error(f"bad keys: {err}") from None
         seq = data.get("seq", 0)

@@ -3,9 +3,9 @@
 The video is H.264 in *fragmented* MP4 (``streaming.recording.Mp4Recorder``, the server's recorder: a fragment
 per second of video, flushed as it is written), so an interrupted run — Ctrl-C, SIGTERM or even SIGKILL —
 leaves a playable file of everything up to the last fragment. Frames go straight from the model to the
-encoder, so memory stays constant however long the rollout. A JSON sidecar next to the video records the
-model, seed, prompt schedule, per-frame keys, fps, steps and timings, and a SHA-256 over the raw frames, so
-two runs can be compared without decoding.
+encoder, so memory stays constant however long the rollout. A JSON sidecar next to the video
+(``walk.mp4.json`` for ``walk.mp4``) records the model, seed, prompt schedule, per-frame keys, fps, steps
+and timings, and a SHA-256 over the raw frames, so two runs can be compared without decoding.
 
 The rollout loop itself is ``WorldModel.step``; this module only feeds it. Run it with ``worldloop rollout``.
 """
@@ -21,13 +21,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.keys import KEYS, parse_keys
 from models.text import validate_prompt
 from streaming.session import FrameWriter
+
+if TYPE_CHECKING:
+    from models.world_model import WorldModel
 
 # Key policy of the rollout explorer. A model rollout has no map to steer by, so unlike the world's scripted
 # explorer it cannot avoid walls; it only produces plausible, varied, forward-biased play.
@@ -143,16 +146,27 @@ def scripted_keys(runs: Iterable[tuple[int, int]], frames: int) -> Iterator[int]
     return itertools.chain.from_iterable(itertools.repeat(mask, count) for count, mask in runs)
 
 
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What to roll out: the seed, length, frame rate, prompt schedule, and where the keys come from."""
+
+    seed: int
+    frames: int
+    fps: int
+    schedule: PromptSchedule
+    key_source: str  # for the sidecar, e.g. "script walk.txt" or "explorer (seed 3)"
+
+
 @dataclass
 class RolloutResult:
-    """What a rollout produced; ``to_json`` is the sidecar."""
+    """What a rollout produced so far; with its plan it becomes the sidecar (``sidecar``)."""
 
     frames: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
     max_frame_ms: float = 0.0
     keys: list[int] = field(default_factory=list)
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: Any = field(default_factory=hashlib.sha256)  # SHA-256 over the raw RGB frames, in order
     completed: bool = False
 
     def timings(self) -> dict[str, float]:
@@ -169,21 +183,22 @@ class RolloutResult:
 ProgressFn = Callable[[int, RolloutResult], None]
 
 
-def rollout(model: Any, *, seed: int, frames: int, schedule: PromptSchedule, keys: Iterator[int],
-            writer: FrameWriter, scale: int = 1, on_frame: ProgressFn | None = None) -> RolloutResult:
-    """Generate ``frames`` frames with ``model`` (a ``WorldModel``) and write them as they come.
+def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: FrameWriter, *, scale: int = 1,
+            on_frame: ProgressFn | None = None) -> RolloutResult:
+    """Generate ``plan.frames`` frames with ``model`` and write each as it comes; one session, one by one.
 
-    ``scale`` enlarges the written frames by pixel repetition (the digest covers the model's own frames).
-    Keys and prompt switches apply from the frame they are scheduled at. On an exception (Ctrl-C, or SIGTERM
-    turned into ``KeyboardInterrupt`` by the caller) the result so far is attached as ``err.rollout_result``.
+    Keys and prompt switches apply from the frame they are scheduled at. ``scale`` enlarges the written
+    frames by pixel repetition (the digest covers the model's own frames). On any exception (Ctrl-C, or
+    SIGTERM turned into ``KeyboardInterrupt`` by the caller) the result so far is attached to it as
+    ``err.rollout_result``.
     """
     result = RolloutResult()
-    switches = schedule.switches()
+    switches = plan.schedule.switches()
     session = None
     start = time.perf_counter()
     try:
-        session = model.new_session(schedule.first, seed=seed)
-        for index in range(frames):
+        session = model.new_session(plan.schedule.first, seed=plan.seed)
+        for index in range(plan.frames):
             mask = next(keys)
             t0 = time.perf_counter()
             if index in switches:
@@ -210,35 +225,36 @@ def rollout(model: Any, *, seed: int, frames: int, schedule: PromptSchedule, key
     return result
 
 
-def sidecar(result: RolloutResult, *, model_name: str, model_source: str, trained: bool, seed: int,
-            schedule: PromptSchedule, fps: int, steps: int, size: tuple[int, int], requested_frames: int,
-            key_source: str) -> dict[str, Any]:
-    """The JSON written next to the video."""
+def sidecar(plan: RolloutPlan, result: RolloutResult, model: dict[str, Any]) -> dict[str, Any]:
+    """The JSON written next to the video; ``model`` describes the model (name, source, trained, steps)."""
     return {
-        "video": None,  # filled in by write_sidecar
-        "model": {"name": model_name, "source": model_source, "trained": trained},
-        "seed": seed,
-        "fps": fps,
-        "steps": steps,
-        "height": size[0],
-        "width": size[1],
-        "requested_frames": requested_frames,
+        "model": model,
+        "seed": plan.seed,
+        "fps": plan.fps,
+        "requested_frames": plan.frames,
         "frames": result.frames,
         "completed": result.completed,
-        "prompts": schedule.to_json(),
-        "key_source": key_source,
+        "prompts": plan.schedule.to_json(),
+        "key_source": plan.key_source,
         "key_names": list(KEYS),
-        "keys": result.keys,
         "frames_sha256": result.digest.hexdigest(),
         "timings": result.timings(),
+        "keys": result.keys,  # one bitmask per frame, bit i ⇔ key_names[i]
     }
 
 
+def sidecar_path(video: Path) -> Path:
+    """``walk.mp4`` → ``walk.mp4.json`` (never ``walk.json``, which could be the run's own schedule file)."""
+    return Path(video).with_name(Path(video).name + ".json")
+
+
 def write_sidecar(video: Path, data: dict[str, Any]) -> Path:
-    path = Path(video).with_suffix(".json")
-    data = {**data, "video": Path(video).name}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    """Write the sidecar atomically: one top-level field per line, so long key lists stay compact."""
+    path = sidecar_path(video)
+    fields = {"video": Path(video).name, **data}
+    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in fields.items()) + "\n}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -105,40 +105,52 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+async def one_session(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    async with WorldloopClient(url) as client:
+        ready = await client.start("a dark stone dungeon with torch-lit walls", seed=1, fps=args.fps)
+        await sustained_fps(client, args.warmup)
+        cpu0, wall0 = cpu_seconds(), time.monotonic()
+        fps = await sustained_fps(client, args.seconds)
+        cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
+        latencies = await key_latencies(client, args.trials, args.fps)
+        stats = await client.stats()
+    return {
+        "model": ready.model, "size": f"{ready.width}x{ready.height}", "steps": ready.steps,
+        "target_fps": args.fps,
+        "one_session": {
+            "fps": round(fps, 2), "cpu_percent": round(cpu, 1),
+            "key_to_frame_ms": {"p50": round(percentile(latencies, 0.5), 1),
+                                "p95": round(percentile(latencies, 0.95), 1),
+                                "mean": round(statistics.fmean(latencies), 1), "trials": len(latencies)},
+            "speculative_kept": stats.speculative_kept,
+            "speculative_discarded": stats.speculative_discarded,
+            "deadlines_missed": stats.deadlines_missed,
+        },
+    }
+
+
+async def concurrent_sessions(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    clients = [await WorldloopClient(url).connect() for _ in range(args.clients)]
+    try:
+        for i, client in enumerate(clients):
+            await client.start("a frozen ice cave", seed=10 + i, fps=args.fps)
+        await asyncio.gather(*(sustained_fps(c, args.warmup) for c in clients))
+        cpu0, wall0 = cpu_seconds(), time.monotonic()
+        each = await asyncio.gather(*(sustained_fps(c, args.seconds) for c in clients))
+        cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    return {"clients": args.clients, "fps_each": [round(f, 2) for f in each], "cpu_percent": round(cpu, 1)}
+
+
 async def measure(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     async with WorldloopServer(engine, ServerConfig(port=0, ping_interval_s=None)) as server:
         url = f"ws://127.0.0.1:{server.port}/ws"
-        async with WorldloopClient(url) as client:
-            ready = await client.start("a dark stone dungeon with torch-lit brick walls", seed=1, fps=args.fps)
-            await sustained_fps(client, args.warmup)
-            cpu0, wall0 = cpu_seconds(), time.monotonic()
-            fps = await sustained_fps(client, args.seconds)
-            cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
-            latencies = await key_latencies(client, args.trials, args.fps)
-            stats = await client.stats()
-        result: dict[str, Any] = {
-            "model": ready.model, "size": f"{ready.width}x{ready.height}", "steps": ready.steps,
-            "target_fps": args.fps, "one_session": {
-                "fps": round(fps, 2), "cpu_percent": round(cpu, 1),
-                "key_to_frame_ms": {"p50": round(percentile(latencies, 0.5), 1),
-                                    "p95": round(percentile(latencies, 0.95), 1),
-                                    "mean": round(statistics.fmean(latencies), 1), "trials": len(latencies)},
-                "speculative_kept": stats.speculative_kept, "speculative_discarded": stats.speculative_discarded,
-                "deadlines_missed": stats.deadlines_missed},
-        }
+        result = await one_session(args, url)
+        while engine.session_count:  # the first session ends just after its client has closed
+            await asyncio.sleep(0.01)
         if args.clients > 1:
-            clients = [await WorldloopClient(url).connect() for _ in range(args.clients)]
-            try:
-                for i, c in enumerate(clients):
-                    await c.start("a frozen ice cave", seed=10 + i, fps=args.fps)
-                await asyncio.gather(*(sustained_fps(c, args.warmup) for c in clients))
-                cpu0, wall0 = cpu_seconds(), time.monotonic()
-                each = await asyncio.gather(*(sustained_fps(c, args.seconds) for c in clients))
-                cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
-            finally:
-                await asyncio.gather(*(c.close() for c in clients))
-            result["concurrent"] = {"clients": args.clients, "fps_each": [round(f, 2) for f in each],
-                                    "cpu_percent": round(cpu, 1)}
+            result["concurrent"] = await concurrent_sessions(args, url)
         return result
 
 
@@ -161,7 +173,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
     source.add_argument("--preset", help="a preset with random weights")

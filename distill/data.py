@@ -14,7 +14,8 @@ scripted explorer (optionally with random keys mixed in) and rendered on the tra
 seeds lie below ``HELD_OUT_SEED_START``; evaluation uses seeds from there on (``held_out=True``). Frames
 smaller than the engine's minimum (64 px) are rendered at an integer multiple and area-downsampled.
 
-``EpisodeClips``: random windows of the episodes under a folder, read once with ``read_episode``.
+``EpisodeClips``: random windows of the episodes under a folder, read once with ``read_episode`` (what
+``worldloop world record`` writes).
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from distill.episodes import read_episode
 from distill.train_common import TrainConfig
 from distill.world.engine import World
 from distill.world.explorer import Explorer
 from distill.world.hashing import hash32
-from distill.world.themes import THEMES
+from distill.world.themes import THEMES, theme_from_prompt
 from models.config import ModelConfig
 from models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
+UNKNOWN_THEME = -100  # a clip whose prompt names no theme (ignored by the classifier's cross-entropy)
 MIN_RENDER, MAX_RENDER = 64, 256  # the engine's frame size limits
 _AXES = tuple((KEYS.index(a), KEYS.index(b)) for a, b in
               (("forward", "back"), ("left", "right"), ("turn_left", "turn_right")))
@@ -126,7 +129,7 @@ class WorldClips:
 
 
 def sample_keys(n: int, g: torch.Generator) -> torch.Tensor:
-    """n random key states without opposing pairs: per axis (forward/back, strafe, turn) none, one or the other.
+    """n random key states without opposing pairs: per axis (forward/back, strafe, turn) none or one key.
 
     Opposing keys cancel in the engine, so including them would make keys unobservable from the frames.
     """
@@ -149,7 +152,8 @@ def open_headings(world: World, g: torch.Generator, directions: int = 16, room: 
     open one), so clips do not start face to face with a wall."""
     offsets = torch.arange(directions) * (2 * math.pi / directions)
     dist = world.probe(offsets).cpu()  # (B, directions)
-    weight = (dist >= min(room, float(dist.max()))).float() + 1e-6 * (dist == dist.max(1, keepdim=True).values)
+    best = dist == dist.max(1, keepdim=True).values
+    weight = (dist >= min(room, float(dist.max()))).float() + 1e-6 * best
     pick = torch.multinomial(weight, 1, generator=g)[:, 0]
     jitter = (torch.rand(len(pick), generator=g) - 0.5) * (2 * math.pi / directions)
     poses = world.poses.cpu()
@@ -202,6 +206,59 @@ class ClipPool:
         return ClipBatch(torch.stack([c.frames[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
                          torch.stack([c.keys[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
                          [c.prompts[i] for c, i, _ in out], torch.stack([c.themes[i] for c, i, _ in out]))
+
+
+class EpisodeClips:
+    """Random windows of recorded episodes (``distill.episodes``): a folder that is an episode, or a folder
+    with episodes anywhere below it. Frames are decoded once into memory (the exact ``frames.npy`` when
+    present) and resized to the model's frame size if they differ; a window's prompt is the one in force at
+    its first frame, its theme the one the prompt names (``UNKNOWN_THEME`` if none)."""
+
+    def __init__(self, root: Path, height: int, width: int, frames: int, *, seed: int = 0,
+                 rank: int = 0) -> None:
+        self.height, self.width, self.frames, self.seed, self.rank = height, width, frames, seed, rank
+        folders = [root] if (root / "meta.json").is_file() else sorted(
+            p.parent for p in root.rglob("meta.json") if not any(part.startswith(".") for part in p.parts))
+        if not folders:
+            raise ValueError(f"{root}: no episode folders (a folder with meta.json, video.mp4, keys.json, "
+                             f"prompts.json) found")
+        self.episodes = [read_episode(f) for f in folders]  # one-line errors naming the bad file
+        self.videos = [resize_frames(torch.from_numpy(e.load_frames()), height, width) for e in self.episodes]
+        self.windows = torch.tensor([max(0, e.n_frames - frames + 1) for e in self.episodes],
+                                    dtype=torch.float)
+        if self.windows.sum() == 0:
+            raise ValueError(f"{root}: every episode is shorter than a clip of {frames} frames")
+
+    def batch(self, step: int, size: int) -> ClipBatch:
+        g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 13)))
+        picks = torch.multinomial(self.windows, size, replacement=True, generator=g).tolist()
+        clips, keys, prompts, themes = [], [], [], []
+        for i in picks:
+            start = int(torch.randint(0, int(self.windows[i]), (1,), generator=g))
+            episode = self.episodes[i]
+            clips.append(self.videos[i][start: start + self.frames])
+            keys.append(torch.from_numpy(episode.keys[start: start + self.frames]))
+            prompts.append(episode.prompt_at(start))
+            themes.append(theme_index(prompts[-1]))
+        return ClipBatch(torch.stack(clips), torch.stack(keys).long(), prompts, torch.tensor(themes))
+
+
+def theme_index(prompt: str) -> int:
+    """The index in THEMES of the theme a prompt names, or UNKNOWN_THEME."""
+    try:
+        return THEMES.index(theme_from_prompt(prompt))
+    except ValueError:
+        return UNKNOWN_THEME
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, h, w, 3) → (T, height, width, 3): area-averaged when shrinking, bilinear otherwise."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    x = frames.permute(0, 3, 1, 2).float()
+    shrink = height <= frames.shape[1] and width <= frames.shape[2]
+    x = F.interpolate(x, (height, width), mode="area" if shrink else "bilinear", align_corners=None)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,

@@ -1,4 +1,4 @@
-"""Plots of an evaluation report (``distill/evaluate.py``): metrics over horizon and over time (matplotlib, Agg)."""
+"""Plots of an evaluation report (``distill/evaluate.py``): metrics over horizon and time (matplotlib)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _pyplot() -> Any:
 
 
 def _label(run: dict[str, Any]) -> str:
-    return f"{Path(run['model']).name or run['model']} ({run['steps']} step{'s' if run['steps'] != 1 else ''})"
+    plural = "s" if run["steps"] != 1 else ""
+    return f"{Path(run['model']).name or run['model']} ({run['steps']} step{plural})"
 
 
 def plot_horizons(report: dict[str, Any], path: Path) -> None:
@@ -65,7 +66,7 @@ def plot_drift(report: dict[str, Any], path: Path) -> None:
             ax.set_title(key.replace("_", " "))
             ax.set_xlabel("time (s)")
             ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # sharpness: plotted with or without a classifier
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from distill import metrics
 from distill.data import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
@@ -91,7 +92,8 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames
     """
     sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context])
                 for i, p in enumerate(clips.prompts)]
-    out = [wm.step(sessions, clips.keys[:, t].tolist()) for t in range(context, context + frames)]
+    out = [wm.step(sessions, clips.keys[:, t].tolist())
+           for t in tqdm(range(context, context + frames), desc="rollout", unit="frame", leave=False)]
     return sessions, np.stack(out, 1)
 
 
@@ -135,8 +137,9 @@ def switch_targets(clips: EngineClips) -> tuple[list[str], list[int]]:
     return prompts, themes
 
 
-def prompt_switch(wm: WorldModel, sessions: list[Session], classifier: EvaluatorNet | None, clips: EngineClips,
-                  start: int, frames: int, before: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+def prompt_switch(wm: WorldModel, sessions: list[Session], classifier: EvaluatorNet | None,
+                  clips: EngineClips, start: int, frames: int, before: np.ndarray
+                  ) -> tuple[dict[str, Any], np.ndarray]:
     """Switch every session to another theme's prompt and generate ``frames`` more frames."""
     prompts, targets = switch_targets(clips)
     for s, p in zip(sessions, prompts, strict=True):
@@ -194,7 +197,7 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
     total = max(1, round(cfg.drift_seconds * wm.config.fps))
     points: list[dict[str, Any]] = []
     video: list[np.ndarray] = []
-    for t in range(total):
+    for t in tqdm(range(total), desc=f"drift ({wm.steps} steps)", unit="frame", leave=False):
         keys = explorer.act(world)
         world.move(keys)
         frames = wm.step(sessions, keys.tolist())
@@ -256,8 +259,9 @@ def load_helpers(idm_path: Path | None, classifier_path: Path | None, frame_shap
             continue
         net = load_evaluator(path, kind, device)  # type: ignore[arg-type]
         if (net.config.height, net.config.width) != frame_shape:
-            raise ValueError(f"{path}: the {kind} was trained on {net.config.height}x{net.config.width} frames, "
-                             f"the model makes {frame_shape[0]}x{frame_shape[1]}")
+            size = f"{net.config.height}x{net.config.width}"
+            raise ValueError(f"{path}: the {kind} was trained on {size} frames, the model makes "
+                             f"{frame_shape[0]}x{frame_shape[1]}")
         loaded.append(net)
     return loaded[0], loaded[1], notes
 
@@ -289,7 +293,7 @@ def save_videos(out: Path, clips: EngineClips, context: int, frames: dict[str, A
 def run_eval(models: list[Path], steps: list[int | None], cfg: EvalConfig, out: Path, *,
              idm_path: Path | None, classifier_path: Path | None, device: torch.device,
              prompt_encoder: PromptEncoder | None = None) -> dict[str, Any]:
-    """Evaluate every (model, step count) pair on the same held-out engine clips; write report, videos, plots."""
+    """Evaluate every (model, step count) on the same held-out engine clips; write report, videos, plots."""
     report: dict[str, Any] = {"config": asdict(cfg), "held_out_seed_start": HELD_OUT_SEED_START, "runs": []}
     clips_by_size: dict[tuple[int, int], EngineClips] = {}
     for path in models:
@@ -305,8 +309,8 @@ def run_eval(models: list[Path], steps: list[int | None], cfg: EvalConfig, out: 
                 clips_by_size[size] = engine_clips(*size, cfg.episodes, needed, cfg.seed, device)
             result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
             tag = f"_{len(report['runs'])}" if len(models) * len(steps) > 1 else ""
-            result = {"model": str(path), "stage": wm.metadata.get("stage"), "train_step": wm.metadata.get("step"),
-                      "notes": notes, **result}
+            result = {"model": str(path), "stage": wm.metadata.get("stage"),
+                      "train_step": wm.metadata.get("step"), "notes": notes, **result}
             report["runs"].append(result)
             save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
     write_report(out, report)

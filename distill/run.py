@@ -161,15 +161,20 @@ class JsonlLog:
 
 
 class Progress:
-    """A tqdm bar from ``start`` to ``total`` showing the latest loss and throughput (frames/s)."""
+    """A tqdm bar from ``start`` to ``total`` showing the latest loss and throughput (frames/s).
+
+    ``update`` also takes the seconds the step spent getting its data, so the log can say whether a run
+    is bound by data generation (``data_share``).
+    """
 
     def __init__(self, start: int, total: int, desc: str, enabled: bool = True) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
                         unit="step")
-        self._t, self._frames = time.perf_counter(), 0
+        self.reset_rate()
 
-    def update(self, frames: int, **shown: float) -> None:
+    def update(self, frames: int, data_seconds: float = 0.0, **shown: float) -> None:
         self._frames += frames
+        self._data += data_seconds
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()} | {"fps": f"{self.rate():.0f}"},
                              refresh=False)
         self.bar.update(1)
@@ -178,8 +183,12 @@ class Progress:
         """Frames per second since the last ``reset_rate``."""
         return self._frames / max(time.perf_counter() - self._t, 1e-9)
 
+    def data_share(self) -> float:
+        """Fraction of the time since the last ``reset_rate`` spent getting data."""
+        return self._data / max(time.perf_counter() - self._t, 1e-9)
+
     def reset_rate(self) -> None:
-        self._t, self._frames = time.perf_counter(), 0
+        self._t, self._frames, self._data = time.perf_counter(), 0, 0.0
 
     def close(self) -> None:
         self.bar.close()

@@ -117,7 +117,7 @@ def setup_distributed(device_name: str) -> Distributed:
             torch.cuda.set_device(device)
         else:  # share the cores between the processes of this machine
             local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // local)))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank, world_size, local_rank, device)
@@ -224,17 +224,6 @@ def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     return float(norm)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, ddp: Distributed) -> nn.Module:

@@ -21,6 +21,7 @@ whole clip is noisy at per-frame σ under full attention.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,8 @@ from distill.run import (
 from distill.train_common import (
     EMA,
     Distributed,
-    TrainResult,
     TrainConfig,
+    TrainResult,
     any_rank,
     autocast,
     local_batch_size,
@@ -60,7 +61,7 @@ from models import checkpoint
 from models.config import ModelConfig
 from models.dit import DiT, drop_keys
 from models.keys import keys_to_tensor
-from models.text import PromptEncoder
+from models.text import PromptEmbedding, PromptEncoder
 from models.vae import LatentAutoencoder, to_unit
 from models.world_model import WorldModel
 
@@ -85,34 +86,61 @@ class TeacherObjective:
             raise ValueError("--shift and --sigma-std must be positive")
 
 
+@dataclass
+class TeacherDraws:
+    """Every random number of one teacher step, drawn eagerly so the loss module itself is deterministic
+    (friendly to ``torch.compile`` and DDP): σ and ε of the noisy frames (B, F) / (B, F, C, h, w), σ_c and
+    ε_c of the context augmentation, and the dropout masks of keys (B, F) and prompts (B,)."""
+
+    sigma: torch.Tensor
+    noise: torch.Tensor
+    context_sigma: torch.Tensor
+    context_noise: torch.Tensor
+    drop_keys: torch.Tensor
+    drop_prompt: torch.Tensor
+
+
+def draw(objective: TeacherObjective, shape: torch.Size, generator: torch.Generator,
+         device: torch.device) -> TeacherDraws:
+    """The random numbers of one step for latents of ``shape`` (B, F, C, h, w), in a fixed order."""
+    o, (b, f) = objective, shape[:2]
+    sigma = losses.sample_sigmas((b, f), shift=o.shift, mean=o.sigma_mean, std=o.sigma_std,
+                                 generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    drop_keys = losses.dropout_mask(b * f, o.key_dropout, generator=generator, device=device).view(b, f)
+    drop_prompt = losses.dropout_mask(b, o.prompt_dropout, generator=generator, device=device)
+    context_sigma = torch.rand((b, f), generator=generator, device=device) * o.context_noise
+    context_noise = torch.randn(shape, generator=generator, device=device)
+    return TeacherDraws(sigma, noise, context_sigma, context_noise, drop_keys, drop_prompt)
+
+
 class TeacherLoss(nn.Module):
     """The teacher-forcing objective as a module (DDP hooks ``forward``); see the module docstring."""
 
-    def __init__(self, dit: DiT, objective: TeacherObjective) -> None:
+    def __init__(self, dit: DiT) -> None:
         super().__init__()
-        self.dit, self.objective = dit, objective
+        self.dit = dit
 
     def forward(self, x0: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                d: TeacherDraws) -> torch.Tensor:
         """x0 (B, F, C, h, w) latents, keys (B, F, K) multi-hot, prompt tokens (B, T, 384) and mask (B, T)."""
-        o, dev = self.objective, x0.device
-        b, f = x0.shape[:2]
-        sigma = losses.sample_sigmas((b, f), shift=o.shift, mean=o.sigma_mean, std=o.sigma_std,
-                                     generator=generator, device=dev)
-        noise = torch.randn(x0.shape, generator=generator, device=dev)
-        x_t = losses.add_noise(x0, noise, sigma)
-        dropped = losses.dropout_mask(b * f, o.key_dropout, generator=generator, device=dev).view(b, f)
-        keys = drop_keys(keys, dropped)
-        mask = mask & ~losses.dropout_mask(b, o.prompt_dropout, generator=generator, device=dev)[:, None]
-        prompt = self.dit.prompt_kv(tokens, mask)
+        x_t = losses.add_noise(x0, d.noise, d.sigma)
+        keys = drop_keys(keys, d.drop_keys)
+        prompt = self.dit.prompt_kv(tokens, mask & ~d.drop_prompt[:, None])
         if self.dit.cfg.bidirectional:
-            v = self.dit(x_t, sigma, keys, prompt)
+            v = self.dit(x_t, d.sigma, keys, prompt)
         else:
-            sigma_c = torch.rand((b, f), generator=generator, device=dev) * o.context_noise
-            context = losses.add_noise(x0, torch.randn(x0.shape, generator=generator, device=dev), sigma_c)
-            v = self.dit(x_t, sigma, keys, prompt, context=context, context_sigma=sigma_c)
-        loss = losses.flow_matching_loss(v, x0, noise)
-        return loss, {"sigma_mean": sigma.mean().detach()}
+            context = losses.add_noise(x0, d.context_noise, d.context_sigma)
+            v = self.dit(x_t, d.sigma, keys, prompt, context=context, context_sigma=d.context_sigma)
+        return losses.flow_matching_loss(v, x0, d.noise)
+
+
+def teacher_inputs(clips: ClipSource, vae: LatentAutoencoder, encoder: PromptEncoder, step: int, size: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
+    """A step's clips as latents (B, F, C, h, w), multi-hot keys (B, F, K) and prompt embeddings."""
+    batch = clips.batch(step, size).to(device)
+    prompt = encoder.encode(batch.prompts).to(device)
+    return encode_clips(vae, batch.frames), keys_to_tensor(batch.keys, device=device), prompt
 
 
 @torch.no_grad()
@@ -149,18 +177,9 @@ def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjec
     if source is None:
         raise RunError("the teacher needs an autoencoder: pass --vae MODEL_DIR (from `worldloop train vae`)")
     vae = load_vae(config, source).to(ddp.device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    dit = DiT(config).to(ddp.device)
-    ema = EMA(dit, cfg.ema_decay)
-    previous_steps = 0
-    if init_from is not None and not resume:
-        previous_steps = init_weights(dit, ema, init_from)
-    optimizer = make_optimizer(dit, cfg, ddp.device)
-    start = 0
-    if resume:
-        start = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules={"dit": dit},
-                                emas={"dit": ema}, optimizer=optimizer)
-    model = wrap_model(TeacherLoss(dit, objective), cfg, ddp)
+    dit, ema, optimizer, start, previous_steps = start_state(config, cfg, ddp.device, run, settings, resume,
+                                                            init_from)
+    model = wrap_model(TeacherLoss(dit), cfg, ddp)
     encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
     clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
                                       objective.random_keys)
@@ -177,20 +196,21 @@ def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjec
 
     with StopSignal() as stop:
         while step < cfg.steps and not any_rank(stop.requested, ddp):
-            batch = clips.batch(step, batch_size).to(ddp.device)
-            x0 = encode_clips(vae, batch.frames)
-            prompt = encoder.encode(batch.prompts).to(ddp.device)
-            keys = keys_to_tensor(batch.keys, device=ddp.device)
+            started = time.perf_counter()
+            x0, keys, prompt = teacher_inputs(clips, vae, encoder, step, batch_size, ddp.device)
+            data_seconds = time.perf_counter() - started
+            generator = step_generator(cfg.seed, step, ddp.rank, ddp.device)
+            draws = draw(objective, x0.shape, generator, ddp.device)
             with autocast(ddp.device, cfg.bf16):
-                loss, parts = model(x0, keys, prompt.tokens, prompt.mask,
-                                    step_generator(cfg.seed, step, ddp.rank, ddp.device))
+                loss = model(x0, keys, prompt.tokens, prompt.mask, draws)
             grad_norm = optimizer_step(loss, model, optimizer, lr_at(step, cfg), cfg.grad_clip)
             ema.update(dit)
             step += 1
-            progress.update(x0.shape[0] * x0.shape[1] * ddp.world_size, loss=loss.item())
+            progress.update(x0.shape[0] * x0.shape[1] * ddp.world_size, data_seconds, loss=loss.item())
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.write(step=step, loss=loss.item(), grad_norm=grad_norm, lr=lr_at(step - 1, cfg),
-                          sigma_mean=parts["sigma_mean"].item(), frames_per_s=progress.rate())
+                          sigma_mean=draws.sigma.mean().item(), frames_per_s=progress.rate(),
+                          data_share=progress.data_share())
                 progress.reset_rate()
             if step % cfg.checkpoint_every == 0:
                 save()
@@ -202,6 +222,26 @@ def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjec
     if ddp.is_main:
         export(run.model, config, dit, ema.module, vae, step, meta)
     return TrainResult(run.model, step, dit)
+
+
+def start_state(config: ModelConfig, cfg: TrainConfig, device: torch.device, run: RunDir,
+                settings: dict[str, Any], resume: bool, init_from: Path | None
+                ) -> tuple[DiT, EMA, torch.optim.Optimizer, int, int]:
+    """DiT, EMA and optimizer: fresh (seeded), from --init-from, or resumed from the run's checkpoint.
+
+    Returns them with the step to start from and the steps of the --init-from model."""
+    torch.manual_seed(cfg.seed)
+    dit = DiT(config).to(device)
+    ema = EMA(dit, cfg.ema_decay)
+    previous_steps = 0
+    if init_from is not None and not resume:
+        previous_steps = init_weights(dit, ema, init_from)
+    optimizer = make_optimizer(dit, cfg, device)
+    start = 0
+    if resume:
+        start = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules={"dit": dit},
+                                emas={"dit": ema}, optimizer=optimizer)
+    return dit, ema, optimizer, start, previous_steps
 
 
 def init_weights(dit: DiT, ema: EMA, path: Path) -> int:

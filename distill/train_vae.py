@@ -13,6 +13,7 @@ takes the autoencoder from it.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from distill.run import (
 from distill.train_common import (
     EMA,
     Distributed,
-    TrainResult,
     TrainConfig,
+    TrainResult,
     any_rank,
     autocast,
     local_batch_size,
@@ -112,18 +113,20 @@ def train_vae(config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, dd
     step = start
     with StopSignal() as stop:
         while step < cfg.steps and not any_rank(stop.requested, ddp):
+            started = time.perf_counter()
             images = frames_of(clips, step, batch).to(ddp.device)
+            data_seconds = time.perf_counter() - started
             with autocast(ddp.device, cfg.bf16):
                 loss, parts = model(images, step_generator(cfg.seed, step, ddp.rank, ddp.device))
             grad_norm = optimizer_step(loss, model, optimizer, lr_at(step, cfg), cfg.grad_clip)
             ema.update(vae)
             step += 1
-            progress.update(images.shape[0] * ddp.world_size, loss=loss.item())
+            progress.update(images.shape[0] * ddp.world_size, data_seconds, loss=loss.item())
             if step % cfg.log_every == 0 or step == cfg.steps:
                 psnr = (10 * torch.log10(4.0 / parts["mse"].float())).item()  # images span [-1, 1]: range 2
                 log.write(step=step, loss=loss.item(), psnr=psnr, kl=parts["kl"].item(), grad_norm=grad_norm,
                           latent_std=parts["latent_std"].item(), lr=lr_at(step - 1, cfg),
-                          frames_per_s=progress.rate())
+                          frames_per_s=progress.rate(), data_share=progress.data_share())
                 progress.reset_rate()
             if ddp.is_main and cfg.sample_every and step % cfg.sample_every == 0:
                 write_samples(ema.module, images[:8], run.samples / f"vae_{step:07d}.png")

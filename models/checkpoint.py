@@ -31,7 +31,8 @@ from models.config import ModelConfig
 
 FORMAT = "worldloop-model"
 VERSION = 1
-CONFIG_FILE, DIT_FILE, EMA_FILE, VAE_FILE = "config.json", "dit.safetensors", "dit_ema.safetensors", "vae.safetensors"
+CONFIG_FILE, DIT_FILE, VAE_FILE = "config.json", "dit.safetensors", "vae.safetensors"
+EMA_FILE = "dit_ema.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -72,7 +73,8 @@ def save_state(path: str | Path, state: nn.Module | dict[str, Tensor], metadata:
     return path
 
 
-def read_state(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_state(path: str | Path, device: torch.device | str = "cpu"
+               ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a safetensors file → (tensors, metadata)."""
     path = Path(path)
     if not path.is_file():
@@ -83,7 +85,8 @@ def read_state(path: str | Path, device: torch.device | str = "cpu") -> tuple[di
             header = f.metadata() or {}
         metadata = json.loads(header.get("metadata", "{}"))
     except Exception as err:  # safetensors raises its own error types for truncated or garbage files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+        problem = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path}: not a readable safetensors file ({problem})") from err
     return tensors, metadata
 
 

@@ -2,18 +2,21 @@
 
 Architectural choices, in the order the code below follows them:
 
-1. Tokens. Each frame's latent (C, h, w) is cut into p×p patches → N = (h/p)·(w/p) tokens of width D. All frames
-   of a clip form one sequence of F·N tokens; inference feeds only the new frames and reads the rest from a cache.
+1. Tokens. Each frame's latent (C, h, w) is cut into p×p patches → N = (h/p)·(w/p) tokens of width D. All
+   frames of a clip form one sequence of F·N tokens; inference feeds only the new frames and reads the rest
+   from a cache.
 2. Per-frame conditioning, adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023):
-   c_f = MLP(sinusoid(1000·σ_f)) + E(keys_f). Each block maps SiLU(c_f) to shift/scale/gate for its attention and
-   MLP, zero-initialised so every block starts as the identity. E is zero-initialised too. A frame whose keys
-   are dropped (condition dropout; marked by keys = ``NULL_KEY`` = -1) gets a learned null vector instead.
-3. Self-attention with QK-RMSNorm and rotary positions (RoPE, Su et al. 2021). The head's rotary pairs are split
-   into temporal | y | x sections. Spatial phase is applied when q/k are projected; temporal phase is applied at
-   attention time from frame positions *relative to the newest frame*, so the cache stores keys without temporal
-   phase and a stream of any length only ever sees positions in [-(window + slack + 1), 0]. Keys of sink frames
-   carry no temporal phase at all (their temporal pairs are zeroed): their distance to a query grows without
-   bound in a stream, and this way attention to them is position-free, the same in training and inference.
+   c_f = MLP(sinusoid(1000·σ_f)) + E(keys_f). Each block maps SiLU(c_f) to shift/scale/gate for its attention
+   and MLP, zero-initialised so every block starts as the identity. E is zero-initialised too. A frame whose
+   keys are dropped (condition dropout; marked by keys = ``NULL_KEY`` = -1) gets a learned null vector
+   instead.
+3. Self-attention with QK-RMSNorm and rotary positions (RoPE, Su et al. 2021). The head's rotary pairs are
+   split into temporal | y | x sections. Spatial phase is applied when q/k are projected; temporal phase is
+   applied at attention time from frame positions *relative to the newest frame*, so the cache stores keys
+   without temporal phase and a stream of any length only ever sees positions in [-(window + slack + 1), 0].
+   Keys of sink frames carry no temporal phase at all (their temporal pairs are zeroed): their distance to a
+   query grows without bound in a stream, and this way attention to them is position-free, the same in
+   training and inference.
 4. Cross-attention to prompt tokens (MiniLM, ``text_dim`` wide) after self-attention. A learned null token is
    always present, so a dropped or empty prompt (all tokens masked) is well defined. A prompt's K/V for every
    layer are computed once (``prompt_kv``) and reused for every frame.
@@ -47,7 +50,7 @@ NULL_KEY = -1.0  # fill value of a dropped key condition (condition dropout / gu
 
 
 def drop_keys(keys: Tensor, drop: Tensor) -> Tensor:
-    """Replace the key vectors of the frames where ``drop`` (bool, keys.shape[:-1]) is True by the null marker."""
+    """Mark the keys of the frames where ``drop`` (bool, keys.shape[:-1]) is True as dropped."""
     return torch.where(drop.unsqueeze(-1), torch.full_like(keys, NULL_KEY), keys)
 
 
@@ -63,7 +66,7 @@ class PromptKV:
     mask: Tensor
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Helpers: patches, sinusoids, rotary tables, the attention mask rule
 
 
@@ -104,17 +107,19 @@ class Rotary(nn.Module):
         self.n_pass = pairs - self.n_t - 2 * n_s
         gh, gw = grid
         ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        spatial = torch.cat([ys.reshape(-1, 1) * _freqs(n_s, theta), xs.reshape(-1, 1) * _freqs(n_s, theta)], -1)
+        freqs = _freqs(n_s, theta)
+        spatial = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], -1)
         self.register_buffer("spatial_angles", spatial, persistent=False)  # (N, 2·n_s)
         self.register_buffer("temporal_freqs", _freqs(self.n_t, theta), persistent=False)  # (n_t,)
 
     def tables(self, frames: Tensor, *, spatial: bool, temporal: bool, sink: Tensor | None = None
                ) -> tuple[Tensor, Tensor]:
-        """Frame positions (B, F) (and sink flags (B, F)) → cos, sin of shape (B, 1, F·N, Dh)."""
+        """Frame positions (B, F) (and sink flags (B, F)) → cos, [-sin | sin] of shape (B, 1, F·N, Dh)."""
         b, f = frames.shape
         n = self.spatial_angles.shape[0]
-        t = frames.float().unsqueeze(-1) * self.temporal_freqs if temporal else frames.new_zeros(b, f, self.n_t)
-        t = t.float().unsqueeze(2).expand(b, f, n, self.n_t)  # (B, F, N, n_t)
+        t = frames.float().unsqueeze(-1) * self.temporal_freqs
+        t = t if temporal else torch.zeros_like(t)
+        t = t.unsqueeze(2).expand(b, f, n, self.n_t)  # (B, F, N, n_t)
         s = self.spatial_angles if spatial else torch.zeros_like(self.spatial_angles)
         s = s.expand(b, f, n, s.shape[-1])
         angles = torch.cat([t, s, t.new_zeros(b, f, n, self.n_pass)], -1).reshape(b, 1, f * n, -1)
@@ -123,7 +128,7 @@ class Rotary(nn.Module):
             keep = (~sink).float().repeat_interleave(n, dim=1).reshape(b, 1, f * n, 1)
             gate = torch.cat([keep.expand(-1, -1, -1, self.n_t), torch.ones_like(cos[..., self.n_t:])], -1)
             cos, sin = cos * gate, sin * gate
-        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def _freqs(n: int, theta: float) -> Tensor:
@@ -131,17 +136,21 @@ def _freqs(n: int, theta: float) -> Tensor:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply a rotary table: x·cos + rotate_half(x)·sin, tables broadcastable to x."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Apply a rotary table: x·cos + rotate_half(x)·sin = x·cos + roll(x, Dh/2)·[-sin | sin].
+
+    ``sin`` comes from ``Rotary.tables`` with its first half negated already; tables broadcast against x.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
-def frame_mask(q_pos: Tensor, q_ctx: Tensor, k_pos: Tensor, k_ctx: Tensor, k_sink: Tensor, window: int) -> Tensor:
+def frame_mask(q_pos: Tensor, q_ctx: Tensor, k_pos: Tensor, k_ctx: Tensor, k_sink: Tensor, window: int
+               ) -> Tensor:
     """The attention rule between frames, shared by training and inference.
 
-    Positions and flags are (…, Fq) for queries and (…, Fk) for keys; returns (…, Fq, Fk) bool. A context frame
-    attends to context frames at or before it; a noisy frame to context frames before it and to itself (the noisy
-    frame at its own position); keys more than ``window`` frames back are visible only if they are sink frames.
+    Positions and flags are (…, Fq) for queries and (…, Fk) for keys; returns (…, Fq, Fk) bool. A context
+    frame attends to context frames at or before it; a noisy frame to context frames before it and to itself
+    (the noisy frame at its own position); keys more than ``window`` frames back are visible only if they are
+    sink frames.
     """
     d = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)
     qc, kc = q_ctx.unsqueeze(-1), k_ctx.unsqueeze(-2)
@@ -150,16 +159,26 @@ def frame_mask(q_pos: Tensor, q_ctx: Tensor, k_pos: Tensor, k_ctx: Tensor, k_sin
     return (earlier_context | itself) & (k_sink.unsqueeze(-2) | (d <= window))
 
 
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q·kᵀ/√d + bias)·v for the cached path; ``bias`` (B, 1, Lq, Lk) is 0 or -inf.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q·kᵀ/√d + bias)·v; ``bias`` (B, 1, Lq, Lk) (or broadcastable) is 0 or -inf.
 
     On a CPU in bfloat16, explicit matmuls ran 1.7× faster than SDPA's CPU kernel at our sizes (128 queries,
-    ~700 keys, 64-d heads, 2-core AVX512-BF16; benchmarks/model_speed.py); elsewhere SDPA picks a fused kernel.
+    ~700 keys, 64-d heads, 2-core AVX512-BF16; benchmarks/model_speed.py); elsewhere SDPA picks a fused
+    kernel.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)  # (B, H, Lq, Lk)
-        return torch.matmul(scores.softmax(dim=-1), v)
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        scores = torch.baddbmm(bias.expand(b, h, lq, lk).reshape(b * h, lq, lk), q.reshape(b * h, lq, d),
+                               k.reshape(b * h, lk, d).transpose(1, 2), alpha=d**-0.5)  # (B·H, Lq, Lk)
+        return torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, lk, d)).view(b, h, lq, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean mask → 0 where allowed, -inf elsewhere (for attention scores)."""
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill_(~allowed, float("-inf"))
 
 
 def expand_mask(mask: Tensor, n: int) -> Tensor:
@@ -168,34 +187,37 @@ def expand_mask(mask: Tensor, n: int) -> Tensor:
     return mask[:, :, None, :, None].expand(b, fq, n, fk, n).reshape(b, 1, fq * n, fk * n)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Blocks
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) (B, H, L, Dh) → (B, H, Lq, Dh)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, n: int) -> Tensor:
-    """x (B, F·N, D) with per-frame shift/scale (B, F, D) → x·(1 + scale) + shift, frame by frame."""
+    """x (B, F·N, D) with per-frame shift and (1 + scale), each (B, F, 1, D) → x·(1 + scale) + shift."""
     b, length, d = x.shape
-    x = x.view(b, length // n, n, d) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
-    return x.view(b, length, d)
+    return torch.addcmul(shift, x.view(b, length // n, n, d), scale).view(b, length, d)
 
 
-def gated(x: Tensor, gate: Tensor, n: int) -> Tensor:
+def add_gated(x: Tensor, y: Tensor, gate: Tensor, n: int) -> Tensor:
+    """x + gate·y with a per-frame gate (B, F, 1, D); x, y (B, F·N, D)."""
     b, length, d = x.shape
-    return (x.view(b, length // n, n, d) * gate.unsqueeze(2)).view(b, length, d)
+    return torch.addcmul(x.view(b, length // n, n, d), y.view(b, length // n, n, d), gate).view(b, length, d)
 
 
 class Block(nn.Module):
-    """adaLN-Zero self-attention → cross-attention to the prompt → adaLN-Zero MLP."""
+    """adaLN-Zero self-attention → cross-attention to the prompt → adaLN-Zero MLP.
+
+    Written for few kernel launches: at our sizes a CPU forward is ~20% per-op overhead, so q and k are
+    normalised and rotated as one stacked tensor and modulation/gating use fused multiply-adds.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.qk_norm = nn.Parameter(torch.ones(2, 1, 1, 1, self.head_dim))  # QK-RMSNorm gains for q and k
         self.proj = nn.Linear(dim, dim)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
         self.cross_q = nn.Linear(dim, dim)
@@ -203,48 +225,53 @@ class Block(nn.Module):
         self.cross_proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        # Exact (erf) GELU: on our CPUs 3.5× faster than the tanh approximation.
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(dim, 6 * dim)  # per-frame shift/scale/gate ×2 (adaLN-Zero)
 
     def heads_of(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
         return x.view(b, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
 
-    def self_qkv(self, x: Tensor, mod: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised, modulated q/k/v (B, H, L, Dh) before any rotary phase."""
+    def self_qkv(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Tensor]:
+        """Modulated, projected, QK-normalised and rotated qk (2, B, H, L, Dh) and v (B, H, L, Dh)."""
+        b, length, _ = x.shape
         h = modulate(self.norm1(x), mod[0], mod[1], n)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        return self.q_norm(self.heads_of(q)), self.k_norm(self.heads_of(k)), self.heads_of(v)
+        qkv = self.qkv(h).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk = F.rms_norm(qkv[:2], (self.head_dim,), eps=1e-6) * self.qk_norm
+        return rotate(qk, *rope), qkv[2]
 
-    def finish(self, x: Tensor, attn: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor], n: int) -> Tensor:
-        """Residual self-attention output, cross-attention to the prompt, and the MLP."""
+    def finish(self, x: Tensor, attn: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor], n: int
+               ) -> Tensor:
+        """Residual self-attention output, cross-attention to the prompt (K/V, additive mask), the MLP."""
         b, _, length, _ = attn.shape
-        x = x + gated(self.proj(attn.transpose(1, 2).reshape(b, length, -1)), mod[2], n)
-        pk, pv, pmask = prompt  # (B, H, T+1, Dh) ×2, (B, T+1)
+        x = add_gated(x, self.proj(attn.transpose(1, 2).reshape(b, length, -1)), mod[2], n)
         q = self.heads_of(self.cross_q(self.norm_cross(x)))
-        c = F.scaled_dot_product_attention(q, pk.to(q.dtype), pv.to(q.dtype), attn_mask=pmask[:, None, None, :])
+        c = attention(q, *prompt)
         x = x + self.cross_proj(c.transpose(1, 2).reshape(b, length, -1))
         h = modulate(self.norm2(x), mod[3], mod[4], n)
-        return x + gated(self.mlp(h), mod[5], n)
+        return add_gated(x, self.mlp(h), mod[5], n)
 
-    def forward(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor], rope: tuple[Tensor, ...],
-                attend: AttentionFn, n: int) -> Tensor:
-        """Training/full-sequence block. ``rope`` = (q_cos, q_sin, k_cos, k_sin), spatial and temporal phase."""
-        q, k, v = self.self_qkv(x, mod, n)
-        q, k = rotate(q, rope[0], rope[1]), rotate(k, rope[2], rope[3])
-        return self.finish(x, attend(q, k, v), mod, prompt, n)
+    def forward(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor],
+                rope: tuple[Tensor, Tensor], attend: AttentionFn, n: int) -> Tensor:
+        """Full-sequence block; ``rope``: stacked q/k tables (2, B, 1, L, Dh), spatial and temporal phase."""
+        qk, v = self.self_qkv(x, mod, rope, n)
+        return self.finish(x, attend(qk[0], qk[1], v), mod, prompt, n)
 
-    def forward_cached(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor], past: tuple[Tensor, Tensor],
-                       rope: tuple[Tensor, ...], bias: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Inference block over new frames. ``rope`` = (q_cos, q_sin, spatial_cos, spatial_sin, kt_cos, kt_sin).
+    def forward_cached(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor],
+                       past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, ...], bias: Tensor, n: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference block over new frames. ``rope``: stacked tables for q (spatial + temporal) and the new k
+        (spatial only, as the cache stores keys), then the read-time temporal tables of all keys.
 
-        Returns the new hidden states and the new frames' k (spatial phase only, as the cache stores them) and v.
+        Returns the new hidden states and the new frames' k (spatial phase only) and v.
         """
-        q, k, v = self.self_qkv(x, mod, n)
-        q, k = rotate(q, rope[0], rope[1]), rotate(k, rope[2], rope[3])
-        keys = rotate(torch.cat([past[0].to(k.dtype), k], dim=2), rope[4], rope[5])  # temporal phase, read time
-        values = torch.cat([past[1].to(v.dtype), v], dim=2)
-        return self.finish(x, cached_attention(q, keys, values, bias), mod, prompt, n), k, v
+        qk, v = self.self_qkv(x, mod, rope[:2], n)
+        k = qk[1]
+        # Temporal phase at read time, relative to the newest frame.
+        keys = rotate(torch.cat([*past[0], k], dim=2), rope[2], rope[3])
+        values = torch.cat([*past[1], v], dim=2)
+        return self.finish(x, attention(qk[0], keys, values, bias), mod, prompt, n), k, v
 
 
 class FinalLayer(nn.Module):
@@ -255,18 +282,19 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out)
 
     def forward(self, x: Tensor, cond: Tensor, n: int) -> Tensor:
-        shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale, n))
+        shift, scale = self.modulation(F.silu(cond)).unsqueeze(2).chunk(2, dim=-1)  # (B, F, 1, D) each
+        return self.linear(modulate(self.norm(x), shift, 1 + scale, n))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The model
 
 
 @dataclass
 class CachedOutput:
-    """Result of ``DiT.forward_cached``: v for the noisy frames (B, Fn, C, h, w) and, for the context frames, the
-    per-layer K/V to write into the cache, (depth, B, H, Fc·N, Dh) each (None when there are no context frames)."""
+    """Result of ``DiT.forward_cached``: v for the noisy frames (B, Fn, C, h, w) and, for the context frames,
+    the per-layer K/V to write into the cache, (depth, B, H, Fc·N, Dh) each (None when there are no context
+    frames)."""
 
     v: Tensor | None
     k: Tensor | None
@@ -286,15 +314,17 @@ class DiT(nn.Module):
         self.sigma_mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.key_embed = nn.Linear(cfg.num_keys, cfg.dim, bias=False)
         self.null_key = nn.Parameter(torch.zeros(cfg.dim))
-        self.text_norm = nn.LayerNorm(cfg.text_dim)  # MiniLM token norms differ (sentence vector 1, states ~10)
+        # MiniLM token norms differ (sentence vector 1, hidden states ~10): normalise before projecting.
+        self.text_norm = nn.LayerNorm(cfg.text_dim)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
         self.null_token = nn.Parameter(torch.randn(cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.dim, self.latent_channels * p * p)
-        self.rotary = Rotary(cfg.head_dim, (self.latent_size[0] // p, self.latent_size[1] // p), cfg.rope_theta)
+        grid = (self.latent_size[0] // p, self.latent_size[1] // p)
+        self.rotary = Rotary(cfg.head_dim, grid, cfg.rope_theta)
         # Training attention kernel: None = flex-attention block masks on CUDA, SDPA + boolean mask elsewhere.
         self.attention_kernel: str | None = None
-        self._masks: dict[tuple, object] = {}  # training masks, built once per (frames, context, device, kind)
+        self._masks: dict[tuple, object] = {}  # training masks per (frames, context, device, kind)
         self._flex: Callable | None = None
         self.reset_parameters()
 
@@ -313,7 +343,7 @@ class DiT(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # -- conditioning -------------------------------------------------------------------------------------------
+    # -- conditioning --------------------------------------------------------------------------------------
 
     def condition(self, sigma: Tensor, keys: Tensor) -> Tensor:
         """Per-frame conditioning vector c (B, F, D) from σ (B, F) and multi-hot keys (B, F, num_keys)."""
@@ -324,9 +354,12 @@ class DiT(nn.Module):
         return c + dropped.to(dtype) * self.null_key
 
     def modulations(self, cond: Tensor) -> list[Tensor]:
-        """Per block: (6, B, F, D) shift/scale/gate for attention and MLP."""
+        """Per block: (6, B, F, 1, D) shift, 1 + scale, gate for attention, then for the MLP."""
         h = F.silu(cond)
-        return [blk.modulation(h).unflatten(-1, (6, -1)).movedim(-2, 0) for blk in self.blocks]
+        one = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0], dtype=cond.dtype, device=cond.device).view(6, 1)
+        return [(blk.modulation(h).unflatten(-1, (6, -1)) + one).movedim(-2, 0).unsqueeze(3)
+                for blk in self.blocks]
+
 
     def prompt_kv(self, tokens: Tensor, mask: Tensor) -> PromptKV:
         """Prompt token embeddings (B, T, text_dim) and mask (B, T) → cross-attention K/V for every layer."""
@@ -348,14 +381,14 @@ class DiT(nn.Module):
         tokens = self.text_proj.weight.new_zeros(batch, 1, self.cfg.text_dim)
         return self.prompt_kv(tokens, torch.zeros(batch, 1, dtype=torch.bool, device=tokens.device))
 
-    # -- training / full-clip forward ---------------------------------------------------------------------------
+    # -- training / full-clip forward ----------------------------------------------------------------------
 
     def forward(self, x: Tensor, sigma: Tensor, keys: Tensor, prompt: PromptKV, context: Tensor | None = None,
                 context_sigma: Tensor | None = None) -> Tensor:
         """Velocity prediction for a clip of noisy frames x (B, F, C, h, w) at per-frame σ (B, F).
 
-        Teacher forcing: ``context`` holds the clean frames (B, F, C, h, w) (at ``context_sigma``, default 0); the
-        sequence is [context | x] with the causal window+sink mask. Without context a causal model attends
+        Teacher forcing: ``context`` holds the clean frames (B, F, C, h, w) (at ``context_sigma``, default 0);
+        the sequence is [context | x] with the causal window+sink mask. Without context a causal model attends
         block-causally among the given frames (diffusion forcing); a bidirectional model attends fully.
         """
         b, f = x.shape[:2]
@@ -365,19 +398,20 @@ class DiT(nn.Module):
                 raise ValueError("a bidirectional DiT takes no clean context frames")
             if context_sigma is None:
                 context_sigma = torch.zeros_like(sigma)
-            x, sigma, keys = torch.cat([context, x], 1), torch.cat([context_sigma, sigma], 1), torch.cat([keys, keys], 1)
+            x, keys = torch.cat([context, x], 1), torch.cat([keys, keys], 1)
+            sigma = torch.cat([context_sigma, sigma], 1)
         g = x.shape[1]  # frames in the sequence
         h = self.patch_in(patchify(x.to(self.patch_in.weight.dtype), self.cfg.patch_size))  # (B, G·N, D)
         cond = self.condition(sigma, keys)  # (B, G, D)
         pos = torch.arange(f, device=x.device).repeat(g // f).expand(b, g)
         sink = pos < (0 if self.cfg.bidirectional else self.cfg.sink)
-        dtype = h.dtype
-        q_cos, q_sin = (t.to(dtype) for t in self.rotary.tables(pos, spatial=True, temporal=True))
-        k_cos, k_sin = (t.to(dtype) for t in self.rotary.tables(pos, spatial=True, temporal=True, sink=sink))
+        tables = zip(self.rotary.tables(pos, spatial=True, temporal=True),
+                     self.rotary.tables(pos, spatial=True, temporal=True, sink=sink), strict=True)
+        rope = tuple(torch.stack(qk).to(h.dtype) for qk in tables)  # (2, B, 1, G·N, Dh): q, k
         attend = self._training_attention(f, context is not None, x.device)
-        pkv = (prompt.k, prompt.v, prompt.mask)
+        pbias = additive_mask(prompt.mask, h.dtype)[:, None, None]  # (B, 1, 1, T+1)
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
-            h = blk(h, mod, (pkv[0][i], pkv[1][i], pkv[2]), (q_cos, q_sin, k_cos, k_sin), attend, n)
+            h = blk(h, mod, (prompt.k[i], prompt.v[i], pbias), rope, attend, n)
         noisy = slice((g - f) * n, g * n)
         out = self.final(h[:, noisy], cond[:, g - f:], n)
         return unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
@@ -397,14 +431,15 @@ class DiT(nn.Module):
             from torch.nn.attention.flex_attention import flex_attention
 
             # Compiled, flex-attention runs as one fused kernel; eager (CPU tests) it is a slow reference.
-            self._flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+            compiled = device.type == "cuda"
+            self._flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
         flex = self._flex
         return lambda q, k, v: flex(q, k, v, block_mask=mask)
 
     def _build_training_mask(self, frames: int, has_context: bool, device: torch.device, kind: str) -> object:
         groups = 2 if has_context else 1
         pos = torch.arange(frames, device=device).repeat(groups)
-        ctx = torch.arange(groups * frames, device=device) < frames if has_context else torch.ones_like(pos).bool()
+        ctx = torch.arange(groups * frames, device=device) < (frames if has_context else groups * frames)
         allowed = frame_mask(pos, ctx, pos, ctx, pos < self.cfg.sink, self.cfg.window)  # (G, G)
         n = self.tokens
         if kind == "sdpa":
@@ -417,16 +452,16 @@ class DiT(nn.Module):
         length = groups * frames * n
         return create_block_mask(mask_mod, None, None, length, length, device=device)
 
-    # -- inference over new frames with a KV cache ----------------------------------------------------------------
+    # -- inference over new frames with a KV cache ---------------------------------------------------------
 
     def forward_cached(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
                        prompt: PromptKV, cache: CacheView, present: Tensor | None = None) -> CachedOutput:
         """Run new frames against a cache view; nothing is written (the caller appends the returned K/V).
 
-        x (B, G, C, h, w), σ (B, G), keys (B, G, num_keys), ``frames`` (B, G) their absolute frame indices. The
-        first ``context`` frames are clean context (their K/V are returned for the cache), the rest are noisy
-        (their v is returned). ``present`` (B, G) bool marks placeholder frames (False) that no other frame may
-        attend to — for a batch where only some sessions have a context frame to write.
+        x (B, G, C, h, w), σ (B, G), keys (B, G, num_keys), ``frames`` (B, G) their absolute frame indices.
+        The first ``context`` frames are clean context (their K/V are returned for the cache), the rest are
+        noisy (their v is returned). ``present`` (B, G) bool marks placeholder frames (False) that no other
+        frame may attend to — for a batch where only some sessions have a context frame to write.
         """
         if self.cfg.bidirectional:
             raise ValueError("a bidirectional DiT has no causal cache")
@@ -440,20 +475,21 @@ class DiT(nn.Module):
         k_ctx = torch.cat([torch.ones_like(cache.valid), ctx.expand(b, g)], 1)
         allowed = frame_mask(q_rel, ctx.expand(b, g), k_rel, k_ctx, k_sink, self.cfg.window)
         allowed = allowed & torch.cat([cache.valid, present], 1).unsqueeze(1)
-        allowed[:, :, cache.frames.shape[1]:] |= torch.eye(g, dtype=torch.bool, device=dev)  # never an empty row
+        allowed[:, :, cache.frames.shape[1]:] |= torch.eye(g, dtype=torch.bool, device=dev)  # no empty row
         dtype = self.patch_in.weight.dtype
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        bias = expand_mask(bias, n)  # (B, 1, G·N, (Fc+G)·N) additive mask, shared by all layers
-        rope = (*self.rotary.tables(q_rel, spatial=True, temporal=True),
-                *self.rotary.tables(q_rel, spatial=True, temporal=False),
-                *self.rotary.tables(k_rel, spatial=False, temporal=True, sink=k_sink))
+        bias = expand_mask(additive_mask(allowed, dtype), n)  # (B, 1, G·N, (Fc+G)·N), shared by all layers
+        pbias = additive_mask(prompt.mask, dtype)[:, None, None]  # (B, 1, 1, T+1)
+        qk = zip(self.rotary.tables(q_rel, spatial=True, temporal=True),
+                 self.rotary.tables(q_rel, spatial=True, temporal=False), strict=True)
+        read = self.rotary.tables(k_rel, spatial=False, temporal=True, sink=k_sink)
+        rope = (*(torch.stack(t) for t in qk), *read)
         rope = tuple(t.to(dtype) for t in rope)
         h = self.patch_in(patchify(x.to(dtype), self.cfg.patch_size))  # (B, G·N, D)
         cond = self.condition(sigma, keys)
         new_k, new_v = [], []
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
-            pkv = (prompt.k[i], prompt.v[i], prompt.mask)
-            h, k, v = blk.forward_cached(h, mod, pkv, (cache.k[i], cache.v[i]), rope, bias, n)
+            pkv = (prompt.k[i], prompt.v[i], pbias)
+            h, k, v = blk.forward_cached(h, mod, pkv, cache.layer(i), rope, bias, n)
             new_k.append(k[:, :, : context * n])
             new_v.append(v[:, :, : context * n])
         out_v = None

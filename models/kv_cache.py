@@ -1,14 +1,15 @@
 """The inference KV cache: preallocated attention state for a pool of sessions.
 
-Every session owns one slot of the pool. A slot holds, per layer, the keys and values of ``sink + window + slack``
-frames of N tokens each, plus the model input of each stored frame (latent, keys, σ — what a prompt re-cache needs
-to recompute the window) and the K/V of the session's prompt for cross-attention.
+Every session owns one slot of the pool. A slot holds, per layer, the keys and values of ``sink + window +
+slack`` frames of N tokens each, plus the model input of each stored frame (latent, keys, σ — what a prompt
+re-cache needs to recompute the window) and the K/V of the session's prompt for cross-attention.
 
-Frame f goes to frame slot f while f < sink (kept forever), else to ``sink + (f - sink) mod (window + slack)``: a
-ring, so memory is fixed for a stream of any length and nothing is ever concatenated. Committed frames older
-than the newest committed frame minus ``window`` are evicted; speculative frames live in the slack part of the
-ring until ``commit`` (they become ordinary frames) or ``discard`` (they vanish). Keys are stored without temporal
-rotary phase, so the stored frame indices are only used relative to the newest frame (see ``models/dit.py``).
+Frame f goes to frame slot f while f < sink (kept forever), else to ``sink + (f - sink) mod (window +
+slack)``: a ring, so memory is fixed for a stream of any length and nothing is ever concatenated. Committed
+frames older than the newest committed frame minus ``window`` are evicted; speculative frames live in the
+slack part of the ring until ``commit`` (they become ordinary frames) or ``discard`` (they vanish). Keys are
+stored without temporal rotary phase, so the stored frame indices are only used relative to the newest frame
+(see ``models/dit.py``).
 """
 
 from __future__ import annotations
@@ -25,20 +26,27 @@ from models.dit import PromptKV
 
 @dataclass
 class CacheView:
-    """What attention reads for a batch of slots: k, v (depth, B, H, F·N, Dh); per frame slot (B, F): absolute
-    frame index (-1 = empty), valid, sink flags; and the prompt K/V."""
+    """What attention reads for a batch of slots: k, v (depth, B, H, F·N, Dh), live buffer views of which the
+    token ranges ``runs`` are read, in order; for those frame slots (B, F'): absolute frame index (-1 =
+    empty), valid and sink flags; and the prompt K/V."""
 
     k: Tensor
     v: Tensor
+    runs: tuple[slice, ...]
     frames: Tensor
     valid: Tensor
     sink: Tensor
     prompt: PromptKV
 
+    def layer(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Layer i's cached keys and values as lists of (B, H, L, Dh) pieces, to concatenate with new ones."""
+        return [self.k[i][:, :, r] for r in self.runs], [self.v[i][:, :, r] for r in self.runs]
+
 
 @dataclass
 class ContextFrames:
-    """Stored model inputs of a slot's frames, oldest first: frames (G,), latents (G, C, h, w), keys (G, K), σ (G,)."""
+    """Stored model inputs of a slot's frames, oldest first: frames (G,), latents (G, C, h, w), keys (G, K),
+    σ (G,)."""
 
     frames: Tensor
     latents: Tensor
@@ -57,9 +65,10 @@ class KVCache:
     _SLOT_BUFFERS = ("latents", "keys", "sigma", "frames", "speculative", "prompt_mask")
     _LAYER_BUFFERS = ("k", "v", "prompt_k", "prompt_v")
 
-    def __init__(self, *, depth: int, heads: int, head_dim: int, tokens: int, sink: int, window: int, slack: int,
-                 max_sessions: int, latent_shape: tuple[int, int, int], num_keys: int, prompt_tokens: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, *, depth: int, heads: int, head_dim: int, tokens: int, sink: int, window: int,
+                 slack: int, max_sessions: int, latent_shape: tuple[int, int, int], num_keys: int,
+                 prompt_tokens: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if window < 1 or sink < 0 or slack < 0 or max_sessions < 1:
             raise ValueError("window and max_sessions must be >= 1; sink and slack >= 0")
         self.depth, self.heads, self.head_dim, self.tokens = depth, heads, head_dim, tokens
@@ -67,7 +76,8 @@ class KVCache:
         self.ring = window + slack
         self.num_frames = sink + self.ring  # frame slots per session
         self.device, self.dtype = torch.device(device), dtype
-        kv = (depth, max_sessions, heads, self.num_frames * tokens, head_dim)  # (layers, sessions, H, F·N, Dh)
+        # (layers, sessions, H, F·N, Dh): frame slot f holds tokens f·N … (f+1)·N - 1.
+        kv = (depth, max_sessions, heads, self.num_frames * tokens, head_dim)
         self.k = torch.zeros(kv, device=self.device, dtype=dtype)
         self.v = torch.zeros(kv, device=self.device, dtype=dtype)
         self.latents = torch.zeros(max_sessions, self.num_frames, *latent_shape, device=self.device)
@@ -86,8 +96,8 @@ class KVCache:
     def for_model(cls, config: ModelConfig, max_sessions: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> KVCache:
         d = config.dit
-        return cls(depth=d.depth, heads=d.heads, head_dim=d.head_dim, tokens=config.tokens_per_frame, sink=d.sink,
-                   window=d.window, slack=d.slack, max_sessions=max_sessions,
+        return cls(depth=d.depth, heads=d.heads, head_dim=d.head_dim, tokens=config.tokens_per_frame,
+                   sink=d.sink, window=d.window, slack=d.slack, max_sessions=max_sessions,
                    latent_shape=(config.latent_channels, *config.latent_size), num_keys=d.num_keys,
                    prompt_tokens=d.max_prompt_tokens + 1, device=device, dtype=dtype)
 
@@ -100,16 +110,18 @@ class KVCache:
         """Absolute frame indices → frame slots (sink slots first, then the ring)."""
         return torch.where(frames < self.sink, frames, self.sink + (frames - self.sink) % self.ring)
 
-    # -- writing ------------------------------------------------------------------------------------------------
+    # -- writing -------------------------------------------------------------------------------------------
 
-    def append(self, slots: Sequence[int], frames: Tensor, k: Tensor, v: Tensor, latents: Tensor, keys: Tensor,
-               sigma: Tensor, present: Tensor | None = None, speculative: bool | Tensor = False) -> None:
-        """Write finished frames: ``frames`` (B, G) absolute indices for the B ``slots``, k/v (depth, B, H, G·N, Dh),
-        latents (B, G, C, h, w), keys (B, G, K), σ (B, G). Frames where ``present`` is False are skipped;
-        ``speculative`` is one flag or one per row (B,).
+    def append(self, slots: Sequence[int], frames: Tensor, k: Tensor, v: Tensor, latents: Tensor,
+               keys: Tensor, sigma: Tensor, present: Tensor | None = None,
+               speculative: bool | Tensor = False) -> None:
+        """Write finished frames: ``frames`` (B, G) absolute indices for the B ``slots``, k/v (depth, B, H,
+        G·N, Dh), latents (B, G, C, h, w), keys (B, G, K), σ (B, G). Frames where ``present`` is False are
+        skipped; ``speculative`` is one flag or one per row (B,).
 
         Committed frames that fall out of the window are evicted (a frame that would be evicted at once is not
-        written); speculative frames stay until ``commit``/``discard``. At most ``slack`` speculative frames fit.
+        written); speculative frames stay until ``commit``/``discard``. At most ``slack`` speculative frames
+        fit.
         """
         b, g = frames.shape
         frames = frames.to(self.device)
@@ -124,8 +136,8 @@ class KVCache:
         with torch.no_grad():  # the cache stops gradients
             for buf, new in ((self.k, k), (self.v, v)):
                 src = new.unflatten(3, (g, n))[:, rows, :, cols]  # (P, depth, H, N, Dh)
-                buf.view(self.depth, self.max_sessions, self.heads, self.num_frames, n, -1)[:, slot_idx, :, fs] = (
-                    src.to(self.dtype))
+                frames_view = buf.view(self.depth, self.max_sessions, self.heads, self.num_frames, n, -1)
+                frames_view[:, slot_idx, :, fs] = src.to(self.dtype)
             self.latents[slot_idx, fs] = latents.to(self.device, torch.float32)[rows, cols]
             self.keys[slot_idx, fs] = keys.to(self.device, torch.float32)[rows, cols]
             self.sigma[slot_idx, fs] = sigma.to(self.device, torch.float32)[rows, cols]
@@ -168,7 +180,7 @@ class KVCache:
         self.frames[slot] = -1
         self.prompt_mask[slot, 0] = True
 
-    # -- speculative frames ---------------------------------------------------------------------------------------
+    # -- speculative frames --------------------------------------------------------------------------------
 
     def commit(self, slot: int) -> None:
         """Speculative frames become ordinary frames; frames that left the window are evicted."""
@@ -180,14 +192,15 @@ class KVCache:
         self.frames[slot] = torch.where(self.speculative[slot], -1, self.frames[slot])
         self.speculative[slot] = False
 
-    # -- reading --------------------------------------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------------------------
 
     def view(self, slots: Sequence[int]) -> CacheView:
         """The attention state of a batch of slots: a zero-copy slice when the slots are consecutive.
 
-        On the CPU, frame slots empty in every row are left out (attention cost grows with the keys; the
-        check needs the bookkeeping on the host, which on CUDA would cost a device sync — there the mask
-        handles empty slots).
+        On the CPU, frame slots empty in every row are left out: ``runs`` lists the used stretches of the
+        buffer, read by the same concatenation that appends the new frames, so skipping costs no copy. (The
+        check reads the bookkeeping on the host; on CUDA that would cost a device sync, and the mask handles
+        empty slots there.)
         """
         slots = list(slots)
         if slots == list(range(slots[0], slots[0] + len(slots))):
@@ -198,14 +211,18 @@ class KVCache:
         k, v = self.k[:, sel], self.v[:, sel]
         prompt = PromptKV(self.prompt_k[:, sel], self.prompt_v[:, sel], self.prompt_mask[sel])
         sink = self._is_sink_slot.expand_as(frames)
-        used = (frames >= 0).any(dim=0)
-        if self.device.type == "cpu" and not bool(used.all()):
-            cols = used.nonzero().squeeze(1)
-            tokens = (cols[:, None] * self.tokens + torch.arange(self.tokens)).reshape(-1)
-            k, v = k.index_select(3, tokens), v.index_select(3, tokens)
-            frames, sink = frames[:, cols], sink[:, cols]
+        runs: tuple[slice, ...] = (slice(None),)
+        if self.device.type == "cpu":
+            used = (frames >= 0).any(dim=0).tolist()
+            if not all(used):
+                cols = [i for i, u in enumerate(used) if u]
+                starts = [c for c in cols if c - 1 not in cols]
+                ends = [c + 1 for c in cols if c + 1 not in cols]
+                n = self.tokens
+                runs = tuple(slice(a * n, b * n) for a, b in zip(starts, ends, strict=True))
+                frames, sink = frames[:, cols], sink[:, cols]
         valid = frames >= 0
-        return CacheView(k, v, frames, valid, valid & sink, prompt)
+        return CacheView(k, v, runs, frames, valid, valid & sink, prompt)
 
     def stored_frames(self, slot: int, speculative: bool | None = None) -> list[int]:
         """A slot's stored frame indices, oldest first (only speculative / only committed ones if given)."""
@@ -216,10 +233,10 @@ class KVCache:
         """The stored model inputs of a slot's committed frames (non-sink only unless asked), oldest first."""
         frames = [f for f in self.stored_frames(slot, speculative=False) if include_sink or f >= self.sink]
         fs = self.frame_slot(torch.as_tensor(frames, dtype=torch.long, device=self.device))
-        return ContextFrames(fs.new_tensor(frames), self.latents[slot, fs].clone(), self.keys[slot, fs].clone(),
-                             self.sigma[slot, fs].clone())
+        return ContextFrames(fs.new_tensor(frames), self.latents[slot, fs].clone(),
+                             self.keys[slot, fs].clone(), self.sigma[slot, fs].clone())
 
-    # -- snapshots ------------------------------------------------------------------------------------------------
+    # -- snapshots -----------------------------------------------------------------------------------------
 
     def snapshot(self, slot: int) -> CacheSnapshot:
         tensors = {n: getattr(self, n)[:, slot].clone() for n in self._LAYER_BUFFERS}

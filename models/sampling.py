@@ -1,11 +1,11 @@
 """Rectified-flow sampling as pure functions (no scheduler objects, no state shared between sessions).
 
-Forward process: x_σ = (1 - σ)·x0 + σ·ε, σ ∈ [0, 1]. The network predicts the velocity v = ε - x0, so
-x0 = x_σ - σ·v. Timestep shift (Esser et al., "Scaling Rectified Flow Transformers", 2024): σ' = sσ / (1 + (s-1)σ).
+Forward process: x_σ = (1 - σ)·x0 + σ·ε, σ ∈ [0, 1]. The network predicts the velocity v = ε - x0, so x0 = x_σ
+- σ·v. Timestep shift (Esser et al., "Scaling Rectified Flow Transformers", 2024): σ' = sσ / (1 + (s-1)σ).
 Few-step students sample on the shifted grid and re-noise each x0 prediction with fresh noise to the next σ.
 
-Every function takes ``model_fn(x, sigma, cond, cache) -> v`` with x (B, …) and σ (B,); ``cond`` and ``cache`` are
-passed through untouched, so the same functions serve the cached rollout and any full-clip model.
+Every function takes ``model_fn(x, sigma, cond, cache) -> v`` with x (B, …) and σ (B,); ``cond`` and ``cache``
+are passed through untouched, so the same functions serve the cached rollout and any full-clip model.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def add_noise(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
 
 def randn_rows(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str,
                rows: Sequence[int] | None = None) -> Tensor:
-    """Standard normal noise (B, *shape), row i drawn from ``generators[i]`` (CPU generators, so a session's noise
-    does not depend on the device or on which other sessions share its batch). Rows not in ``rows`` are zero and
-    draw nothing."""
+    """Standard normal noise (B, *shape), row i drawn from ``generators[i]`` (CPU generators, so a session's
+    noise does not depend on the device or on which other sessions share its batch). Rows not in ``rows`` are
+    zero and draw nothing."""
     wanted = set(range(len(generators)) if rows is None else rows)
     out = [torch.randn(tuple(shape), generator=g) if i in wanted else torch.zeros(tuple(shape))
            for i, g in enumerate(generators)]
@@ -96,9 +96,10 @@ def sample_frame(model_fn: ModelFn, noise: Tensor, sigmas: Tensor, cond: Any, ca
                  callback: Callable[[SampleEvent], None] | None = None) -> Tensor:
     """Sample x0 for a batch from ``noise`` (B, …) on the grid ``sigmas``: (K+1,) shared or (B, K+1) per row.
 
-    Step k denoises at σ_k and re-noises the x0 prediction with fresh noise from each row's generator to σ_{k+1}
-    (1. denoise, 2. stop if σ_{k+1} = 0, 3. x ← (1-σ_{k+1})·x0 + σ_{k+1}·ε). A row whose grid is shorter ends
-    with zeros; it is left unchanged (and draws no noise) once its σ reaches 0, so rows sample exactly as alone.
+    Step k denoises at σ_k and re-noises the x0 prediction with fresh noise from each row's generator to
+    σ_{k+1} (1. denoise, 2. stop if σ_{k+1} = 0, 3. x ← (1-σ_{k+1})·x0 + σ_{k+1}·ε). A row whose grid is
+    shorter ends with zeros; it is left unchanged (and draws no noise) once its σ reaches 0, so rows sample
+    exactly as alone.
     """
     b = noise.shape[0]
     sigmas = sigmas.to(torch.float32)

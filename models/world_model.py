@@ -1,20 +1,22 @@
-"""WorldModel: the one rollout loop of worldloop. The server, the CLI, evaluation and distillation all call it.
+"""WorldModel: the one rollout loop of worldloop. The server, the CLI, evaluation and distillation all call
+it.
 
-A ``WorldModel`` owns a DiT, an autoencoder, a prompt encoder and a ``KVCache`` pool of ``max_sessions`` slots.
-A ``Session`` is one slot plus its stream state: the next frame index, a per-session RNG (a CPU generator seeded
-by the session seed, so the same seed and keys give the same frames however sessions are batched) and the
-*pending* frame — the newest generated frame, whose K/V are not yet in the cache.
+A ``WorldModel`` owns a DiT, an autoencoder, a prompt encoder and a ``KVCache`` pool of ``max_sessions``
+slots. A ``Session`` is one slot plus its stream state: the next frame index, a per-session RNG (a CPU
+generator seeded by the session seed, so the same seed and keys give the same frames however sessions are
+batched) and the *pending* frame — the newest generated frame, whose K/V are not yet in the cache.
 
 One step for a batch of sessions (``generate``):
 1. Per-session σ grids (``first_frame_steps`` on frame 0, else ``steps``) and noise from each session's RNG.
-2. ``sampling.sample_frame`` with a model function whose first call runs [pending clean frame | noisy new frame]
-   in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``) while denoising the new
-   frame — the cache pass fused into the next frame's forward, so a 1-step frame costs one forward.
+2. ``sampling.sample_frame`` with a model function whose first call runs [pending clean frame | noisy new
+   frame] in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``) while
+   denoising the new frame — the cache pass fused into the next frame's forward, so a 1-step frame costs one
+   forward.
 3. The x0 prediction becomes the session's pending frame; ``step`` decodes it to uint8 RGB.
 
-Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds the
-session (frame index, RNG) to before the first speculative step. ``set_prompt`` re-caches the window: the stored
-latents of the window frames are run again in one forward under the new prompt (the sink is kept).
+Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds
+the session (frame index, RNG) to before the first speculative step. ``set_prompt`` re-caches the window: the
+stored latents of the window frames are run again in one forward under the new prompt (the sink is kept).
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class WorldModel:
-    def __init__(self, config: ModelConfig, dit: DiT, vae: LatentAutoencoder, prompt_encoder: PromptEncoder, *,
-                 device: torch.device | str = "cpu", max_sessions: int = 8, steps: int | None = None,
+    def __init__(self, config: ModelConfig, dit: DiT, vae: LatentAutoencoder, prompt_encoder: PromptEncoder,
+                 *, device: torch.device | str = "cpu", max_sessions: int = 8, steps: int | None = None,
                  precision: str = "auto") -> None:
         self.config = config
         self.device = torch.device(device)
@@ -108,7 +110,7 @@ class WorldModel:
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
 
-    # -- construction -----------------------------------------------------------------------------------------------
+    # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
@@ -123,10 +125,10 @@ class WorldModel:
                    precision=precision)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu", *,
-                        prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8, precision: str = "auto",
-                        ema: bool = True) -> WorldModel:
-        """Load a model directory (``models/checkpoint.py``); the EMA weights are used when present and ``ema``."""
+    def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu",
+                        *, prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8,
+                        precision: str = "auto", ema: bool = True) -> WorldModel:
+        """Load a model directory (``models/checkpoint.py``), with its EMA weights if present and ``ema``."""
         files = load_model(path)
         config = files.config
         dit, vae = DiT(config), LatentAutoencoder(config)
@@ -140,7 +142,7 @@ class WorldModel:
         wm.metadata = files.metadata
         return wm
 
-    # -- sessions -------------------------------------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------------------------------
 
     def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None) -> Session:
         """Open a session in a free cache slot; ``first_frames`` uint8 (T, H, W, 3) become its context."""
@@ -179,7 +181,7 @@ class WorldModel:
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
 
     def set_prompt(self, session: Session, prompt: str) -> None:
-        """Switch the prompt: new prompt K/V and a re-cache of the window frames under it (the sink is kept)."""
+        """Switch the prompt: new prompt K/V and a re-cache of the window under it (the sink is kept)."""
         self._check(session, plain=True)
         prompt_kv = self._encode_prompt(prompt)
         self.cache.set_prompt([session.slot], prompt_kv)
@@ -192,15 +194,16 @@ class WorldModel:
     def snapshot(self, session: Session) -> SessionSnapshot:
         self._check(session, plain=True)
         return SessionSnapshot(self.cache.snapshot(session.slot), session.frame_index,
-                               _clone(session.pending), _clone(session.pending_keys), session.prompt, session.seed,
-                               session.generator.get_state())
+                               _clone(session.pending), _clone(session.pending_keys), session.prompt,
+                               session.seed, session.generator.get_state())
 
     def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
         """Rewind (or branch) a session to a snapshot, taken from it or from another session."""
         self._check(session)
         if snapshot.cache is not None:
             self.cache.restore(session.slot, snapshot.cache)
-        session.frame_index, session.prompt, session.seed = snapshot.frame_index, snapshot.prompt, snapshot.seed
+        session.frame_index, session.prompt = snapshot.frame_index, snapshot.prompt
+        session.seed = snapshot.seed
         session.pending, session.pending_keys = _clone(snapshot.pending), _clone(snapshot.pending_keys)
         session.generator.set_state(snapshot.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
@@ -223,11 +226,11 @@ class WorldModel:
         session.generator.set_state(back.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
 
-    # -- the rollout loop -------------------------------------------------------------------------------------------
+    # -- the rollout loop ----------------------------------------------------------------------------------
 
     def step(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
              ) -> np.ndarray:
-        """One new frame for each session, all in one batched forward per denoising step → uint8 (B, H, W, 3)."""
+        """One new frame per session, one batched forward per denoising step → uint8 (B, H, W, 3)."""
         start = time.perf_counter()
         with torch.no_grad():
             latents, timings = self._generate(sessions, keys, speculative)
@@ -251,9 +254,10 @@ class WorldModel:
         """Roll the sessions forward T frames with the inference cache policy → latents (B, T, C, h, w).
 
         ``keys``: bitmasks (B, T) or multi-hot (B, T, num_keys). For self-forcing training, the last
-        ``grad_frames`` frames carry gradients through their final denoising step (one DiT forward each); earlier
-        steps, earlier frames and every cache write run without gradients — gradients stop at the cache. ``steps``
-        overrides the step count of every frame (the first included) so all rows end on the same call.
+        ``grad_frames`` frames carry gradients through their final denoising step (one DiT forward each);
+        earlier steps, earlier frames and every cache write run without gradients — gradients stop at the
+        cache. ``steps`` overrides the step count of every frame (the first included) so all rows end on the
+        same call.
         """
         out = []
         total = keys.shape[1]
@@ -282,8 +286,8 @@ class WorldModel:
                     s.rollback = SessionSnapshot(None, s.frame_index, None, None, s.prompt, s.seed,
                                                  s.generator.get_state())
         samp = self.config.sampling
-        grids = [sigma_grid(steps or (samp.first_frame_steps if s.frame_index == 0 else self.steps), samp.shift)
-                 for s in sessions]
+        counts = [steps or (samp.first_frame_steps if s.frame_index == 0 else self.steps) for s in sessions]
+        grids = [sigma_grid(c, samp.shift) for c in counts]
         sigmas = torch.zeros(len(grids), max(len(g) for g in grids))
         for i, g in enumerate(grids):
             sigmas[i, : len(g)] = g
@@ -306,7 +310,7 @@ class WorldModel:
             s.speculative += int(speculative)
         return x0, timings
 
-    # -- helpers ------------------------------------------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------------------------------
 
     def _check(self, session: Session, plain: bool = False) -> None:
         if session.closed or self._sessions.get(session.slot) is not session:
@@ -333,8 +337,9 @@ class WorldModel:
 
     def _encode_frames(self, frames: np.ndarray) -> Tensor:
         if frames.ndim != 4 or frames.shape[1:] != (*self.frame_shape, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"first_frames must be uint8 (T, {self.frame_shape[0]}, {self.frame_shape[1]}, 3), "
-                             f"got {frames.dtype} {frames.shape}")
+            h, w = self.frame_shape
+            got = f"{frames.dtype} {frames.shape}"
+            raise ValueError(f"first_frames must be uint8 (T, {h}, {w}, 3), got {got}")
         return self.vae.encode_frames(frames).to(self.device)
 
     def _at_context_sigma(self, session: Session, latents: Tensor) -> Tensor:
@@ -366,7 +371,8 @@ class _FrameForward:
     """The model function of one frame's sampling: v = DiT(x, σ | cache, prompt).
 
     Its first call also carries each session's pending frame as a clean context frame and appends that frame's
-    K/V to the cache (the fused cache pass). ``grad_call``: the call index that runs with gradients (None: none).
+    K/V to the cache (the fused cache pass). ``grad_call``: the call index that runs with gradients (None:
+    none).
     """
 
     def __init__(self, wm: WorldModel, sessions: Sequence[Session], keys: Tensor, timings: StepTimings,
@@ -387,7 +393,8 @@ class _FrameForward:
         sigma = torch.full((len(self.sessions),), wm.config.sampling.context_sigma, device=wm.device)
         return latents, keys, sigma
 
-    def _append(self, frames: Tensor, k: Tensor, v: Tensor, latents: Tensor, keys: Tensor, sigma: Tensor) -> None:
+    def _append(self, frames: Tensor, k: Tensor, v: Tensor, latents: Tensor, keys: Tensor, sigma: Tensor
+                ) -> None:
         spec = torch.tensor([s.pending_speculative for s in self.sessions])
         self.wm.cache.append(self.slots, frames, k, v, latents, keys, sigma, self.present[:, None], spec)
         self.has_pending = False
@@ -399,8 +406,8 @@ class _FrameForward:
         latents, keys, sigma = self._pending_batch()
         frames = (self.frames - 1)[:, None]
         view = self.wm.cache.view(self.slots)
-        out = self.wm.dit.forward_cached(latents[:, None], sigma[:, None], keys[:, None], frames, 1, view.prompt,
-                                         view, self.present[:, None])
+        out = self.wm.dit.forward_cached(latents[:, None], sigma[:, None], keys[:, None], frames, 1,
+                                         view.prompt, view, self.present[:, None])
         self._append(frames, out.k, out.v_cache, latents[:, None], keys[:, None], sigma[:, None])
 
     def __call__(self, x: Tensor, sigma: Tensor, prompt: PromptKV, cache: KVCache) -> Tensor:
@@ -412,9 +419,10 @@ class _FrameForward:
                 latents, keys, sig_c = self._pending_batch()
                 frames = torch.stack([self.frames - 1, self.frames], 1)
                 present = torch.stack([self.present, torch.ones_like(self.present)], 1)
-                out = self.wm.dit.forward_cached(torch.stack([latents, x], 1), torch.stack([sig_c, sigma], 1),
-                                                 torch.stack([keys, self.keys], 1), frames, 1, prompt, view, present)
-                self._append(frames[:, :1], out.k, out.v_cache, latents[:, None], keys[:, None], sig_c[:, None])
+                xs, sigmas = torch.stack([latents, x], 1), torch.stack([sig_c, sigma], 1)
+                both_keys = torch.stack([keys, self.keys], 1)
+                out = self.wm.dit.forward_cached(xs, sigmas, both_keys, frames, 1, prompt, view, present)
+                self._append(frames[:, :1], out.k, out.v_cache, xs[:, :1], both_keys[:, :1], sigmas[:, :1])
             else:
                 out = self.wm.dit.forward_cached(x[:, None], sigma[:, None], self.keys[:, None],
                                                  self.frames[:, None], 0, prompt, view)

@@ -61,6 +61,7 @@ class Connection:
                              send_timeout=config.send_timeout_s, ack_timeout=config.ack_timeout_s)
         self.live: LiveSession | None = None
         self._loop = asyncio.get_running_loop()
+        self._goodbye: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -120,7 +121,7 @@ class Connection:
         self.live = None
         self.outbox.on_backpressure = lambda paused: None
         self.outbox.clear_frames()
-        self._loop.create_task(self.say_goodbye("replaced", 1000))
+        self._goodbye = self._loop.create_task(self.say_goodbye("replaced", 1000))
 
     # ---- receiving ----
     async def _handle(self, data: str | bytes) -> None:
@@ -152,12 +153,9 @@ class Connection:
         handle = live.handle
         if isinstance(message, SetPrompt):
             frame = await self._wait(handle.set_prompt(message.prompt), "prompt")
-            live.prompt = message.prompt
             self._post(Done(request="prompt", frame=frame))
         elif isinstance(message, Reset):
             frame = await self._wait(handle.reset(message.prompt, message.seed), "reset")
-            live.prompt = live.prompt if message.prompt is None else message.prompt
-            live.seed = live.seed if message.seed is None else message.seed
             self._post(Done(request="reset", frame=frame))
         elif isinstance(message, TakeSnapshot):
             snapshot_id, frame = await self._wait(handle.snapshot(), "snapshot")
@@ -248,7 +246,7 @@ class Connection:
         height, width = self.engine.frame_shape
         self._post(Ready(session=live.resume_id, model=self.engine.model_name, device=self.engine.device,
                          width=width, height=height, fps=handle.fps, steps=self.engine.steps,
-                         format=live.options.image_format, prompt=live.prompt, seed=live.seed,  # type: ignore
+                         format=live.options.image_format, prompt=handle.prompt, seed=handle.seed,  # type: ignore
                          resumed=resumed, max_in_flight=self.outbox.max_in_flight))
         self.live = live
         self.outbox.clear_frames()

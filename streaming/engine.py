@@ -219,8 +219,12 @@ class Engine:
                 if writer is not None:
                     writer.close()
             finally:
-                if not handle.closed.done():
-                    handle.closed.set_exception(error) if error else handle.closed.set_result(None)
+                if handle.closed.done():
+                    pass
+                elif error is not None:
+                    handle.closed.set_exception(error)
+                else:
+                    handle.closed.set_result(None)
 
         if not handle.lane.submit(finish):
             finish()

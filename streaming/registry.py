@@ -40,8 +40,6 @@ class LiveSession:
     resume_id: str
     handle: SessionHandle
     options: SessionOptions
-    prompt: str  # current prompt and seed, reported again in `ready` after a resume
-    seed: int
     owner: SessionOwner | None = None  # the connection attached to it, if any
     recorder: Mp4Recorder | None = None
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -55,14 +53,14 @@ class SessionRegistry:
         self.record_dir = record_dir
         self._sessions: dict[str, LiveSession] = {}
         self._ending: set[asyncio.Task[None]] = set()
+        self._unfinished: set[str] = set()  # recordings not yet closed: never served
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def add(self, handle: SessionHandle, options: SessionOptions, owner: SessionOwner) -> LiveSession:
         """Register a started session under a fresh resume id."""
-        live = LiveSession(secrets.token_urlsafe(18), handle, options, options.prompt, options.seed,
-                           owner=owner)
+        live = LiveSession(secrets.token_urlsafe(18), handle, options, owner=owner)
         self._sessions[live.resume_id] = live
         loop = asyncio.get_running_loop()
 
@@ -80,6 +78,9 @@ class SessionRegistry:
             return  # we ended it ourselves
         if live.expiry is not None:
             live.expiry.cancel()
+        if live.recorder is not None:  # the engine closed the writer before it closed the session
+            self._unfinished.discard(live.recorder.path.name)
+            live.recorder = None
         error = future.exception()
         if live.owner is not None and error is not None:
             live.owner.session_lost(error)
@@ -141,7 +142,7 @@ class SessionRegistry:
 
     # ---- recordings ----
     def active_recordings(self) -> set[str]:
-        return {live.recorder.path.name for live in self._sessions.values() if live.recorder is not None}
+        return set(self._unfinished)
 
     async def start_recording(self, live: LiveSession) -> str:
         """Start (or keep) recording a session; returns the file name."""
@@ -154,11 +155,13 @@ class SessionRegistry:
         path = recording_path(self.record_dir, new_recording_name(live.handle.id))
         recorder = await asyncio.to_thread(Mp4Recorder, path, width, height, live.handle.fps)
         live.recorder = recorder
+        self._unfinished.add(path.name)
         try:
             await asyncio.wrap_future(live.handle.attach_writer(recorder))
         except Exception:
             live.recorder = None
             await asyncio.to_thread(recorder.close)
+            self._unfinished.discard(path.name)
             raise
         self._update_gauges()
         return path.name
@@ -171,10 +174,11 @@ class SessionRegistry:
             await asyncio.wrap_future(live.handle.stop_writer())
         finally:
             info = await asyncio.to_thread(recorder.close)  # already closed by stop_writer unless it failed
+            self._unfinished.discard(info.name)
             self._update_gauges()
         return info
 
     def _update_gauges(self) -> None:
         sessions = list(self._sessions.values())
         self.metrics.detached.set(sum(live.owner is None for live in sessions))
-        self.metrics.recordings.set(sum(live.recorder is not None for live in sessions))
+        self.metrics.recordings.set(len(self._unfinished))

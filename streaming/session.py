@@ -128,6 +128,7 @@ class SessionHandle:
         self.options = options
         self.fps = fps
         self.on_frame = on_frame  # swapped by whoever consumes the frames; None drops them
+        self.prompt, self.seed = options.prompt, options.seed  # now: `prompt`, `reset`, `restore` change them
         self.started: Future[None] = Future()  # the model session exists (or the error that stopped it)
         self.closed: Future[None] = Future()  # result None, or the error that ended the session
         self._wake = wake
@@ -146,7 +147,7 @@ class SessionHandle:
         self.spec: Speculative | None = None
         self.writer: FrameWriter | None = None
         self.lane = SerialLane(pool)
-        self._snapshots: OrderedDict[int, Any] = OrderedDict()
+        self._snapshots: OrderedDict[int, tuple[Any, str, int]] = OrderedDict()  # id → (state, prompt, seed)
         self._snapshot_ids = 0
         self.rate = RateMeter()
         self.generated = self.deadlines_missed = self.speculative_kept = self.speculative_discarded = 0
@@ -260,17 +261,21 @@ class SessionHandle:
     def _run_set_prompt(self, prompt: str) -> int:
         self.drop_speculation()
         self._model.set_prompt(self.model_session, prompt)
+        self.prompt = prompt
         return self.next_seq
 
     def _run_reset(self, prompt: str | None, seed: int | None) -> int:
         self.drop_speculation()
         self._model.reset(self.model_session, prompt=prompt, seed=seed)
+        self.prompt = self.prompt if prompt is None else prompt
+        self.seed = self.seed if seed is None else seed
         return self.next_seq
 
     def _run_snapshot(self) -> tuple[int, int]:
         self.drop_speculation()
         self._snapshot_ids += 1
-        self._snapshots[self._snapshot_ids] = self._model.snapshot(self.model_session)
+        state = self._model.snapshot(self.model_session)
+        self._snapshots[self._snapshot_ids] = (state, self.prompt, self.seed)
         while len(self._snapshots) > self._max_snapshots:
             self._snapshots.popitem(last=False)
         return self._snapshot_ids, self.next_seq
@@ -279,7 +284,8 @@ class SessionHandle:
         if snapshot_id not in self._snapshots:
             raise UnknownSnapshot(f"no snapshot {snapshot_id} (only the last {self._max_snapshots} are kept)")
         self.drop_speculation()
-        self._model.restore(self.model_session, self._snapshots[snapshot_id])
+        state, self.prompt, self.seed = self._snapshots[snapshot_id]
+        self._model.restore(self.model_session, state)
         return self.next_seq
 
     def _run_attach_writer(self, writer: FrameWriter) -> None:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: one MiniLM prompt encoder for the whole run (loading it takes seconds), tiny configs."""
+"""Shared test fixtures: one MiniLM prompt encoder for the whole run (it loads in seconds), tiny configs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from models.text import PromptEncoder
 
 @pytest.fixture(scope="session")
 def make_prompt_encoder() -> Callable[[int], PromptEncoder]:
-    """``make_prompt_encoder(max_tokens)``: one shared PromptEncoder per token count for the whole test run."""
+    """``make_prompt_encoder(max_tokens)``: one shared PromptEncoder per token count for the whole run."""
     encoders: dict[int, PromptEncoder] = {}
 
     def make(max_tokens: int) -> PromptEncoder:

@@ -38,8 +38,9 @@ def random_modules(config: ModelConfig, seed: int) -> tuple[DiT, LatentAutoencod
 def model_dir(tmp_path: Path, tiny_config: ModelConfig) -> Path:
     dit, vae = random_modules(tiny_config, 0)
     ema, _ = random_modules(tiny_config, 1)
-    return save_model(tmp_path / "model", tiny_config, dit, vae, dit_ema=ema, metadata={"step": 1200,
-                                                                                        "stage": "dmd"})
+    return save_model(
+        tmp_path / "model", tiny_config, dit, vae, dit_ema=ema, metadata={"step": 1200, "stage": "dmd"}
+    )
 
 
 def frames_of(wm: WorldModel) -> torch.Tensor:
@@ -48,8 +49,9 @@ def frames_of(wm: WorldModel) -> torch.Tensor:
     return torch.from_numpy(out[-1])
 
 
-def test_round_trip_gives_the_same_frames(tmp_path: Path, tiny_config: ModelConfig,
-                                          prompt_encoder: PromptEncoder) -> None:
+def test_round_trip_gives_the_same_frames(
+    tmp_path: Path, tiny_config: ModelConfig, prompt_encoder: PromptEncoder
+) -> None:
     dit, vae = random_modules(tiny_config, 0)
     path = save_model(tmp_path / "m", tiny_config, dit, vae, metadata={"step": 5})
     loaded = WorldModel.from_pretrained(path, device="cpu", prompt_encoder=prompt_encoder, precision="fp32")
@@ -59,8 +61,9 @@ def test_round_trip_gives_the_same_frames(tmp_path: Path, tiny_config: ModelConf
     assert WorldModel.from_pretrained(path, steps=2, prompt_encoder=prompt_encoder).steps == 2
 
 
-def test_ema_is_stored_in_bf16_and_preferred(model_dir: Path, tiny_config: ModelConfig,
-                                             prompt_encoder: PromptEncoder) -> None:
+def test_ema_is_stored_in_bf16_and_preferred(
+    model_dir: Path, tiny_config: ModelConfig, prompt_encoder: PromptEncoder
+) -> None:
     files = load_model(model_dir)
     assert files.dit_ema is not None and all(t.dtype == torch.bfloat16 for t in files.dit_ema.values())
     assert files.metadata["step"] == 1200 and files.config == tiny_config
@@ -86,14 +89,16 @@ def test_missing_files(model_dir: Path, tmp_path: Path) -> None:
 def test_corrupt_weights(model_dir: Path, damage: str) -> None:
     file = model_dir / "dit.safetensors"
     data = file.read_bytes()
-    file.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64 + data[64:200],
-                      "empty": b""}[damage])
+    file.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64 + data[64:200], "empty": b""}[damage]
+    )
     with pytest.raises(CheckpointError, match=r"dit\.safetensors: not a readable safetensors file"):
         load_model(model_dir)
 
 
-def test_mismatched_config_and_bad_json(model_dir: Path, tiny_config: ModelConfig,
-                                        prompt_encoder: PromptEncoder) -> None:
+def test_mismatched_config_and_bad_json(
+    model_dir: Path, tiny_config: ModelConfig, prompt_encoder: PromptEncoder
+) -> None:
     doc = json.loads((model_dir / "config.json").read_text())
     doc["config"]["dit"]["dim"] = 96  # weights were saved for dim 64
     (model_dir / "config.json").write_text(json.dumps(doc))
@@ -110,13 +115,17 @@ def test_mismatched_config_and_bad_json(model_dir: Path, tiny_config: ModelConfi
 
 def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
     dit, _ = random_modules(tiny_config, 0)
-    path = save_state(tmp_path / "ckpt" / "student.safetensors", dit, metadata={"step": 7, "lr": 1e-4},
-                      dtype=torch.bfloat16)
+    path = save_state(
+        tmp_path / "ckpt" / "student.safetensors", dit, metadata={"step": 7, "lr": 1e-4}, dtype=torch.bfloat16
+    )
     other = DiT(tiny_config)
     assert load_state(path, other) == {"step": 7, "lr": 1e-4}
     key = "final.linear.weight"
     assert torch.equal(other.state_dict()[key], dit.state_dict()[key].bfloat16().float())
     smaller = DiT(tiny_config.replace(dit=DiTConfig(**{**tiny_config.dit.__dict__, "depth": 1})))
-    with pytest.raises(CheckpointError, match=r"student\.safetensors: does not match the model: missing none, "
-                                              r"unexpected blocks\.1"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"student\.safetensors: does not match the model: missing none, "
+        r"unexpected blocks\.1",
+    ):
         load_state(path, smaller)

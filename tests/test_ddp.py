@@ -33,7 +33,8 @@ def _digest(module: torch.nn.Module) -> str:
 
 def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size)})
     config = preset("tiny")
     ddp = setup_distributed("cpu")
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=0, clip_frames=3, out=f"{root}/run", log_every=1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
-from models.dit import NULL_KEY, DiT, drop_keys, frame_mask
+from models.dit import NULL_KEY, DiT, attention, drop_keys, frame_mask
 from models.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,43 +30,62 @@ def perturbed(config: ModelConfig, seed: int = 0) -> DiT:
 def clip(config: ModelConfig, batch: int, frames: int, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (batch, frames, config.latent_channels, *config.latent_size)
-    return {"clean": torch.randn(shape, generator=g), "noisy": torch.randn(shape, generator=g),
-            "sigma": torch.rand(batch, frames, generator=g),
-            "keys": (torch.rand(batch, frames, config.dit.num_keys, generator=g) > 0.5).float(),
-            "tokens": torch.randn(batch, 5, config.dit.text_dim, generator=g)}
+    return {
+        "clean": torch.randn(shape, generator=g),
+        "noisy": torch.randn(shape, generator=g),
+        "sigma": torch.rand(batch, frames, generator=g),
+        "keys": (torch.rand(batch, frames, config.dit.num_keys, generator=g) > 0.5).float(),
+        "tokens": torch.randn(batch, 5, config.dit.text_dim, generator=g),
+    }
 
 
-def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool) -> torch.Tensor:
+def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Frame by frame against a KV cache (slots 1 and 3 of 4), writing each clean frame's K/V."""
     b, f = data["noisy"].shape[:2]
     prompt = model.prompt_kv(data["tokens"], torch.ones(b, 5, dtype=torch.bool))
-    cache = KVCache.for_model(config, max_sessions=4)
+    cache = KVCache.for_model(config, max_sessions=4, dtype=dtype)
     slots = [1, 3]
     cache.set_prompt(slots, prompt)
     zeros = torch.zeros(b)
     outs = []
     for i in range(f):
         clean, keys = data["clean"][:, i : i + 1], data["keys"][:, i : i + 1]
-        noisy, nkeys, nsig = data["noisy"][:, i : i + 1], data["keys"][:, i : i + 1], data["sigma"][:, i : i + 1]
+        noisy, nkeys, nsig = (
+            data["noisy"][:, i : i + 1],
+            data["keys"][:, i : i + 1],
+            data["sigma"][:, i : i + 1],
+        )
         frame = torch.full((b, 1), i)
         if fused and i > 0:  # [clean i-1 | noisy i] in one forward
             prev, pkeys = data["clean"][:, i - 1 : i], data["keys"][:, i - 1 : i]
-            out = model.forward_cached(torch.cat([prev, noisy], 1), torch.stack([zeros, nsig[:, 0]], 1),
-                                       torch.cat([pkeys, nkeys], 1), torch.cat([frame - 1, frame], 1), 1,
-                                       cache.view(slots).prompt, cache.view(slots))
+            out = model.forward_cached(
+                torch.cat([prev, noisy], 1),
+                torch.stack([zeros, nsig[:, 0]], 1),
+                torch.cat([pkeys, nkeys], 1),
+                torch.cat([frame - 1, frame], 1),
+                1,
+                cache.view(slots).prompt,
+                cache.view(slots),
+            )
             cache.append(slots, frame - 1, out.k, out.v_cache, prev, pkeys, zeros[:, None])
         else:
-            out = model.forward_cached(noisy, nsig, nkeys, frame, 0, cache.view(slots).prompt, cache.view(slots))
+            out = model.forward_cached(
+                noisy, nsig, nkeys, frame, 0, cache.view(slots).prompt, cache.view(slots)
+            )
         outs.append(out.v)
         if not fused:  # the simple path: a cache pass of its own
-            ctx = model.forward_cached(clean, zeros[:, None], keys, frame, 1, cache.view(slots).prompt,
-                                       cache.view(slots))
+            ctx = model.forward_cached(
+                clean, zeros[:, None], keys, frame, 1, cache.view(slots).prompt, cache.view(slots)
+            )
             cache.append(slots, frame, ctx.k, ctx.v_cache, clean, keys, zeros[:, None])
     return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_cached_rollout_equals_teacher_forcing_beyond_the_window(tiny_config: ModelConfig, fused: bool) -> None:
+def test_cached_rollout_equals_teacher_forcing_beyond_the_window(
+    tiny_config: ModelConfig, fused: bool
+) -> None:
     model = perturbed(tiny_config)
     frames = tiny_config.dit.sink + tiny_config.dit.window + 4  # eviction is in effect for the last frames
     data = clip(tiny_config, batch=2, frames=frames)
@@ -79,7 +98,7 @@ def test_cached_rollout_equals_teacher_forcing_beyond_the_window(tiny_config: Mo
 
 
 def test_window_restriction_changes_the_output(tiny_config: ModelConfig) -> None:
-    """The training mask really applies the window: a wider window sees more context and gives other outputs."""
+    """The training mask applies the window: a wider window sees more context and gives other outputs."""
     wide = tiny_config.replace(dit=DiTConfig(**{**tiny_config.dit.__dict__, "window": 16}))
     model = perturbed(tiny_config)
     wide_model = DiT(wide).eval()
@@ -102,10 +121,21 @@ def test_frame_mask_rule() -> None:
     clean_to_clean, noisy_to_clean, noisy_to_noisy = m[:f, :f], m[f:, :f], m[f:, f:]
     assert not m[:f, f:].any()  # clean frames never see noisy ones
     assert torch.equal(noisy_to_noisy, torch.eye(f, dtype=torch.bool))
-    assert clean_to_clean.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # window 2 + sink
+    assert clean_to_clean.tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+    ]  # window 2 + sink
     assert noisy_to_clean.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
-    m3 = frame_mask(torch.arange(5), torch.ones(5).bool(), torch.arange(5), torch.ones(5).bool(),
-                    torch.arange(5) < 1, window=2)
+    m3 = frame_mask(
+        torch.arange(5),
+        torch.ones(5).bool(),
+        torch.arange(5),
+        torch.ones(5).bool(),
+        torch.arange(5) < 1,
+        window=2,
+    )
     assert m3[4].tolist() == [True, False, True, True, True]  # sink + the last 2 frames + itself
 
 
@@ -156,8 +186,10 @@ def test_null_conditions_are_defined_and_distinct(tiny_config: ModelConfig) -> N
     with torch.no_grad():
         null = model.null_prompt_kv(1)
         empty = model.prompt_kv(data["tokens"], torch.zeros(1, 5, dtype=torch.bool))
-        outs = [model(data["noisy"], data["sigma"], k, p) for k, p in
-                [(none_held, null), (dropped, null), (data["keys"], empty), (data["keys"], null)]]
+        outs = [
+            model(data["noisy"], data["sigma"], k, p)
+            for k, p in [(none_held, null), (dropped, null), (data["keys"], empty), (data["keys"], null)]
+        ]
     assert all(torch.isfinite(o).all() for o in outs)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # dropped keys ≠ no key held
     assert (outs[2] - outs[3]).abs().max() < TOL  # an all-masked prompt is the null prompt
@@ -181,12 +213,34 @@ def test_prompt_longer_than_the_limit_is_an_error(tiny_config: ModelConfig) -> N
 
 
 def test_preset_sizes() -> None:
-    counts = {name: sum(p.numel() for p in DiT(cfg).parameters()) for name, cfg in PRESETS.items()
-              if name != "wan"}
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        counts = {name: sum(p.numel() for p in DiT(cfg).parameters()) for name, cfg in PRESETS.items()}
     assert counts["tiny"] < 1_000_000
     assert 4_000_000 <= counts["default"] <= 12_000_000
+    assert 1.3e9 < counts["wan"] < 2.0e9  # per-token cost of Wan-1.3B; adaLN adds 6·D² per layer
     assert preset("default").tokens_per_frame == 64
     assert preset("wan").tokens_per_frame == 1560
     with pytest.raises(ValueError):
         ModelConfig(dit=DiTConfig(dim=100, heads=4))
     assert ModelConfig(vae=VAEConfig()).latent_size == (16, 16)
+
+
+def test_bf16_cached_attention_matches_sdpa() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 64, generator=g) for _ in range(3))
+    allowed = torch.rand(2, 1, 16, 16, generator=g) > 0.3
+    allowed[..., 0] = True
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16())
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.05
+
+
+def test_bf16_cached_rollout_tracks_fp32(tiny_config: ModelConfig) -> None:
+    model = perturbed(tiny_config)
+    data = clip(tiny_config, batch=2, frames=6)
+    with torch.no_grad():
+        full = cached_rollout(model, tiny_config, data, fused=True)
+        half = cached_rollout(model.to(torch.bfloat16), tiny_config, data, fused=True, dtype=torch.bfloat16)
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
+

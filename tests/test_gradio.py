@@ -43,7 +43,8 @@ def app() -> Iterator[SimpleNamespace]:
 def test_handlers_validate_their_input_before_touching_a_session(app: SimpleNamespace) -> None:
     request = SimpleNamespace(session_hash="no-such-tab")
     for data, message in [({"keys": "jump"}, "unknown key"), ({"keys": 64}, "out of range"),
-                          ({"keys": [1, 2]}, "bad keys"), ({"keys": 1, "seq": -1}, "bad key seq"),
+                          ({"keys": [1, 2]}, "bad keys"), ({"keys": "w+" * 100}, "a few key names"),
+                          ({"keys": 1, "seq": -1}, "bad key seq"),
                           ({"keys": 1, "seq": "7"}, "bad key seq")]:
         with pytest.raises(gr.Error, match=message):
             app.world.set_keys(gr.EventData(None, data), request)

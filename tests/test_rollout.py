@@ -20,11 +20,13 @@ from app.cli import main
 from app.commands.world import read_key_script
 from app.rollout import (
     PromptSchedule,
+    RolloutPlan,
     build_schedule,
     explorer_keys,
     parse_prompt_at,
     rollout,
     scripted_keys,
+    sidecar_path,
 )
 from models.config import preset
 from models.keys import parse_keys
@@ -110,20 +112,21 @@ def test_rollout_writes_exactly_the_requested_frames_and_is_deterministic(
     assert main(argv) == 0
     frames, rate = decode(out)
     assert len(frames) == 14 and rate == 12 and frames[0].shape == (64, 64, 3)
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(sidecar_path(out).read_text())
     assert meta["completed"] and meta["frames"] == 14
     assert meta["keys"] == [1, 1, 1, 16, 16, 5, 0] + [32] * 7 and meta["key_source"] == f"script {script}"
     assert meta["prompts"] == [{"frame": 0, "prompt": "an ice cave"}, {"frame": 6, "prompt": "a neon city"}]
-    assert meta["model"] == {"name": "tiny", "source": "preset tiny (random weights)", "trained": False}
-    assert (meta["fps"], meta["steps"], meta["seed"]) == (12, 1, 5)
+    assert meta["model"] == {"name": "tiny", "source": "preset tiny (random weights)", "trained": False,
+                             "steps": 1, "height": 32, "width": 32, "scale": 2}
+    assert (meta["fps"], meta["seed"], meta["video"]) == (12, 5, "walk.mp4")
 
     # The same seed, schedule and keys give the same frames in another process, batch and writer.
     model = WorldModel.from_config(preset("tiny"), seed=0, prompt_encoder=prompt_encoder, max_sessions=1)
     schedule = build_schedule("an ice cave", ["6:a neon city"], None, fps=12, frames=14)
-    same = dict(frames=14, schedule=schedule, writer=FrameList())
-    again = rollout(model, seed=5, keys=scripted_keys(read_key_script(script), 14), **same)
+    keys = lambda: scripted_keys(read_key_script(script), 14)
+    again = rollout(model, RolloutPlan(5, 14, 12, schedule, "script"), keys(), FrameList())
     assert again.digest.hexdigest() == meta["frames_sha256"] and again.keys == meta["keys"]
-    other = rollout(model, seed=6, keys=scripted_keys(read_key_script(script), 14), **same)
+    other = rollout(model, RolloutPlan(6, 14, 12, schedule, "script"), keys(), FrameList())
     assert other.digest.hexdigest() != meta["frames_sha256"]
 
 
@@ -161,7 +164,7 @@ def test_an_interrupted_rollout_leaves_a_playable_video(tmp_path: Path, sig: sig
         process.kill()
     frames, rate = decode(out)
     assert len(frames) >= 4 and rate == 4
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(sidecar_path(out).read_text())
     assert not meta["completed"]
     if sig == signal.SIGTERM:  # closed cleanly: every frame generated is in the file and the sidecar
         assert code == 130 and meta["frames"] == len(frames) == len(meta["keys"])

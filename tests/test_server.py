@@ -16,6 +16,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streaming.encoding import decode_image
+from streaming.metrics import Metrics
+from streaming.outbox import Outbox, OutgoingFrame, Stalled
 from tests.fakes import FakeWorldModel, RawClient, serve_fake
 
 pytestmark = pytest.mark.timeout(60)
@@ -202,6 +204,48 @@ def test_a_client_that_never_reads_does_not_slow_others_and_is_dropped() -> None
                 assert alone >= 15, alone
                 assert shared >= 0.7 * alone, (alone, shared)
                 await reader.frames_from(reader.frames[-1].header.frame_seq + 1, 3)
+    run(scenario())
+
+
+def test_outbox_flow_control_and_deadlines() -> None:
+    async def scenario() -> None:
+        sent: list[str | bytes] = []
+        release = asyncio.Event()
+
+        async def send(data: str | bytes) -> None:
+            sent.append(data)
+            await release.wait()  # the client's socket is full until released
+
+        outbox = Outbox(send, Metrics(), max_in_flight=2, send_timeout=0.3, ack_timeout=0.5)
+        paused: list[bool] = []
+        outbox.on_backpressure = paused.append
+        runner = asyncio.create_task(outbox.run())
+        outbox.post("hello")
+        outbox.offer(OutgoingFrame(0, b"f0", 0.0))
+        outbox.offer(OutgoingFrame(1, b"f1", 0.0))  # replaces frame 0: latest frame wins
+        with pytest.raises(Stalled, match="send_deadline"):
+            await asyncio.wait_for(runner, 5)
+        assert sent == ["hello"] and outbox.dropped == 1
+
+        release.set()
+        outbox = Outbox(send, Metrics(), max_in_flight=2, send_timeout=0.3, ack_timeout=0.5)
+        outbox.on_backpressure = paused.append
+        runner = asyncio.create_task(outbox.run())
+        for seq in range(3):
+            outbox.offer(OutgoingFrame(seq, b"f%d" % seq, 0.0))
+            await asyncio.sleep(0.01)
+        assert outbox.in_flight == 2 and paused == [True]  # frame 2 waits; generation pauses
+        outbox.ack(1)
+        await asyncio.sleep(0.01)
+        assert outbox.in_flight == 1 and paused == [True, False] and sent[-1] == b"f2"
+        with pytest.raises(Stalled, match="ack_deadline"):
+            await asyncio.wait_for(runner, 5)  # frame 2 is never acknowledged
+
+        outbox = Outbox(send, Metrics(), max_control=4)
+        for _ in range(5):
+            outbox.post("reply")
+        with pytest.raises(Stalled, match="control_overflow"):
+            await asyncio.wait_for(outbox.run(), 5)
     run(scenario())
 
 

@@ -1,4 +1,4 @@
-"""Training stages on the tiny preset: a step learns, resuming is exact, SIGTERM leaves a checkpoint, errors."""
+"""Training stages on the tiny preset: a step learns, resuming is exact, SIGTERM leaves a checkpoint."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from app.cli import main
-from distill.data import ClipPool, WorldClips
+from distill.data import ClipPool, EpisodeClips, WorldClips
+from distill.episodes import EpisodeMeta, PromptChange, write_episode
 from distill.run import RunError, read_checkpoint
 from distill.train_common import TrainConfig, setup_distributed
-from distill.train_teacher import TeacherLoss, TeacherObjective, train_teacher
+from distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_teacher
 from distill.train_vae import VAEObjective, train_vae
+from distill.world.themes import THEMES
 from models import checkpoint
 from models.config import preset
 from models.dit import DiT
@@ -89,11 +91,12 @@ def test_teacher_step_learns_and_exports_a_playable_model(tmp_path: Path) -> Non
 def test_bidirectional_teacher_loss_trains() -> None:
     config = TINY.replace(dit=replace(TINY.dit, bidirectional=True))
     torch.manual_seed(0)
-    loss_module = TeacherLoss(DiT(config), TeacherObjective())
+    loss_module = TeacherLoss(DiT(config))
     x0 = torch.randn(2, 3, TINY.latent_channels, *TINY.latent_size)
     keys = torch.randint(0, 2, (2, 3, 6)).float()
     tokens, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.bool)
-    loss, _ = loss_module(x0, keys, tokens, mask, torch.Generator().manual_seed(0))
+    draws = draw(TeacherObjective(), x0.shape, torch.Generator().manual_seed(0), torch.device("cpu"))
+    loss = loss_module(x0, keys, tokens, mask, draws)
     loss.backward()
     assert math.isfinite(loss.item()) and loss_module.dit.final.linear.weight.grad.abs().sum() > 0
 
@@ -108,7 +111,21 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert abs(straight[2]["loss"] - split[2]["loss"]) <= 1e-6
     a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt", "teacher")
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt", "teacher")
-    assert all(torch.allclose(a["modules"]["dit"][k], b["modules"]["dit"][k], atol=1e-6) for k in a["modules"]["dit"])
+    weights_a, weights_b = a["modules"]["dit"], b["modules"]["dit"]
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
+
+
+def test_init_from_carries_weights_and_ema_with_a_fresh_optimizer(tmp_path: Path) -> None:
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    first = _teacher(tmp_path / "first", vae, steps=2)
+    config = replace(_cfg(tmp_path / "second"), steps=1, lr=1e-12)  # the step barely moves the weights
+    result = train_teacher(TINY, config, TeacherObjective(), setup_distributed("cpu"), vae_from=None,
+                           init_from=first, prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4))
+    before, after = checkpoint.load_model(first), checkpoint.load_model(result.model_dir)
+    assert torch.allclose(before.dit["final.linear.weight"], after.dit["final.linear.weight"], atol=1e-9)
+    assert after.metadata["previous_steps"] == 2 and after.metadata["step"] == 1
+    state = read_checkpoint(tmp_path / "second" / "checkpoint.pt", "teacher")
+    assert all(s["step"].item() == 1 for s in state["optimizer"]["state"].values())  # a fresh AdamW
 
 
 def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
@@ -120,8 +137,8 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
         _teacher(tmp_path / "t", vae, steps=1)
     objective = TeacherObjective(context_noise=0.2)
     with pytest.raises(RunError, match="differ"):
-        train_teacher(TINY, _cfg(tmp_path / "t"), objective, setup_distributed("cpu"), vae_from=vae, resume=True,
-                      prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4))
+        train_teacher(TINY, _cfg(tmp_path / "t"), objective, setup_distributed("cpu"), vae_from=vae,
+                      resume=True, prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4))
     (tmp_path / "t" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="cannot read checkpoint"):
         _teacher(tmp_path / "t", vae, resume=True)
@@ -134,7 +151,8 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
 
 def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "teacher", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "a")]) == 2
-    assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "b")]) == 2
+    assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "b")]) \
+        == 2
     assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c"),
                  "--vae", str(tmp_path / "missing")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -154,6 +172,27 @@ def test_world_clips_and_pool_are_deterministic_by_step() -> None:
     fresh = ClipPool(WorldClips(32, 32, 4), clips=2, frames=3, chunk=2, refresh_every=3)
     pool.batch(0, 2)
     assert pool.generation(0, 5) == 1 and torch.equal(pool.batch(5, 3).frames, fresh.batch(5, 3).frames)
+
+
+def test_training_from_recorded_episodes_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clip = FakeClips(64, 64, 12).batch(0, 2)
+    for i in range(2):
+        prompts = [PromptChange(0, "a dim dungeon of grey brick walls"), PromptChange(6, "an ice cave")]
+        write_episode(tmp_path / "episodes" / f"ep{i}", clip.frames[i].numpy(), clip.keys[i].tolist(),
+                      prompts, EpisodeMeta(fps=30, seed=i))
+    clips = EpisodeClips(tmp_path / "episodes", 32, 32, 4, seed=1)
+    batch = clips.batch(3, 5)
+    assert batch.frames.shape == (5, 4, 32, 32, 3) and torch.equal(batch.frames, clips.batch(3, 5).frames)
+    assert set(batch.prompts) <= {"a dim dungeon of grey brick walls", "an ice cave"}
+    assert set(batch.themes.tolist()) <= {THEMES.index("dungeon"), THEMES.index("ice cave")}
+    out = tmp_path / "run"
+    args = ["train", "vae", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2",
+            "--episodes", str(tmp_path / "episodes"), "--out", str(out), "--log-every", "1"]
+    assert main(args) == 0
+    assert [r["step"] for r in _log(out)] == [1, 2] and (out / "model" / "vae.safetensors").exists()
+    (tmp_path / "episodes" / "ep1" / "keys.json").write_text("{")
+    assert main([*args[:-4], "--out", str(tmp_path / "run2")]) == 2
+    assert "keys.json: corrupt JSON" in capsys.readouterr().err
 
 
 _SIGTERM_CHILD = """

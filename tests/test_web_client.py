@@ -186,6 +186,17 @@ class TestBrowserClient:
         count = state(page, "framesReceived")
         page.wait_for_function(f"window.worldloop.framesReceived > {count + 3}", timeout=TIMEOUT_MS)
 
+    def test_an_expired_session_is_replaced_by_a_new_one(self, page) -> None:  # noqa: ANN001
+        first = state(page, "session")
+        page.evaluate("window.worldloop.session = 'expired-session-id-0000'; window.worldloop.socket.close()")
+        page.wait_for_function("window.worldloop.errors.some((e) => e.code === 'unknown_session')",
+                               timeout=TIMEOUT_MS)
+        stale = json.dumps([None, first, "expired-session-id-0000"])
+        page.wait_for_function(f"!{stale}.includes(window.worldloop.session)", timeout=TIMEOUT_MS)
+        assert state(page, "ready.resumed") is False
+        count = state(page, "framesReceived")
+        page.wait_for_function(f"window.worldloop.framesReceived > {count + 3}", timeout=TIMEOUT_MS)
+
     def test_server_errors_show_in_a_toast(self, page) -> None:  # noqa: ANN001
         page.evaluate("window.worldloop.send('keys', {keys: 999, seq: 1})")
         toast = page.wait_for_selector(".toast", timeout=TIMEOUT_MS)
@@ -193,8 +204,9 @@ class TestBrowserClient:
         assert state(page, "errors[0].code") == "bad_keys"
 
 
-def test_play_serves_the_page_prints_the_url_and_says_when_no_browser_opens() -> None:
-    argv = [sys.executable, "-m", "app.cli", "play", "--preset", "tiny", "--port", "0"]
+def test_play_serves_the_page_prints_the_url_and_says_when_no_browser_opens(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "app.cli", "play", "--preset", "tiny", "--port", "0", "--record-dir",
+            str(tmp_path)]
     env = {**os.environ, "BROWSER": "false", "OMP_NUM_THREADS": "1"}  # a "browser" that always fails
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)

@@ -116,11 +116,11 @@ def test_no_walking_through_walls() -> None:
 
 
 def test_explorer_moves_keeps_off_walls_and_is_deterministic() -> None:
-    def run() -> tuple[torch.Tensor, torch.Tensor, World]:
-        world = World(list(range(20, 28)), 64, 64)
+    def run(frames: int) -> tuple[torch.Tensor, torch.Tensor, World]:
+        world = World(list(range(20, 26)), 64, 64)
         explorer = Explorer(world.seeds)
         keys, path = [], torch.zeros(world.batch_size)
-        for _ in range(150):
+        for _ in range(frames):
             keys.append(explorer.act(world))
             before = world.pos.clone()
             world.move(keys[-1])
@@ -129,9 +129,9 @@ def test_explorer_moves_keeps_off_walls_and_is_deterministic() -> None:
             assert (_distance_to_walls(world) >= world.config.radius - 1e-4).all()
         return torch.stack(keys, 1), path, world
 
-    keys, path, _ = run()
-    again, _, _ = run()
-    assert torch.equal(keys, again)
+    keys, path, _ = run(120)
+    again, _, _ = run(30)
+    assert torch.equal(keys[:, :30], again)
     assert (path > 3).all()  # tiles walked
     forward = (keys & parse_keys("w")) > 0
     assert forward.float().mean() > 0.4  # forward-biased

@@ -62,6 +62,7 @@ def test_key_script_format() -> None:
     (["--keys", "SCRIPT_OK", "--frames", "50"], "has 4 frames, --frames asks for 50"),
     (["--keys", "MISSING"], "cannot read key script"),
     (["--out", "UNWRITABLE"], "cannot write into"),
+    (["--device", "blah"], "unknown device 'blah'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          args: list[str], message: str) -> None:

@@ -1,7 +1,7 @@
 """WorldModel, the one rollout loop, on the ``tiny`` preset with random (perturbed) weights, float32.
 
-Batch equality tolerance: decoded frames within 1 grey level, latents within 1e-4 (batched matmuls sum in another
-order). Same-session reproductions (seed, snapshot/restore) are exact.
+Batch equality tolerance: decoded frames within 1 grey level, latents within 1e-4 (batched matmuls sum in
+another order). Same-session reproductions (seed, snapshot/restore) are exact.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def test_a_batch_of_three_equals_three_single_sessions(wm: WorldModel, fresh) ->
     for k in KEYS[:2]:
         wm.generate([batch[2]], [k])
     # The first batched call mixes frame 0 (first_frame_steps) with frame 2 (steps) in one batch.
-    mixed = torch.stack([wm.generate(batch, [KEYS[i], KEYS[i], KEYS[i + 2]]) for i in range(len(KEYS) - 2)], 1)
+    mixed = torch.stack(
+        [wm.generate(batch, [KEYS[i], KEYS[i], KEYS[i + 2]]) for i in range(len(KEYS) - 2)], 1
+    )
     assert (mixed[:2] - torch.cat(singles[:2])[:, :-2]).abs().max() < TOL
     assert (mixed[2] - singles[2][0, 2:]).abs().max() < TOL
     s = fresh("dungeon", 1)
@@ -141,11 +143,18 @@ def test_prompt_recache_equals_recomputing_the_window(wm: WorldModel, fresh) -> 
     wm.cache.evict(s.slot)
     wm.cache.set_prompt([s.slot], wm._encode_prompt("a neon city at night"))
     for i in range(len(context.frames)):
-        wm._write_context(s, context.latents[i : i + 1], context.keys[i : i + 1], context.frames[i : i + 1],
-                          context.sigma[i : i + 1])
+        wm._write_context(
+            s,
+            context.latents[i : i + 1],
+            context.keys[i : i + 1],
+            context.frames[i : i + 1],
+            context.sigma[i : i + 1],
+        )
     scratch = wm.cache.snapshot(s.slot).tensors
     assert torch.equal(switched["frames"], scratch["frames"])
-    assert (switched["k"] - scratch["k"]).abs().max() < TOL and (switched["v"] - scratch["v"]).abs().max() < TOL
+    assert (switched["k"] - scratch["k"]).abs().max() < TOL and (
+        switched["v"] - scratch["v"]
+    ).abs().max() < TOL
     assert (switched["k"] - before.cache.tensors["k"]).abs().max() > 1e-3  # the window K/V did change
 
 

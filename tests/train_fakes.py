@@ -56,4 +56,5 @@ class FakePromptEncoder:
 def random_model_dir(config: ModelConfig, path: Path, seed: int = 0) -> Path:
     """A model directory with random (seeded) weights, e.g. as the autoencoder source of a teacher run."""
     torch.manual_seed(seed)
-    return checkpoint.save_model(path, config, DiT(config), LatentAutoencoder(config), metadata={"stage": "test"})
+    return checkpoint.save_model(path, config, DiT(config), LatentAutoencoder(config),
+                                 metadata={"stage": "test"})

@@ -1,7 +1,8 @@
 """``worldloop eval MODEL [MODEL ...]``: world models against the built-in world's engine (held-out seeds).
 
     worldloop eval assets/teacher --steps 16 --out runs/eval
-    worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm --classifier runs/classifier
+    worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm \
+        --classifier runs/classifier
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from app.cli import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR/SSIM, keys, prompts, drift)",
+    p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR, keys, prompts, drift)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="model directories")
     p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
     p.add_argument("--idm", type=Path, default=Path("runs/idm"), help="inverse-dynamics model directory")
-    p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier directory")
+    p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier")
     p.add_argument("--episodes", type=int, default=8, help="held-out worlds")
     p.add_argument("--horizons", default="1,4,16,64", help="frames after the context, comma-separated")
     p.add_argument("--context", type=int, default=0, help="engine context frames (0: sink + window)")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import tempfile
 import threading
 import webbrowser
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.commands import serve
@@ -39,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    p.add_argument("--record-dir", type=Path, metavar="DIR",
+                   help="where the page's Record button saves videos (default: a new temporary directory)")
     p.set_defaults(func=run)
 
 
@@ -64,11 +68,12 @@ def _open_browser(url: str) -> None:
     threading.Thread(target=attempt, name="worldloop-browser", daemon=True).start()
 
 
-def serve_args(args: argparse.Namespace, port: int) -> argparse.Namespace:
+def serve_args(args: argparse.Namespace, port: int, record_dir: Path) -> argparse.Namespace:
     """The ``worldloop serve`` options for a ``play`` command line (serve checks and applies them)."""
     parser = argparse.ArgumentParser(prog="worldloop")
     serve.register(parser.add_subparsers(dest="command"))
-    argv = ["serve", "--host", args.host, "--port", str(port), "--device", args.device]
+    argv = ["serve", "--host", args.host, "--port", str(port), "--device", args.device,
+            "--record-dir", str(record_dir)]
     if args.model is not None:
         argv += ["--model", args.model]
     if args.preset is not None:
@@ -85,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"worldloop play: port {port} is taken; using a free port instead", file=sys.stderr, flush=True)
         port = 0
 
+    record_dir = args.record_dir or Path(tempfile.mkdtemp(prefix="worldloop-recordings-"))
+
     def ready(server: WorldloopServer) -> None:
         url = server.url
-        print(f"\n  worldloop is running: open {url}  (Ctrl-C stops it)\n", flush=True)
+        print(f"\n  worldloop is running: open {url}  (Ctrl-C stops it; recordings go to {record_dir})\n",
+              flush=True)
         if not args.no_browser:
             _open_browser(url)
 
-    return serve.run(serve_args(args, port), on_ready=ready)
+    return serve.run(serve_args(args, port, record_dir), on_ready=ready)

@@ -17,15 +17,18 @@ import argparse
 import os
 import signal
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tqdm import tqdm
 
 from app.cli import UserError
 from app.commands.world import read_key_script
 from app.loading import choose_model, load_model
 from app.rollout import (
+    ProgressFn,
+    RolloutPlan,
     RolloutResult,
     build_schedule,
     explorer_keys,
@@ -33,6 +36,7 @@ from app.rollout import (
     rollout,
     scripted_keys,
     sidecar,
+    sidecar_path,
     write_sidecar,
 )
 from models.config import PRESETS
@@ -101,9 +105,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _progress(total: int, quiet: bool):  # -> (callback, close)
-    from tqdm import tqdm
-
+def _progress(total: int, quiet: bool) -> tuple[ProgressFn, Callable[[], None]]:
+    """A progress bar whose rate is the rollout's FPS: (per-frame callback, close)."""
     bar = tqdm(total=total, unit="frame", desc="rollout", disable=quiet, dynamic_ncols=True, smoothing=0.1)
 
     def update(index: int, result: RolloutResult) -> None:
@@ -121,37 +124,39 @@ def run(args: argparse.Namespace) -> int:
     fps = args.fps or choice.config.fps
     frames = frames_for(args.seconds, args.frames, fps)
     schedule = build_schedule(args.prompt, args.prompt_at, args.schedule, fps, frames)
-    key_source = f"script {args.keys}" if args.keys else f"explorer (seed {args.seed})"
-    keys = scripted_keys(read_key_script(args.keys), frames) if args.keys else explorer_keys(args.seed, fps)
+    if args.keys:
+        keys, source = scripted_keys(read_key_script(args.keys), frames), f"script {args.keys}"
+    else:
+        keys, source = explorer_keys(args.seed, fps), f"explorer (seed {args.seed})"
+    plan = RolloutPlan(args.seed, frames, fps, schedule, source)
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
 
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=1)
     height, width = model.frame_shape
+    about = {"name": model.config.name, "source": choice.source, "trained": choice.trained,
+             "steps": model.steps, "height": height, "width": width, "scale": args.scale}
     recorder = Mp4Recorder(args.out, width * args.scale, height * args.scale, fps, crf=args.crf)
-    meta = dict(model_name=model.config.name, model_source=choice.source, trained=choice.trained,
-                seed=args.seed, schedule=schedule, fps=fps, steps=model.steps, size=(height, width),
-                requested_frames=frames, key_source=key_source)
-    write_sidecar(args.out, sidecar(RolloutResult(), **meta))  # a killed run still leaves its plan
+    write_sidecar(args.out, sidecar(plan, RolloutResult(), about))  # a killed run still leaves its plan
     update, close_bar = _progress(frames, args.quiet)
-    started, status = time.perf_counter(), 0
+    status = 0
     try:
         with _sigterm_as_interrupt():
             try:
-                result = rollout(model, seed=args.seed, frames=frames, schedule=schedule, keys=keys,
-                                 writer=recorder, scale=args.scale, on_frame=update)
+                result = rollout(model, plan, keys, recorder, scale=args.scale, on_frame=update)
             except KeyboardInterrupt as err:
-                result, status = err.rollout_result, 130  # type: ignore[attr-defined]
+                result, status = getattr(err, "rollout_result", RolloutResult()), 130
     finally:
         close_bar()
         recorder.close()
-    write_sidecar(args.out, sidecar(result, **meta))
-    _report(args.out, result, frames, time.perf_counter() - started)
+    write_sidecar(args.out, sidecar(plan, result, about))
+    _report(args.out, result, frames)
     return status
 
 
-def _report(out: Path, result: RolloutResult, requested: int, seconds: float) -> None:
+def _report(out: Path, result: RolloutResult, requested: int) -> None:
     t = result.timings()
     state = "wrote" if result.completed else f"interrupted after {result.frames} of {requested} frames; wrote"
-    print(f"worldloop rollout: {state} {out} ({result.frames} frames in {seconds:.1f} s, {t['fps']} FPS, "
-          f"model {t['model_ms_per_frame']} ms/frame) and {out.with_suffix('.json')}", file=sys.stderr)
+    print(f"worldloop rollout: {state} {out} ({result.frames} frames in {t['wall_seconds']:.1f} s, "
+          f"{t['fps']} FPS, model {t['model_ms_per_frame']} ms/frame) and {sidecar_path(out)}",
+          file=sys.stderr)

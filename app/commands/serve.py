@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "variable: a command line is visible to other users)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin to allow besides this server's own and localhost ('*': any); "
-                        "repeatable")
+                        "its host name may then also be used to reach the server; repeatable")
     p.add_argument("--record-dir", type=Path, help="where `record` writes MP4s (recording is off without it)")
     p.add_argument("--web-dir", type=Path, default=WEB_DIR, help="static files of the browser client")
     p.add_argument("--resume-grace", type=float, default=10.0,

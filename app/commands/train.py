@@ -12,13 +12,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distill.train_common import Distributed, TrainConfig, setup_distributed, teardown_distributed
 from models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vae": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100},
-    "teacher": {"steps": 20000, "batch_size": 16, "lr": 3e-4, "warmup": 500},
+    "vae": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100, "clip_frames": None},
+    "teacher": {"steps": 20000, "batch_size": 16, "lr": 3e-4, "warmup": 500, "clip_frames": None},
     "idm": {"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 4},
     "classifier": {"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 2},
 }
@@ -55,19 +57,20 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
-    p.add_argument("--clip-frames", type=int, default=d.get("clip_frames"),
-                   help="frames per training clip (teacher default: window + sink + 1)")
+    p.add_argument("--clip-frames", type=int, default=d["clip_frames"],
+                   help="frames per training clip (default for the teacher: window + sink + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--sample-every", type=int, default=500, help="steps between sample PNG/MP4s (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--episodes", type=Path, help="train on recorded episode folders under this path")
     p.add_argument("--pool-clips", type=int, default=-1,
-                   help="reuse rendered clips from a pool of this size (-1: 256 on CPU, 4096 on CUDA; 0: off)")
+                   help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
     p.add_argument("--pool-refresh", type=int, default=25, help="steps between re-rendering a pool chunk")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -78,6 +81,8 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
 def _teacher_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", type=Path, metavar="MODEL_DIR", help="autoencoder from `worldloop train vae`")
     p.add_argument("--bidirectional", action="store_true", help="full attention inside a clip (DMD teacher)")
+    p.add_argument("--sample-steps", type=int, default=16,
+                   help="denoising steps the exported teacher samples with (its config's sampling.steps)")
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift of training noise levels")
     p.add_argument("--context-noise", type=float, default=0.1, help="max σ of the clean-context augmentation")
     p.add_argument("--key-dropout", type=float, default=0.1)
@@ -90,6 +95,13 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     config = preset(args.preset)
     if getattr(args, "bidirectional", False):
         config = config.replace(dit=dataclasses.replace(config.dit, bidirectional=True))
+    if args.stage == "teacher":
+        if not 1 <= args.sample_steps <= 1000:
+            raise ValueError(f"--sample-steps {args.sample_steps} is out of range 1..1000")
+        steps = args.sample_steps
+        sampling = dataclasses.replace(config.sampling, steps=steps,
+                                       first_frame_steps=max(steps, config.sampling.first_frame_steps))
+        config = config.replace(sampling=sampling)
     return config
 
 
@@ -107,6 +119,10 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads} is out of range")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = model_config(args)
     ddp = setup_distributed(args.device)
     try:

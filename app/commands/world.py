@@ -123,10 +123,11 @@ def record(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be positive, got {args.frames}")
     if not 1 <= args.fps <= 240:
         raise UserError(f"--fps must be 1..240, got {args.fps}")
+    device = _device(args.device)
     script = _expand(read_key_script(args.keys), args.frames, args.keys) if args.keys else None
     frames = len(script) if script is not None else (args.frames or 300)
     params = sample_params(args.seed, None if args.theme == "random" else args.theme)
-    world = World([params], height, width, args.device)
+    world = World([params], height, width, device)
     explorer = None if script is not None else Explorer(world.seeds)
     collided: list[int] = []
     meta = EpisodeMeta(fps=args.fps, source="world", seed=args.seed, params=params.to_dict(),
@@ -144,6 +145,16 @@ def record(args: argparse.Namespace) -> int:
     print(f"recorded {frames} frames ({width}x{height}, {args.fps} fps) to {args.out}\n"
           f"prompt: {world.prompts[0]}")
     return 0
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r} (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    return device
 
 
 def list_themes(args: argparse.Namespace) -> int:

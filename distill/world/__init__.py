@@ -4,8 +4,8 @@
     clip = rollout(range(256), n_frames=16, height=64, width=64, device="cuda")  # frames, keys, prompts...
 
 Modules: ``engine`` (World, motion, collision), ``raycast`` (the renderer), ``maze`` (layouts, light maps),
-``textures`` (procedural patterns), ``themes`` (themes, WorldParams, prompts), ``explorer`` (the scripted key
-policy), ``rollout`` (clips in one call), ``hashing`` (counter-based random numbers).
+``textures`` and ``skies`` (procedural patterns), ``themes`` (themes, WorldParams, prompts), ``explorer``
+(the scripted key policy), ``rollout`` (clips in one call), ``hashing`` (counter-based random numbers).
 """
 
 from distill.world.engine import World, WorldConfig, check_size

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from distill.world import maze
 from distill.world.hashing import uniform
 from distill.world.raycast import Scene, View, cast, render
-from distill.world.textures import bake
+from distill.world.skies import SKIES
+from distill.world.textures import PATTERNS, Pattern, bake
 from distill.world.themes import WorldParams, describe, sample_params
 from models.keys import KEYS
 
@@ -88,7 +90,7 @@ class World:
     def batch_size(self) -> int:
         return len(self.params)
 
-    def _values(self, fn, dtype=torch.float32) -> torch.Tensor:
+    def _values(self, fn: Callable[[WorldParams], Any], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor([fn(p) for p in self.params], dtype=dtype, device=self.device)
 
     def _build_scene(self) -> Scene:
@@ -112,26 +114,28 @@ class World:
         """The texture atlas of some worlds: (len(worlds), 4, 11·T²) uint8, see ``raycast.Scene``."""
         t, dev = self.config.texture_size, self.device
         tint = torch.tensor([self.params[i].light_color for i in worlds], device=dev)
-        parts = []
+        atlas = torch.zeros(len(worlds), 11 * t * t, 4, dtype=torch.uint8, device=dev)
         for salt, surface in enumerate(("wall", "accent", "floor", "ceiling")):
-            tex = torch.zeros(len(worlds), (8 if surface == "ceiling" else 1) * t * t, 4, device=dev)
             sky = [self.params[i].has_sky and surface == "ceiling" for i in worlds]
             for wide in (False, True):  # a sky is a panorama (T × 8T) in the ceiling slot
                 rows = [k for k, s in enumerate(sky) if s == wide]
-                if rows:
-                    size = (t, 8 * t) if wide else (t, t)
-                    baked = self._bake(surface, [worlds[k] for k in rows], size, salt)
-                    tex[rows, : size[0] * size[1]] = baked
-            glow = tex[..., 3:]
-            albedo = tex[..., :3] * (tint[:, None, :] * (1 - glow) + glow)  # the light's tint on lit texels
-            parts.append(torch.cat([albedo.clamp(0, 2) * 127.5, glow * 255], -1).round().to(torch.uint8))
-        return torch.cat(parts, 1).transpose(1, 2).contiguous()
+                if not rows:
+                    continue
+                size = (t, 8 * t) if wide else (t, t)
+                tex = self._bake(surface, [worlds[k] for k in rows], size, salt, SKIES if wide else PATTERNS)
+                glow = tex[..., 3:]
+                albedo = tex[..., :3] * (tint[rows, None, :] * (1 - glow) + glow)  # tint the lit texels
+                texels = torch.cat([albedo.clamp(0, 2) * 127.5, glow * 255], -1).round().to(torch.uint8)
+                atlas[rows, salt * t * t: salt * t * t + size[0] * size[1]] = texels
+        return atlas.transpose(1, 2).contiguous()
 
-    def _bake(self, surface: str, idx: list[int], size: tuple[int, int], salt: int) -> torch.Tensor:
+    def _bake(self, surface: str, idx: list[int], size: tuple[int, int], salt: int,
+              table: dict[str, Pattern]) -> torch.Tensor:
         s = [getattr(self.params[i], surface) for i in idx]
         return bake([x.pattern for x in s], torch.tensor([x.color for x in s], device=self.device),
                     torch.tensor([x.detail for x in s], device=self.device),
                     torch.tensor([x.scale for x in s], device=self.device), self.seeds[idx], size, salt,
+                    table,
                     wall=surface in ("wall", "accent"))
 
     @property

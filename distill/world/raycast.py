@@ -172,4 +172,4 @@ def render(scene: Scene, pos: torch.Tensor, angle: torch.Tensor, view: View) -> 
     gain = (2 * fog) * (light + (1 - light) * texel[:, 3:] * (1 / 255))
     offset = (255 * scene.fog_color[:, :, None]) * (1 - fog) + 0.5
     out = torch.addcmul(offset, texel[:, :3], gain).clamp_(0, 255)
-    return out.to(torch.uint8).view(b, 3, h, w).permute(0, 2, 3, 1)
+    return out.to(torch.uint8).view(b, 3, h, w).permute(0, 2, 3, 1).contiguous()

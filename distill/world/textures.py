@@ -1,4 +1,4 @@
-"""Procedural textures of the built-in world: wall, floor and ceiling patterns and skies, baked per world.
+"""Procedural textures of the built-in world: wall, floor and ceiling patterns, baked once per world.
 
 A pattern maps texture coordinates (u across, v down, both in [0, 1)) of a batch of worlds to three layers:
 ``mix`` (0 = the surface's colour, 1 = its detail colour), ``shade`` (a brightness multiplier: mortar, seams,
@@ -6,14 +6,14 @@ grain) and ``glow`` (1 = the texel emits its detail colour and ignores the light
 Patterns tile seamlessly — noise lattices wrap — because walls repeat every tile and floors every world unit.
 
 Baked texels hold four channels: albedo RGB and the emission fraction ``e``; the renderer shows
-``albedo · (light · (1 − e) + e)``.
+``albedo · (light · (1 − e) + e)``. Skies are patterns too, in ``skies``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,7 @@ class Canvas:
     seed: torch.Tensor  # (B, 1, 1) long
     scale: torch.Tensor  # (B, 1, 1) float: the pattern's repeat count (rows of bricks, panels, ...)
     salt: int  # distinguishes surfaces of one world
+    weights: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # interpolation matrices
 
     def rand(self, *counters: torch.Tensor | int) -> torch.Tensor:
         return uniform(self.seed, self.salt, *counters)
@@ -52,8 +53,10 @@ class Canvas:
         dev = self.seed.device
         cell = torch.arange(fv, device=dev).view(1, fv, 1) * fu + torch.arange(fu, device=dev)
         lattice = self.rand(1000 + salt, cell)  # (B, fv, fu)
-        rows, cols = _cubic_weights(h, fv, lattice.device), _cubic_weights(w, fu, lattice.device)
-        return (rows @ lattice @ cols.T).clamp(0, 1)  # (B, h, w)
+        for n, f in ((h, fv), (w, fu)):
+            if (n, f) not in self.weights:
+                self.weights[n, f] = _cubic_weights(n, f, dev)
+        return (self.weights[h, fv] @ lattice @ self.weights[w, fu].T).clamp(0, 1)  # (B, h, w)
 
     def fbm(self, freq: int, octaves: int = 3, salt: int = 0) -> torch.Tensor:
         h, w = self.u.shape[-2:]
@@ -311,59 +314,6 @@ PATTERNS: dict[str, Pattern] = {
 }
 
 
-# Skies: u is the azimuth (one turn), v the height above the horizon (0 horizon, 1 the top of the view).
-# ``mix`` 0 is the sky's top colour, 1 its horizon colour; every sky texel glows.
-
-def _sky_gradient(c: Canvas) -> torch.Tensor:
-    return (1 - c.v).clamp(0, 1) ** 2.2
-
-
-def clear_sky(c: Canvas) -> Layers:
-    clouds = (c.fbm(8, octaves=3, salt=41) - 0.55).clamp(min=0) * 3
-    sun_u = c.rand(42)
-    du = torch.remainder(c.u - sun_u + 0.5, 1.0) - 0.5
-    sun = torch.exp(-((du * 4) ** 2 + ((c.v - 0.45) * 2) ** 2) * 60)
-    mix = torch.maximum(_sky_gradient(c), clouds.clamp(max=1))
-    return Layers(mix, 1 + 0.25 * clouds, torch.ones_like(mix), 0.9 * sun)
-
-
-def dusk_sky(c: Canvas) -> Layers:
-    streaks = (c.noise(8, 2, salt=43) - 0.5).clamp(min=0) * 2 * (c.v < 0.6)
-    sun_u = c.rand(44)
-    du = torch.remainder(c.u - sun_u + 0.5, 1.0) - 0.5
-    sun = torch.exp(-((du * 4) ** 2 + ((c.v - 0.1) * 2) ** 2) * 40)
-    mix = (_sky_gradient(c) ** 0.7 + 0.3 * sun).clamp(max=1)
-    return Layers(mix, 1 - 0.35 * streaks, torch.ones_like(mix), 0.6 * sun)
-
-
-def night_sky(c: Canvas) -> Layers:
-    h, w = c.u.shape[-2:]
-    iy = torch.arange(h, device=c.seed.device).view(1, h, 1)
-    ix = torch.arange(w, device=c.seed.device).view(1, 1, w)
-    star = c.rand(45, iy * w + ix)
-    stars = ((star > 0.99) & (c.v > 0.12)).float() * (star - 0.99) / 0.01
-    mix = _sky_gradient(c)
-    return Layers(mix, torch.ones_like(mix), torch.ones_like(mix), 0.8 * stars)
-
-
-def smoky_sky(c: Canvas) -> Layers:
-    smoke = c.fbm(8, octaves=3, salt=46)
-    mix = (_sky_gradient(c) ** 0.8 + 0.3 * (smoke - 0.5)).clamp(0, 1)
-    return Layers(mix, 0.6 + 0.6 * smoke, torch.ones_like(mix))
-
-
-def overcast_sky(c: Canvas) -> Layers:
-    clouds = c.fbm(4, octaves=3, salt=47)
-    mix = (_sky_gradient(c) ** 0.6 + 0.5 * clouds).clamp(0, 1)
-    return Layers(mix, 0.9 + 0.2 * clouds, torch.ones_like(mix))
-
-
-SKIES: dict[str, Pattern] = {
-    "clear_sky": clear_sky, "dusk_sky": dusk_sky, "night_sky": night_sky, "smoky_sky": smoky_sky,
-    "overcast_sky": overcast_sky,
-}
-
-
 def bake(
     patterns: list[str],
     colors: torch.Tensor,
@@ -372,9 +322,10 @@ def bake(
     seeds: torch.Tensor,
     size: tuple[int, int],
     salt: int,
+    table: dict[str, Pattern],
     wall: bool = False,
 ) -> torch.Tensor:
-    """Bake one surface of each world: ``patterns[b]`` with colours (B, 3) → texels (B, h·w, 4).
+    """Bake one surface of each world: ``table[patterns[b]]`` with colours (B, 3) → texels (B, h·w, 4).
 
     Worlds are grouped by pattern so each pattern runs once per batch. Wall textures get a contact shadow
     toward the floor and the ceiling (v = 1 is the floor).
@@ -386,9 +337,9 @@ def bake(
     out = torch.empty(len(patterns), h, w, 4, device=device)
     for name in sorted(set(patterns)):
         idx = torch.tensor([i for i, p in enumerate(patterns) if p == name], device=device)
-        fn = PATTERNS.get(name) or SKIES.get(name)
-        if fn is None:
+        if name not in table:
             raise ValueError(f"unknown pattern {name!r}")
+        fn = table[name]
         canvas = Canvas(u, v, seeds[idx].view(-1, 1, 1), scales[idx].view(-1, 1, 1).float(), salt)
         layers = fn(canvas)
         shape = (len(idx), h, w)

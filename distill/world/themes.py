@@ -14,14 +14,14 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from distill.world.textures import SKIES
+from distill.world.skies import SKIES
 
 RGB = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
 class Surface:
-    """A textured surface: a pattern from ``textures.PATTERNS`` (or a sky from ``textures.SKIES``)."""
+    """A textured surface: a pattern from ``textures.PATTERNS`` (or a sky from ``skies.SKIES``)."""
 
     pattern: str
     color: RGB  # albedo; for a sky, its top colour

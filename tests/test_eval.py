@@ -1,0 +1,97 @@
+"""Evaluation on the tiny preset: every metric of the report, the helpers, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main
+from distill.data import ClipPool, WorldClips
+from distill.evaluate import EvalConfig, run_eval
+from distill.evaluators import EvaluatorNet, default_config, load_evaluator, save_evaluator, train_evaluator
+from distill.run import RunError
+from distill.train_common import TrainConfig, setup_distributed
+from distill.world.themes import THEMES
+from models.config import preset
+from models.keys import KEYS
+from tests.train_fakes import FakePromptEncoder, random_model_dir
+
+TINY = preset("tiny")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_idm_beats_chance_on_held_out_engine_frames(tmp_path: Path) -> None:
+    train = ClipPool(WorldClips(32, 32, 8, random_keys=0.5), clips=32, frames=4, chunk=32, refresh_every=0)
+    held_out = WorldClips(32, 32, 4, held_out=True, random_keys=1.0)
+    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=0, clip_frames=4, out=str(tmp_path / "idm"),
+                      log_every=20, device="cpu")
+    torch.manual_seed(0)
+    _, acc = train_evaluator(default_config("idm", 32, 32, KEYS), cfg, train, held_out,
+                             setup_distributed("cpu"), eval_batches=2, eval_batch_size=8)
+    assert acc["per_key"] > acc["chance_per_key"] + 0.03, acc
+    model = load_evaluator(tmp_path / "idm", "idm")
+    assert model.config.labels == KEYS
+    with pytest.raises(RunError, match="not 'classifier'"):
+        load_evaluator(tmp_path / "idm", "classifier")
+
+
+def test_eval_reports_every_metric(tmp_path: Path) -> None:
+    model = random_model_dir(TINY, tmp_path / "model")
+    torch.manual_seed(0)
+    save_evaluator(EvaluatorNet(default_config("idm", 32, 32, KEYS)), tmp_path / "idm")
+    save_evaluator(EvaluatorNet(default_config("classifier", 32, 32, THEMES)), tmp_path / "classifier")
+    cfg = EvalConfig(episodes=2, horizons=(1, 2, 4), switch_frames=3, drift_seconds=0.2, drift_sessions=1,
+                     drift_every=3)
+    out = tmp_path / "eval"
+    report = run_eval([model], [1, 2], cfg, out, idm_path=tmp_path / "idm",
+                      classifier_path=tmp_path / "classifier", device=torch.device("cpu"),
+                      prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
+    assert json.loads((out / "report.json").read_text())["config"]["episodes"] == 2
+    assert [r["steps"] for r in report["runs"]] == [1, 2]
+    for run in report["runs"]:
+        assert set(run["horizons"]) == {"1", "2", "4"}
+        for h in run["horizons"].values():
+            assert set(h) == {"psnr", "ssim", "copy_last_psnr", "copy_last_ssim"}
+            assert 0 < h["psnr"] < 100 and -1 <= h["ssim"] <= 1 and h["copy_last_psnr"] > 0
+        assert set(run["keys"]) == {"model", "engine"} and 0 <= run["keys"]["model"]["per_key"] <= 1
+        switch = run["prompt_switch"]
+        assert 0 <= switch["adherence"] <= 1 and 0 <= switch["engine_theme_accuracy"] <= 1
+        drift = run["drift"]
+        assert drift["frames"] == 6 and [p["frame"] for p in drift["points"]] == [1, 4, 6]
+        point = drift["points"][-1]["model"]
+        assert {"sharpness", "colour_mean", "colour_std", "saturation", "confidence"} <= set(point)
+        assert "model_sharpness_last" in drift["summary"] and run["notes"] == []
+    for name in ("rollout_0.mp4", "rollout_1.mp4", "drift_0.mp4", "horizons.png", "drift.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_eval_without_helpers_still_reports(tmp_path: Path) -> None:
+    model = random_model_dir(TINY, tmp_path / "model")
+    cfg = EvalConfig(episodes=1, horizons=(1,), switch_frames=1, drift_seconds=0.05, drift_sessions=1)
+    report = run_eval([model], [None], cfg, tmp_path / "eval", idm_path=None,
+                      classifier_path=tmp_path / "none", device=torch.device("cpu"),
+                      prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
+    run = report["runs"][0]
+    assert "skipped" in run["keys"] and "skipped" in run["prompt_switch"] and len(run["notes"]) == 2
+    assert run["horizons"]["1"]["copy_last_psnr"] > 0
+
+
+def test_eval_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert main(["eval", str(tmp_path), "--horizons", "0,4"]) == 2
+    assert main(["eval", str(tmp_path), "--steps", "two"]) == 2
+    assert main(["eval", str(tmp_path), "--device", "cpu", "--drift-seconds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "not a model directory" in err and "--horizons" in err and "--steps" in err
+    assert "--drift-seconds" in err and len(err.strip().splitlines()) == 4
