@@ -63,10 +63,9 @@ class Player:
 class GradioWorld:
     """The app's state: the engine and one ``Player`` per open tab."""
 
-    def __init__(self, engine: Engine, *, quality: int = 85, untrained: bool = False) -> None:
+    def __init__(self, engine: Engine, *, quality: int = 85) -> None:
         self.engine = engine
         self.quality = quality
-        self.untrained = untrained
         self.presets = theme_presets()
         self._players: dict[str, Player] = {}
         self._lock = threading.Lock()
@@ -211,7 +210,7 @@ def build_app(world: GradioWorld) -> gr.Blocks:
     first_prompt = world.presets[0][1]
     with gr.Blocks(title="worldloop") as demo:
         gr.Markdown("## worldloop — a world model you can walk through")
-        if world.untrained:
+        if not world.engine.trained:  # the web client's "untrained weights" badge says the same
             gr.Markdown("**Random, untrained weights**: the pictures are noise; the stream and the controls "
                         "are real.")
         with gr.Row():

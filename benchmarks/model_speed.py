@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -72,12 +72,6 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     }
 
 
-@contextlib.contextmanager
-def autocast_bf16(device: torch.device) -> Iterator[None]:
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        yield
-
-
 def world_model_speed(
     config: ModelConfig,
     encoder: PromptEncoder,
@@ -95,11 +89,10 @@ def world_model_speed(
     sessions = [wm.new_session("a stone dungeon with torches", seed=i) for i in range(batch)]
     parts: list[tuple[float, float, int]] = []
     wm.on_timings = lambda t: parts.append((t.dit_ms, t.decode_ms, t.forwards))
-    context = autocast_bf16(device) if autocast else contextlib.nullcontext()
     counter = iter(range(10**9))
 
     def one() -> None:
-        with context, torch.inference_mode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.inference_mode():
             k = KEYS[next(counter) % len(KEYS)]
             wm.step(sessions, [k] * batch)
 

@@ -106,8 +106,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
+def setup_distributed(device_name: str, init_method: str | None = None) -> Distributed:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU).
+
+    Rank and size come from torchrun's environment; ``init_method`` (e.g. ``file://...``) replaces its
+    TCP rendezvous (MASTER_ADDR/MASTER_PORT), as tests that spawn processes themselves do.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
@@ -119,7 +123,8 @@ def setup_distributed(device_name: str) -> Distributed:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
             torch.set_num_threads(min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // local)))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                                    rank=rank, world_size=world_size)
     return Distributed(rank, world_size, local_rank, device)
 
 

@@ -4,7 +4,8 @@ Configs are parsed once at the edge (the CLI), saved inside every checkpoint, an
 model code derives from them. Presets:
 
 - ``tiny``    — tests: well under 1M parameters, 32×32 frames.
-- ``default`` — the shipped model: 128×128 frames, sized to play at ≥30 FPS on a 2-core laptop CPU.
+- ``default`` — the shipped model: 128×128 frames, 64 tokens per frame, a 9M-parameter DiT (dim 256, 6 layers)
+  sized to play at ≥30 FPS on a 2-core laptop CPU (see ``benchmarks/model_speed.py``).
 - ``large``   — GPU: 256×256 frames.
 - ``wan``     — Wan-1.3B-shaped DiT at 480×832 (1,560 tokens per latent frame); only for measuring engine
   speed on a GPU with random weights.
@@ -52,7 +53,7 @@ class DiTConfig:
 
     patch_size: int = 2
     dim: int = 256
-    depth: int = 8  # transformer layers
+    depth: int = 6  # transformer layers (6 × 256: ~33 FPS end to end even on one CPU core)
     heads: int = 4
     mlp_ratio: float = 4.0
     text_dim: int = 384  # MiniLM-L6 token embedding width

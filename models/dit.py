@@ -259,19 +259,24 @@ class Block(nn.Module):
         return self.finish(x, attend(qk[0], qk[1], v), mod, prompt, n)
 
     def forward_cached(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor],
-                       past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, ...], bias: Tensor, n: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, ...], bias: Tensor,
+                       n: int, first_query: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Inference block over new frames. ``rope``: stacked tables for q (spatial + temporal) and the new k
-        (spatial only, as the cache stores keys), then the read-time temporal tables of all keys.
+        (spatial only, as the cache stores keys), then the read-time temporal tables of all keys. Only tokens
+        from ``first_query`` on (whole frames) produce outputs: the last layer needs none for context frames.
 
-        Returns the new hidden states and the new frames' k (spatial phase only) and v.
+        Returns the hidden states of those tokens and the new frames' k (spatial phase only) and v.
         """
         qk, v = self.self_qkv(x, mod, rope[:2], n)
         k = qk[1]
         # Temporal phase at read time, relative to the newest frame.
         keys = rotate(torch.cat([*past[0], k], dim=2), rope[2], rope[3])
         values = torch.cat([*past[1], v], dim=2)
-        return self.finish(x, attention(qk[0], keys, values, bias), mod, prompt, n), k, v
+        q, rows = qk[0][:, :, first_query:], slice(first_query, None)
+        if q.shape[2] == 0:
+            return x[:, rows], k, v
+        out = attention(q, keys, values, bias[:, :, rows])
+        return self.finish(x[:, rows], out, mod[:, :, first_query // n :], prompt, n), k, v
 
 
 class FinalLayer(nn.Module):
@@ -489,12 +494,13 @@ class DiT(nn.Module):
         new_k, new_v = [], []
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
             pkv = (prompt.k[i], prompt.v[i], pbias)
-            h, k, v = blk.forward_cached(h, mod, pkv, cache.layer(i), rope, bias, n)
+            first_query = context * n if i == len(self.blocks) - 1 else 0  # last layer: noisy frames only
+            h, k, v = blk.forward_cached(h, mod, pkv, cache.layer(i), rope, bias, n, first_query)
             new_k.append(k[:, :, : context * n])
             new_v.append(v[:, :, : context * n])
         out_v = None
         if context < g:
-            out = self.final(h[:, context * n:], cond[:, context:], n)
+            out = self.final(h, cond[:, context:], n)
             out_v = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
         if context == 0:
             return CachedOutput(out_v, None, None)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.checkpoint import load_into, load_model
+from models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
 from models.config import ModelConfig
 from models.dit import DiT, PromptKV
 from models.keys import ALL_KEYS_MASK, keys_to_tensor
@@ -133,9 +133,9 @@ class WorldModel:
         config = files.config
         dit, vae = DiT(config), LatentAutoencoder(config)
         use_ema = ema and files.dit_ema is not None
-        load_into(dit, files.dit_ema if use_ema else files.dit, Path(path) / ("dit_ema.safetensors" if use_ema
-                                                                              else "dit.safetensors"))
-        load_into(vae, files.vae, Path(path) / "vae.safetensors")
+        weights, source = (files.dit_ema, EMA_FILE) if use_ema else (files.dit, DIT_FILE)
+        load_into(dit, weights, Path(path) / source)
+        load_into(vae, files.vae, Path(path) / VAE_FILE)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         wm = cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
                  precision=precision)

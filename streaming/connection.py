@@ -247,7 +247,8 @@ class Connection:
         self._post(Ready(session=live.resume_id, model=self.engine.model_name, device=self.engine.device,
                          width=width, height=height, fps=handle.fps, steps=self.engine.steps,
                          format=live.options.image_format, prompt=handle.prompt, seed=handle.seed,  # type: ignore
-                         resumed=resumed, max_in_flight=self.outbox.max_in_flight))
+                         resumed=resumed, max_in_flight=self.outbox.max_in_flight,
+                         trained=self.engine.trained))
         self.live = live
         self.outbox.clear_frames()
         self.outbox.on_backpressure = self._on_backpressure

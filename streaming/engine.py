@@ -60,10 +60,11 @@ class Engine:
 
     def __init__(self, model: WorldModelLike, *, max_sessions: int = 4, fps: int | None = None,
                  speculative: bool = True, max_snapshots: int = 8, encode_workers: int = 2,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, trained: bool = True) -> None:
         if max_sessions < 1 or max_snapshots < 1 or encode_workers < 1:
             raise ValueError("max_sessions, max_snapshots and encode_workers must be ≥ 1")
         self.model = model
+        self.trained = trained  # False for random weights: clients are told, and show it
         self.max_sessions = max_sessions
         self.fps = int(fps or model.config.fps)
         self.speculative = speculative

@@ -20,8 +20,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeader
+from websockets.headers import parse_subprotocol
 from websockets.http11 import Response
 
+from streaming.protocol import TOKEN_SUBPROTOCOL_PREFIX
 from streaming.recording import is_recording_name
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -62,11 +65,26 @@ class AccessPolicy:
             return True
         return _hostname(parts.netloc) in LOCAL_HOSTS
 
-    def token_ok(self, authorization: str | None) -> bool:
+    def token_ok(self, authorization: str | None, subprotocols: Iterable[str] = ()) -> bool:
+        """The token as ``Authorization: Bearer <token>`` (programs) or, on the websocket only, as the
+        offered subprotocol ``worldloop.token.<token>`` (browsers). Compared in constant time."""
         if self.token is None:
             return True
-        expected = f"Bearer {self.token}".encode()
-        return authorization is not None and hmac.compare_digest(authorization.encode(), expected)
+        by_header = authorization is not None and hmac.compare_digest(
+            authorization.encode(), f"Bearer {self.token}".encode())
+        offered = [p.removeprefix(TOKEN_SUBPROTOCOL_PREFIX) for p in subprotocols
+                   if p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
+        # One guess per request: offering several tokens at once is refused.
+        by_subprotocol = len(offered) == 1 and hmac.compare_digest(offered[0].encode(), self.token.encode())
+        return by_header or by_subprotocol
+
+
+def offered_subprotocols(headers: Headers) -> list[str]:
+    """The subprotocols a websocket request offers (none when the header is malformed)."""
+    try:
+        return [p for value in headers.get_all("Sec-WebSocket-Protocol") for p in parse_subprotocol(value)]
+    except InvalidHeader:
+        return []
 
 
 def _hostname(netloc: str) -> str | None:
@@ -109,7 +127,8 @@ def error_response(status: int, message: str) -> Response:
 
 
 def unauthorized() -> Response:
-    return response(401, "a bearer token is required in the Authorization header\n",
+    return response(401, "an access token is required: the header 'Authorization: Bearer <token>', or on the "
+                         "websocket the subprotocol 'worldloop.token.<token>' next to 'worldloop.v1'\n",
                     extra=[("WWW-Authenticate", 'Bearer realm="worldloop"')])
 
 

@@ -30,6 +30,12 @@ MAX_STEPS = 8
 FRAME_MAGIC = b"WLF1"
 FRAME_HEADER = struct.Struct("<4sIIHHd")  # magic, frame_seq, key_seq_applied, width, height, server_time_ms
 ImageFormat = Literal["jpeg", "webp"]
+SUBPROTOCOL = "worldloop.v1"  # the websocket subprotocol a server selects when the client offers it
+# Browsers cannot set headers on a websocket, so they offer the access token as a second subprotocol,
+# "worldloop.token.<token>", which the server checks and never selects.
+TOKEN_SUBPROTOCOL_PREFIX = "worldloop.token."
+# RFC 6455 §4.1: a subprotocol is an RFC 7230 token, so an access token must be one as well.
+_ACCESS_TOKEN = re.compile(r"[0-9A-Za-z!#$%&'*+.^_`|~-]{8,256}")
 
 # Every error code a server may send, with its meaning (docs/protocol.md lists the same table).
 ERROR_CODES: dict[str, str] = {
@@ -64,6 +70,15 @@ class ProtocolError(Exception):
 
     def to_message(self) -> Error:
         return Error(code=self.code, message=self.message, request=self.request)
+
+
+def check_access_token(token: str) -> str:
+    """Return ``token`` if it can travel as a websocket subprotocol; raise ``ValueError`` saying why not."""
+    if not _ACCESS_TOKEN.fullmatch(token):
+        raise ValueError("an access token must be 8 to 256 characters from A-Z a-z 0-9 and "
+                         "! # $ % & ' * + - . ^ _ ` | ~ (it travels as a websocket subprotocol, which allows "
+                         "only these)")
+    return token
 
 
 # ---- client → server ------------------------------------------------------------------------------------
@@ -147,6 +162,7 @@ class Ready:
     seed: int
     resumed: bool = False
     max_in_flight: int = 2
+    trained: bool = True  # False: the model has random, untrained weights (its pictures are noise)
     protocol: int = PROTOCOL_VERSION
     type: Literal["ready"] = "ready"
 

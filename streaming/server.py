@@ -15,17 +15,18 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from streaming import http
 from streaming.connection import Connection
 from streaming.engine import Engine
-from streaming.protocol import PROTOCOL_VERSION
+from streaming.protocol import PROTOCOL_VERSION, SUBPROTOCOL, check_access_token
 from streaming.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (see WorldloopServer.port)
-    token: str | None = None  # required as "Authorization: Bearer <token>" on /ws, /metrics, /recordings
+    token: str | None = None  # required on /ws, /metrics, /recordings (see streaming.http.AccessPolicy)
     allowed_origins: tuple[str, ...] = ()  # beyond same-origin and localhost; "*" allows any
     web_dir: Path | None = None  # the browser client's static files
     record_dir: Path | None = None  # recordings are off without one
@@ -50,6 +51,8 @@ class ServerConfig:
 
 class WorldloopServer:
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        if config.token is not None:
+            check_access_token(config.token)
         self.engine = engine
         self.config = config
         self.metrics = engine.metrics
@@ -75,9 +78,9 @@ class WorldloopServer:
     async def start(self) -> WorldloopServer:
         c = self.config
         self._server = await serve(
-            self._handle, c.host, c.port, process_request=self._route, compression=None,
-            max_size=c.transport_max_bytes, ping_interval=c.ping_interval_s, ping_timeout=c.ping_interval_s,
-            close_timeout=2.0, server_header="worldloop",
+            self._handle, c.host, c.port, process_request=self._route, select_subprotocol=_select_subprotocol,
+            compression=None, max_size=c.transport_max_bytes, ping_interval=c.ping_interval_s,
+            ping_timeout=c.ping_interval_s, close_timeout=2.0, server_header="worldloop",
         )
         self.policy = http.AccessPolicy(c.host, self.port, frozenset(c.allowed_origins), c.token)
         return self
@@ -142,7 +145,7 @@ class WorldloopServer:
         headers = request.headers
         if not self.policy.origin_allowed(headers.get("Origin"), headers.get("Host")):
             return self._refuse("origin", 403, "origin not allowed (see --allow-origin)")
-        if not self.policy.token_ok(headers.get("Authorization")):
+        if not self.policy.token_ok(headers.get("Authorization"), http.offered_subprotocols(headers)):
             return self._refuse_token()
         if self.stopping:
             return self._refuse("shutdown", 503, "the server is shutting down")
@@ -165,6 +168,7 @@ class WorldloopServer:
             "protocol": PROTOCOL_VERSION,
             "model": self.engine.model_name,
             "device": self.engine.device,
+            "trained": self.engine.trained,
             "sessions": self.engine.session_count,
             "max_sessions": self.engine.max_sessions,
             "connections": len(self.connections),
@@ -181,6 +185,11 @@ class WorldloopServer:
         if found is None:
             return http.error_response(404, "not found")
         return await asyncio.to_thread(http.file_response, found)
+
+
+def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """``worldloop.v1`` when offered, else none (programs need not offer any); never the token."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
 
 
 async def run_server(engine: Engine, config: ServerConfig,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -17,12 +16,6 @@ from models.config import preset
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items()):
@@ -31,12 +24,11 @@ def _digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _worker(rank: int, world_size: int, port: int, root: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+def _worker(rank: int, world_size: int, root: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size)})
     config = preset("tiny")
-    ddp = setup_distributed("cpu")
+    ddp = setup_distributed("cpu", init_method=f"file://{root}/rendezvous")  # no TCP port to collide on
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=0, clip_frames=3, out=f"{root}/run", log_every=1,
                       sample_every=0, checkpoint_every=100, device="cpu")
     try:
@@ -51,7 +43,7 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
 
 def test_two_process_ddp_step_keeps_replicas_in_sync(tmp_path: Path) -> None:
     random_model_dir(preset("tiny"), tmp_path / "vae")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert log[0]["frames_per_s"] > 0

@@ -31,8 +31,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[SimpleNamespace]:
-    engine = Engine(FakeWorldModel(height=64, width=64, fps=20), max_sessions=4).start()
-    world = GradioWorld(engine, untrained=True)
+    engine = Engine(FakeWorldModel(height=64, width=64, fps=20), max_sessions=4, trained=False).start()
+    world = GradioWorld(engine)
     demo = build_app(world)
     _, url = launch(demo, host="127.0.0.1", port=free_port(), block=False)
     yield SimpleNamespace(engine=engine, world=world, url=url)
@@ -98,3 +98,14 @@ def test_the_page_streams_frames_and_sends_keys_and_prompts(app: SimpleNamespace
     while app.engine.session_count and time.monotonic() < deadline:  # the closed tab's session ends
         time.sleep(0.2)
     assert app.engine.session_count == 0
+
+
+def test_the_page_warns_about_untrained_weights_like_the_web_client() -> None:
+    for trained in (False, True):
+        engine = Engine(FakeWorldModel(height=64, width=64), trained=trained)
+        try:
+            demo = build_app(GradioWorld(engine))
+            texts = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+        finally:
+            engine.close()
+        assert any("untrained weights" in text for text in texts) is not trained, texts

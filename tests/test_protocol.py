@@ -126,6 +126,7 @@ def test_errors_name_the_request_and_sizes_are_limited() -> None:
 def test_server_messages_round_trip() -> None:
     messages = [
         Ready("abcdefghijklmnopqrstuvwx", "tiny", "cpu", 32, 32, 30, 1, "jpeg", "a cave", 4),
+        Ready("abcdefghijklmnopqrstuvwx", "tiny", "cpu", 32, 32, 30, 1, "jpeg", "a cave", 4, trained=False),
         Done("restore", 12), Snapshot(1, 30), Stats(1, 2, 3, 4, 5, 6, 7, 29.5, 1, 2),
         Recording("stopped", "worldloop-x.mp4", "/recordings/worldloop-x.mp4", 90),
         Error("bad_keys", "unknown key 'jump'", "keys"), Error("bad_json", "oops"), Bye("shutdown"),
@@ -135,6 +136,7 @@ def test_server_messages_round_trip() -> None:
         assert json.loads(text)["type"] == message.type
         assert parse_server_message(text) == message
     assert "request" not in json.loads(encode_message(Error("bad_json", "oops")))
+    assert json.loads(encode_message(messages[1]))["trained"] is False
 
 
 def test_frame_header_packs_to_the_documented_layout() -> None:

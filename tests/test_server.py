@@ -14,11 +14,19 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
+from app import loading
+from app.cli import build_parser, main
+from app.commands import serve
+from models.config import preset
 from streaming.encoding import decode_image
 from streaming.metrics import Metrics
 from streaming.outbox import Outbox, OutgoingFrame, Stalled
+from streaming.protocol import check_access_token
+from streaming.server import ServerConfig, WorldloopServer
 from tests.fakes import FakeWorldModel, RawClient, serve_fake
+from tests.train_fakes import random_model_dir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -328,6 +336,80 @@ def test_origin_and_token_are_checked() -> None:
             status, _, body = await http_get(f"http://127.0.0.1:{server.port}/metrics", good)
             assert status == 200 and b"worldloop_refused_total" in body
     run(scenario())
+
+
+def test_browsers_offer_the_token_as_a_subprotocol_and_get_worldloop_v1_back() -> None:
+    v1, right = Subprotocol("worldloop.v1"), Subprotocol("worldloop.token.sesame-1234")
+
+    async def scenario() -> None:
+        async with serve_fake(token="sesame-1234") as server:
+            browser = {"origin": Origin(f"http://127.0.0.1:{server.port}")}
+            async with RawClient.connect(server, subprotocols=[v1, right], **browser) as client:
+                assert client.ws.subprotocol == "worldloop.v1"
+                assert "sesame" not in str(client.ws.response.headers)
+                await client.start()
+                assert len(await client.frames_from(0, 3)) >= 2
+            refused = [[v1], [v1, Subprotocol("worldloop.token.sesame-9999")],
+                       [v1, Subprotocol("worldloop.token.")],
+                       [v1, Subprotocol("worldloop.token.nope-1234"), right]]  # one guess per request
+            for offered in refused:
+                with pytest.raises(InvalidStatus) as answer:
+                    async with RawClient.connect(server, subprotocols=offered, **browser):
+                        pass
+                assert answer.value.response.status_code == 401
+            assert server.metrics.refused.value("token") == len(refused)
+            async with RawClient.connect(server, additional_headers={"Authorization": "Bearer sesame-1234"},
+                                         subprotocols=[v1]) as client:  # the header still works
+                assert client.ws.subprotocol == "worldloop.v1"
+                assert (await client.start())["type"] == "ready"
+            async with RawClient.connect(server, additional_headers={"Authorization": "Bearer sesame-1234"}) \
+                    as client:  # programs need not offer a subprotocol
+                assert client.ws.subprotocol is None
+                await client.start()
+            offer = {"Sec-WebSocket-Protocol": f"{v1}, {right}"}
+            status, _, _ = await http_get(f"http://127.0.0.1:{server.port}/metrics", offer)
+            assert status == 401  # the subprotocol counts on the websocket only
+    run(scenario())
+
+
+def test_tokens_must_be_subprotocol_safe() -> None:
+    for token in ("short", "has space in it", "comma,separated", "ünïcode-token", "x" * 257):
+        with pytest.raises(ValueError, match="websocket subprotocol"):
+            check_access_token(token)
+        with pytest.raises(ValueError, match="websocket subprotocol"):
+            WorldloopServer(None, ServerConfig(token=token))  # type: ignore[arg-type]
+    assert check_access_token("Az09!#$%&'*+-.^_`|~") == "Az09!#$%&'*+-.^_`|~"
+
+
+def test_serve_refuses_a_token_that_cannot_be_a_subprotocol(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["serve", "--preset", "tiny", "--token", "open sesame"]) == 2
+    assert "--token (or WORLDLOOP_TOKEN): an access token must be" in capsys.readouterr().err
+    monkeypatch.setenv("WORLDLOOP_TOKEN", "café-au-lait")
+    assert main(["serve", "--preset", "tiny"]) == 2
+    assert "websocket subprotocol" in capsys.readouterr().err
+
+
+def test_ready_says_whether_the_weights_are_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the model's choice (app/loading.py) through `worldloop serve` to `ready.trained` and /healthz."""
+    model_dir = random_model_dir(preset("tiny"), tmp_path / "model")
+
+    async def scenario(argv: list[str], trained: bool) -> None:
+        _, engine, config = serve.build(build_parser().parse_args(["serve", "--port", "0", *argv]))
+        engine.start()
+        try:
+            async with WorldloopServer(engine, config) as server, RawClient.connect(server) as client:
+                ready = await client.start()
+                assert ready["trained"] is trained and ready["model"] == "tiny"
+                _, _, body = await http_get(f"http://127.0.0.1:{server.port}/healthz")
+                assert json.loads(body)["trained"] is trained
+        finally:
+            await asyncio.to_thread(engine.close)
+
+    run(scenario(["--preset", "tiny"], False))
+    run(scenario(["--model", str(model_dir)], True))
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "not-shipped")
+    assert loading.choose_model(None, None, fallback=True).trained is False  # the out-of-the-box fallback
 
 
 def test_healthz_metrics_and_static_files(tmp_path: Path) -> None:

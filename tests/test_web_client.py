@@ -43,9 +43,10 @@ def test_theme_presets_are_the_worlds_own_prompts() -> None:
 class ServerThread:
     """A worldloop server with the fake model on its own event loop (Playwright's sync API owns ours)."""
 
-    def __init__(self, record_dir: Path) -> None:
-        self.engine = Engine(FakeWorldModel(height=64, width=64, fps=20), max_sessions=8).start()
-        config = ServerConfig(port=0, web_dir=WEB_DIR, record_dir=record_dir, resume_grace_s=5.0)
+    def __init__(self, record_dir: Path, *, token: str | None = None, trained: bool = True) -> None:
+        model = FakeWorldModel(height=64, width=64, fps=20)
+        self.engine = Engine(model, max_sessions=8, trained=trained).start()
+        config = ServerConfig(port=0, web_dir=WEB_DIR, record_dir=record_dir, resume_grace_s=5.0, token=token)
         self.server = WorldloopServer(self.engine, config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
@@ -108,6 +109,7 @@ class TestBrowserClient:
         assert page.text_content("#hud-model") == "fake" and page.text_content("#hud-device") == "cpu"
         assert page.text_content("#hud-steps") == "1"
         assert page.get_attribute("#status", "data-state") == "live"
+        assert page.is_hidden("#untrained") and page.is_hidden("#token-form")  # trained weights, no token
         page.wait_for_function("Number(document.getElementById('hud-fps').textContent) > 0",
                                timeout=TIMEOUT_MS)
 
@@ -196,6 +198,48 @@ class TestBrowserClient:
         assert state(page, "ready.resumed") is False
         count = state(page, "framesReceived")
         page.wait_for_function(f"window.worldloop.framesReceived > {count + 3}", timeout=TIMEOUT_MS)
+
+    def test_a_token_is_typed_in_kept_for_the_tab_and_never_put_in_the_url(self, browser,  # noqa: ANN001
+                                                                            tmp_path: Path) -> None:
+        secured = ServerThread(tmp_path, token="open-sesame_42", trained=False)
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        try:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(secured.server.url)
+            page.wait_for_selector("#token-form:not([hidden])", timeout=TIMEOUT_MS)
+            assert page.text_content("#token-note") == "This server needs an access token."
+            page.click("#token")
+            page.keyboard.type("not the token")
+            page.keyboard.press("Enter")
+            assert "8 or more" in page.text_content("#token-note") and state(page, "keys") == 0
+            page.fill("#token", "wrong-token-123")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('token-note').textContent.includes('refused')",
+                                   timeout=TIMEOUT_MS)
+            page.fill("#token", "open-sesame_42")
+            page.keyboard.press("Enter")
+            page.wait_for_function("window.worldloop.framesDrawn >= 3", timeout=TIMEOUT_MS)
+            assert page.is_hidden("#token-form") and page.is_visible("#untrained")  # random weights
+            assert state(page, "socket.protocol") == "worldloop.v1"
+            assert "sesame" not in page.url and "sesame" not in state(page, "socket.url")
+            page.reload()  # the token stays with the tab
+            page.wait_for_function("window.worldloop.framesDrawn >= 1", timeout=TIMEOUT_MS)
+            assert page.is_hidden("#token-form")
+            page.click("#record")
+            page.wait_for_selector("#rec-badge:not([hidden])", timeout=TIMEOUT_MS)
+            page.wait_for_function("window.worldloop.framesDrawn >= 10", timeout=TIMEOUT_MS)
+            page.click("#record")
+            with page.expect_download(timeout=TIMEOUT_MS) as download:  # the token goes as a header
+                page.click("#recordings a")
+            with av.open(download.value.path()) as container:
+                assert sum(1 for _ in container.decode(video=0)) >= 1
+            assert download.value.suggested_filename.endswith(".mp4")
+            assert not errors, f"JavaScript errors: {errors}"
+        finally:
+            context.close()
+            secured.close()
 
     def test_server_errors_show_in_a_toast(self, page) -> None:  # noqa: ANN001
         page.evaluate("window.worldloop.send('keys', {keys: 999, seq: 1})")

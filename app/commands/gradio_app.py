@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
-    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps).start()
-    demo = build_app(GradioWorld(engine, untrained=not choice.trained))
+    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, trained=choice.trained).start()
+    demo = build_app(GradioWorld(engine))
     try:
         _, url = launch(demo, host=args.host, port=args.port or None, share=args.share, block=False)
         print(f"worldloop gradio: {url} — model {choice.source} on {engine.device}, {engine.steps} step(s) "

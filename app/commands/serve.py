@@ -2,7 +2,7 @@
 
     worldloop serve                        # assets/default, or random weights with a warning
     worldloop serve --preset tiny --port 0 --record-dir runs/recordings
-    WORLDLOOP_TOKEN=secret worldloop serve --host 0.0.0.0 --allow-origin https://example.org
+    WORLDLOOP_TOKEN=$(openssl rand -hex 16) worldloop serve --host 0.0.0.0 --allow-origin https://example.org
 
 The browser client (app/web) is served at ``/``; the websocket is ``/ws`` (docs/protocol.md); health and
 metrics at ``/healthz`` and ``/metrics``. SIGTERM or Ctrl-C shuts down gracefully.
@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.cli import UserError
-from app.loading import choose_model, load_model
+from app.loading import ModelChoice, choose_model, load_model
 from models.config import PRESETS
 
 if TYPE_CHECKING:
-    from streaming.server import WorldloopServer
+    from streaming.engine import Engine
+    from streaming.server import ServerConfig, WorldloopServer
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -45,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is often fastest for "
                                                "small models on a busy machine)")
     p.add_argument("--token", default=os.environ.get("WORLDLOOP_TOKEN"),
-                   help="require 'Authorization: Bearer TOKEN' (default: $WORLDLOOP_TOKEN; prefer the "
-                        "variable: a command line is visible to other users)")
+                   help="require this access token: 'Authorization: Bearer TOKEN' from programs, typed into "
+                        "the page by browsers; 8+ characters from A-Z a-z 0-9 !#$%%&'*+-.^_`|~ (default: "
+                        "$WORLDLOOP_TOKEN; prefer the variable: a command line is visible to other users)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin to allow besides this server's own and localhost ('*': any); "
                         "its host name may then also be used to reach the server; repeatable")
@@ -69,8 +71,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--fps must be in 1..60, got {args.fps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be ≥ 1, got {args.threads}")
-    if args.token is not None and len(args.token) < 8:
-        raise UserError("--token must be at least 8 characters")
+    if args.token is not None:
+        from streaming.protocol import check_access_token
+
+        try:
+            check_access_token(args.token)
+        except ValueError as err:
+            raise UserError(f"--token (or WORLDLOOP_TOKEN): {err}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -82,13 +89,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
-    """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
+def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
+    """Check the options and load the model: its choice, the engine on it (not started), the server config."""
     from streaming.engine import Engine
-    from streaming.server import ServerConfig, run_server
+    from streaming.server import ServerConfig
 
     _check_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     choice = choose_model(args.model, args.preset, fallback=True)
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
@@ -100,10 +106,20 @@ def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | 
 
         torch.set_num_threads(args.threads)
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
-    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative)
+    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
+                    trained=choice.trained)
     config = ServerConfig(host=args.host, port=args.port, token=args.token,
                           allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
                           record_dir=args.record_dir, resume_grace_s=args.resume_grace)
+    return choice, engine, config
+
+
+def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
+    """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
+    from streaming.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    choice, engine, config = build(args)
 
     def ready(server: WorldloopServer) -> None:
         print(f"worldloop serve: {server.url} (websocket {server.url.replace('http', 'ws', 1)}ws) — model "

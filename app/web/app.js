@@ -7,6 +7,10 @@ import { FrameView, StreamMeter, setText, toast } from "./view.js";
 
 const HEADER_BYTES = 24;
 const MAGIC = "WLF1";
+const SUBPROTOCOL = "worldloop.v1";
+// A server started with a token wants it; the page keeps the one typed in for this tab only, never in the URL.
+const TOKEN_STORAGE = "worldloop.token";
+const TOKEN_CHARS = /^[0-9A-Za-z!#$%&'*+.^_`|~-]{8,256}$/; // a websocket subprotocol's characters (RFC 6455)
 
 // Theme presets: one prompt per theme of the built-in world, worded exactly as the world describes itself
 // (themes.json is checked against distill/world/themes.py by tests/test_web_client.py).
@@ -58,19 +62,75 @@ function connect() {
   clearTimeout(retryTimer);
   setStatus("connecting", state.session ? "reconnecting…" : "connecting…");
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-  socket = new WebSocket(url);
+  const token = sessionStorage.getItem(TOKEN_STORAGE);
+  // Browsers cannot set headers on a websocket, so the token is offered as a second subprotocol; the server
+  // checks it and answers with "worldloop.v1" alone.
+  socket = new WebSocket(url, token ? [SUBPROTOCOL, `worldloop.token.${token}`] : [SUBPROTOCOL]);
   socket.binaryType = "arraybuffer";
-  socket.onopen = sendStart;
+  let opened = false;
+  socket.onopen = () => {
+    opened = true;
+    sendStart();
+  };
   socket.onmessage = (e) => (typeof e.data === "string" ? onJson(JSON.parse(e.data)) : onFrame(e.data));
-  socket.onclose = (e) => {
+  socket.onclose = async (e) => {
     state.connected = false;
     if (!state.reconnect) return;
+    if (!opened && (await tokenRefused(token))) {
+      askForToken(token !== null);
+      return;
+    }
     // Exponential backoff with jitter, resuming the same session on the next start.
     const delay = Math.min(10000, 500 * 2 ** retries) * (0.75 + Math.random() * 0.5);
     retries += 1;
     setStatus("offline", `disconnected${e.reason ? `: ${e.reason}` : ""} — retrying in ${(delay / 1000).toFixed(1)} s`);
     retryTimer = setTimeout(connect, delay);
   };
+}
+
+// A refused handshake looks like any network failure to the page: ask the same endpoint over plain HTTP, with
+// the token as a header, whether the answer is 401 (unauthorized).
+async function tokenRefused(token) {
+  try {
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    return (await fetch("/ws", { headers, cache: "no-store" })).status === 401;
+  } catch {
+    return false; // the server is unreachable: keep retrying
+  }
+}
+
+function askForToken(refused) {
+  setStatus("offline", "this server needs an access token");
+  const note = refused ? "That access token was refused; try again." : "This server needs an access token.";
+  setText("token-note", note);
+  document.getElementById("token-form").hidden = false;
+  document.getElementById("token").focus();
+}
+
+function submitToken(e) {
+  e.preventDefault();
+  const input = document.getElementById("token");
+  const token = input.value.trim();
+  if (!TOKEN_CHARS.test(token)) {
+    setText("token-note", "A token is 8 or more letters, digits or ! # $ % & ' * + - . ^ _ ` | ~");
+    return;
+  }
+  sessionStorage.setItem(TOKEN_STORAGE, token);
+  input.value = "";
+  document.getElementById("token-form").hidden = true;
+  retries = 0;
+  connect();
+}
+
+/** Recordings behind a token need it as a header, which a plain link cannot send. */
+async function download(url, name) {
+  const token = sessionStorage.getItem(TOKEN_STORAGE);
+  const response = await fetch(url, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  if (!response.ok) return toast(`The download failed (HTTP ${response.status}).`);
+  const href = URL.createObjectURL(await response.blob());
+  Object.assign(document.createElement("a"), { href, download: name }).click();
+  setTimeout(() => URL.revokeObjectURL(href), 60_000);
+  return undefined;
 }
 
 function sendStart() {
@@ -123,11 +183,12 @@ function onReady(msg) {
   state.session = msg.session;
   state.connected = true;
   retries = 0;
+  document.getElementById("token-form").hidden = true;
   view.setFrameSize(msg.width, msg.height);
   setText("hud-model", msg.model);
   setText("hud-device", msg.device);
   setText("hud-steps", msg.steps);
-  document.getElementById("untrained").hidden = msg.trained !== false; // servers that say so
+  document.getElementById("untrained").hidden = msg.trained !== false; // random weights: the pictures are noise
   setText("seed", state.seed);
   setStatus("live", resumed ? "live (resumed)" : "live");
   document.getElementById("prompt").value = state.prompt;
@@ -243,6 +304,7 @@ function setupControls() {
     const recording = document.getElementById("record").getAttribute("aria-pressed") === "true";
     send("record", { action: recording ? "stop" : "start" });
   });
+  document.getElementById("token-form").addEventListener("submit", submitToken);
   document.getElementById("smooth").addEventListener("change", (e) => view.setSmooth(e.target.checked));
   const stage = document.getElementById("stage");
   stage.addEventListener("pointerdown", () => stage.focus());
@@ -278,8 +340,13 @@ function onRecording(msg) {
     label.textContent = `${msg.frames} frames`;
     const link = document.createElement("a");
     link.href = msg.url;
-    link.download = msg.file;
+    link.download = msg.name;
     link.textContent = "Download";
+    link.addEventListener("click", (e) => {
+      if (!sessionStorage.getItem(TOKEN_STORAGE)) return; // the plain link works
+      e.preventDefault();
+      download(msg.url, msg.name);
+    });
     li.append(label, link);
     document.getElementById("recordings").prepend(li);
   }
