@@ -28,6 +28,10 @@ Architectural choices, in the order the code below follows them:
    attention inside a clip. Training masks are built once per shape: SDPA with a boolean mask on CPU,
    flex-attention block masks on CUDA.
 6. Final layer: adaLN + a zero-initialised linear map back to patches; the output is the velocity v = ε - x0.
+7. Inference (``forward_cached``) runs only new frames against a ``KVCache`` view, with a small additive mask
+   from the same rule. One forward can carry the previous frame (clean; its K/V are returned for the cache)
+   and the new noisy frame: the cache pass fused into the next frame's forward. The last layer computes
+   outputs for the noisy frame only — the clean frame's K/V there are all the cache needs.
 """
 
 from __future__ import annotations
