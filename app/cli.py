@@ -20,7 +20,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "app.commands.rollout",
     "app.commands.world",
     "app.commands.train",
+    "app.commands.distill",
     "app.commands.eval",
+    "app.commands.bench",
 )
 
 

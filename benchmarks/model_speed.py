@@ -18,38 +18,20 @@ Prints a JSON document naming the hardware. Set OMP_WAIT_POLICY=PASSIVE on a bus
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+from app.bench import hardware, percentile, run_frames, sync
 from models.config import ModelConfig, preset
 from models.dit import DiT
 from models.kv_cache import KVCache
 from models.text import PromptEncoder
 from models.world_model import WorldModel
-
-KEYS = [1, 1, 17, 1, 33, 1, 0, 2]  # forward, forward+turn_left, … (held keys change now and then)
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    return platform.processor() or "unknown CPU"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> dict[str, float]:
@@ -64,10 +46,9 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
         sync(device)
         wall.append((time.perf_counter() - w) * 1e3)
         cpu.append((time.process_time() - c) * 1e3)
-    wall.sort()
     return {
         "wall_ms": round(statistics.median(wall), 2),
-        "wall_p90_ms": round(wall[int(0.9 * (len(wall) - 1))], 2),
+        "wall_p90_ms": round(percentile(wall, 0.9), 2),
         "cpu_ms": round(statistics.median(cpu), 2),
     }
 
@@ -87,27 +68,18 @@ def world_model_speed(
         config, device=device, prompt_encoder=encoder, max_sessions=batch, steps=steps, precision=precision
     )
     sessions = [wm.new_session("a stone dungeon with torches", seed=i) for i in range(batch)]
-    parts: list[tuple[float, float, int]] = []
-    wm.on_timings = lambda t: parts.append((t.dit_ms, t.decode_ms, t.forwards))
-    counter = iter(range(10**9))
-
-    def one() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.inference_mode():
-            k = KEYS[next(counter) % len(KEYS)]
-            wm.step(sessions, [k] * batch)
-
-    for _ in range(config.dit.sink + config.dit.window):
-        one()
-    parts.clear()
-    result = timed(one, device, frames, warmup=0)
-    dit = statistics.median(p[0] for p in parts)
-    decode = statistics.median(p[1] for p in parts)
-    return result | {
-        "dit_ms": round(dit, 2),
-        "decode_ms": round(decode, 2),
-        "forwards": parts[-1][2],
-        "fps": round(1e3 * batch / result["wall_ms"], 1),
-        "fps_cpu_time": round(1e3 * batch / result["cpu_ms"], 1) if device.type == "cpu" else None,
+    run_frames(wm, sessions, config.dit.sink + config.dit.window, autocast=autocast)
+    s = run_frames(wm, sessions, frames, autocast=autocast)
+    wall, cpu = statistics.median(s.wall_ms), statistics.median(s.cpu_ms)
+    return {
+        "wall_ms": round(wall, 2),
+        "wall_p90_ms": round(percentile(s.wall_ms, 0.9), 2),
+        "cpu_ms": round(cpu, 2),
+        "dit_ms": round(statistics.median(s.dit_ms), 2),
+        "decode_ms": round(statistics.median(s.decode_ms), 2),
+        "forwards": s.forwards,
+        "fps": round(1e3 * batch / wall, 1),
+        "fps_cpu_time": round(1e3 * batch / cpu, 1) if device.type == "cpu" else None,
     }
 
 
@@ -201,7 +173,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     header = {
-        "hardware": hardware(device),
+        "hardware": hardware(args.device),
         "device": device.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

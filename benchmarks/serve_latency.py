@@ -21,10 +21,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
-import platform
-import random
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +29,7 @@ from typing import Any
 
 import torch
 
+from app.bench import cpu_seconds, hardware, key_latencies, load_average, percentile, sustained_fps
 from streaming.client import WorldloopClient
 from streaming.engine import Engine
 from streaming.server import ServerConfig, WorldloopServer
@@ -53,56 +50,6 @@ def build_model(args: argparse.Namespace) -> Any:
 
     choice = choose_model(args.model, args.preset, fallback=True)
     return load_model(choice, device=args.device, steps=args.steps, max_sessions=max(args.clients, 1))
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def hardware(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "python": platform.python_version(), "torch": torch.__version__, "device": device,
-                            "load_average": os.getloadavg()}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-async def sustained_fps(client: WorldloopClient, seconds: float) -> float:
-    start, count = time.monotonic(), 0
-    while time.monotonic() - start < seconds:
-        await client.next_frame(10)
-        count += 1
-    return count / (time.monotonic() - start)
-
-
-async def key_latencies(client: WorldloopClient, trials: int, fps: int) -> list[float]:
-    rng = random.Random(0)
-    latencies = []
-    for i in range(trials):
-        await asyncio.sleep(rng.uniform(0, 1 / fps))  # a random phase of the frame clock
-        while client.buffered:  # frames already here were made before the change
-            await client.next_frame(10)
-        sent = time.monotonic()
-        seq = await client.set_keys(["forward", "turn_left"][i % 2])
-        while (await client.next_frame(10)).key_seq < seq:
-            pass
-        latencies.append((time.monotonic() - sent) * 1000)
-    return latencies
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def one_session(args: argparse.Namespace, url: str) -> dict[str, Any]:
@@ -201,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
     result["speculative"] = not args.no_speculative
-    result["hardware"] = hardware("cpu" if args.fake else args.device)
+    result["hardware"] = hardware("cpu" if args.fake else args.device) | {"load_average": load_average()}
     print_table(result)
     text = json.dumps(result, indent=2)
     print(text)

@@ -7,11 +7,23 @@ The teacher trains every frame of a clip at its own noise level σ (diffusion fo
 Noise levels are drawn logit-normal (Esser et al. 2024, "Scaling Rectified Flow Transformers", §3.1) and
 then shifted with the same timestep shift the sampler uses (``σ' = sσ / (1 + (s − 1)σ)``), which moves
 training mass towards the high noise levels a few-step sampler visits.
+
+Distillation (DESIGN §6.2–3) adds three objectives and the one ODE step they need:
+
+- consistency distillation: ``ode_step`` moves x from σ_n to σ_{n+1} along the teacher's x0 prediction (the
+  rectified-flow Euler/DDIM step); ``consistency_loss`` regresses the student's x0 at σ_n onto the EMA
+  student's x0 at σ_{n+1} (at σ_{n+1} = 0, onto the teacher's step result itself: the boundary condition);
+- distribution matching (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"):
+  ``dmd_gradient`` is (fake x0 − real x0) divided by the mean |x − real x0| of each sample, and
+  ``dmd_generator_loss`` applies it through a stop-gradient MSE target;
+- ``critic_loss``: flow matching of the critic (the fake score) on the generator's detached samples.
 """
 
 from __future__ import annotations
 
 import torch
+
+from models import sampling
 
 
 def _per_frame(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -22,19 +34,14 @@ def _per_frame(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(*sigma.shape, *([1] * (like.ndim - sigma.ndim))).to(like.dtype)
 
 
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """Timestep shift ``σ' = sσ / (1 + (s − 1)σ)``; s = 1 is the identity, s > 1 favours high noise."""
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
 def sample_sigmas(shape: tuple[int, ...], *, shift: float = 1.0, mean: float = 0.0, std: float = 1.0,
                   generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Logit-normal noise levels ``sigmoid(mean + std·n)``, then shifted; values in (0, 1)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
     n = torch.randn(shape, generator=generator, device=device)
-    return shift_sigma(torch.sigmoid(mean + std * n), shift)
+    return sampling.shift_sigma(torch.sigmoid(mean + std * n), shift)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -69,3 +76,54 @@ def dropout_mask(batch: int, p: float, *, generator: torch.Generator | None = No
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     return torch.rand(batch, generator=generator, device=device) < p
+
+
+def ode_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+             ) -> torch.Tensor:
+    """One rectified-flow ODE step from σ to σ_next along the predicted x0 (σ > 0; per sample or frame).
+
+    With ε̂ = (x − (1 − σ)·x0) / σ the implied noise, x_next = (1 − σ')·x0 + σ'·ε̂ = x0 + (σ'/σ)·(x − x0):
+    the Euler step x + (σ' − σ)·v of the velocity v = (x − x0)/σ.
+    """
+    ratio = _per_frame(sigma_next, x) / _per_frame(sigma, x)
+    return x0 + ratio * (x - x0)
+
+
+def consistency_loss(student_x0: torch.Tensor, ema_x0: torch.Tensor, x_next: torch.Tensor,
+                     sigma_next: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's x0 and the stop-gradient target, in float32.
+
+    The target is the EMA student's x0 at σ_next, or where σ_next = 0 the teacher's step result ``x_next``
+    itself (the consistency function is the identity at σ = 0).
+    """
+    at_data = _per_frame(sigma_next, x_next) == 0
+    target = torch.where(at_data, x_next.float(), ema_x0.float()).detach()
+    return (student_x0.float() - target).square().mean()
+
+
+def dmd_gradient(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor, eps: float = 1e-6
+                 ) -> torch.Tensor:
+    """The distribution-matching gradient (fake_x0 − real_x0) / mean|x − real_x0|, normaliser per sample.
+
+    Dividing by the real score's mean error keeps the step size the same across noise levels (DMD eq. 8).
+    """
+    x, fake_x0, real_x0 = x.detach().float(), fake_x0.detach().float(), real_x0.detach().float()
+    normaliser = (x - real_x0).abs().flatten(1).mean(1).clamp_min(eps)  # (B,)
+    return (fake_x0 - real_x0) / _per_frame(normaliser, x)
+
+
+def dmd_generator_loss(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor, eps: float = 1e-6
+                       ) -> torch.Tensor:
+    """0.5·mean((x − sg(x − g))²) with g = ``dmd_gradient``: its gradient with respect to x is g / x.numel().
+
+    The value is 0.5·mean(g²), a measure of the remaining mismatch; only its gradient trains the generator.
+    """
+    grad = dmd_gradient(x, fake_x0, real_x0, eps)
+    target = (x.detach().float() - grad).detach()
+    return 0.5 * (x.float() - target).square().mean()
+
+
+def critic_loss(v_pred: torch.Tensor, generated: torch.Tensor, noise: torch.Tensor,
+                frame_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow matching of the critic on the generator's samples (detached: the critic never moves them)."""
+    return flow_matching_loss(v_pred, generated.detach(), noise, frame_weight)

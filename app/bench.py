@@ -1,0 +1,381 @@
+"""Speed and memory of a world model as a player gets it: the library behind ``worldloop bench``.
+
+Also the measurement code that benchmarks/model_speed.py and benchmarks/serve_latency.py share. Phases of
+``run_bench``, in order, on one loaded model:
+
+1. Time to first frame: model load (weights and prompt encoder), a new session, its first frame (the
+   first-frame steps, decode and JPEG encode), each timed separately.
+2. Steady state: after a warm-up that fills the window, N frames of one session, each stepped, decoded and
+   JPEG-encoded; end-to-end FPS and per-part milliseconds (DiT with the fused cache pass, decode, encode).
+3. Serving: an ``Engine`` and a ``WorldloopServer`` in this process on 127.0.0.1 (a free port) and a real
+   websocket client: frames delivered per second, and key-to-frame latency — from sending `keys` to the
+   first frame whose header says that key seq was applied.
+4. Memory: peak RSS of the process (and the CUDA allocator's peak on a GPU), before the probe below.
+5. Sessions held at the target FPS: the engine steps 1, 2, 4, … sessions in one batch until the slowest
+   session's delivered FPS falls below the target, then bisects; encoding included, websockets not.
+
+Timings are host wall clock. On CUDA the DiT time is mostly launch time and the decode time includes
+waiting for the GPU; the end-to-end figures are exact either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.loading import ModelChoice, load_model
+from models.world_model import StepTimings, WorldModel
+from streaming.client import WorldloopClient
+from streaming.encoding import encode_image
+from streaming.engine import Engine
+from streaming.server import ServerConfig, WorldloopServer
+from streaming.session import Frame, SessionOptions
+
+PROMPT = "a dark stone dungeon with torch-lit walls"
+KEY_CYCLE = (1, 1, 17, 1, 33, 1, 0, 2)  # forward, forward+turn_left, …: held keys change now and then
+HOLD_TOLERANCE = 0.05  # a session "holds" the target at ≥ 95% of it: window edges cost a frame or two
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    steps: int | None = None  # denoising steps per frame (None: the model's)
+    frames: int = 150  # timed steady-state frames
+    warmup: int = 10  # untimed frames after the window has filled
+    quality: int = 80  # JPEG quality
+    serve_seconds: float = 5.0  # the served-FPS measurement
+    trials: int = 40  # key changes for the key-to-frame latency
+    target_fps: int | None = None  # None: the model's FPS
+    max_sessions_probe: int = 0  # 0: skip the concurrency probe
+    probe_seconds: float = 2.0  # each probed batch size
+    encode_workers: int = 2  # the engine's JPEG pool (worldloop serve uses 2)
+    seed: int = 0
+
+
+# ---- small shared helpers ----------------------------------------------------------------------------------
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 1]."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "p90": round(percentile(values, 0.9), 3)}
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> float:
+    """Process CPU time (user + system), all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def hardware(device: str) -> dict[str, Any]:
+    """CPU model, cores, torch threads and version, GPU name (None without one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return {"cpu": cpu, "cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": device, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def memory(device: torch.device) -> dict[str, float | None]:
+    """Peak RSS of this process so far, and the CUDA allocator's peak on a GPU (MiB)."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    cuda = round(torch.cuda.max_memory_allocated(device) / MIB, 1) if device.type == "cuda" else None
+    return {"peak_rss_mib": round(peak_kib / 1024, 1), "cuda_max_allocated_mib": cuda}
+
+
+# ---- frames of a model, in this thread -------------------------------------------------------------------
+
+@dataclass
+class FrameSamples:
+    """Per ``step`` call: wall and process-CPU ms of the whole frame, and its parts."""
+
+    wall_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    dit_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    encode_ms: list[float] = field(default_factory=list)
+    forwards: int = 0
+
+
+def run_frames(wm: WorldModel, sessions: Sequence[Any], count: int, *, quality: int | None = None,
+               autocast: bool = False) -> FrameSamples:
+    """``count`` frames of every session (one batched step each; keys cycle through ``KEY_CYCLE``).
+
+    ``quality``: also JPEG-encode every frame, as the server does. ``autocast``: bf16 autocast.
+    """
+    samples, seen = FrameSamples(), []
+    previous, wm.on_timings = wm.on_timings, seen.append
+    try:
+        for _ in range(count):
+            keys = [KEY_CYCLE[sessions[0].frame_index % len(KEY_CYCLE)]] * len(sessions)
+            sync(wm.device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            bf16 = torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=autocast)
+            with bf16, torch.inference_mode():
+                rgb = wm.step(sessions, keys)
+            encode = time.perf_counter()
+            if quality is not None:
+                for frame in rgb:
+                    encode_image(frame, "jpeg", quality)
+            end = time.perf_counter()
+            timings: StepTimings = seen[-1]
+            samples.wall_ms.append((end - wall) * 1e3)
+            samples.cpu_ms.append((time.process_time() - cpu) * 1e3)
+            samples.dit_ms.append(timings.dit_ms)
+            samples.decode_ms.append(timings.decode_ms)
+            samples.encode_ms.append((end - encode) * 1e3)
+            samples.forwards = timings.forwards
+    finally:
+        wm.on_timings = previous
+    return samples
+
+
+def first_frame(choice: ModelChoice, options: BenchOptions) -> tuple[WorldModel, Any, dict[str, float]]:
+    """Load the model, open a session, make its first frame: the model, the session and the three times."""
+    start = time.perf_counter()
+    wm = load_model(choice, device=options.device, steps=options.steps, seed=options.seed, max_sessions=1)
+    sync(wm.device)
+    loaded = time.perf_counter()
+    session = wm.new_session(PROMPT, seed=options.seed)
+    sync(wm.device)
+    opened = time.perf_counter()
+    samples = run_frames(wm, [session], 1, quality=options.quality)
+    return wm, session, {"model_load_s": round(loaded - start, 3),
+                         "new_session_ms": round((opened - loaded) * 1e3, 2),
+                         "first_frame_ms": round(samples.wall_ms[0], 2),
+                         "total_s": round(time.perf_counter() - start, 3)}
+
+
+def steady_state(wm: WorldModel, session: Any, options: BenchOptions) -> dict[str, Any]:
+    """End-to-end FPS and per-part ms of one session, after the window has filled."""
+    dit = wm.config.dit
+    run_frames(wm, [session], max(0, dit.sink + dit.window - session.frame_index) + options.warmup,
+               quality=options.quality)
+    start = time.perf_counter()
+    s = run_frames(wm, [session], options.frames, quality=options.quality)
+    elapsed = time.perf_counter() - start
+    other = [w - d - c - e for w, d, c, e in zip(s.wall_ms, s.dit_ms, s.decode_ms, s.encode_ms, strict=True)]
+    return {
+        "frames": options.frames,
+        "fps": round(options.frames / elapsed, 2),
+        "cpu_ms_per_frame": round(statistics.median(s.cpu_ms), 3),
+        "dit_forwards_per_frame": s.forwards,
+        "ms": {"frame": summary(s.wall_ms), "dit": summary(s.dit_ms), "decode": summary(s.decode_ms),
+               "encode": summary(s.encode_ms), "other": summary(other)},
+    }
+
+
+# ---- the websocket path ----------------------------------------------------------------------------------
+
+async def sustained_fps(client: WorldloopClient, seconds: float) -> float:
+    """Frames received per second over ``seconds``."""
+    start, count = time.monotonic(), 0
+    while time.monotonic() - start < seconds:
+        await client.next_frame(10)
+        count += 1
+    return count / (time.monotonic() - start)
+
+
+async def key_latencies(client: WorldloopClient, trials: int, fps: int, seed: int = 0) -> list[float]:
+    """ms from sending `keys` to the first frame made with them, sent at random phases of the frame clock."""
+    rng = random.Random(seed)
+    latencies = []
+    for i in range(trials):
+        await asyncio.sleep(rng.uniform(0, 1 / fps))
+        while client.buffered:  # frames already here were made before the change
+            await client.next_frame(10)
+        sent = time.monotonic()
+        seq = await client.set_keys(["forward", "turn_left"][i % 2])
+        while (await client.next_frame(10)).key_seq < seq:
+            pass
+        latencies.append((time.monotonic() - sent) * 1000)
+    return latencies
+
+
+async def _served(engine: Engine, options: BenchOptions, fps: int, warmup_s: float) -> dict[str, Any]:
+    config = ServerConfig(host="127.0.0.1", port=0, ping_interval_s=None)  # port 0: a free one
+    async with WorldloopServer(engine, config) as server:
+        async with WorldloopClient(f"ws://127.0.0.1:{server.port}/ws") as client:
+            start = time.perf_counter()
+            await client.start(PROMPT, seed=options.seed, fps=fps, quality=options.quality)
+            await client.next_frame(60)
+            start_ms = (time.perf_counter() - start) * 1e3
+            await sustained_fps(client, warmup_s)
+            served = await sustained_fps(client, options.serve_seconds)
+            latencies = await key_latencies(client, options.trials, fps, options.seed)
+            stats = await client.stats()
+    return {"target_fps": fps, "fps": round(served, 2), "start_to_first_frame_ms": round(start_ms, 1),
+            "key_to_frame_ms": {"p50": round(percentile(latencies, 0.5), 2),
+                                "p95": round(percentile(latencies, 0.95), 2),
+                                "mean": round(statistics.fmean(latencies), 2), "trials": len(latencies)},
+            "speculative_kept": stats.speculative_kept, "speculative_discarded": stats.speculative_discarded,
+            "deadlines_missed": stats.deadlines_missed}
+
+
+def serving(wm: WorldModel, options: BenchOptions, fps: int, trained: bool) -> dict[str, Any]:
+    """One session through a real server and websocket client, in this process."""
+    engine = Engine(wm, max_sessions=1, fps=fps, encode_workers=options.encode_workers, trained=trained)
+    engine.start()
+    try:
+        return asyncio.run(_served(engine, options, fps, _warmup_seconds(wm, fps)))
+    finally:
+        engine.close()
+
+
+def _warmup_seconds(wm: WorldModel, fps: int) -> float:
+    """Long enough for the first frame and a full window at the target FPS."""
+    return max(1.0, (wm.config.dit.sink + wm.config.dit.window) / fps + 0.5)
+
+
+# ---- concurrent sessions -----------------------------------------------------------------------------------
+
+def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions, fps: int) -> dict[str, Any]:
+    """FPS each of ``sessions`` sessions gets from the engine (frames encoded, not sent)."""
+    counts = [0] * sessions
+    steps: list[StepTimings] = []
+
+    def counter(i: int) -> Callable[[Frame], None]:
+        def on_frame(frame: Frame) -> None:
+            counts[i] += 1  # one lane per session: never two threads on one counter
+        return on_frame
+
+    handles = [engine.open_session(SessionOptions(PROMPT, options.seed + i, fps=fps, quality=options.quality),
+                                   on_frame=counter(i)) for i in range(sessions)]
+    try:
+        for handle in handles:
+            handle.started.result(timeout=300)
+        time.sleep(_warmup_seconds(wm, fps))
+        wm.on_timings = steps.append
+        before, start = list(counts), time.monotonic()
+        time.sleep(options.probe_seconds)
+        after, elapsed = list(counts), time.monotonic() - start
+    finally:
+        wm.on_timings = None
+        for future in [h.close() for h in handles]:
+            future.result(timeout=60)
+    each = [(b - a) / elapsed for a, b in zip(before, after, strict=True)]
+    return {"sessions": sessions, "fps_min": round(min(each), 2),
+            "fps_median": round(statistics.median(each), 2),
+            "held": min(each) >= fps * (1 - HOLD_TOLERANCE),
+            "step_ms_median": round(statistics.median(t.total_ms for t in steps), 2) if steps else None,
+            "batch_median": statistics.median(t.batch for t in steps) if steps else None}
+
+
+def largest_passing(limit: int, passes: Callable[[int], bool]) -> int:
+    """The largest n in 1..limit with ``passes(n)``, 0 if none; ``passes`` must be monotone (true, then
+    false). Doubling from 1, then bisection between the last pass and the first failure."""
+    held, failed, size = 0, None, 1
+    while failed is None and held < limit:
+        if passes(size):
+            held, size = size, min(2 * size, limit)
+        else:
+            failed = size
+    while failed is not None and failed - held > 1:
+        middle = (held + failed) // 2
+        held, failed = (middle, failed) if passes(middle) else (held, middle)
+    return held
+
+
+def sessions_at_target(wm: WorldModel, options: BenchOptions, fps: int, trained: bool) -> dict[str, Any]:
+    """The most sessions the engine serves at ``fps`` each, up to ``options.max_sessions_probe``."""
+    limit = options.max_sessions_probe
+    precision = "bf16" if wm.dtype == torch.bfloat16 else "fp32"
+    # The same modules with a cache pool large enough for the probe.
+    pool = WorldModel(wm.config, wm.dit, wm.vae, wm.prompt_encoder, device=wm.device, max_sessions=limit,
+                      steps=wm.steps, precision=precision)
+    engine = Engine(pool, max_sessions=limit, fps=fps, encode_workers=options.encode_workers, trained=trained)
+    engine.start()
+    probes: list[dict[str, Any]] = []
+
+    def holds(sessions: int) -> bool:
+        probes.append(_probe(engine, pool, sessions, options, fps))
+        return bool(probes[-1]["held"])
+
+    try:
+        held = largest_passing(limit, holds)
+    finally:
+        engine.close()
+    return {"probed": True, "target_fps": fps, "max_sessions_probe": limit, "sessions_held": held,
+            "limit_reached": held == limit, "probes": probes, "memory": memory(wm.device)}
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------
+
+def model_info(choice: ModelChoice, wm: WorldModel) -> dict[str, Any]:
+    dit_params = sum(p.numel() for p in wm.dit.parameters())
+    vae_params = sum(p.numel() for p in wm.vae.parameters())
+    return {"name": wm.config.name, "preset": choice.preset or wm.metadata.get("preset"),
+            "path": str(choice.path) if choice.path is not None else None, "trained": choice.trained,
+            "warning": choice.warning(),
+            "params": dit_params + vae_params, "dit_params": dit_params, "vae_params": vae_params,
+            "frame_size": list(wm.frame_shape), "tokens_per_frame": wm.config.tokens_per_frame,
+            "steps": wm.steps, "first_frame_steps": wm.config.sampling.first_frame_steps,
+            "dtype": str(wm.dtype).removeprefix("torch."), "fps": wm.config.fps}
+
+
+def run_bench(choice: ModelChoice, options: BenchOptions,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every phase of the module docstring → one JSON-ready report."""
+    say = progress or (lambda message: None)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    report: dict[str, Any] = {"tool": "worldloop bench", "version": 1,
+                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "hardware": hardware(options.device),
+                              "load_average": {"before": load_average()}, "options": asdict(options)}
+    say("loading the model and making its first frame")
+    wm, session, report["first_frame"] = first_frame(choice, options)
+    report["model"] = model_info(choice, wm)
+    fps = options.target_fps or wm.config.fps
+    report["options"]["target_fps"] = fps
+    say(f"steady state: {options.frames} frames")
+    report["steady"] = steady_state(wm, session, options)
+    wm.close_session(session)
+    say(f"serving: {options.serve_seconds:g} s of frames and {options.trials} key changes over a websocket")
+    report["serving"] = serving(wm, options, fps, choice.trained)
+    report["memory"] = memory(device)
+    if options.max_sessions_probe > 0:
+        say(f"concurrent sessions at {fps} FPS (up to {options.max_sessions_probe})")
+        report["concurrency"] = sessions_at_target(wm, options, fps, choice.trained)
+    else:
+        report["concurrency"] = {"probed": False, "target_fps": fps, "max_sessions_probe": 0}
+    report["load_average"]["after"] = load_average()
+    return report

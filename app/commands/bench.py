@@ -1,0 +1,170 @@
+"""``worldloop bench``: how fast a model plays on this machine — first frame, FPS, latency, memory, sessions.
+
+    worldloop bench                                   # what `worldloop play` uses, on the CPU
+    worldloop bench --threads 1 --steps 2 --json runs/bench.json
+    worldloop bench --model runs/student/model --device cuda --max-sessions-probe 256
+    worldloop bench --preset tiny --quick
+
+Prints a table and (with --json) writes a JSON report naming the hardware, the date, the load average, the
+model (trained or random weights) and the options. What each figure means: app/bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.cli import UserError
+from app.loading import choose_model
+from models.config import PRESETS
+
+# Full run, --quick run.
+FRAMES, WARMUP, TRIALS, SERVE_SECONDS, PROBE_SECONDS = (150, 30), (10, 3), (40, 12), (5.0, 2.0), (2.0, 1.0)
+GPU_PROBE = (512, 64)  # largest batch of sessions probed on a GPU (none on a CPU unless asked)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="measure speed, latency and memory of a model on this machine",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR",
+                        help="model directory (default: what `worldloop play` uses)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    p.add_argument("--quick", action="store_true", help="a short run: fewer frames, trials and seconds")
+    p.add_argument("--frames", type=int, help=f"timed steady-state frames (default: {FRAMES[0]}, quick "
+                                              f"{FRAMES[1]})")
+    p.add_argument("--warmup", type=int, help=f"untimed frames after the window fills (default: {WARMUP[0]})")
+    p.add_argument("--trials", type=int, help=f"key changes for the latency (default: {TRIALS[0]})")
+    p.add_argument("--serve-seconds", type=float,
+                   help=f"served-FPS measurement (default: {SERVE_SECONDS[0]})")
+    p.add_argument("--target-fps", type=int, help="FPS each session is served at (default: the model's)")
+    p.add_argument("--max-sessions-probe", type=int,
+                   help="probe concurrent sessions at the target FPS up to this many "
+                        f"(default: {GPU_PROBE[0]} on a GPU, 0 = off on a CPU)")
+    p.add_argument("--probe-seconds", type=float, help=f"per probed size (default: {PROBE_SECONDS[0]})")
+    p.add_argument("--encode-workers", type=int, default=2,
+                   help="JPEG encoder threads of the engine (default: %(default)s, as in `worldloop serve`)")
+    p.add_argument("--quality", type=int, default=80, help="JPEG quality (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sessions")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON report here")
+    p.set_defaults(func=run)
+
+
+def _pick(value: Any, defaults: tuple[Any, Any], quick: bool) -> Any:
+    return defaults[1 if quick else 0] if value is None else value
+
+
+def _check_device(device: str) -> None:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available here")
+
+
+def _check(args: argparse.Namespace) -> None:
+    _check_device(args.device)
+    limits = [("--threads", args.threads, 1, None), ("--steps", args.steps, 1, 8),
+              ("--frames", args.frames, 1, None), ("--warmup", args.warmup, 0, None),
+              ("--trials", args.trials, 1, None), ("--target-fps", args.target_fps, 1, 120),
+              ("--max-sessions-probe", args.max_sessions_probe, 0, None),
+              ("--encode-workers", args.encode_workers, 1, None), ("--quality", args.quality, 1, 100),
+              ("--serve-seconds", args.serve_seconds, 0.1, None),
+              ("--probe-seconds", args.probe_seconds, 0.1, None)]
+    for name, value, low, high in limits:
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f"≥ {low}"
+            raise UserError(f"{name} must be {bound}, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from app.bench import BenchOptions, run_bench
+
+    choice = choose_model(args.model, args.preset, fallback=True)
+    if choice.warning():
+        print(choice.warning(), file=sys.stderr, flush=True)
+    q = args.quick
+    options = BenchOptions(
+        device=args.device, threads=args.threads, steps=args.steps, frames=_pick(args.frames, FRAMES, q),
+        warmup=_pick(args.warmup, WARMUP, q), quality=args.quality,
+        serve_seconds=_pick(args.serve_seconds, SERVE_SECONDS, q), trials=_pick(args.trials, TRIALS, q),
+        target_fps=args.target_fps,
+        max_sessions_probe=_pick(args.max_sessions_probe, GPU_PROBE if args.device != "cpu" else (0, 0), q),
+        probe_seconds=_pick(args.probe_seconds, PROBE_SECONDS, q), encode_workers=args.encode_workers,
+        seed=args.seed)
+    report = run_bench(choice, options, progress=lambda m: print(f"worldloop bench: {m}", file=sys.stderr,
+                                                                   flush=True))
+    report["options"]["quick"] = q
+    print_report(report)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.json}")
+    return 0
+
+
+def _ms(part: dict[str, float]) -> str:
+    return f"{part['median']:.2f} / {part['p90']:.2f}"
+
+
+def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    hw, m, ff, st, sv = r["hardware"], r["model"], r["first_frame"], r["steady"], r["serving"]
+    mem = r["memory"]
+    weights = "trained" if m["trained"] else "[bold red]RANDOM (untrained) weights[/]"
+    rows = [
+        ("hardware", f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_available']} usable), "
+                     f"{hw['torch_threads']} torch threads" + (f", {hw['gpu']}" if hw["gpu"] else "")),
+        ("torch / date", f"{hw['torch']} / {r['date']}"),
+        ("load average before / after", f"{r['load_average']['before']} / {r['load_average']['after']}"),
+        ("model", f"{m['name']} ({m['path'] or 'preset ' + str(m['preset'])}), "
+                  f"{m['params'] / 1e6:.2f}M params, {m['frame_size'][0]}×{m['frame_size'][1]}, "
+                  f"{m['dtype']}, {weights}"),
+        ("device / steps", f"{hw['device']} / {m['steps']} (first frame {m['first_frame_steps']})"),
+        ("model load", f"{ff['model_load_s']:.2f} s"),
+        ("new session / first frame", f"{ff['new_session_ms']:.1f} ms / {ff['first_frame_ms']:.1f} ms"),
+        (f"steady FPS ({st['frames']} frames, end to end)", f"{st['fps']:.1f}"),
+    ]
+    rows += [(f"  {name} ms (median / p90)", _ms(st["ms"][name]))
+             for name in ("frame", "dit", "decode", "encode", "other")]
+    lat = sv["key_to_frame_ms"]
+    rows += [
+        (f"served FPS (target {sv['target_fps']})", f"{sv['fps']:.1f}"),
+        ("key→frame ms (p50 / p95)", f"{lat['p50']:.1f} / {lat['p95']:.1f}  ({lat['trials']} key changes)"),
+        ("start→first frame (websocket)", f"{sv['start_to_first_frame_ms']:.1f} ms"),
+        ("peak RSS", f"{mem['peak_rss_mib']:.0f} MiB"
+         + (f", CUDA max allocated {mem['cuda_max_allocated_mib']:.0f} MiB"
+            if mem["cuda_max_allocated_mib"] is not None else "")),
+    ]
+    c = r["concurrency"]
+    if c["probed"]:
+        sizes = ", ".join(f"{p['sessions']}:{p['fps_min']:.0f}" for p in c["probes"])
+        more = "+" if c["limit_reached"] else ""
+        rows.append((f"sessions held at {c['target_fps']} FPS",
+                     f"{c['sessions_held']}{more}  (sessions: slowest FPS — {sizes})"))
+    else:
+        rows.append(("sessions held at target FPS", "not probed (--max-sessions-probe N)"))
+    return rows
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="worldloop bench", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in _rows(report):
+        table.add_row(name, value)
+    Console().print(table)

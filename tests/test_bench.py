@@ -1,0 +1,135 @@
+"""``worldloop bench`` end to end on the tiny preset (a real server and websocket client on loopback), its
+report's fields, its option checks, and the small statistics helpers it shares with benchmarks/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.bench import largest_passing, percentile, summary
+from app.cli import main
+from models.config import preset
+from tests.train_fakes import random_model_dir
+
+pytestmark = pytest.mark.timeout(120)
+
+QUICK = ["--quick", "--threads", "1", "--frames", "4", "--warmup", "1", "--trials", "3",
+         "--serve-seconds", "0.3"]
+
+
+def bench(argv: list[str], tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *argv, *QUICK, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [percentile(values, q) for q in (0.0, 0.5, 1.0)] == [1.0, 3.0, 5.0]
+    assert percentile([7.0], 0.95) == 7.0
+    assert summary([float(v) for v in range(1, 12)]) == {"median": 6.0, "p90": 10.0}
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 8, 100])
+def test_largest_passing_doubles_then_bisects(limit: int) -> None:
+    for threshold in range(limit + 2):
+        asked: list[int] = []
+
+        def passes(n: int, threshold: int = threshold, asked: list[int] = asked) -> bool:
+            asked.append(n)
+            return n <= threshold
+
+        assert largest_passing(limit, passes) == min(threshold, limit)
+        assert len(asked) == len(set(asked)) and all(1 <= n <= limit for n in asked)
+        assert asked[0] == 1 and len(asked) <= 2 * max(1, limit).bit_length() + 1
+
+
+def test_bench_on_the_tiny_preset_reports_every_field(tmp_path: Path, single_thread: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    r = bench(["--preset", "tiny", "--max-sessions-probe", "2", "--probe-seconds", "0.4"], tmp_path)
+    table = capsys.readouterr().out
+    assert "worldloop bench" in table and "key→frame" in table and "RANDOM" in table
+
+    hw = r["hardware"]
+    assert hw["cpu"] and positive(hw["cores"]) and hw["torch_threads"] == 1 and hw["gpu"] is None
+    assert hw["torch"] == torch.__version__ and hw["device"] == "cpu"
+    assert r["tool"] == "worldloop bench" and r["date"][:2] == "20"
+    for when in ("before", "after"):
+        assert len(r["load_average"][when]) == 3 and all(x >= 0 for x in r["load_average"][when])
+
+    m = r["model"]
+    assert (m["name"], m["preset"], m["path"], m["trained"]) == ("tiny", "tiny", None, False)
+    assert "RANDOM" in m["warning"] and m["params"] == m["dit_params"] + m["vae_params"] > 0
+    assert m["frame_size"] == [preset("tiny").height, preset("tiny").width] and m["steps"] == 1
+
+    o = r["options"]
+    assert (o["device"], o["threads"], o["frames"], o["trials"], o["quick"]) == ("cpu", 1, 4, 3, True)
+    assert o["target_fps"] == preset("tiny").fps
+
+    ff = r["first_frame"]
+    assert all(positive(ff[k]) for k in ("model_load_s", "new_session_ms", "first_frame_ms", "total_s"))
+    assert ff["total_s"] * 1e3 >= ff["new_session_ms"] + ff["first_frame_ms"]
+
+    st = r["steady"]
+    assert st["frames"] == 4 and positive(st["fps"]) and positive(st["cpu_ms_per_frame"])
+    assert st["dit_forwards_per_frame"] == 1  # one step, cache pass fused
+    for part in ("frame", "dit", "decode", "encode"):
+        assert 0 < st["ms"][part]["median"] <= st["ms"][part]["p90"], part
+    assert st["ms"]["frame"]["median"] >= st["ms"]["dit"]["median"]
+
+    sv = r["serving"]
+    lat = sv["key_to_frame_ms"]
+    assert positive(sv["fps"]) and positive(sv["start_to_first_frame_ms"]) and lat["trials"] == 3
+    assert 0 < lat["p50"] <= lat["p95"]
+
+    assert positive(r["memory"]["peak_rss_mib"]) and r["memory"]["cuda_max_allocated_mib"] is None
+
+    c = r["concurrency"]
+    assert c["probed"] and c["max_sessions_probe"] == 2 and 0 <= c["sessions_held"] <= 2
+    assert [p["sessions"] for p in c["probes"]][:1] == [1]
+    for p in c["probes"]:
+        assert 0 <= p["fps_min"] <= p["fps_median"] and p["held"] == (p["fps_min"] >= 0.95 * c["target_fps"])
+    held = [p["sessions"] for p in c["probes"] if p["held"]]
+    assert c["sessions_held"] == max(held, default=0)
+    assert positive(c["memory"]["peak_rss_mib"])
+
+
+def test_bench_on_a_model_directory_is_flagged_trained(tmp_path: Path, single_thread: None) -> None:
+    model = random_model_dir(preset("tiny"), tmp_path / "model")
+    r = bench(["--model", str(model), "--steps", "2"], tmp_path)
+    m = r["model"]
+    assert m["trained"] is True and m["path"] == str(model) and m["warning"] is None
+    assert r["model"]["steps"] == 2 and r["steady"]["dit_forwards_per_frame"] == 2
+    assert r["concurrency"] == {"probed": False, "target_fps": 30, "max_sessions_probe": 0}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--frames", "0"], "--frames must be ≥ 1"),
+    (["--frames", "-5"], "--frames must be ≥ 1"),
+    (["--threads", "0"], "--threads must be ≥ 1"),
+    (["--steps", "9"], "--steps must be in 1..8"),
+    (["--trials", "0"], "--trials must be ≥ 1"),
+    (["--max-sessions-probe", "-1"], "--max-sessions-probe must be ≥ 0"),
+])
+def test_bad_options_are_one_line_exit_2(argv: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--preset", "tiny", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("worldloop bench: error:") and message in err
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--preset", "tiny", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
