@@ -145,9 +145,8 @@ def run_frames(wm: WorldModel, sessions: Sequence[Any], count: int, *, quality: 
             keys = [KEY_CYCLE[sessions[0].frame_index % len(KEY_CYCLE)]] * len(sessions)
             sync(wm.device)
             wall, cpu = time.perf_counter(), time.process_time()
-            bf16 = torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=autocast)
-            with bf16, torch.inference_mode():
-                rgb = wm.step(sessions, keys)
+            with torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=autocast):
+                rgb = wm.step(sessions, keys)  # no_grad inside, as in the engine
             encode = time.perf_counter()
             if quality is not None:
                 for frame in rgb:

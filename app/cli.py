@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Command modules, in the order their groups appear in ``worldloop --help``.
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP's default busy-wait makes two torch threads stall for ~16 ms on small ops whenever another
+    # process is busy (measured: up to 20x slower frames on a 2-core machine). It must be set before torch
+    # initialises OpenMP, i.e. before the command modules import torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -127,7 +127,8 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("hardware", f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_available']} usable), "
                      f"{hw['torch_threads']} torch threads" + (f", {hw['gpu']}" if hw["gpu"] else "")),
         ("torch / date", f"{hw['torch']} / {r['date']}"),
-        ("load average before / after", f"{r['load_average']['before']} / {r['load_average']['after']}"),
+        ("load average before / after", " / ".join(" ".join(f"{x:.2f}" for x in r["load_average"][w])
+                                                   for w in ("before", "after"))),
         ("model", f"{m['name']} ({m['path'] or 'preset ' + str(m['preset'])}), "
                   f"{m['params'] / 1e6:.2f}M params, {m['frame_size'][0]}×{m['frame_size'][1]}, "
                   f"{m['dtype']}, {weights}"),
