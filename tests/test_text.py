@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,6 +12,15 @@ import torch.nn.functional as F
 from models.text import TEXT_DIM, PromptEncoder, null_embedding, validate_prompt
 
 MAX_TOKENS = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Short sequences gain little from a second thread, and two threads stall when other processes run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,15 @@ from models.vae import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny convolutions gain nothing from a second thread, and two threads stall when other processes run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """Coloured stripes and checkers (B, 3, size, size) in [-1, 1]: random colours, period and orientation."""
     coords = torch.arange(size, dtype=torch.float32)
@@ -155,16 +164,7 @@ def test_calibrated_scale_gives_unit_latents_and_keeps_reconstructions() -> None
     assert torch.allclose(before, after, atol=1e-5)
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions gain nothing from a second thread and stall when another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_tiny_autoencoder_learns_stripes_and_checkers(one_thread: None) -> None:
+def test_tiny_autoencoder_learns_stripes_and_checkers() -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = LatentAutoencoder(preset("tiny"))
