@@ -41,7 +41,8 @@ def parse_keys(spec: str | Iterable[str] | int) -> int:
             continue
         name = ALIASES.get(name, name)
         if name not in KEYS:
-            raise ValueError(f"unknown key {raw!r}; known keys: {', '.join(KEYS)} (aliases: WASD, Q/E, arrows)")
+            known = ", ".join(KEYS)
+            raise ValueError(f"unknown key {raw!r}; known keys: {known} (aliases: WASD, Q/E, arrows)")
         mask |= 1 << KEYS.index(name)
     return mask
 
@@ -50,9 +51,12 @@ def key_names(mask: int) -> list[str]:
     return [k for i, k in enumerate(KEYS) if mask >> i & 1]
 
 
-def keys_to_tensor(masks: Iterable[int] | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+def keys_to_tensor(
+    masks: Iterable[int] | torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Bitmasks (any shape) → float multi-hot (..., NUM_KEYS)."""
-    m = torch.as_tensor(masks if isinstance(masks, torch.Tensor) else list(masks), dtype=torch.long, device=device)
+    values = masks if isinstance(masks, torch.Tensor) else list(masks)
+    m = torch.as_tensor(values, dtype=torch.long, device=device)
     bits = torch.arange(NUM_KEYS, device=m.device)
     return ((m.unsqueeze(-1) >> bits) & 1).float()
 
