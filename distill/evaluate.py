@@ -90,7 +90,8 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames
 
     Returns the open sessions and the generated frames uint8 (E, frames, H, W, 3).
     """
-    sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context])
+    sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context],
+                               first_keys=clips.keys[i, :context])
                 for i, p in enumerate(clips.prompts)]
     out = [wm.step(sessions, clips.keys[:, t].tolist())
            for t in tqdm(range(context, context + frames), desc="rollout", unit="frame", leave=False)]
@@ -189,10 +190,14 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
     explorer = Explorer(world.seeds)
     themes = [THEMES.index(p.theme) for p in world.params]
     first = [downsample(world.render(), k)]
+    first_keys = [torch.zeros(len(seeds), dtype=torch.long)]  # the first frame is made with no keys
     for _ in range(context - 1):
-        first.append(downsample(world.step(explorer.act(world)), k))
+        first_keys.append(explorer.act(world))
+        first.append(downsample(world.step(first_keys[-1]), k))
     start = np.stack([f.cpu().numpy() for f in first], 1)
-    sessions = [wm.new_session(world.prompts[i], seed=cfg.seed + 1000 + i, first_frames=start[i])
+    start_keys = torch.stack([m.cpu() for m in first_keys], 1).numpy()
+    sessions = [wm.new_session(world.prompts[i], seed=cfg.seed + 1000 + i, first_frames=start[i],
+                               first_keys=start_keys[i])
                 for i in range(len(seeds))]
     total = max(1, round(cfg.drift_seconds * wm.config.fps))
     points: list[dict[str, Any]] = []

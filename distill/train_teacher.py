@@ -271,7 +271,8 @@ def write_samples(run: RunDir, config: ModelConfig, ema_dit: nn.Module, vae: Lat
                     max_sessions=1)
     context = config.dit.sink + 2
     engine = clip.frames[0].cpu().numpy()
-    session = wm.new_session(clip.prompts[0], seed=step, first_frames=engine[:context])
+    session = wm.new_session(clip.prompts[0], seed=step, first_frames=engine[:context],
+                             first_keys=clip.keys[0, :context].cpu().numpy())
     generated = [wm.step([session], [int(k)])[0] for k in clip.keys[0, context:].tolist()]
     side = [torch.cat([torch.from_numpy(e), torch.from_numpy(g)], 1).numpy()
             for e, g in zip(engine[context:], generated, strict=True)]

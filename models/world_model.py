@@ -144,10 +144,16 @@ class WorldModel:
 
     # -- sessions ------------------------------------------------------------------------------------------
 
-    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None) -> Session:
-        """Open a session in a free cache slot; ``first_frames`` uint8 (T, H, W, 3) become its context."""
+    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
+                    first_keys: Sequence[int] | np.ndarray | None = None) -> Session:
+        """Open a session in a free cache slot; ``first_frames`` uint8 (T, H, W, 3) become its context.
+
+        ``first_keys`` (T bitmasks) are the keys each context frame was made with, as in training; without
+        them the context frames carry no keys.
+        """
         prompt_kv = self._encode_prompt(prompt)  # validates before any state changes
         latents = self._encode_frames(first_frames) if first_frames is not None else None
+        context_keys = self._context_keys(first_keys, 0 if latents is None else len(latents))
         free = [i for i in range(self.max_sessions) if i not in self._sessions]
         if not free:
             raise RuntimeError(f"all {self.max_sessions} sessions of the model are in use")
@@ -157,8 +163,7 @@ class WorldModel:
         self.cache.set_prompt([session.slot], prompt_kv)
         if latents is not None:
             frames = torch.arange(len(latents), device=self.device)
-            keys = torch.zeros(len(latents), self.config.dit.num_keys, device=self.device)
-            self._write_context(session, self._at_context_sigma(session, latents), keys, frames)
+            self._write_context(session, self._at_context_sigma(session, latents), context_keys, frames)
             session.frame_index = len(latents)
         return session
 
@@ -341,6 +346,18 @@ class WorldModel:
             got = f"{frames.dtype} {frames.shape}"
             raise ValueError(f"first_frames must be uint8 (T, {h}, {w}, 3), got {got}")
         return self.vae.encode_frames(frames).to(self.device)
+
+    def _context_keys(self, first_keys: Sequence[int] | np.ndarray | None, count: int) -> Tensor:
+        """Multi-hot keys (count, num_keys) for the context frames; zeros (no keys) when not given."""
+        if first_keys is None:
+            return torch.zeros(count, self.config.dit.num_keys, device=self.device)
+        masks = [int(m) for m in np.asarray(first_keys).reshape(-1)]
+        if len(masks) != count:
+            raise ValueError(f"first_keys must give one key state per first frame ({count}), "
+                             f"got {len(masks)}")
+        if any(not 0 <= m <= ALL_KEYS_MASK for m in masks):
+            raise ValueError(f"first_keys must be key bitmasks in 0..{ALL_KEYS_MASK}")
+        return keys_to_tensor(masks, device=self.device)
 
     def _at_context_sigma(self, session: Session, latents: Tensor) -> Tensor:
         """Latents as the cache sees them: re-noised to ``context_sigma`` with the session's RNG (if > 0)."""

@@ -209,3 +209,17 @@ def test_guidance_runs_with_the_null_prompt(prompt_encoder: PromptEncoder, tiny_
     frames = [wm.step([s], [1]) for _ in range(3)]
     assert wm.last_timings.forwards == 4  # 2 steps × (conditional + null)
     assert all(f.shape == (1, *wm.frame_shape, 3) for f in frames)
+
+
+def test_first_keys_condition_the_context_frames(wm: WorldModel, fresh) -> None:
+    h, w = wm.frame_shape
+    context = np.random.default_rng(0).integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+    plain = wm.generate([fresh(seed=5, first_frames=context)], [1])
+    no_keys = wm.generate([fresh(seed=5, first_frames=context, first_keys=[0, 0, 0])], [1])
+    held = wm.generate([fresh(seed=5, first_frames=context, first_keys=[0, 1, 17])], [1])
+    assert torch.equal(plain, no_keys)  # no first_keys means no keys held
+    assert (held - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="one key state per first frame"):
+        fresh(first_frames=context, first_keys=[1, 1])
+    with pytest.raises(ValueError, match="bitmasks"):
+        fresh(first_frames=context, first_keys=[0, 1, 64])
