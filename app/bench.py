@@ -93,16 +93,20 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def hardware(device: str) -> dict[str, Any]:
-    """CPU model, cores, torch threads and version, GPU name (None without one)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's word for it elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str) -> dict[str, Any]:
+    """CPU model, cores, torch threads and version, GPU name (None without one)."""
+    cpu = cpu_name()
     cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     return {"cpu": cpu, "cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(),

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from app.bench import cpu_name
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -40,12 +41,6 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"server at {url} did not become healthy in {timeout:.0f} s")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def measure(url: str, seconds: float) -> dict[str, float]:

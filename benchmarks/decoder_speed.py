@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,20 +22,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from app.bench import cpu_name
 from models.config import preset
 from models.text import PromptEncoder
 from models.vae import Decoder, LatentAutoencoder, ResBlock
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn: Callable[[], object], reps: int, warmup: int = 5, rounds: int = 3) -> tuple[float, float]:
