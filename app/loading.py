@@ -8,18 +8,28 @@ untrained.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.checkpoint import read_config
-from models.config import ModelConfig, preset
+from models.config import PRESETS, ModelConfig, preset
 
 if TYPE_CHECKING:  # the model stack (torch, transformers) loads only when a command builds a model
     from models.world_model import WorldModel
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
 FALLBACK_PRESET = "default"
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options every model-serving command shares: where the weights come from, device and steps."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
 
 
 @dataclass(frozen=True)

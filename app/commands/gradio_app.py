@@ -12,8 +12,7 @@ import argparse
 import sys
 
 from app.cli import UserError
-from app.loading import choose_model, load_model
-from models.config import PRESETS
+from app.loading import add_model_options, choose_model, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,11 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: local only)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free port; default: %(default)s)")
     p.add_argument("--share", action="store_true", help="create a public Gradio link (off by default)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_model_options(p)
     p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
     p.set_defaults(func=run)

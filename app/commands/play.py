@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.commands import serve
-from app.loading import choose_model
-from models.config import PRESETS
+from app.loading import add_model_options, choose_model
 
 if TYPE_CHECKING:
     from streaming.server import WorldloopServer
@@ -36,11 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help="port (default: %(default)s, or a free one if that is taken; 0: any free port)")
     p.add_argument("--no-browser", action="store_true", help="only print the URL")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_model_options(p)
     p.add_argument("--record-dir", type=Path, metavar="DIR",
                    help="where the page's Record button saves videos (default: a new temporary directory)")
     p.set_defaults(func=run)

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.cli import UserError
-from app.loading import ModelChoice, choose_model, load_model
-from models.config import PRESETS
+from app.loading import ModelChoice, add_model_options, choose_model, load_model
 
 if TYPE_CHECKING:
     from streaming.engine import Engine
@@ -36,11 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: local only)")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free port; default: %(default)s)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="PATH", help="model directory (default: assets/default)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights (tests)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
-    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_model_options(p)
     p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
     p.add_argument("--threads", type=int,
