@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "app.commands.train",
     "app.commands.distill",
     "app.commands.eval",
+    "app.commands.export",
     "app.commands.bench",
 )
 

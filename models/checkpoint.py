@@ -4,9 +4,12 @@ A model directory (what ``WorldModel.from_pretrained`` reads):
 
     config.json           {"format": "worldloop-model", "version": 1, "config": ModelConfig.to_dict(),
                            "metadata": {"preset", "created", "step", ...training info}}
-    dit.safetensors       DiT weights
+    dit.safetensors       DiT weights (optional when dit_ema.safetensors is there)
     dit_ema.safetensors   EMA of the DiT weights (optional; bfloat16 by default — what ships)
     vae.safetensors       autoencoder weights
+
+``export_model`` writes the shipping form (``assets/default``): config, the EMA weights only and the
+autoencoder, about half the size of a training export.
 
 Training checkpoints use ``save_state``/``load_state``: one safetensors file per module, with string metadata
 in its header. Every problem — a missing file, a truncated or garbage file, a config that does not parse,
@@ -28,6 +31,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.dit import DiT
+from models.vae import LatentAutoencoder
 
 FORMAT = "worldloop-model"
 VERSION = 1
@@ -124,7 +129,7 @@ def save_model(path: str | Path, config: ModelConfig, dit: nn.Module, vae: nn.Mo
     """Write a model directory; ``metadata`` (step, training info, …) is stored in config.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": config.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    meta = {"preset": config.name, "created": _now(),
             "step": 0} | (metadata or {})
     save_state(path / DIT_FILE, dit)
     if dit_ema is not None:
@@ -157,7 +162,57 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFil
     """Read a model directory (shapes are checked when the weights are loaded into modules)."""
     path = Path(path)
     config, metadata = read_config(path)
-    dit, _ = read_state(path / DIT_FILE, device)
     ema = read_state(path / EMA_FILE, device)[0] if (path / EMA_FILE).exists() else None
+    if ema is not None and not (path / DIT_FILE).exists():
+        dit = ema  # an exported (shipping) directory: the EMA weights are the model
+    else:
+        dit, _ = read_state(path / DIT_FILE, device)
     vae, _ = read_state(path / VAE_FILE, device)
     return ModelFiles(config, metadata, dit, ema, vae)
+
+
+def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                 note: str | None = None) -> Path:
+    """The shipping form of a model directory: config, EMA weights (else the raw ones) in ``dtype``, VAE.
+
+    The copy is written beside ``out`` and renamed over it only once complete, and it is loaded back and
+    checked against the config before that, so a failed export leaves the previous ``out`` as it was.
+    """
+    source, out = Path(source), Path(out)
+    files = load_model(source)
+    weights = files.dit_ema if files.dit_ema is not None else files.dit
+    tmp = out.with_name(out.name + ".export-tmp")
+    if tmp.exists():
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    tmp.mkdir(parents=True)
+    save_state(tmp / EMA_FILE, weights, dtype=dtype)
+    save_state(tmp / VAE_FILE, files.vae)
+    meta = files.metadata | {"exported_from": str(source), "exported": _now(),
+                             "weights": "ema" if files.dit_ema is not None else "raw"}
+    if note:
+        meta["note"] = note
+    doc = {"format": FORMAT, "version": VERSION, "config": files.config.to_dict(), "metadata": meta}
+    (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _check_shapes(load_model(tmp), tmp)
+    if out.exists():
+        old = out.with_name(out.name + ".export-old")
+        out.replace(old)
+        tmp.replace(out)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.replace(out)
+    return out
+
+
+def _check_shapes(files: ModelFiles, root: Path) -> None:
+    """Load the weights into modules built from the config (raises CheckpointError on any mismatch)."""
+    load_into(DiT(files.config), files.dit, root / EMA_FILE)
+    load_into(LatentAutoencoder(files.config), files.vae, root / VAE_FILE)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()

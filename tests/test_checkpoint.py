@@ -10,6 +10,7 @@ import torch
 
 from models.checkpoint import (
     CheckpointError,
+    export_model,
     load_model,
     load_state,
     read_config,
@@ -85,6 +86,32 @@ def test_missing_files(model_dir: Path, tmp_path: Path) -> None:
         load_model(model_dir)
 
 
+def test_export_keeps_the_ema_only_and_plays_the_same(
+    model_dir: Path, tmp_path: Path, prompt_encoder: PromptEncoder
+) -> None:
+    out = export_model(model_dir, tmp_path / "shipped")
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "dit_ema.safetensors", "vae.safetensors"]
+    files = load_model(out)
+    assert files.metadata["step"] == 1200 and files.metadata["weights"] == "ema"
+    assert files.metadata["exported_from"] == str(model_dir)
+    shipped = WorldModel.from_pretrained(out, prompt_encoder=prompt_encoder, precision="fp32")
+    trained = WorldModel.from_pretrained(model_dir, prompt_encoder=prompt_encoder, precision="fp32")
+    assert torch.equal(frames_of(shipped), frames_of(trained))
+    # without an EMA file there is nothing to fall back on: the DiT file is required
+    (out / "dit_ema.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"dit\.safetensors: file not found"):
+        load_model(out)
+
+
+def test_failed_export_leaves_the_previous_one(model_dir: Path, tmp_path: Path) -> None:
+    out = export_model(model_dir, tmp_path / "shipped")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (model_dir / "vae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: not a readable safetensors file"):
+        export_model(model_dir, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_weights(model_dir: Path, damage: str) -> None:
     file = model_dir / "dit.safetensors"
@@ -129,3 +156,14 @@ def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
         r"unexpected blocks\.1",
     ):
         load_state(path, smaller)
+
+
+def test_export_command(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "a"), "--dtype", "fp16"]) == 0
+    assert "dit_ema.safetensors" in capsys.readouterr().out
+    assert load_model(tmp_path / "a").dit["blocks.0.qkv.weight"].dtype == torch.float16
+    assert main(["export", str(model_dir), "--out", str(model_dir)]) == 2
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
+    assert "not a model directory" in capsys.readouterr().err

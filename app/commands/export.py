@@ -1,0 +1,46 @@
+"""``worldloop export``: the shipping form of a trained model directory (what ``assets/default`` holds).
+
+    worldloop export runs/dmd/model --out assets/default
+    worldloop export runs/teacher/model --out /tmp/teacher-small --dtype fp32
+
+Keeps the config, the EMA weights (the raw weights when a run has no EMA) and the autoencoder; drops the raw
+fp32 DiT that only training needs. The result is checked against its config before it replaces ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.cli import UserError
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write the shipping form of a model directory",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="a model directory from train or distill")
+    p.add_argument("--out", type=Path, required=True, help="the directory to write (replaced when complete)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT weight type (default: %(default)s)")
+    p.add_argument("--note", help="a line stored in the metadata (e.g. how the model was trained)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import CheckpointError, export_model
+
+    if args.out.resolve() == args.model.resolve():
+        raise UserError("--out must differ from MODEL_DIR")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        out = export_model(args.model, args.out, dtype=dtype, note=args.note)
+    except CheckpointError as err:
+        raise UserError(str(err)) from err
+    sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
+    total = sum(sizes.values())
+    print(f"exported {args.model} → {out} ({total / 2**20:.1f} MiB: "
+          + ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in sizes.items()) + ")")
+    return 0
