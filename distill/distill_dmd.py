@@ -123,19 +123,23 @@ def draw(objective: DMDObjective, student_steps: int, shape: tuple[int, ...], ge
 
 
 def self_forcing_rollout(wm: WorldModel, sessions: Sequence[Session], prompts: Sequence[str],
-                         keys: torch.Tensor, seeds: Sequence[int], exit_steps: int, grad_frames: int
-                         ) -> torch.Tensor:
+                         keys: torch.Tensor, seeds: Sequence[int], exit_steps: int, grad_frames: int,
+                         prompt: PromptEmbedding | None = None) -> torch.Tensor:
     """The sessions restarted with new prompts and seeds and rolled out by ``wm`` over keys (B, F) → latents
     (B, F, C, h, w), the last ``grad_frames`` frames with gradients.
 
     The first frame takes the config's ``first_frame_steps`` as in play; later frames take ``exit_steps``
-    (for a 1–2-step student, stopping the student's grid after k steps is the k-step grid). The sessions
-    must stay untouched until the backward pass: it reads the cache's prompt K/V.
+    (for a 1–2-step student, stopping the student's grid after k steps is the k-step grid). ``prompt``, the
+    encoded ``prompts``: the frames with gradients attend to the student's K/V of it computed with
+    gradients, so the generator loss reaches the cross-attention projections as well.
     """
     wm.steps = exit_steps
-    for session, prompt, seed in zip(sessions, prompts, seeds, strict=True):
-        wm.reset(session, prompt=prompt, seed=seed)
-    return wm.rollout_latents(sessions, keys, grad_frames=grad_frames)
+    for session, text, seed in zip(sessions, prompts, seeds, strict=True):
+        wm.reset(session, prompt=text, seed=seed)
+    prompt_kv = None
+    if grad_frames and prompt is not None:
+        prompt_kv = wm.dit.prompt_kv(prompt.tokens.to(wm.device), prompt.mask.to(wm.device))
+    return wm.rollout_latents(sessions, keys, grad_frames=grad_frames, prompt=prompt_kv)
 
 
 def generator_loss(x: torch.Tensor, keys: torch.Tensor, prompt: PromptEmbedding, real: DiT, critic: DiT,
@@ -184,7 +188,7 @@ def dmd_step(m: DMDModels, prompts: Sequence[str], keys: torch.Tensor, prompt: P
     record: dict[str, float] = {"exit_steps": d.exit_steps, "lr": lr}
     with autocast(device, cfg.bf16):
         x = self_forcing_rollout(m.wm, m.sessions, prompts, keys, d.seeds, d.exit_steps,
-                                 objective.grad_frames if train_generator else 0)
+                                 objective.grad_frames if train_generator else 0, prompt)
         if train_generator:
             gen_loss = generator_loss(x, multi_hot, prompt, m.real, m.critic, d, objective, context_sigma)
     if train_generator:

@@ -255,27 +255,31 @@ class WorldModel:
         return latents
 
     def rollout_latents(self, sessions: Sequence[Session], keys: Tensor, *, grad_frames: int = 0,
-                        steps: int | None = None) -> Tensor:
+                        steps: int | None = None, prompt: PromptKV | None = None) -> Tensor:
         """Roll the sessions forward T frames with the inference cache policy → latents (B, T, C, h, w).
 
         ``keys``: bitmasks (B, T) or multi-hot (B, T, num_keys). For self-forcing training, the last
         ``grad_frames`` frames carry gradients through their final denoising step (one DiT forward each);
         earlier steps, earlier frames and every cache write run without gradients — gradients stop at the
         cache. ``steps`` overrides the step count of every frame (the first included) so all rows end on the
-        same call.
+        same call. ``prompt``: the sessions' prompt K/V computed by the caller with gradients (the same
+        prompts the sessions hold), used by the frames that carry gradients so the cross-attention
+        projections train too; the cache keeps its own detached copy.
         """
         out = []
         total = keys.shape[1]
         for t in range(total):
             grad = t >= total - grad_frames
             with torch.set_grad_enabled(grad):
-                latents, timings = self._generate(sessions, keys[:, t], False, grad=grad, steps=steps)
+                latents, timings = self._generate(sessions, keys[:, t], False, grad=grad, steps=steps,
+                                                  prompt=prompt if grad else None)
             self._report(timings)
             out.append(latents)
         return torch.stack(out, dim=1)
 
     def _generate(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool,
-                  grad: bool = False, steps: int | None = None) -> tuple[Tensor, StepTimings]:
+                  grad: bool = False, steps: int | None = None, prompt: PromptKV | None = None
+                  ) -> tuple[Tensor, StepTimings]:
         for s in sessions:
             self._check(s, plain=not speculative)
             if speculative and s.speculative >= self.config.dit.slack:
@@ -304,7 +308,10 @@ class WorldModel:
                 call.write_pending()  # the unfused cache pass: no gradient through the cache
         generators = [s.generator for s in sessions]
         noise = randn_rows(generators, self.latent_shape, self.device)
-        prompt = self.cache.view([s.slot for s in sessions]).prompt
+        if prompt is None:
+            prompt = self.cache.view([s.slot for s in sessions]).prompt
+        elif prompt.k.shape[1] != len(sessions):
+            raise ValueError(f"prompt K/V for {prompt.k.shape[1]} sessions, stepping {len(sessions)}")
         null = _expand_prompt(self._null_prompt, len(sessions))
         x0 = sample_frame(call, noise, sigmas, prompt, self.cache, generators, guidance=samp.guidance,
                           null_cond=null)

@@ -127,8 +127,10 @@ def test_dmd_step_trains_student_and_critic_through_the_world_model_rollout(
     rollout, append = WorldModel.rollout_latents, KVCache.append
 
     def spy_rollout(self: WorldModel, sessions: Any, keys: torch.Tensor, **kw: Any) -> torch.Tensor:
+        prompt = kw.get("prompt")
         rollouts.append({"frames": keys.shape[1], "first_frame_steps": self.config.sampling.first_frame_steps,
-                         **kw})
+                         "grad_frames": kw.get("grad_frames"),
+                         "prompt_with_grad": prompt is not None and prompt.k.requires_grad})
         return rollout(self, sessions, keys, **kw)
 
     def spy_append(self: KVCache, *args: Any, **kw: Any) -> None:
@@ -139,12 +141,14 @@ def test_dmd_step_trains_student_and_critic_through_the_world_model_rollout(
     monkeypatch.setattr(KVCache, "append", spy_append)
     objective = DMDObjective(guidance=2.0, critic_steps=5, critic_lr=1e-3, grad_frames=2)
     out = _dmd(tmp_path / "dmd", teacher, objective=objective, real=bidirectional)
-    assert rollouts == [{"frames": 3, "first_frame_steps": 2, "grad_frames": 2}]
+    assert rollouts == [{"frames": 3, "first_frame_steps": 2, "grad_frames": 2, "prompt_with_grad": True}]
     assert len(appends) >= 2  # frames 0 and 1 were written to the cache before frame 2 was generated
     record = _log(tmp_path / "dmd")[0]
     assert math.isfinite(record["generator_loss"]) and math.isfinite(record["critic_loss"])
     start = checkpoint.load_model(teacher).dit
-    assert {"blocks.0.qkv.weight", "final.linear.weight"} <= _changed(start, checkpoint.load_model(out).dit)
+    student = _changed(start, checkpoint.load_model(out).dit)
+    assert {"blocks.0.qkv.weight", "final.linear.weight"} <= student
+    assert {"blocks.0.cross_kv.weight", "text_proj.weight"} <= student  # the prompt path trains too
     state = read_checkpoint(tmp_path / "dmd" / "checkpoint.pt", "dmd")
     assert {"blocks.0.qkv.weight", "final.linear.weight"} <= _changed(start, state["modules"]["critic"])
     assert state["settings"]["real"] == str(bidirectional)

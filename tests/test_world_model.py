@@ -202,6 +202,24 @@ def test_rollout_latents_gradients_reach_the_weights_not_the_cache(wm: WorldMode
     wm.dit.zero_grad(set_to_none=True)
 
 
+def test_rollout_latents_with_a_grad_prompt_trains_cross_attention(wm: WorldModel, fresh,
+                                                                   prompt_encoder: PromptEncoder) -> None:
+    keys = torch.tensor([[1, 16, 0]])
+    plain = wm.rollout_latents([fresh("toxic lab", seed=4)], keys, grad_frames=1, steps=1)
+    wm.dit.zero_grad(set_to_none=True)
+    emb = prompt_encoder.encode(["toxic lab"])
+    kv = wm.dit.prompt_kv(emb.tokens, emb.mask)
+    out = wm.rollout_latents([fresh("toxic lab", seed=4)], keys, grad_frames=1, steps=1, prompt=kv)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)  # the same prompt, now with gradients
+    out[:, -1].square().mean().backward()
+    assert wm.dit.blocks[0].cross_kv.weight.grad is not None and wm.dit.text_proj.weight.grad is not None
+    assert wm.dit.blocks[0].cross_kv.weight.grad.abs().sum() > 0
+    wm.dit.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="prompt K/V for 1 sessions, stepping 2"):
+        wm.rollout_latents([fresh(seed=1), fresh(seed=2)], keys.expand(2, -1), grad_frames=1, steps=1,
+                           prompt=kv)
+
+
 def test_guidance_runs_with_the_null_prompt(prompt_encoder: PromptEncoder, tiny_config: ModelConfig) -> None:
     config = tiny_config.replace(sampling=SamplingConfig(steps=2, first_frame_steps=2, guidance=3.0))
     wm = make_model(config, prompt_encoder, max_sessions=1)
