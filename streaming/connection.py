@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -50,6 +52,23 @@ log = logging.getLogger(__name__)
 CLEAN_CLOSE_CODES = (1000, 1001)  # the client meant to leave: end its session at once
 
 
+class TokenBucket:
+    """``rate`` events per second on average after a burst of ``burst``: ``take`` says whether one may go."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.last = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class Connection:
     def __init__(self, ws: ServerConnection, server: WorldloopServer) -> None:
         self.ws = ws
@@ -60,6 +79,7 @@ class Connection:
         self.outbox = Outbox(ws.send, self.metrics, max_in_flight=config.max_in_flight,
                              send_timeout=config.send_timeout_s, ack_timeout=config.ack_timeout_s)
         self.live: LiveSession | None = None
+        self.commands = TokenBucket(config.command_rate, config.command_burst)
         self._loop = asyncio.get_running_loop()
         self._goodbye: asyncio.Task[None] | None = None
 
@@ -142,6 +162,11 @@ class Connection:
             elif isinstance(message, StatsRequest):
                 self._post(self._stats(live))
             else:
+                if not self.commands.take():
+                    c = self.server.config
+                    raise ProtocolError("rate_limited", f"at most {c.command_rate:g} commands a second "
+                                        f"after a burst of {c.command_burst}; this `{message.type}` was "
+                                        "dropped", request=message.type)
                 await self._command(live, message)
 
     def _require_session(self, request: str) -> LiveSession:

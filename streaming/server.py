@@ -47,6 +47,12 @@ class ServerConfig:
     resume_grace_s: float = 10.0  # how long a dropped connection's session waits to be resumed
     ping_interval_s: float | None = 10.0
     transport_max_bytes: int = 64 * 1024  # larger messages close the socket (1009); protocol limit is 4 KiB
+    command_rate: float = 5.0  # model commands (prompt, reset, snapshot, restore, record) per second…
+    command_burst: int = 10  # …after a burst of this many; more are answered `rate_limited`
+
+    def __post_init__(self) -> None:
+        if self.command_rate <= 0 or self.command_burst < 1:
+            raise ValueError("command_rate must be > 0 and command_burst >= 1")
 
 
 class WorldloopServer:

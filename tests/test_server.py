@@ -20,6 +20,7 @@ from app import loading
 from app.cli import build_parser, main
 from app.commands import serve
 from models.config import preset
+from streaming.connection import TokenBucket
 from streaming.encoding import decode_image
 from streaming.metrics import Metrics
 from streaming.outbox import Outbox, OutgoingFrame, Stalled
@@ -176,6 +177,38 @@ def test_invalid_messages_get_documented_errors_and_the_session_lives_on() -> No
                 assert (await client.reply())["type"] == "stats"
             await client.frames_from(client.frames[-1].header.frame_seq + 1 if client.frames else 0, 3)
             assert server.metrics.protocol_errors.value("bad_json") >= 5
+    run(scenario())
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.5  # one token back
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    now[0] += 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_command_spam_is_rate_limited_and_the_session_lives_on() -> None:
+    async def scenario() -> None:
+        limited = serve_fake(command_rate=1.0, command_burst=3)
+        async with limited as server, RawClient.connect(server) as client:
+            await client.start()
+            codes = []
+            for i in range(6):
+                await client.send({"type": "prompt", "prompt": f"cave number {i}"})
+                reply = await client.reply()
+                codes.append(reply.get("code", reply["type"]))
+            assert codes[:3] == ["ok"] * 3 and set(codes[3:]) == {"rate_limited"}, codes
+            assert server.metrics.protocol_errors.value("rate_limited") >= 3
+            await client.send({"type": "keys", "keys": ["forward"], "seq": 1})  # keys are never limited
+            await client.send({"type": "stats"})
+            assert (await client.reply())["type"] == "stats"
+            await asyncio.sleep(1.1)
+            await client.send({"type": "prompt", "prompt": "a frozen ice cave"})
+            assert (await client.reply())["type"] == "ok"
+            await client.frames_from(client.frames[-1].header.frame_seq + 1, 2)
     run(scenario())
 
 
