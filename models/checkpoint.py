@@ -12,15 +12,19 @@ A model directory (what ``WorldModel.from_pretrained`` reads):
 autoencoder, about half the size of a training export.
 
 Training checkpoints use ``save_state``/``load_state``: one safetensors file per module, with string metadata
-in its header. Every problem — a missing file, a truncated or garbage file, a config that does not parse,
-missing/unexpected tensors, a shape that does not match the config — raises ``CheckpointError`` naming the
-file and the problem.
+in its header. A module over ``SHARD_BYTES`` is written as shards ``dit-00001-of-00003.safetensors``, … (each
+under the 16 MiB a file that a GPU session can carry back); readers take either form under the plain name.
+Every problem — a missing file, a truncated or garbage file, a config that does not parse, missing/unexpected
+tensors, a shape that does not match the config, incomplete or mixed shards — raises ``CheckpointError``
+naming the file and the problem.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ FORMAT = "worldloop-model"
 VERSION = 1
 CONFIG_FILE, DIT_FILE, VAE_FILE = "config.json", "dit.safetensors", "vae.safetensors"
 EMA_FILE = "dit_ema.safetensors"
+SHARD_BYTES = 15 * 2**20  # the largest shard: files of at most 16 MiB travel back from the GPU machines
 
 
 class CheckpointError(ValueError):
@@ -67,32 +72,108 @@ def _state_of(state: nn.Module | dict[str, Tensor], dtype: torch.dtype | None) -
 
 
 def save_state(path: str | Path, state: nn.Module | dict[str, Tensor], metadata: dict[str, Any] | None = None,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write a module's state dict (floating tensors cast to ``dtype`` if given) with JSON-able metadata."""
+               dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a module's state dict (floating tensors cast to ``dtype`` if given) with JSON-able metadata.
+
+    Over ``shard_bytes`` the tensors go to numbered shards beside ``path`` (see the module docstring); every
+    shard names its set, so a reader never mixes shards of two writes. Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _state_of(state, dtype)
+    groups: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    stale = [path, *shard_files(path)]
     header = {"metadata": json.dumps(metadata or {}, sort_keys=True)}
+    if len(groups) == 1:
+        written = [_write_atomic(path, groups[0], header)]
+    else:
+        set_id = uuid.uuid4().hex
+        written = [_write_atomic(_shard_name(path, i + 1, len(groups)), group,
+                                 header | {"shard_set": set_id})
+                   for i, group in enumerate(groups)]
+    for old in stale:
+        if old not in written and old.exists():
+            old.unlink()
+    return path
+
+
+def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(_state_of(state, dtype), str(tmp), metadata=header)
+    save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)  # never leave a half-written file under the real name
     return path
 
 
+def _shard_name(path: Path, index: int, count: int) -> Path:
+    return path.with_name(f"{path.stem}-{index:05d}-of-{count:05d}{path.suffix}")
+
+
+def _shard_pattern(path: Path) -> re.Pattern[str]:
+    return re.compile(re.escape(path.stem) + r"-(\d{5})-of-(\d{5})" + re.escape(path.suffix))
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The shards written for ``path`` (empty when it was written whole), in order."""
+    path = Path(path)
+    pattern = _shard_pattern(path)
+    return sorted(f for f in path.parent.glob(f"{path.stem}-*{path.suffix}") if pattern.fullmatch(f.name))
+
+
+def state_exists(path: str | Path) -> bool:
+    """Whether ``path`` was written, whole or as shards."""
+    return Path(path).is_file() or bool(shard_files(path))
+
+
 def read_state(path: str | Path, device: torch.device | str = "cpu"
                ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a safetensors file → (tensors, metadata)."""
+    """Read a safetensors file, or the shards written in its place → (tensors, metadata)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        tensors, header = _read_file(path, device)
+        return tensors, _metadata(path, header)
+    shards = shard_files(path)
+    if not shards:
         raise CheckpointError(f"{path}: file not found")
+    pattern = _shard_pattern(path)
+    numbered = [(int(m.group(1)), int(m.group(2))) for m in (pattern.fullmatch(f.name) for f in shards) if m]
+    counts = {count for _, count in numbered}
+    if len(counts) != 1 or sorted(i for i, _ in numbered) != list(range(1, counts.pop() + 1)):
+        names = ", ".join(f.name for f in shards)
+        raise CheckpointError(f"{path}: incomplete or mixed shards ({names})")
+    tensors: dict[str, Tensor] = {}
+    headers = []
+    for shard in shards:
+        part, header = _read_file(shard, device)
+        tensors |= part
+        headers.append(header)
+    if len({h.get("shard_set") for h in headers}) != 1:
+        raise CheckpointError(f"{path}: its shards come from different writes (an interrupted save?)")
+    return tensors, _metadata(shards[0], headers[0])
+
+
+def _read_file(path: Path, device: torch.device | str) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            header = f.metadata() or {}
-        metadata = json.loads(header.get("metadata", "{}"))
+            return tensors, f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for truncated or garbage files
         problem = f"{type(err).__name__}: {err}"
         raise CheckpointError(f"{path}: not a readable safetensors file ({problem})") from err
-    return tensors, metadata
+
+
+def _metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(header.get("metadata", "{}")))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (bad metadata: {err})") from err
 
 
 def load_state(path: str | Path, module: nn.Module, strict: bool = True) -> dict[str, Any]:
@@ -162,8 +243,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFil
     """Read a model directory (shapes are checked when the weights are loaded into modules)."""
     path = Path(path)
     config, metadata = read_config(path)
-    ema = read_state(path / EMA_FILE, device)[0] if (path / EMA_FILE).exists() else None
-    if ema is not None and not (path / DIT_FILE).exists():
+    ema = read_state(path / EMA_FILE, device)[0] if state_exists(path / EMA_FILE) else None
+    if ema is not None and not state_exists(path / DIT_FILE):
         dit = ema  # an exported (shipping) directory: the EMA weights are the model
     else:
         dit, _ = read_state(path / DIT_FILE, device)

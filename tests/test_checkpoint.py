@@ -14,8 +14,10 @@ from models.checkpoint import (
     load_model,
     load_state,
     read_config,
+    read_state,
     save_model,
     save_state,
+    shard_files,
 )
 from models.config import DiTConfig, ModelConfig
 from models.dit import DiT
@@ -167,3 +169,47 @@ def test_export_command(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert main(["export", str(model_dir), "--out", str(model_dir)]) == 2
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_large_states_are_sharded_and_read_back_whole(tmp_path: Path, tiny_config: ModelConfig,
+                                                      prompt_encoder: PromptEncoder) -> None:
+    dit, vae = random_modules(tiny_config, 0)
+    size = sum(t.numel() * t.element_size() for t in dit.state_dict().values())
+    path = save_state(tmp_path / "dit.safetensors", dit, {"step": 3}, shard_bytes=size // 3)
+    shards = shard_files(path)
+    assert len(shards) >= 3 and not path.exists()
+    assert all(f.stat().st_size < size // 3 + 2**16 for f in shards)
+    loaded = DiT(tiny_config)
+    assert load_state(path, loaded) == {"step": 3}
+    assert all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), loaded.state_dict().values(),
+                                                 strict=True))
+    save_state(path, dit)  # written whole again: the shards go
+    assert path.is_file() and shard_files(path) == []
+    # a model directory with sharded weights loads and plays like the whole one
+    whole = save_model(tmp_path / "whole", tiny_config, dit, vae, dit_ema=dit)
+    sharded = save_model(tmp_path / "sharded", tiny_config, dit, vae, dit_ema=dit)
+    files = load_model(whole)
+    for name, state in (("dit.safetensors", files.dit), ("dit_ema.safetensors", files.dit_ema)):
+        assert state is not None
+        save_state(sharded / name, state, shard_bytes=size // 4)
+        assert len(shard_files(sharded / name)) >= 2 and not (sharded / name).exists()
+    a = WorldModel.from_pretrained(whole, prompt_encoder=prompt_encoder, precision="fp32")
+    b = WorldModel.from_pretrained(sharded, prompt_encoder=prompt_encoder, precision="fp32")
+    assert torch.equal(frames_of(a), frames_of(b))
+
+
+def test_missing_or_mixed_shards_are_clear_errors(tmp_path: Path, tiny_config: ModelConfig) -> None:
+    dit, _ = random_modules(tiny_config, 0)
+    path = tmp_path / "dit.safetensors"
+    size = sum(t.numel() * t.element_size() for t in dit.state_dict().values())
+    save_state(path, dit, shard_bytes=size // 3)
+    first = shard_files(path)
+    kept = first[0].read_bytes()
+    save_state(path, DiT(tiny_config), shard_bytes=size // 3)  # another write of the same shape
+    assert shard_files(path) == first
+    first[0].write_bytes(kept)  # one shard of the old write among the new ones
+    with pytest.raises(CheckpointError, match="shards come from different writes"):
+        read_state(path)
+    first[-1].unlink()
+    with pytest.raises(CheckpointError, match="incomplete or mixed shards"):
+        read_state(path)
