@@ -295,32 +295,58 @@ def save_videos(out: Path, clips: EngineClips, context: int, frames: dict[str, A
         write_video(out / f"drift{tag}.mp4", frames["drift"], max(1, min(fps, 10)))
 
 
-def run_eval(models: list[Path], steps: list[int | None], cfg: EvalConfig, out: Path, *,
+def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
              idm_path: Path | None, classifier_path: Path | None, device: torch.device,
              prompt_encoder: PromptEncoder | None = None) -> dict[str, Any]:
-    """Evaluate every (model, step count) on the same held-out engine clips; write report, videos, plots."""
+    """Evaluate every (model, step count) of ``plan`` (None: the model's own) on the same held-out engine
+    clips; write the report, videos, plots and a side-by-side table (``summary.md``)."""
     report: dict[str, Any] = {"config": asdict(cfg), "held_out_seed_start": HELD_OUT_SEED_START, "runs": []}
     clips_by_size: dict[tuple[int, int], EngineClips] = {}
-    for path in models:
-        for n in steps:
-            wm = WorldModel.from_pretrained(path, steps=n, device=device, prompt_encoder=prompt_encoder,
-                                            max_sessions=max(cfg.episodes, cfg.drift_sessions))
-            prompt_encoder = wm.prompt_encoder
-            idm, classifier, notes = load_helpers(idm_path, classifier_path, wm.frame_shape, device)
-            context = context_length(wm, cfg.context)
-            size = wm.frame_shape
-            needed = context + max(cfg.horizons) + cfg.switch_frames
-            if size not in clips_by_size or clips_by_size[size].frames.shape[1] < needed:
-                clips_by_size[size] = engine_clips(*size, cfg.episodes, needed, cfg.seed, device)
-            result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
-            tag = f"_{len(report['runs'])}" if len(models) * len(steps) > 1 else ""
-            result = {"model": str(path), "stage": wm.metadata.get("stage"),
-                      "train_step": wm.metadata.get("step"), "notes": notes, **result}
-            report["runs"].append(result)
-            save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
+    for path, n in plan:
+        wm = WorldModel.from_pretrained(path, steps=n, device=device, prompt_encoder=prompt_encoder,
+                                        max_sessions=max(cfg.episodes, cfg.drift_sessions))
+        prompt_encoder = wm.prompt_encoder
+        idm, classifier, notes = load_helpers(idm_path, classifier_path, wm.frame_shape, device)
+        context = context_length(wm, cfg.context)
+        size = wm.frame_shape
+        needed = context + max(cfg.horizons) + cfg.switch_frames
+        if size not in clips_by_size or clips_by_size[size].frames.shape[1] < needed:
+            clips_by_size[size] = engine_clips(*size, cfg.episodes, needed, cfg.seed, device)
+        result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
+        tag = f"_{len(report['runs'])}" if len(plan) > 1 else ""
+        result = {"model": str(path), "stage": wm.metadata.get("stage"),
+                  "train_step": wm.metadata.get("step"), "notes": notes, **result}
+        report["runs"].append(result)
+        save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
     write_report(out, report)
+    (out / "summary.md").write_text(summary_table(report))
     from distill.eval_plots import plot_drift, plot_horizons
 
     plot_horizons(report, out / "horizons.png")
     plot_drift(report, out / "drift.png")
     return report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The runs side by side as a Markdown table, the copy-last-frame baseline first."""
+    runs = report["runs"]
+    horizons = list(runs[0]["horizons"]) if runs else []
+    head = (["model", "steps"] + [f"PSNR h{h}" for h in horizons] + [f"SSIM h{h}" for h in horizons]
+            + ["keys (per key)", "prompt adherence", "drift confidence first → last"])
+    rows = [head, ["---"] * len(head)]
+    if runs:
+        base = runs[0]["horizons"]
+        rows.append(["copy last frame", "–"] + [f"{base[h]['copy_last_psnr']:.2f}" for h in horizons]
+                    + [f"{base[h]['copy_last_ssim']:.3f}" for h in horizons] + ["", "", ""])
+    for r in runs:
+        keys, adherence = r["keys"].get("model", {}).get("per_key"), r["prompt_switch"].get("adherence")
+        keys_text = "–" if keys is None else f"{keys:.3f}"
+        adherence_text = "–" if adherence is None else f"{adherence:.3f}"
+        summary = r["drift"].get("summary", {})
+        first, last = summary.get("model_confidence_first"), summary.get("model_confidence_last")
+        name = f"{r['model']} ({r.get('stage') or '?'}, step {r.get('train_step')})"
+        rows.append([name, str(r["steps"])] + [f"{r['horizons'][h]['psnr']:.2f}" for h in horizons]
+                    + [f"{r['horizons'][h]['ssim']:.3f}" for h in horizons]
+                    + [keys_text, adherence_text,
+                       "–" if first is None else f"{first:.2f} → {last:.2f} ({r['drift']['frames']} frames)"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"

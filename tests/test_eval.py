@@ -48,7 +48,7 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
     cfg = EvalConfig(episodes=2, horizons=(1, 2, 4), switch_frames=3, drift_seconds=0.2, drift_sessions=1,
                      drift_every=3)
     out = tmp_path / "eval"
-    report = run_eval([model], [1, 2], cfg, out, idm_path=tmp_path / "idm",
+    report = run_eval([(model, 1), (model, 2)], cfg, out, idm_path=tmp_path / "idm",
                       classifier_path=tmp_path / "classifier", device=torch.device("cpu"),
                       prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
     assert json.loads((out / "report.json").read_text())["config"]["episodes"] == 2
@@ -68,12 +68,16 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
         assert "model_sharpness_last" in drift["summary"] and run["notes"] == []
     for name in ("rollout_0.mp4", "rollout_1.mp4", "drift_0.mp4", "horizons.png", "drift.png"):
         assert (out / name).stat().st_size > 0
+    table = (out / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 1 + 2 and table[2].startswith("| copy last frame | – | ")
+    first = report["runs"][0]["horizons"]["1"]["psnr"]
+    assert table[3].split(" | ")[1:3] == ["1", f"{first:.2f}"]
 
 
 def test_eval_without_helpers_still_reports(tmp_path: Path) -> None:
     model = random_model_dir(TINY, tmp_path / "model")
     cfg = EvalConfig(episodes=1, horizons=(1,), switch_frames=1, drift_seconds=0.05, drift_sessions=1)
-    report = run_eval([model], [None], cfg, tmp_path / "eval", idm_path=None,
+    report = run_eval([(model, None)], cfg, tmp_path / "eval", idm_path=None,
                       classifier_path=tmp_path / "none", device=torch.device("cpu"),
                       prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
     run = report["runs"][0]
@@ -86,6 +90,8 @@ def test_eval_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["eval", str(tmp_path), "--horizons", "0,4"]) == 2
     assert main(["eval", str(tmp_path), "--steps", "two"]) == 2
     assert main(["eval", str(tmp_path), "--device", "cpu", "--drift-seconds", "0"]) == 2
+    assert main(["eval", f"{tmp_path}@1,x"]) == 2
+    assert main(["eval", f"{tmp_path / 'missing'}@2"]) == 2
     err = capsys.readouterr().err
     assert "not a model directory" in err and "--horizons" in err and "--steps" in err
-    assert "--drift-seconds" in err and len(err.strip().splitlines()) == 4
+    assert "--drift-seconds" in err and len(err.strip().splitlines()) == 6

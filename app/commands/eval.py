@@ -1,8 +1,12 @@
 """``worldloop eval MODEL [MODEL ...]``: world models against the built-in world's engine (held-out seeds).
 
-    worldloop eval assets/teacher --steps 16 --out runs/eval
+    worldloop eval runs/teacher/model --steps 16 --out runs/eval
     worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm \
         --classifier runs/classifier
+    worldloop eval runs/teacher/model@16 runs/dmd/model@2,1 --out runs/eval   # side by side
+
+MODEL@STEPS picks the step counts of one model (--steps, or the model's own, for the others). Writes
+report.json, summary.md (the runs side by side, copy-last-frame baseline first), rollout/drift MP4s and plots.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from app.cli import UserError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR, keys, prompts, drift)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="model directories")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model directories, each optionally @STEPS[,STEPS]")
     p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
     p.add_argument("--idm", type=Path, default=Path("runs/idm"), help="inverse-dynamics model directory")
@@ -47,17 +52,21 @@ def run(args: argparse.Namespace) -> int:
     from distill.evaluate import EvalConfig, run_eval
     from distill.train_common import resolve_device
 
-    for path in args.models:
+    steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
+    plan: list[tuple[Path, int | None]] = []
+    for spec in args.models:
+        text, at, own = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        path = Path(text)
         if not path.is_dir():
             raise UserError(f"{path}: not a model directory")
+        plan += [(path, n) for n in (_ints(own, "steps") if at else steps)]
     horizons = _ints(args.horizons, "horizons")
     if not horizons:
         raise UserError("--horizons needs at least one value")
-    steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
     cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
                      switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
                      drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed)
-    report = run_eval(args.models, steps, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
+    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
                       device=resolve_device(args.device))
     for r in report["runs"]:
         h = r["horizons"]
@@ -65,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['model']} @ {r['steps']} steps: PSNR dB {psnr}")
         for note in r["notes"]:
             print(f"  note: {note}")
-    print(f"report: {args.out / 'report.json'}")
+    print(f"report: {args.out / 'report.json'}; side by side: {args.out / 'summary.md'}")
     return 0
