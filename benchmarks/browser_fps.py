@@ -2,6 +2,7 @@
 headless Chromium (Playwright), frames counted by the page itself over a fixed time while W is held.
 
     python benchmarks/browser_fps.py --preset default --seconds 10
+    python benchmarks/browser_fps.py --model assets/default --screenshot docs/screenshots/web.png
 
 Prints one JSON line naming the hardware. Needs Debian's ``chromium`` (``apt-get install chromium``).
 """
@@ -43,7 +44,7 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 
 
 
-def measure(url: str, seconds: float) -> dict[str, float]:
+def measure(url: str, seconds: float, screenshot: str | None = None) -> dict[str, float]:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")
@@ -61,6 +62,8 @@ def measure(url: str, seconds: float) -> dict[str, float]:
         end = page.evaluate("window.worldloop.framesReceived")
         page.keyboard.up("w")
         latency = page.evaluate("window.worldloop.latencyMs ?? null")
+        if screenshot:  # the page as a player sees it after walking forward for the measurement
+            page.screenshot(path=screenshot)
         browser.close()
     return {"fps": (end - start) / seconds, "frames": end - start, "hud_latency_ms": latency}
 
@@ -71,6 +74,7 @@ def main() -> int:
     parser.add_argument("--preset", default="default", help="serve this preset (random weights)")
     parser.add_argument("--model", help="serve this model directory instead")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page at the end")
     args = parser.parse_args()
     port = free_port()
     source = ["--model", args.model] if args.model else ["--preset", args.preset]
@@ -79,7 +83,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
-        result = measure(url, args.seconds)
+        result = measure(url, args.seconds, args.screenshot)
     finally:
         server.terminate()
         server.wait(timeout=30)
