@@ -21,6 +21,7 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -253,8 +254,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFil
 
 
 def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                 note: str | None = None) -> Path:
+                 note: str | None = None, steps: int | None = None) -> Path:
     """The shipping form of a model directory: config, EMA weights (else the raw ones) in ``dtype``, VAE.
+
+    ``steps`` sets the denoising steps it plays with (its first frame keeps at least as many).
 
     The copy is written beside ``out`` and renamed over it only once complete, and it is loaded back and
     checked against the config before that, so a failed export leaves the previous ``out`` as it was.
@@ -274,7 +277,12 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
                              "weights": "ema" if files.dit_ema is not None else "raw"}
     if note:
         meta["note"] = note
-    doc = {"format": FORMAT, "version": VERSION, "config": files.config.to_dict(), "metadata": meta}
+    config = files.config
+    if steps is not None:
+        sampling = dataclasses.replace(config.sampling, steps=steps,
+                                       first_frame_steps=max(steps, config.sampling.first_frame_steps))
+        config = config.replace(sampling=sampling)
+    doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "metadata": meta}
     (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     _check_shapes(load_model(tmp), tmp)
     if out.exists():

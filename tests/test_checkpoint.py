@@ -163,9 +163,14 @@ def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
 def test_export_command(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from app.cli import main
 
-    assert main(["export", str(model_dir), "--out", str(tmp_path / "a"), "--dtype", "fp16"]) == 0
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "a"), "--dtype", "fp16", "--steps", "1",
+                 "--note", "a test"]) == 0
     assert "dit_ema.safetensors" in capsys.readouterr().out
-    assert load_model(tmp_path / "a").dit["blocks.0.qkv.weight"].dtype == torch.float16
+    files = load_model(tmp_path / "a")
+    assert files.dit["blocks.0.qkv.weight"].dtype == torch.float16 and files.metadata["note"] == "a test"
+    assert files.config.sampling.steps == 1
+    assert files.config.sampling.first_frame_steps == load_model(model_dir).config.sampling.first_frame_steps
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "c"), "--steps", "0"]) == 2
     assert main(["export", str(model_dir), "--out", str(model_dir)]) == 2
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "not a model directory" in capsys.readouterr().err

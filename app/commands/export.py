@@ -1,6 +1,6 @@
 """``worldloop export``: the shipping form of a trained model directory (what ``assets/default`` holds).
 
-    worldloop export runs/dmd/model --out assets/default
+    worldloop export runs/dmd/model --out assets/default --steps 1
     worldloop export runs/teacher/model --out /tmp/teacher-small --dtype fp32
 
 Keeps the config, the EMA weights (the raw weights when a run has no EMA) and the autoencoder; drops the raw
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, metavar="MODEL_DIR", help="a model directory from train or distill")
     p.add_argument("--out", type=Path, required=True, help="the directory to write (replaced when complete)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT weight type (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="denoising steps it plays with (default: the model's own)")
     p.add_argument("--note", help="a line stored in the metadata (e.g. how the model was trained)")
     p.set_defaults(func=run)
 
@@ -34,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.resolve() == args.model.resolve():
         raise UserError("--out must differ from MODEL_DIR")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        out = export_model(args.model, args.out, dtype=dtype, note=args.note)
+        out = export_model(args.model, args.out, dtype=dtype, note=args.note, steps=args.steps)
     except CheckpointError as err:
         raise UserError(str(err)) from err
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
