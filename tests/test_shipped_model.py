@@ -1,0 +1,82 @@
+"""The model that ships in assets/default: present, loadable by every command, small enough to carry, trained.
+
+"Trained" is checked by behaviour, not by metadata: started from engine frames of held-out worlds, its next
+frames must be far closer to the engine's than those of the same architecture with random weights, and a
+prompt must steer the colours of the world it makes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.loading import DEFAULT_MODEL_DIR, choose_model
+from distill import metrics
+from distill.evaluate import engine_clips
+from distill.world.themes import THEMES
+from models.checkpoint import load_model
+from models.world_model import WorldModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MAX_FILE_BYTES = 16 * 2**20  # what a GPU session can carry back, and a sane size for a git blob
+
+
+@pytest.fixture(scope="module")
+def shipped() -> WorldModel:
+    return WorldModel.from_pretrained(DEFAULT_MODEL_DIR, max_sessions=4)
+
+
+def test_the_default_model_ships_and_is_what_play_uses() -> None:
+    files = load_model(DEFAULT_MODEL_DIR)
+    assert files.config.name == "default" and files.dit_ema is not None
+    assert files.metadata.get("stage") in {"teacher", "cd", "dmd"} and files.metadata.get("step", 0) > 0
+    sizes = {f.name: f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir()}
+    assert all(size < MAX_FILE_BYTES for size in sizes.values()), sizes
+    choice = choose_model(None, None, fallback=True)
+    assert choice.trained and choice.path == DEFAULT_MODEL_DIR and choice.warning() is None
+
+
+def _next_frames(wm: WorldModel, frames: np.ndarray, keys: np.ndarray, prompts: list[str],
+                 context: int, steps: int) -> np.ndarray:
+    sessions = [wm.new_session(p, seed=i, first_frames=frames[i, :context], first_keys=keys[i, :context])
+                for i, p in enumerate(prompts)]
+    out = [wm.step(sessions, keys[:, t].tolist()) for t in range(context, context + steps)]
+    for s in sessions:
+        wm.close_session(s)
+    return np.stack(out, 1)
+
+
+def test_it_continues_engine_worlds_far_better_than_random_weights(shipped: WorldModel) -> None:
+    context, steps = shipped.config.dit.sink + shipped.config.dit.window, 4
+    clips = engine_clips(*shipped.frame_shape, 4, context + steps, seed=7, device=torch.device("cpu"))
+    truth = metrics.from_uint8(clips.frames[:, context:].reshape(-1, *shipped.frame_shape, 3))
+
+    def psnr(wm: WorldModel) -> float:
+        made = _next_frames(wm, clips.frames, clips.keys, clips.prompts, context, steps)
+        made_t = metrics.from_uint8(made.reshape(-1, *shipped.frame_shape, 3))
+        return metrics.psnr(made_t, truth).mean().item()
+
+    torch.manual_seed(0)
+    untrained = WorldModel.from_pretrained(DEFAULT_MODEL_DIR, max_sessions=4)
+    for p in untrained.dit.parameters():  # the same autoencoder, a DiT with fresh random weights
+        torch.nn.init.normal_(p, std=0.02)
+    trained_psnr, random_psnr = psnr(shipped), psnr(untrained)
+    assert trained_psnr > 17.0 and trained_psnr > random_psnr + 5.0, (trained_psnr, random_psnr)
+
+
+def test_prompts_steer_the_world(shipped: WorldModel) -> None:
+    """From nothing but a prompt (the built-in world's own wording), a hell fortress comes out redder than an
+    ice cave."""
+    worlds = engine_clips(*shipped.frame_shape, 64, 1, seed=11, device=torch.device("cpu"))
+    prompt = {THEMES[t]: p for t, p in zip(worlds.themes, worlds.prompts, strict=True)}
+
+    def redness(prompt: str) -> float:
+        s = shipped.new_session(prompt, seed=3)
+        frames = np.stack([shipped.step([s], [1])[0] for _ in range(3)]).reshape(-1, 3).astype(np.float64)
+        shipped.close_session(s)
+        return float(frames[:, 0].mean() - frames[:, 2].mean())  # red minus blue, 0..255 units
+
+    hell, ice = redness(prompt["hell fortress"]), redness(prompt["ice cave"])
+    assert hell > ice + 30, (prompt["hell fortress"], hell, prompt["ice cave"], ice)
