@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +218,13 @@ def save_model(path: str | Path, config: ModelConfig, dit: nn.Module, vae: nn.Mo
     if dit_ema is not None:
         save_state(path / EMA_FILE, dit_ema, dtype=ema_dtype)
     save_state(path / VAE_FILE, vae)
-    doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "metadata": meta}
-    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _write_config(path, config, meta)
     return path
+
+
+def _write_config(path: Path, config: ModelConfig, metadata: dict[str, Any]) -> None:
+    doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "metadata": metadata}
+    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -265,11 +270,9 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
     source, out = Path(source), Path(out)
     files = load_model(source)
     weights = files.dit_ema if files.dit_ema is not None else files.dit
-    tmp = out.with_name(out.name + ".export-tmp")
-    if tmp.exists():
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+    tmp, old = out.with_name(out.name + ".export-tmp"), out.with_name(out.name + ".export-old")
+    for leftover in (tmp, old):  # from an export that was interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_state(tmp / EMA_FILE, weights, dtype=dtype)
     save_state(tmp / VAE_FILE, files.vae)
@@ -282,18 +285,12 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
         sampling = dataclasses.replace(config.sampling, steps=steps,
                                        first_frame_steps=max(steps, config.sampling.first_frame_steps))
         config = config.replace(sampling=sampling)
-    doc = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "metadata": meta}
-    (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _write_config(tmp, config, meta)
     _check_shapes(load_model(tmp), tmp)
     if out.exists():
-        old = out.with_name(out.name + ".export-old")
         out.replace(old)
-        tmp.replace(out)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.replace(out)
+    tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
