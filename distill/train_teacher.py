@@ -234,14 +234,20 @@ def start_state(config: ModelConfig, cfg: TrainConfig, device: torch.device, run
     dit = DiT(config).to(device)
     ema = EMA(dit, cfg.ema_decay)
     previous_steps = 0
-    if init_from is not None and not resume:
-        previous_steps = init_weights(dit, ema, init_from)
+    if init_from is not None:  # a resumed run still counts the steps of the model it started from
+        previous_steps = steps_of(init_from) if resume else init_weights(dit, ema, init_from)
     optimizer = make_optimizer(dit, cfg, device)
     start = 0
     if resume:
         start = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules={"dit": dit},
                                 emas={"dit": ema}, optimizer=optimizer)
     return dit, ema, optimizer, start, previous_steps
+
+
+def steps_of(path: Path) -> int:
+    """Optimizer steps behind a model directory: its own and those of the model it was started from."""
+    _, metadata = checkpoint.read_config(path)
+    return int(metadata.get("step", 0)) + int(metadata.get("previous_steps", 0))
 
 
 def init_weights(dit: DiT, ema: EMA, path: Path) -> int:
@@ -251,7 +257,7 @@ def init_weights(dit: DiT, ema: EMA, path: Path) -> int:
     ema_state = files.dit_ema if files.dit_ema is not None else files.dit
     checkpoint.load_into(ema.module, ema_state, path / checkpoint.EMA_FILE)
     ema.updates = 10_000  # a warm average: use the full decay from the first update
-    return int(files.metadata.get("step", 0)) + int(files.metadata.get("previous_steps", 0))
+    return steps_of(path)
 
 
 def export(out: Path, config: ModelConfig, dit: DiT, ema_dit: nn.Module, vae: LatentAutoencoder, step: int,

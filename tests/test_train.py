@@ -119,6 +119,11 @@ def test_init_from_carries_weights_and_ema_with_a_fresh_optimizer(tmp_path: Path
     assert after.metadata["previous_steps"] == 2 and after.metadata["step"] == 1
     state = read_checkpoint(tmp_path / "second" / "checkpoint.pt", "teacher")
     assert all(s["step"].item() == 1 for s in state["optimizer"]["state"].values())  # a fresh AdamW
+    resumed = train_teacher(TINY, replace(config, steps=2), TeacherObjective(), setup_distributed("cpu"),
+                            vae_from=None, init_from=first, resume=True, prompt_encoder=FakePromptEncoder(16),
+                            clips=FakeClips(32, 32, 4))
+    again = checkpoint.load_model(resumed.model_dir)  # resuming still counts the steps it started from
+    assert again.metadata["previous_steps"] == 2 and again.metadata["step"] == 2
 
 
 def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
