@@ -100,21 +100,29 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames
 
 def horizon_metrics(generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
                     horizons: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """PSNR/SSIM (mean over episodes) of generated and copy-last frames at each horizon (1 = first frame)."""
-    out: dict[str, dict[str, float]] = {}
+    """PSNR/SSIM (mean over episodes) of generated and copy-last frames at each horizon (1 = first frame).
+
+    ``psnr_gain`` is the mean per-episode PSNR of the model minus that of copy-last, ``psnr_gain_se`` its
+    standard error over the episodes (None with one episode): a gain within ~2 SE of 0 is a tie.
+    """
+    out: dict[str, dict[str, float | None]] = {}
     last = metrics.from_uint8(last_context)
     for h in horizons:
         truth = metrics.from_uint8(engine[:, h - 1])
         model = metrics.from_uint8(generated[:, h - 1])
-        out[str(h)] = {"psnr": _mean(metrics.psnr(model, truth)), "ssim": _mean(metrics.ssim(model, truth)),
-                       "copy_last_psnr": _mean(metrics.psnr(last, truth)),
-                       "copy_last_ssim": _mean(metrics.ssim(last, truth))}
+        psnr, copy_psnr = _capped(metrics.psnr(model, truth)), _capped(metrics.psnr(last, truth))
+        gain = psnr - copy_psnr
+        out[str(h)] = {"psnr": float(psnr.mean()), "ssim": float(metrics.ssim(model, truth).mean()),
+                       "copy_last_psnr": float(copy_psnr.mean()),
+                       "copy_last_ssim": float(metrics.ssim(last, truth).mean()),
+                       "psnr_gain": float(gain.mean()),
+                       "psnr_gain_se": float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else None}
     return out
 
 
-def _mean(values: torch.Tensor) -> float:
-    """Mean over finite values (an identical pair gives PSNR = inf; it is capped at 100 dB)."""
-    return float(values.clamp(max=100.0).mean())
+def _capped(values: torch.Tensor) -> torch.Tensor:
+    """PSNR per episode, capped at 100 dB (an identical pair gives inf)."""
+    return values.clamp(max=100.0)
 
 
 def idm_metrics(idm: EvaluatorNet, generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
@@ -345,8 +353,17 @@ def summary_table(report: dict[str, Any]) -> str:
         summary = r["drift"].get("summary", {})
         first, last = summary.get("model_confidence_first"), summary.get("model_confidence_last")
         name = f"{r['model']} ({r.get('stage') or '?'}, step {r.get('train_step')})"
-        rows.append([name, str(r["steps"])] + [f"{r['horizons'][h]['psnr']:.2f}" for h in horizons]
+        rows.append([name, str(r["steps"])] + [_psnr_cell(r["horizons"][h]) for h in horizons]
                     + [f"{r['horizons'][h]['ssim']:.3f}" for h in horizons]
                     + [keys_text, adherence_text,
                        "–" if first is None else f"{first:.2f} → {last:.2f} ({r['drift']['frames']} frames)"])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+    notes = ("\nPSNR cells: mean over the episodes (gain over copy-last ± its standard error over the "
+             "episodes).\n")
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + notes
+
+
+def _psnr_cell(h: dict[str, Any]) -> str:
+    if h.get("psnr_gain") is None:  # reports written before the gain was measured
+        return f"{h['psnr']:.2f}"
+    se = "" if h.get("psnr_gain_se") is None else f" ± {h['psnr_gain_se']:.2f}"
+    return f"{h['psnr']:.2f} ({h['psnr_gain']:+.2f}{se})"

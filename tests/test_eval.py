@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from app.cli import main
 from distill.data import ClipPool, WorldClips
-from distill.evaluate import EvalConfig, run_eval
+from distill.evaluate import EvalConfig, horizon_metrics, run_eval
 from distill.evaluators import EvaluatorNet, default_config, load_evaluator, save_evaluator, train_evaluator
 from distill.run import RunError
 from distill.train_common import TrainConfig, setup_distributed
@@ -56,8 +57,10 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
     for run in report["runs"]:
         assert set(run["horizons"]) == {"1", "2", "4"}
         for h in run["horizons"].values():
-            assert set(h) == {"psnr", "ssim", "copy_last_psnr", "copy_last_ssim"}
+            assert set(h) == {"psnr", "ssim", "copy_last_psnr", "copy_last_ssim", "psnr_gain", "psnr_gain_se"}
             assert 0 < h["psnr"] < 100 and -1 <= h["ssim"] <= 1 and h["copy_last_psnr"] > 0
+            assert h["psnr_gain"] == pytest.approx(h["psnr"] - h["copy_last_psnr"], abs=1e-4)
+            assert h["psnr_gain_se"] >= 0
         assert set(run["keys"]) == {"model", "engine"} and 0 <= run["keys"]["model"]["per_key"] <= 1
         switch = run["prompt_switch"]
         assert 0 <= switch["adherence"] <= 1 and 0 <= switch["engine_theme_accuracy"] <= 1
@@ -68,10 +71,22 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
         assert "model_sharpness_last" in drift["summary"] and run["notes"] == []
     for name in ("rollout_0.mp4", "rollout_1.mp4", "drift_0.mp4", "horizons.png", "drift.png"):
         assert (out / name).stat().st_size > 0
-    table = (out / "summary.md").read_text().splitlines()
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 1 + 2 and table[2].startswith("| copy last frame | – | ")
-    first = report["runs"][0]["horizons"]["1"]["psnr"]
-    assert table[3].split(" | ")[1:3] == ["1", f"{first:.2f}"]
+    h1 = report["runs"][0]["horizons"]["1"]
+    cell = f"{h1['psnr']:.2f} ({h1['psnr_gain']:+.2f} ± {h1['psnr_gain_se']:.2f})"
+    assert table[3].split(" | ")[1:3] == ["1", cell]
+
+
+def test_horizon_gain_over_copy_last_and_its_standard_error() -> None:
+    rng = np.random.default_rng(0)
+    engine = rng.integers(0, 256, (3, 2, 8, 8, 3), dtype=np.uint8)
+    last = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    as_copy = horizon_metrics(np.repeat(last[:, None], 2, 1), engine, last, (1, 2))["2"]
+    assert as_copy["psnr_gain"] == 0 and as_copy["psnr_gain_se"] == 0
+    exact = horizon_metrics(engine.copy(), engine, last, (1, 2))["1"]
+    assert exact["psnr"] == 100.0 and exact["psnr_gain"] > 80 and exact["psnr_gain_se"] < 5
+    assert horizon_metrics(engine[:1], engine[:1], last[:1], (1,))["1"]["psnr_gain_se"] is None
 
 
 def test_eval_without_helpers_still_reports(tmp_path: Path) -> None:
