@@ -50,8 +50,11 @@ class EvalConfig:
     drift_sessions: int = 2
     drift_every: int = 30  # frames between drift measurements
     seed: int = 0
+    context_sigma: float | None = None  # overrides each model's sampling.context_sigma (None: its own)
 
     def __post_init__(self) -> None:
+        if self.context_sigma is not None and not 0.0 <= self.context_sigma < 1.0:
+            raise ValueError(f"--context-sigma must be in [0, 1), got {self.context_sigma}")
         if self.episodes < 1 or not self.horizons or min(self.horizons) < 1:
             raise ValueError("--episodes and every horizon must be at least 1")
         if self.context < 0 or self.switch_frames < 1 or self.drift_every < 1 or self.drift_sessions < 1:
@@ -312,7 +315,8 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
     clips_by_size: dict[tuple[int, int], EngineClips] = {}
     for path, n in plan:
         wm = WorldModel.from_pretrained(path, steps=n, device=device, prompt_encoder=prompt_encoder,
-                                        max_sessions=max(cfg.episodes, cfg.drift_sessions))
+                                        max_sessions=max(cfg.episodes, cfg.drift_sessions),
+                                        context_sigma=cfg.context_sigma)
         prompt_encoder = wm.prompt_encoder
         idm, classifier, notes = load_helpers(idm_path, classifier_path, wm.frame_shape, device)
         context = context_length(wm, cfg.context)
@@ -323,7 +327,8 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
         result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
         tag = f"_{len(report['runs'])}" if len(plan) > 1 else ""
         result = {"model": str(path), "stage": wm.metadata.get("stage"),
-                  "train_step": wm.metadata.get("step"), "notes": notes, **result}
+                  "train_step": wm.metadata.get("step"), "context_sigma": wm.config.sampling.context_sigma,
+                  "notes": notes, **result}
         report["runs"].append(result)
         save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
     write_report(out, report)
@@ -353,6 +358,8 @@ def summary_table(report: dict[str, Any]) -> str:
         summary = r["drift"].get("summary", {})
         first, last = summary.get("model_confidence_first"), summary.get("model_confidence_last")
         name = f"{r['model']} ({r.get('stage') or '?'}, step {r.get('train_step')})"
+        if r.get("context_sigma"):
+            name += f", context σ {r['context_sigma']:g}"
         rows.append([name, str(r["steps"])] + [_psnr_cell(r["horizons"][h]) for h in horizons]
                     + [f"{r['horizons'][h]['ssim']:.3f}" for h in horizons]
                     + [keys_text, adherence_text,

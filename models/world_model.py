@@ -9,7 +9,8 @@ batched) and the *pending* frame — the newest generated frame, whose K/V are n
 One step for a batch of sessions (``generate``):
 1. Per-session σ grids (``first_frame_steps`` on frame 0, else ``steps``) and noise from each session's RNG.
 2. ``sampling.sample_frame`` with a model function whose first call runs [pending clean frame | noisy new
-   frame] in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``) while
+   frame] in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``; frames given
+   to ``new_session`` are real and enter it at σ 0) while
    denoising the new frame — the cache pass fused into the next frame's forward, so a 1-step frame costs one
    forward.
 3. The x0 prediction becomes the session's pending frame; ``step`` decodes it to uint8 RGB.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,16 @@ class WorldModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu",
                         *, prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8,
-                        precision: str = "auto", ema: bool = True) -> WorldModel:
-        """Load a model directory (``models/checkpoint.py``), with its EMA weights if present and ``ema``."""
+                        precision: str = "auto", ema: bool = True,
+                        context_sigma: float | None = None) -> WorldModel:
+        """Load a model directory (``models/checkpoint.py``), with its EMA weights if present and ``ema``.
+
+        ``context_sigma`` overrides the model's ``sampling.context_sigma`` (the σ its generated frames are
+        re-noised to before they enter the cache)."""
         files = load_model(path)
         config = files.config
+        if context_sigma is not None:
+            config = config.replace(sampling=replace(config.sampling, context_sigma=context_sigma))
         dit, vae = DiT(config), LatentAutoencoder(config)
         use_ema = ema and files.dit_ema is not None
         weights, source = (files.dit_ema, EMA_FILE) if use_ema else (files.dit, DIT_FILE)
@@ -162,8 +169,10 @@ class WorldModel:
         self.cache.reset(session.slot)
         self.cache.set_prompt([session.slot], prompt_kv)
         if latents is not None:
+            # Given frames are real, so they enter the cache clean (σ 0, which the model is trained on);
+            # only generated frames are re-noised to ``context_sigma`` to hide the model's own errors.
             frames = torch.arange(len(latents), device=self.device)
-            self._write_context(session, self._at_context_sigma(session, latents), context_keys, frames)
+            self._write_context(session, latents, context_keys, frames, torch.zeros(len(frames)))
             session.frame_index = len(latents)
         return session
 

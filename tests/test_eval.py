@@ -107,6 +107,7 @@ def test_eval_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["eval", str(tmp_path), "--device", "cpu", "--drift-seconds", "0"]) == 2
     assert main(["eval", f"{tmp_path}@1,x"]) == 2
     assert main(["eval", f"{tmp_path / 'missing'}@2"]) == 2
+    assert main(["eval", str(tmp_path), "--device", "cpu", "--context-sigma", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "not a model directory" in err and "--horizons" in err and "--steps" in err
-    assert "--drift-seconds" in err and len(err.strip().splitlines()) == 6
+    assert "--drift-seconds" in err and "--context-sigma" in err and len(err.strip().splitlines()) == 7

@@ -241,3 +241,24 @@ def test_first_keys_condition_the_context_frames(wm: WorldModel, fresh) -> None:
         fresh(first_frames=context, first_keys=[1, 1])
     with pytest.raises(ValueError, match="bitmasks"):
         fresh(first_frames=context, first_keys=[0, 1, 64])
+
+
+def test_given_frames_enter_the_cache_clean_generated_ones_at_context_sigma(
+        prompt_encoder: PromptEncoder, tiny_config: ModelConfig, tmp_path) -> None:
+    from models.checkpoint import save_model
+
+    config = tiny_config.replace(sampling=SamplingConfig(steps=1, first_frame_steps=1, context_sigma=0.2))
+    wm = make_model(config, prompt_encoder, max_sessions=1)
+    h, w = wm.frame_shape
+    video = np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    s = wm.new_session("a stone dungeon", 0, first_frames=video)
+    for _ in range(3):
+        wm.step([s], [1])
+    sigma = wm.cache.context(s.slot, include_sink=True).sigma.tolist()
+    assert sigma == pytest.approx([0.0, 0.0, 0.2, 0.2])  # 2 given frames; 2 generated (the 3rd is pending)
+    save_model(tmp_path / "m", config, wm.dit, wm.vae)
+    own = WorldModel.from_pretrained(tmp_path / "m", prompt_encoder=prompt_encoder)
+    override = WorldModel.from_pretrained(tmp_path / "m", prompt_encoder=prompt_encoder, context_sigma=0.05)
+    assert own.config.sampling.context_sigma == 0.2 and override.config.sampling.context_sigma == 0.05
+    with pytest.raises(ValueError, match="context_sigma"):
+        WorldModel.from_pretrained(tmp_path / "m", prompt_encoder=prompt_encoder, context_sigma=1.0)

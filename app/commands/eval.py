@@ -4,6 +4,7 @@
     worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm \
         --classifier runs/classifier
     worldloop eval runs/teacher/model@16 runs/dmd/model@2,1 --out runs/eval   # side by side
+    worldloop eval runs/teacher/model@16 --context-sigma 0.2   # re-noise generated frames in the cache
 
 MODEL@STEPS picks the step counts of one model (--steps, or the model's own, for the others). Writes
 report.json, summary.md (the runs side by side, copy-last-frame baseline first), rollout/drift MP4s and plots.
@@ -34,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drift-sessions", type=int, default=2)
     p.add_argument("--drift-every", type=int, default=30, help="frames between drift measurements")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-sigma", type=float, default=None,
+                   help="σ generated frames are re-noised to before they enter the cache, for every model "
+                        "(default: each model's own sampling.context_sigma)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--horizons needs at least one value")
     cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
                      switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
-                     drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed)
+                     drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
+                     context_sigma=args.context_sigma)
     report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
                       device=resolve_device(args.device))
     for r in report["runs"]:
