@@ -245,6 +245,32 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{file}: invalid model config ({err})") from err
 
 
+def latent_shape_text(config: ModelConfig) -> str:
+    """``C×h×w`` latent shape of a config, with the frame size and the autoencoder's downsampling."""
+    h, w = config.latent_size
+    return (f"{config.latent_channels}×{h}×{w} latents ({config.height}×{config.width} frames, "
+            f"f{config.vae.downsample})")
+
+
+def check_autoencoder(config: ModelConfig, source: ModelConfig, path: str | Path) -> None:
+    """A clear error, naming both shapes, when the autoencoder of ``path`` does not fit ``config``."""
+    if (source.vae, source.height, source.width) != (config.vae, config.height, config.width):
+        raise CheckpointError(f"{path}: its autoencoder makes {latent_shape_text(source)} but the model "
+                              f"config {config.name!r} expects {latent_shape_text(config)}")
+
+
+def with_autoencoder_of(config: ModelConfig, path: str | Path) -> ModelConfig:
+    """``config`` with the autoencoder section of the model directory ``path`` (whose frames must match)."""
+    source, _ = read_config(path)
+    if (source.height, source.width) != (config.height, config.width):
+        check_autoencoder(config, source, path)
+    try:
+        return config.replace(vae=source.vae)
+    except ValueError as err:  # e.g. a latent size the DiT's patch size does not divide
+        raise CheckpointError(f"{path}: its autoencoder makes {latent_shape_text(source)}, which the model "
+                              f"config {config.name!r} cannot take: {err}") from None
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFiles:
     """Read a model directory (shapes are checked when the weights are loaded into modules)."""
     path = Path(path)
