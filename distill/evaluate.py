@@ -364,7 +364,7 @@ def run_autoencoder_eval(path: Path, out: Path, seed: int = 0) -> dict[str, Any]
     from models import checkpoint
     from models.vae import LatentAutoencoder
 
-    files = checkpoint.load_model(path)
+    files = checkpoint.load_model(path, need_dit=False)
     vae = LatentAutoencoder(files.config)
     checkpoint.load_into(vae, {k: v.float() for k, v in files.vae.items()}, path / checkpoint.VAE_FILE)
     report = {"autoencoder_only": [{"model": str(path), **autoencoder_section(vae, out, "", seed)}]}

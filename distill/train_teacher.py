@@ -156,7 +156,7 @@ def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
     vae_config, _ = checkpoint.read_config(path)
     checkpoint.check_autoencoder(config, vae_config, path)
     vae = LatentAutoencoder(config)
-    checkpoint.load_into(vae, checkpoint.load_model(path).vae, path / checkpoint.VAE_FILE)
+    checkpoint.load_into(vae, checkpoint.load_model(path, need_dit=False).vae, path / checkpoint.VAE_FILE)
     return vae
 
 

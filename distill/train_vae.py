@@ -3,8 +3,8 @@
 A plain loop: frames from the built-in world (or recorded episodes) → ``models.vae.autoencoder_loss`` →
 AdamW, EMA, logs, PNG samples (engine frames above their EMA reconstructions), resumable checkpoints.
 At the end the EMA autoencoder's ``latent_scale`` is calibrated on fresh frames and exported as a model
-directory (``run/model``) whose DiT is freshly initialised: ``worldloop train teacher --vae run/model``
-takes the autoencoder from it.
+directory (``run/model``) that holds only the autoencoder: ``worldloop train teacher --vae run/model``
+takes it from there.
 
 Two options on top of the reconstruction loss:
 
@@ -59,7 +59,6 @@ from distill.train_common import (
 )
 from models import checkpoint
 from models.config import ModelConfig
-from models.dit import DiT
 from models.vae import (
     LatentAutoencoder,
     PatchDiscriminator,
@@ -170,7 +169,8 @@ def train_vae(config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, dd
     torch.manual_seed(cfg.seed)
     vae = LatentAutoencoder(config).to(ddp.device)
     if init_from is not None and not resume:
-        checkpoint.load_into(vae, checkpoint.load_model(init_from).vae, init_from / checkpoint.VAE_FILE)
+        checkpoint.load_into(vae, checkpoint.load_model(init_from, need_dit=False).vae,
+                             init_from / checkpoint.VAE_FILE)
     if objective.decoder_only:
         if init_from is None:
             raise RunError("--decoder-only fine-tunes the decoder of an autoencoder: "
@@ -247,7 +247,7 @@ def write_samples(vae: LatentAutoencoder, images: torch.Tensor, path: Path) -> N
 @torch.no_grad()
 def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: Path, step: int,
            cfg: TrainConfig, calibration_frames: int = 256, keep_scale: bool = False) -> Path:
-    """Calibrate ``latent_scale`` on fresh frames and write a model directory (its DiT is untrained).
+    """Calibrate ``latent_scale`` on fresh frames and write an autoencoder-only model directory.
 
     ``keep_scale``: keep the loaded scale (a decoder-only fine-tune must not move the latents' scaling).
     """
@@ -258,8 +258,5 @@ def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: 
         needed = max(1, calibration_frames // clips.frames)  # clips
         images = torch.cat([frames_of(clips, step + i, min(needed - i, 32)) for i in range(0, needed, 32)])
         scale = vae.calibrate_latent_scale(images.to(next(vae.parameters()).device))
-    torch.manual_seed(cfg.seed)
-    dit = DiT(config)
-    meta = {"stage": STAGE, "step": step, "latent_scale": scale, "dit": "untrained",
-            "train": settings_dict(train=cfg)["train"]}
-    return checkpoint.save_model(out, config, dit, vae, metadata=meta)
+    meta = {"stage": STAGE, "step": step, "latent_scale": scale, "train": settings_dict(train=cfg)["train"]}
+    return checkpoint.save_model(out, config, None, vae, metadata=meta)

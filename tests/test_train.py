@@ -57,8 +57,10 @@ def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
     out = train_vae(TINY, _cfg(tmp_path / "vae"), VAEObjective(), setup_distributed("cpu"),
                     clips=FakeClips(32, 32, 2)).model_dir
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "vae"))
-    files = checkpoint.load_model(out)
-    assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2
+    files = checkpoint.load_model(out, need_dit=False)
+    assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2 and files.dit is None
+    with pytest.raises(CheckpointError, match="holds only an autoencoder"):
+        checkpoint.load_model(out)  # what play, export and distillation call: a clear error
     torch.manual_seed(0)
     from models.vae import LatentAutoencoder
 
