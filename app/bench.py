@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from app.loading import ModelChoice, load_model
-from models.world_model import StepTimings, WorldModel
-from streaming.client import WorldloopClient
-from streaming.encoding import encode_image
-from streaming.engine import Engine
-from streaming.server import ServerConfig, WorldloopServer
-from streaming.session import Frame, SessionOptions
+from worldloop.app.loading import ModelChoice, load_model
+from worldloop.models.world_model import StepTimings, WorldModel
+from worldloop.streaming.client import WorldloopClient
+from worldloop.streaming.encoding import encode_image
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.server import ServerConfig, WorldloopServer
+from worldloop.streaming.session import Frame, SessionOptions
 
 PROMPT = "a dark stone dungeon with torch-lit walls"
 KEY_CYCLE = (1, 1, 17, 1, 33, 1, 0, 2)  # forward, forward+turn_left, …: held keys change now and then

@@ -13,23 +13,21 @@ import importlib
 import os
 import sys
 
+from worldloop.app.errors import UserError
+
 # Command modules, in the order their groups appear in ``worldloop --help``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "app.commands.play",
-    "app.commands.serve",
-    "app.commands.gradio_app",
-    "app.commands.rollout",
-    "app.commands.world",
-    "app.commands.train",
-    "app.commands.distill",
-    "app.commands.eval",
-    "app.commands.export",
-    "app.commands.bench",
+    "worldloop.app.commands.play",
+    "worldloop.app.commands.serve",
+    "worldloop.app.commands.gradio_app",
+    "worldloop.app.commands.rollout",
+    "worldloop.app.commands.world",
+    "worldloop.app.commands.train",
+    "worldloop.app.commands.distill",
+    "worldloop.app.commands.eval",
+    "worldloop.app.commands.export",
+    "worldloop.app.commands.bench",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

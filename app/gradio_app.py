@@ -20,11 +20,11 @@ from typing import Any
 
 import gradio as gr
 
-from distill.world.themes import THEMES, describe, sample_params
-from models.keys import parse_keys
-from models.text import validate_prompt
-from streaming.engine import Engine
-from streaming.session import EngineFull, Frame, SessionHandle, SessionOptions
+from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.keys import parse_keys
+from worldloop.models.text import validate_prompt
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.session import EngineFull, Frame, SessionHandle, SessionOptions
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 THEME_SEED = 0  # the world seed whose exact description each theme button uses

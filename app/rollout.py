@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.keys import KEYS, parse_keys
-from models.text import validate_prompt
-from streaming.session import FrameWriter
+from worldloop.models.keys import KEYS, parse_keys
+from worldloop.models.text import validate_prompt
+from worldloop.streaming.session import FrameWriter
 
 if TYPE_CHECKING:
-    from models.world_model import WorldModel
+    from worldloop.models.world_model import WorldModel
 
 # Key policy of the rollout explorer. A model rollout has no map to steer by, so unlike the world's scripted
 # explorer it cannot avoid walls; it only produces plausible, varied, forward-biased play.

@@ -26,12 +26,12 @@ from collections.abc import Callable
 
 import torch
 
-from app.bench import hardware, percentile, run_frames, sync
-from models.config import ModelConfig, preset
-from models.dit import DiT
-from models.kv_cache import KVCache
-from models.text import PromptEncoder
-from models.world_model import WorldModel
+from worldloop.app.bench import hardware, percentile, run_frames, sync
+from worldloop.models.config import ModelConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import KVCache
+from worldloop.models.text import PromptEncoder
+from worldloop.models.world_model import WorldModel
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> dict[str, float]:

@@ -24,12 +24,12 @@ from collections.abc import Callable
 
 import torch
 
-from distill.data import WorldClips
-from distill.train_common import autocast, resolve_device
-from distill.train_teacher import TeacherLoss, TeacherObjective, draw
-from models.config import preset
-from models.dit import DiT
-from models.vae import LatentAutoencoder
+from worldloop.distill.data import WorldClips
+from worldloop.distill.train_common import autocast, resolve_device
+from worldloop.distill.train_teacher import TeacherLoss, TeacherObjective, draw
+from worldloop.models.config import preset
+from worldloop.models.dit import DiT
+from worldloop.models.vae import LatentAutoencoder
 
 
 def sync(device: torch.device) -> None:

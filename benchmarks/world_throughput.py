@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from app.bench import cpu_name
-from distill.world import Explorer, World
+from worldloop.app.bench import cpu_name
+from worldloop.distill.world import Explorer, World
 
 
 def _sync(device: torch.device) -> None:

@@ -28,14 +28,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from distill.episodes import read_episode
-from distill.train_common import TrainConfig
-from distill.world.engine import World
-from distill.world.explorer import Explorer
-from distill.world.hashing import hash32
-from distill.world.themes import THEMES, theme_from_prompt
-from models.config import ModelConfig
-from models.keys import KEYS
+from worldloop.distill.episodes import read_episode
+from worldloop.distill.train_common import TrainConfig
+from worldloop.distill.world.engine import World
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.hashing import hash32
+from worldloop.distill.world.themes import THEMES, theme_from_prompt
+from worldloop.models.config import ModelConfig
+from worldloop.models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
 UNKNOWN_THEME = -100  # a clip whose prompt names no theme (ignored by the classifier's cross-entropy)

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distill import losses
-from distill.data import ClipSource, make_clip_source
-from distill.run import (
+from worldloop.distill import losses
+from worldloop.distill.data import ClipSource, make_clip_source
+from worldloop.distill.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -43,7 +43,7 @@ from distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from distill.train_common import (
+from worldloop.distill.train_common import (
     EMA,
     Distributed,
     TrainConfig,
@@ -57,12 +57,13 @@ from distill.train_common import (
     step_generator,
     wrap_model,
 )
-from distill.train_teacher import load_vae, teacher_inputs
-from models import checkpoint
-from models.config import ModelConfig
-from models.dit import DiT, PromptKV
-from models.sampling import ModelFn, add_noise, denoise, sigma_grid, x0_from_v
-from models.text import PromptEmbedding, PromptEncoder
+from worldloop.distill.train_teacher import load_vae, teacher_inputs
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import PromptKV
+from worldloop.models.sampling import ModelFn, add_noise, denoise, sigma_grid, x0_from_v
+from worldloop.models.text import PromptEmbedding, PromptEncoder
 
 STAGE = "cd"
 

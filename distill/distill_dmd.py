@@ -37,10 +37,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distill import losses
-from distill.data import ClipSource, make_clip_source
-from distill.distill_cd import check_compatible, export_student, frozen, guided_x0, load_dit, noisy_context
-from distill.run import (
+from worldloop.distill import losses
+from worldloop.distill.data import ClipSource, make_clip_source
+from worldloop.distill.distill_cd import (
+    check_compatible,
+    export_student,
+    frozen,
+    guided_x0,
+    load_dit,
+    noisy_context,
+)
+from worldloop.distill.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -50,7 +57,7 @@ from distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from distill.train_common import (
+from worldloop.distill.train_common import (
     EMA,
     Distributed,
     TrainConfig,
@@ -61,13 +68,13 @@ from distill.train_common import (
     optimizer_step,
     step_generator,
 )
-from distill.train_teacher import load_vae
-from models.config import ModelConfig
-from models.dit import DiT
-from models.keys import keys_to_tensor
-from models.sampling import add_noise, shift_sigma
-from models.text import PromptEmbedding, PromptEncoder
-from models.world_model import Session, WorldModel
+from worldloop.distill.train_teacher import load_vae
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.keys import keys_to_tensor
+from worldloop.models.sampling import add_noise, shift_sigma
+from worldloop.models.text import PromptEmbedding, PromptEncoder
+from worldloop.models.world_model import Session, WorldModel
 
 STAGE = "dmd"
 

@@ -29,7 +29,7 @@ from typing import Any
 import av
 import numpy as np
 
-from models.keys import ALL_KEYS_MASK, KEYS
+from worldloop.models.keys import ALL_KEYS_MASK, KEYS
 
 FORMAT, VERSION = "worldloop-episode", 1
 VIDEO, KEYS_FILE, PROMPTS_FILE, META_FILE, FRAMES_FILE = (

@@ -31,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distill.data import ClipSource, WorldClips, make_clip_source
-from distill.run import JsonlLog, Progress, RunError, StopSignal
-from distill.train_common import Distributed, TrainConfig
-from distill.world.themes import THEMES
-from models.config import ModelConfig
-from models.keys import KEYS, NUM_KEYS
-from models.vae import to_unit
+from worldloop.distill.data import ClipSource, WorldClips, make_clip_source
+from worldloop.distill.run import JsonlLog, Progress, RunError, StopSignal
+from worldloop.distill.train_common import Distributed, TrainConfig
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.config import ModelConfig
+from worldloop.models.keys import KEYS, NUM_KEYS
+from worldloop.models.vae import to_unit
 
 Kind = Literal["idm", "classifier"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from models import sampling
+from worldloop.models import sampling
 
 
 def _per_frame(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import torch
 
-from models.vae import to_uint8
+from worldloop.models.vae import to_uint8
 
 
 def image_grid(rows: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:

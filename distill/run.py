@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from distill.train_common import EMA
+from worldloop.distill.train_common import EMA
 
 CHECKPOINT_FORMAT = "worldloop-train-1"
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from distill import losses
-from distill.data import ClipBatch, ClipSource, WorldClips, make_clip_source
-from distill.media import save_png_grid, write_video
-from distill.run import (
+from worldloop.distill import losses
+from worldloop.distill.data import ClipBatch, ClipSource, WorldClips, make_clip_source
+from worldloop.distill.media import save_png_grid, write_video
+from worldloop.distill.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -43,7 +43,7 @@ from distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from distill.train_common import (
+from worldloop.distill.train_common import (
     EMA,
     Distributed,
     TrainConfig,
@@ -57,13 +57,13 @@ from distill.train_common import (
     step_generator,
     wrap_model,
 )
-from models import checkpoint
-from models.config import ModelConfig
-from models.dit import DiT, drop_keys
-from models.keys import keys_to_tensor
-from models.text import PromptEmbedding, PromptEncoder
-from models.vae import LatentAutoencoder, to_unit
-from models.world_model import WorldModel
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT, drop_keys
+from worldloop.models.keys import keys_to_tensor
+from worldloop.models.text import PromptEmbedding, PromptEncoder
+from worldloop.models.vae import LatentAutoencoder, to_unit
+from worldloop.models.world_model import WorldModel
 
 STAGE = "teacher"
 

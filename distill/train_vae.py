@@ -7,7 +7,7 @@ directory (``run/model``) whose DiT is freshly initialised: ``worldloop train te
 takes the autoencoder from it.
 
     worldloop train vae --preset default --steps 3000 --batch-size 32 --out runs/vae
-    torchrun --nproc-per-node 2 -m app.cli train vae ...      # DDP, gloo on CPU / NCCL on CUDA
+    torchrun --nproc-per-node 2 -m worldloop.app.cli train vae ...      # DDP, gloo on CPU / NCCL on CUDA
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distill.data import ClipSource, make_clip_source
-from distill.media import save_png_grid
-from distill.run import (
+from worldloop.distill.data import ClipSource, make_clip_source
+from worldloop.distill.media import save_png_grid
+from worldloop.distill.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -31,7 +31,7 @@ from distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from distill.train_common import (
+from worldloop.distill.train_common import (
     EMA,
     Distributed,
     TrainConfig,
@@ -45,10 +45,10 @@ from distill.train_common import (
     step_generator,
     wrap_model,
 )
-from models import checkpoint
-from models.config import ModelConfig
-from models.dit import DiT
-from models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
 
 STAGE = "vae"
 

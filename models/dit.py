@@ -39,16 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from models.kv_cache import CacheView
+from worldloop.models.config import ModelConfig
+from worldloop.models.kv_cache import CacheView, PromptKV
 
 NULL_KEY = -1.0  # fill value of a dropped key condition (condition dropout / guidance)
 
@@ -56,18 +53,6 @@ NULL_KEY = -1.0  # fill value of a dropped key condition (condition dropout / gu
 def drop_keys(keys: Tensor, drop: Tensor) -> Tensor:
     """Mark the keys of the frames where ``drop`` (bool, keys.shape[:-1]) is True as dropped."""
     return torch.where(drop.unsqueeze(-1), torch.full_like(keys, NULL_KEY), keys)
-
-
-@dataclass
-class PromptKV:
-    """Cross-attention keys/values of a batch of prompts for every layer, computed once per prompt.
-
-    ``k``, ``v``: (depth, B, H, T+1, Dh) — token 0 is the learned null token; ``mask``: (B, T+1) bool.
-    """
-
-    k: Tensor
-    v: Tensor
-    mask: Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,8 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.config import ModelConfig
-from models.dit import PromptKV
+from worldloop.models.config import ModelConfig
+
+
+@dataclass
+class PromptKV:
+    """Cross-attention keys/values of a batch of prompts for every layer, computed once per prompt.
+
+    ``k``, ``v``: (depth, B, H, T+1, Dh) — token 0 is the learned null token; ``mask``: (B, T+1) bool.
+    """
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor
 
 
 @dataclass

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
-from models.config import ModelConfig
-from models.dit import DiT, PromptKV
-from models.keys import ALL_KEYS_MASK, keys_to_tensor
-from models.kv_cache import CacheSnapshot, KVCache
-from models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
-from models.text import PromptEncoder
-from models.vae import LatentAutoencoder
+from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
+from worldloop.models.kv_cache import CacheSnapshot, KVCache, PromptKV
+from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
+from worldloop.models.text import PromptEncoder
+from worldloop.models.vae import LatentAutoencoder
 
 
 @dataclass

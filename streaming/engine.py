@@ -39,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from streaming.encoding import encode_image
-from streaming.metrics import Metrics
-from streaming.session import (
+from worldloop.streaming.encoding import encode_image
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.session import (
     EngineFull,
     Frame,
     FrameWriter,

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.keys import ALL_KEYS_MASK, parse_keys
-from models.text import validate_prompt
+from worldloop.models.keys import ALL_KEYS_MASK, parse_keys
+from worldloop.models.text import validate_prompt
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4096  # client text messages above this are answered with `too_large`

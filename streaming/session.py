@@ -18,10 +18,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from models.config import ModelConfig
-from streaming.encoding import SerialLane
-from streaming.metrics import Metrics, RateMeter
-from streaming.protocol import FrameHeader
+from worldloop.models.config import ModelConfig
+from worldloop.streaming.encoding import SerialLane
+from worldloop.streaming.metrics import Metrics, RateMeter
+from worldloop.streaming.protocol import FrameHeader
 
 OutputFormat = Literal["jpeg", "webp", "raw"]
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from models.config import preset
-from streaming.engine import Engine
-from streaming.protocol import FrameHeader, unpack_frame
-from streaming.server import ServerConfig, WorldloopServer
+from worldloop.models.config import preset
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.protocol import FrameHeader, unpack_frame
+from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 
 def _mix(*parts: object) -> int:

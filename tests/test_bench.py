@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from app.bench import largest_passing, percentile, summary
-from app.cli import main
-from models.config import preset
 from tests.train_fakes import random_model_dir
+from worldloop.app.bench import largest_passing, percentile, summary
+from worldloop.app.cli import main
+from worldloop.models.config import preset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from distill.train_common import TrainConfig, setup_distributed, teardown_distributed
-from distill.train_teacher import TeacherObjective, train_teacher
-from models.config import preset
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
+from worldloop.distill.train_common import TrainConfig, setup_distributed, teardown_distributed
+from worldloop.distill.train_teacher import TeacherObjective, train_teacher
+from worldloop.models.config import preset
 
 
 def _digest(module: torch.nn.Module) -> str:
@@ -50,6 +50,6 @@ def test_two_process_ddp_step_keeps_replicas_in_sync(tmp_path: Path) -> None:
     rank0, rank1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert rank0 == rank1
     torch.manual_seed(0)
-    from models.dit import DiT
+    from worldloop.models.dit import DiT
 
     assert rank0 != _digest(DiT(preset("tiny")))  # the replicas did train

@@ -13,20 +13,20 @@ from typing import Any
 import pytest
 import torch
 
-from app.cli import main
-from distill import distill_cd, distill_dmd
-from distill.distill_cd import CDObjective, cd_loss, draw, export_student, student_config, train_cd
-from distill.distill_dmd import DMDObjective, train_dmd
-from distill.run import read_checkpoint
-from distill.train_common import TrainConfig, setup_distributed
-from models import checkpoint
-from models.config import ModelConfig, SamplingConfig, preset
-from models.dit import DiT
-from models.kv_cache import KVCache
-from models.sampling import sigma_grid
-from models.vae import LatentAutoencoder
-from models.world_model import WorldModel
 from tests.train_fakes import FakeClips, FakePromptEncoder
+from worldloop.app.cli import main
+from worldloop.distill import distill_cd, distill_dmd
+from worldloop.distill.distill_cd import CDObjective, cd_loss, draw, export_student, student_config, train_cd
+from worldloop.distill.distill_dmd import DMDObjective, train_dmd
+from worldloop.distill.run import read_checkpoint
+from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig, SamplingConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import KVCache
+from worldloop.models.sampling import sigma_grid
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = preset("tiny").replace(sampling=SamplingConfig(steps=4, first_frame_steps=4))

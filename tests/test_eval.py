@@ -9,16 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from app.cli import main
-from distill.data import ClipPool, WorldClips
-from distill.evaluate import EvalConfig, horizon_metrics, run_eval
-from distill.evaluators import EvaluatorNet, default_config, load_evaluator, save_evaluator, train_evaluator
-from distill.run import RunError
-from distill.train_common import TrainConfig, setup_distributed
-from distill.world.themes import THEMES
-from models.config import preset
-from models.keys import KEYS
 from tests.train_fakes import FakePromptEncoder, random_model_dir
+from worldloop.app.cli import main
+from worldloop.distill.data import ClipPool, WorldClips
+from worldloop.distill.evaluate import EvalConfig, horizon_metrics, run_eval
+from worldloop.distill.evaluators import (
+    EvaluatorNet,
+    default_config,
+    load_evaluator,
+    save_evaluator,
+    train_evaluator,
+)
+from worldloop.distill.run import RunError
+from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.config import preset
+from worldloop.models.keys import KEYS
 
 TINY = preset("tiny")
 

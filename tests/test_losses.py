@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill import losses
-from models.sampling import shift_sigma
+from worldloop.distill import losses
+from worldloop.models.sampling import shift_sigma
 
 
 def test_add_noise_interpolates_per_frame() -> None:

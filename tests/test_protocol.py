@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streaming.protocol import (
+from worldloop.streaming.protocol import (
     ERROR_CODES,
     FRAME_HEADER,
     MAX_MESSAGE_BYTES,

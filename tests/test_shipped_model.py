@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.loading import DEFAULT_MODEL_DIR, choose_model
-from distill import metrics
-from distill.evaluate import engine_clips
-from distill.world.themes import THEMES
-from models.checkpoint import load_model
-from models.world_model import WorldModel
+from worldloop.app.loading import DEFAULT_MODEL_DIR, choose_model
+from worldloop.distill import metrics
+from worldloop.distill.evaluate import engine_clips
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.checkpoint import load_model
+from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.cli import main
-from distill.data import ClipPool, EpisodeClips, WorldClips
-from distill.episodes import EpisodeMeta, PromptChange, write_episode
-from distill.run import RunError, read_checkpoint
-from distill.train_common import TrainConfig, setup_distributed
-from distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_teacher
-from distill.train_vae import VAEObjective, train_vae
-from distill.world.themes import THEMES
-from models import checkpoint
-from models.config import preset
-from models.dit import DiT
-from models.world_model import WorldModel
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
+from worldloop.app.cli import main
+from worldloop.distill.data import ClipPool, EpisodeClips, WorldClips
+from worldloop.distill.episodes import EpisodeMeta, PromptChange, write_episode
+from worldloop.distill.run import RunError, read_checkpoint
+from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_teacher
+from worldloop.distill.train_vae import VAEObjective, train_vae
+from worldloop.distill.world.themes import THEMES
+from worldloop.models import checkpoint
+from worldloop.models.config import preset
+from worldloop.models.dit import DiT
+from worldloop.models.world_model import WorldModel
 
 TINY = preset("tiny")
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
     files = checkpoint.load_model(out)
     assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2
     torch.manual_seed(0)
-    from models.vae import LatentAutoencoder
+    from worldloop.models.vae import LatentAutoencoder
 
     init = LatentAutoencoder(TINY).state_dict()
     assert not torch.equal(files.vae["decoder.layers.0.weight"], init["decoder.layers.0.weight"])
@@ -196,9 +196,9 @@ def test_training_from_recorded_episodes_via_cli(tmp_path: Path, capsys: pytest.
 _SIGTERM_CHILD = """
 import sys
 from pathlib import Path
-from distill.train_common import TrainConfig, setup_distributed
-from distill.train_vae import VAEObjective, train_vae
-from models.config import preset
+from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.distill.train_vae import VAEObjective, train_vae
+from worldloop.models.config import preset
 from tests.train_fakes import FakeClips
 cfg = TrainConfig(steps=100000, batch_size=2, warmup=0, out=sys.argv[1], log_every=1, sample_every=0,
                   checkpoint_every=100000, device="cpu")

@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from distill.world import (
+from worldloop.distill.world import (
     THEMES,
     Explorer,
     World,
@@ -20,8 +20,8 @@ from distill.world import (
     sample_params,
     theme_from_prompt,
 )
-from distill.world.themes import THEME_TABLE, colour_name
-from models.keys import parse_keys
+from worldloop.distill.world.themes import THEME_TABLE, colour_name
+from worldloop.models.keys import parse_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

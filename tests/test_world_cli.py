@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.commands.world import parse_key_script
-from distill.episodes import read_episode
-from models.keys import parse_keys
+from worldloop.app.cli import main
+from worldloop.app.commands.world import parse_key_script
+from worldloop.distill.episodes import read_episode
+from worldloop.models.keys import parse_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig, SamplingConfig
-from models.text import PromptEncoder
-from models.world_model import WorldModel
+from worldloop.models.config import ModelConfig, SamplingConfig
+from worldloop.models.text import PromptEncoder
+from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
@@ -245,7 +245,7 @@ def test_first_keys_condition_the_context_frames(wm: WorldModel, fresh) -> None:
 
 def test_given_frames_enter_the_cache_clean_generated_ones_at_context_sigma(
         prompt_encoder: PromptEncoder, tiny_config: ModelConfig, tmp_path) -> None:
-    from models.checkpoint import save_model
+    from worldloop.models.checkpoint import save_model
 
     config = tiny_config.replace(sampling=SamplingConfig(steps=1, first_frame_steps=1, context_sigma=0.2))
     wm = make_model(config, prompt_encoder, max_sessions=1)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from distill.data import ClipBatch
-from models import checkpoint
-from models.config import ModelConfig
-from models.dit import DiT
-from models.text import TEXT_DIM, PromptEmbedding
-from models.vae import LatentAutoencoder
+from worldloop.distill.data import ClipBatch
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.text import TEXT_DIM, PromptEmbedding
+from worldloop.models.vae import LatentAutoencoder
 
 
 class FakeClips:

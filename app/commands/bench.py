@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import UserError
-from app.loading import choose_model
-from models.config import PRESETS
+from worldloop.app.errors import UserError
+from worldloop.app.loading import choose_model
+from worldloop.models.config import PRESETS
 
 # Full run, --quick run.
 FRAMES, WARMUP, TRIALS, SERVE_SECONDS, PROBE_SECONDS = (150, 30), (10, 3), (40, 12), (5.0, 2.0), (2.0, 1.0)
@@ -90,7 +90,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from app.bench import BenchOptions, run_bench
+    from worldloop.app.bench import BenchOptions, run_bench
 
     choice = choose_model(args.model, args.preset, fallback=True)
     if choice.warning():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.cli import UserError
+from worldloop.app.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,8 +53,8 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.evaluate import EvalConfig, run_eval
-    from distill.train_common import resolve_device
+    from worldloop.distill.evaluate import EvalConfig, run_eval
+    from worldloop.distill.train_common import resolve_device
 
     steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
     plan: list[tuple[Path, int | None]] = []

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import UserError
-from app.commands.world import read_key_script
-from app.loading import choose_model, load_model
-from app.rollout import (
+from worldloop.app.commands.world import read_key_script
+from worldloop.app.errors import UserError
+from worldloop.app.loading import choose_model, load_model
+from worldloop.app.rollout import (
     ProgressFn,
     RolloutPlan,
     RolloutResult,
@@ -39,7 +39,7 @@ from app.rollout import (
     sidecar_path,
     write_sidecar,
 )
-from models.config import PRESETS
+from worldloop.models.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,7 +116,7 @@ def _progress(total: int, quiet: bool) -> tuple[ProgressFn, Callable[[], None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streaming.recording import Mp4Recorder
+    from worldloop.streaming.recording import Mp4Recorder
 
     _check_numbers(args)
     _check_output(args.out)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.cli import UserError
-from distill.episodes import EpisodeMeta, EpisodeWriter
-from distill.world.engine import World, check_size
-from distill.world.explorer import Explorer
-from distill.world.themes import THEMES, describe, sample_params
-from models.keys import parse_keys
+from worldloop.app.errors import UserError
+from worldloop.distill.episodes import EpisodeMeta, EpisodeWriter
+from worldloop.distill.world.engine import World, check_size
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.keys import parse_keys
 
 MAX_SCRIPT_REPEAT = 1_000_000
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from distill.world import maze
-from distill.world.hashing import uniform
-from distill.world.raycast import Scene, View, cast, render
-from distill.world.skies import SKIES
-from distill.world.textures import PATTERNS, Pattern, bake
-from distill.world.themes import WorldParams, describe, sample_params
-from models.keys import KEYS
+from worldloop.distill.world import maze
+from worldloop.distill.world.hashing import uniform
+from worldloop.distill.world.raycast import Scene, View, cast, render
+from worldloop.distill.world.skies import SKIES
+from worldloop.distill.world.textures import PATTERNS, Pattern, bake
+from worldloop.distill.world.themes import WorldParams, describe, sample_params
+from worldloop.models.keys import KEYS
 
 _BIT = {name: 1 << i for i, name in enumerate(KEYS)}
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.world.engine import World, WorldConfig
-from distill.world.explorer import Explorer, ExplorerConfig
-from distill.world.themes import WorldParams
+from worldloop.distill.world.engine import World, WorldConfig
+from worldloop.distill.world.explorer import Explorer, ExplorerConfig
+from worldloop.distill.world.themes import WorldParams
 
 
 @dataclass(frozen=True)
