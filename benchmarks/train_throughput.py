@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import torch
 
-from worldloop.distill.data import WorldClips
-from worldloop.distill.train_common import autocast, resolve_device
-from worldloop.distill.train_teacher import TeacherLoss, TeacherObjective, draw
+from worldloop.distill.data.clips import WorldClips
+from worldloop.distill.stages.runtime import autocast, resolve_device
+from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw
 from worldloop.models.config import preset
 from worldloop.models.dit import DiT
 from worldloop.models.vae import LatentAutoencoder

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
-from worldloop.distill.train_common import TrainConfig, setup_distributed, teardown_distributed
-from worldloop.distill.train_teacher import TeacherObjective, train_teacher
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
+from worldloop.distill.stages.teacher import TeacherObjective, train_teacher
 from worldloop.models.config import preset
 
 

@@ -15,11 +15,12 @@ import torch
 
 from tests.train_fakes import FakeClips, FakePromptEncoder
 from worldloop.app.cli import main
-from worldloop.distill import distill_cd, distill_dmd
-from worldloop.distill.distill_cd import CDObjective, cd_loss, draw, export_student, student_config, train_cd
-from worldloop.distill.distill_dmd import DMDObjective, train_dmd
-from worldloop.distill.run import read_checkpoint
-from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.distill.stages import cd as cd_stage
+from worldloop.distill.stages import dmd as dmd_stage
+from worldloop.distill.stages.cd import CDObjective, cd_loss, draw, export_student, student_config, train_cd
+from worldloop.distill.stages.dmd import DMDObjective, train_dmd
+from worldloop.distill.stages.run import read_checkpoint
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig, SamplingConfig, preset
 from worldloop.models.dit import DiT
@@ -97,14 +98,14 @@ def test_cd_step_trains_the_student_and_exports_its_step_count(teacher: Path, tm
 
 def test_cd_loss_is_zero_at_the_boundary_when_the_student_is_the_teacher(teacher: Path) -> None:
     # Student = EMA = teacher, no guidance, n = N − 1: the target is the teacher's own x0 step to σ = 0.
-    _, dit = distill_cd.load_dit(teacher, torch.device("cpu"))
+    _, dit = cd_stage.load_dit(teacher, torch.device("cpu"))
     objective = CDObjective(grid_steps=4, guidance=1.0)
     x0 = torch.randn(2, 3, TEACHER.latent_channels, *TEACHER.latent_size)
     keys = torch.zeros(2, 3, 6)
     prompt = ENCODER.encode(["a", "b"])
     d = draw(objective, x0.shape, torch.Generator().manual_seed(0), torch.device("cpu"))
     grid = sigma_grid(4, 5.0)
-    args = (distill_cd.StudentX0(dit), dit, dit, x0, keys, prompt, grid)
+    args = (cd_stage.StudentX0(dit), dit, dit, x0, keys, prompt, grid)
     with torch.no_grad():
         boundary = cd_loss(*args, replace(d, index=torch.full((2,), 3)), objective, 0.0)
         inside = cd_loss(*args, replace(d, index=torch.full((2,), 1)), objective, 0.0)
@@ -201,8 +202,8 @@ def test_no_distillation_module_runs_its_own_sampling_loop() -> None:
 
 @pytest.fixture
 def fake_cli_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(distill_cd, "PromptEncoder", FakePromptEncoder)
-    monkeypatch.setattr(distill_dmd, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(cd_stage, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(dmd_stage, "PromptEncoder", FakePromptEncoder)
     yield
 
 

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from worldloop.distill.episodes import (
+from worldloop.distill.data.episodes import (
     EpisodeMeta,
     EpisodeWriter,
     PromptChange,

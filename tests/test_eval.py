@@ -11,18 +11,13 @@ import torch
 
 from tests.train_fakes import FakePromptEncoder, random_model_dir
 from worldloop.app.cli import main
-from worldloop.distill.data import ClipPool, WorldClips
-from worldloop.distill.evaluate import EvalConfig, horizon_metrics, run_eval
-from worldloop.distill.evaluators import (
-    EvaluatorNet,
-    default_config,
-    load_evaluator,
-    save_evaluator,
-    train_evaluator,
-)
-from worldloop.distill.run import RunError
-from worldloop.distill.train_common import TrainConfig, setup_distributed
+from worldloop.distill.data.clips import ClipPool, WorldClips
+from worldloop.distill.eval.evaluate import EvalConfig, horizon_metrics, run_eval
+from worldloop.distill.eval.evaluators import EvaluatorNet, load_evaluator, save_evaluator
+from worldloop.distill.stages.helpers import default_config, train_evaluator
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.world.themes import THEMES
+from worldloop.models.checkpoint import CheckpointError
 from worldloop.models.config import preset
 from worldloop.models.keys import KEYS
 
@@ -43,7 +38,7 @@ def test_tiny_idm_beats_chance_on_held_out_engine_frames(tmp_path: Path) -> None
     assert acc["per_key"] > acc["chance_per_key"] + 0.03, acc
     model = load_evaluator(tmp_path / "idm", "idm")
     assert model.config.labels == KEYS
-    with pytest.raises(RunError, match="not 'classifier'"):
+    with pytest.raises(CheckpointError, match="not 'classifier'"):
         load_evaluator(tmp_path / "idm", "classifier")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worldloop.distill import losses
+from worldloop.distill.stages import losses
 from worldloop.models.sampling import shift_sigma
 
 

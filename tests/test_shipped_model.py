@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from worldloop.app.loading import DEFAULT_MODEL_DIR, choose_model
-from worldloop.distill import metrics
-from worldloop.distill.evaluate import engine_clips
+from worldloop.distill.eval import metrics
+from worldloop.distill.eval.evaluate import engine_clips
 from worldloop.distill.world.themes import THEMES
 from worldloop.models.checkpoint import load_model
 from worldloop.models.world_model import WorldModel

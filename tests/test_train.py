@@ -17,12 +17,12 @@ import torch
 
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
 from worldloop.app.cli import main
-from worldloop.distill.data import ClipPool, EpisodeClips, WorldClips
-from worldloop.distill.episodes import EpisodeMeta, PromptChange, write_episode
-from worldloop.distill.run import RunError, read_checkpoint
-from worldloop.distill.train_common import TrainConfig, setup_distributed
-from worldloop.distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_teacher
-from worldloop.distill.train_vae import VAEObjective, train_vae
+from worldloop.distill.data.clips import ClipPool, EpisodeClips, WorldClips
+from worldloop.distill.data.episodes import EpisodeMeta, PromptChange, write_episode
+from worldloop.distill.stages.run import RunError, read_checkpoint
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw, train_teacher
+from worldloop.distill.stages.vae import VAEObjective, train_vae
 from worldloop.distill.world.themes import THEMES
 from worldloop.models import checkpoint
 from worldloop.models.config import preset
@@ -196,8 +196,8 @@ def test_training_from_recorded_episodes_via_cli(tmp_path: Path, capsys: pytest.
 _SIGTERM_CHILD = """
 import sys
 from pathlib import Path
-from worldloop.distill.train_common import TrainConfig, setup_distributed
-from worldloop.distill.train_vae import VAEObjective, train_vae
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.vae import VAEObjective, train_vae
 from worldloop.models.config import preset
 from tests.train_fakes import FakeClips
 cfg = TrainConfig(steps=100000, batch_size=2, warmup=0, out=sys.argv[1], log_every=1, sample_every=0,

@@ -8,7 +8,7 @@ import pytest
 
 from worldloop.app.cli import main
 from worldloop.app.commands.world import parse_key_script
-from worldloop.distill.episodes import read_episode
+from worldloop.distill.data.episodes import read_episode
 from worldloop.models.keys import parse_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")

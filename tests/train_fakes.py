@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from worldloop.distill.data import ClipBatch
+from worldloop.distill.data.clips import ClipBatch
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT

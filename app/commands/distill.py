@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from worldloop.app.commands.train import train_config
-from worldloop.distill.train_common import TrainConfig, setup_distributed, teardown_distributed
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 
@@ -98,7 +98,7 @@ def _dmd_options(p: argparse.ArgumentParser) -> None:
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
     """The student's config (from --student, else the teacher's) and the teacher's."""
-    from worldloop.distill.distill_cd import student_config
+    from worldloop.distill.stages.cd import student_config
 
     teacher, _ = checkpoint.read_config(args.teacher)
     source = getattr(args, "student", None)
@@ -130,11 +130,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Any, guidance: float,
                shift: float) -> Any:
     if args.stage == "cd":
-        from worldloop.distill.distill_cd import CDObjective, train_cd
+        from worldloop.distill.stages.cd import CDObjective, train_cd
 
         objective = CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
         return train_cd(config, cfg, objective, ddp, teacher_dir=args.teacher, resume=args.resume)
-    from worldloop.distill.distill_dmd import DMDObjective, train_dmd
+    from worldloop.distill.stages.dmd import DMDObjective, train_dmd
 
     objective = DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
                              critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,

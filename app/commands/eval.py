@@ -53,8 +53,8 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worldloop.distill.evaluate import EvalConfig, run_eval
-    from worldloop.distill.train_common import resolve_device
+    from worldloop.distill.eval.evaluate import EvalConfig, run_eval
+    from worldloop.distill.stages.runtime import resolve_device
 
     steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
     plan: list[tuple[Path, int | None]] = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from worldloop.distill.train_common import Distributed, TrainConfig, setup_distributed, teardown_distributed
+from worldloop.distill.stages.runtime import Distributed, TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
@@ -137,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed) -> str:
     if args.stage == "vae":
-        from worldloop.distill.train_vae import VAEObjective, train_vae
+        from worldloop.distill.stages.vae import VAEObjective, train_vae
 
         objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
         result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
         return f"step {result.step}; model directory: {result.model_dir}"
     if args.stage == "teacher":
-        from worldloop.distill.train_teacher import TeacherObjective, train_teacher
+        from worldloop.distill.stages.teacher import TeacherObjective, train_teacher
 
         objective = TeacherObjective(shift=args.shift, context_noise=args.context_noise,
                                      key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
@@ -151,7 +151,7 @@ def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, 
         result = train_teacher(config, cfg, objective, ddp, vae_from=args.vae, resume=args.resume,
                                init_from=args.init_from)
         return f"step {result.step}; model directory: {result.model_dir}"
-    from worldloop.distill.evaluators import train_for_config
+    from worldloop.distill.stages.helpers import train_for_config
 
     metrics = train_for_config(args.stage, config, cfg, ddp)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())

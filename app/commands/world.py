@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from worldloop.app.errors import UserError
-from worldloop.distill.episodes import EpisodeMeta, EpisodeWriter
+from worldloop.distill.data.episodes import EpisodeMeta, EpisodeWriter
 from worldloop.distill.world.engine import World, check_size
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.themes import THEMES, describe, sample_params

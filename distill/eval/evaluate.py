@@ -29,19 +29,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from worldloop.distill import metrics
-from worldloop.distill.data import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
-from worldloop.distill.evaluators import (
+from worldloop.distill.data.clips import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
+from worldloop.distill.eval import metrics
+from worldloop.distill.eval.evaluators import (
     EvaluatorNet,
     key_accuracy,
     load_evaluator,
     predict_keys,
     predict_themes,
 )
-from worldloop.distill.media import write_video
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.media import write_video
 from worldloop.models.text import PromptEncoder
 from worldloop.models.world_model import Session, WorldModel
 
@@ -339,7 +339,7 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
         save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
     write_report(out, report)
     (out / "summary.md").write_text(summary_table(report))
-    from worldloop.distill.eval_plots import plot_drift, plot_horizons
+    from worldloop.distill.eval.plots import plot_drift, plot_horizons
 
     plot_horizons(report, out / "horizons.png")
     plot_drift(report, out / "drift.png")

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from worldloop.distill.data import ClipSource, make_clip_source
-from worldloop.distill.media import save_png_grid
-from worldloop.distill.run import (
+from worldloop.distill.data.clips import ClipSource
+from worldloop.distill.data.media import save_png_grid
+from worldloop.distill.stages.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -31,7 +31,7 @@ from worldloop.distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from worldloop.distill.train_common import (
+from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
@@ -45,6 +45,7 @@ from worldloop.distill.train_common import (
     step_generator,
     wrap_model,
 )
+from worldloop.distill.stages.shared import make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT

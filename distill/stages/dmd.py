@@ -37,9 +37,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from worldloop.distill import losses
-from worldloop.distill.data import ClipSource, make_clip_source
-from worldloop.distill.distill_cd import (
+from worldloop.distill.data.clips import ClipSource
+from worldloop.distill.stages import losses
+from worldloop.distill.stages.cd import (
     check_compatible,
     export_student,
     frozen,
@@ -47,7 +47,7 @@ from worldloop.distill.distill_cd import (
     load_dit,
     noisy_context,
 )
-from worldloop.distill.run import (
+from worldloop.distill.stages.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -57,7 +57,7 @@ from worldloop.distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from worldloop.distill.train_common import (
+from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
@@ -68,7 +68,8 @@ from worldloop.distill.train_common import (
     optimizer_step,
     step_generator,
 )
-from worldloop.distill.train_teacher import load_vae
+from worldloop.distill.stages.shared import make_clip_source
+from worldloop.distill.stages.teacher import load_vae
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
 from worldloop.models.keys import keys_to_tensor

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from worldloop.distill import losses
-from worldloop.distill.data import ClipBatch, ClipSource, WorldClips, make_clip_source
-from worldloop.distill.media import save_png_grid, write_video
-from worldloop.distill.run import (
+from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
+from worldloop.distill.data.media import save_png_grid
+from worldloop.distill.stages import losses
+from worldloop.distill.stages.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -43,7 +43,7 @@ from worldloop.distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from worldloop.distill.train_common import (
+from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
@@ -57,10 +57,12 @@ from worldloop.distill.train_common import (
     step_generator,
     wrap_model,
 )
+from worldloop.distill.stages.shared import make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT, drop_keys
 from worldloop.models.keys import keys_to_tensor
+from worldloop.models.media import write_video
 from worldloop.models.text import PromptEmbedding, PromptEncoder
 from worldloop.models.vae import LatentAutoencoder, to_unit
 from worldloop.models.world_model import WorldModel

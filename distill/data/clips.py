@@ -28,13 +28,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from worldloop.distill.episodes import read_episode
-from worldloop.distill.train_common import TrainConfig
+from worldloop.distill.data.episodes import read_episode
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.hashing import hash32
 from worldloop.distill.world.themes import THEMES, theme_from_prompt
-from worldloop.models.config import ModelConfig
 from worldloop.models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
@@ -259,22 +257,3 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     shrink = height <= frames.shape[1] and width <= frames.shape[2]
     x = F.interpolate(x, (height, width), mode="area" if shrink else "bilinear", align_corners=None)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,
-                     random_keys: float = 0.0) -> ClipSource:
-    """The training data of a run: recorded episodes (``cfg.episodes``), else the built-in world.
-
-    World clips are pooled (``cfg.pool_clips``, default 256 on the CPU, 4096 on a GPU): building a world
-    and stepping the explorer cost a fixed time per batch and per frame, more than a training step.
-    """
-    if cfg.episodes:
-        return EpisodeClips(Path(cfg.episodes), config.height, config.width, frames, seed=cfg.seed, rank=rank)
-    pool = cfg.pool_clips if cfg.pool_clips >= 0 else (256 if device.type == "cpu" else 4096)
-    if pool == 0:
-        return WorldClips(config.height, config.width, frames, device, seed=cfg.seed, rank=rank,
-                          random_keys=random_keys)
-    source = WorldClips(config.height, config.width, max(2 * frames, 16), device, seed=cfg.seed, rank=rank,
-                        random_keys=random_keys)
-    return ClipPool(source, pool, frames, chunk=max(32, pool // 8), refresh_every=cfg.pool_refresh,
-                    seed=cfg.seed, rank=rank)

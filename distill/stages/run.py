@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from worldloop.distill.train_common import EMA
+from worldloop.distill.stages.runtime import EMA
 
 CHECKPOINT_FORMAT = "worldloop-train-1"
 

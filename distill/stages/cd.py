@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from worldloop.distill import losses
-from worldloop.distill.data import ClipSource, make_clip_source
-from worldloop.distill.run import (
+from worldloop.distill.data.clips import ClipSource
+from worldloop.distill.stages import losses
+from worldloop.distill.stages.run import (
     JsonlLog,
     Progress,
     RunDir,
@@ -43,7 +43,7 @@ from worldloop.distill.run import (
     save_checkpoint,
     settings_dict,
 )
-from worldloop.distill.train_common import (
+from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
@@ -57,7 +57,8 @@ from worldloop.distill.train_common import (
     step_generator,
     wrap_model,
 )
-from worldloop.distill.train_teacher import load_vae, teacher_inputs
+from worldloop.distill.stages.shared import make_clip_source
+from worldloop.distill.stages.teacher import load_vae, teacher_inputs
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT

@@ -30,6 +30,7 @@ import av
 import numpy as np
 
 from worldloop.models.keys import ALL_KEYS_MASK, KEYS
+from worldloop.models.media import VideoWriter
 
 FORMAT, VERSION = "worldloop-episode", 1
 VIDEO, KEYS_FILE, PROMPTS_FILE, META_FILE, FRAMES_FILE = (
@@ -126,8 +127,7 @@ class EpisodeWriter:
         self.poses: list[list[float]] = []
         self.prompts = [PromptChange(0, prompt)]
         self._frames: list[np.ndarray] = []
-        self._container: Any = None
-        self._stream: Any = None
+        self._video: VideoWriter | None = None
         self.size: tuple[int, int] | None = None  # (height, width), from the first frame
 
     def __enter__(self) -> EpisodeWriter:
@@ -163,8 +163,7 @@ class EpisodeWriter:
             raise ValueError(f"frame {self.n_frames}: key bitmask {keys} out of range 0..{ALL_KEYS_MASK}")
         if self.n_frames > 0 and (pose is None) != (not self.poses):
             raise ValueError(f"frame {self.n_frames}: give a pose for every frame or for none")
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            self._container.mux(packet)
+        self._video.write(frame)
         if self.lossless:
             self._frames.append(frame)
         self.keys.append(keys)
@@ -175,20 +174,14 @@ class EpisodeWriter:
         if height % 2 or width % 2:
             raise ValueError(f"frame size {width}x{height} must be even for H.264 (yuv420p)")
         self.size = (height, width)
-        self._container = av.open(str(self.tmp / VIDEO), mode="w", options={"movflags": "+faststart"})
-        self._stream = self._container.add_stream("libx264", rate=self.meta.fps)
-        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-        self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+        self._video = VideoWriter(self.tmp / VIDEO, width, height, self.meta.fps, crf=self.crf)
 
     def close(self) -> Path:
         """Finish the video, write the side files and move the folder into place."""
         try:
             if self.n_frames == 0:
                 raise ValueError(f"{self.path}: an episode needs at least one frame")
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-            self._container = None
+            self._video.close()
             self._write_side_files()
             _commit(self.tmp, self.path)
         except BaseException:
@@ -211,12 +204,8 @@ class EpisodeWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        if self._container is not None:
-            try:
-                self._container.close()
-            except av.error.FFmpegError:
-                pass
-            self._container = None
+        if self._video is not None:
+            self._video.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._remove_made()
 
