@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_tiny_idm_beats_chance_on_held_out_engine_frames(tmp_path: Path) -> None:
     train = ClipPool(WorldClips(32, 32, 8, random_keys=0.5), clips=32, frames=4, chunk=32, refresh_every=0)
     held_out = WorldClips(32, 32, 4, held_out=True, random_keys=1.0)
-    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=0, clip_frames=4, out=str(tmp_path / "idm"),
-                      log_every=20, device="cpu")
+    cfg = TrainConfig(iterations=60, batch_size=8, lr=3e-3, warmup=0, clip_frames=4,
+                      out=str(tmp_path / "idm"), log_every=20, device="cpu")
     torch.manual_seed(0)
     _, acc = train_evaluator(default_config("idm", 32, 32, KEYS), cfg, train, held_out,
                              setup_distributed("cpu"), eval_batches=2, eval_batch_size=8)

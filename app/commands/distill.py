@@ -27,8 +27,8 @@ from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cd": {"steps": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
-    "dmd": {"steps": 300, "batch_size": 8, "lr": 2e-5, "warmup": 0, "ema_decay": 0.99},
+    "cd": {"iterations": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
+    "dmd": {"iterations": 300, "batch_size": 8, "lr": 2e-5, "warmup": 0, "ema_decay": 0.99},
 }
 
 
@@ -62,10 +62,10 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--shift", type=float, help="timestep shift of the noise levels (default: the teacher's)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--steps", type=int, default=d["steps"], help="total iterations")
+    p.add_argument("--iterations", type=int, default=d["iterations"], help="total iterations")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the student")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
@@ -77,11 +77,13 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--compile", action="store_true", help="torch.compile the student (cd)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints and exports")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="iterations between checkpoints and exports")
     p.add_argument("--episodes", type=Path, help="clips from recorded episode folders under this path")
     p.add_argument("--pool-clips", type=int, default=-1,
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
-    p.add_argument("--pool-refresh", type=int, default=25, help="steps between re-rendering a pool chunk")
+    p.add_argument("--pool-refresh", type=int, default=25,
+                   help="iterations between re-rendering a pool chunk")
 
 
 def _dmd_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +100,7 @@ def _dmd_options(p: argparse.ArgumentParser) -> None:
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
     """The student's config (from --student, else the teacher's) and the teacher's."""
-    from worldloop.distill.stages.cd import student_config
+    from worldloop.distill.stages.shared import student_config
 
     teacher, _ = checkpoint.read_config(args.teacher)
     source = getattr(args, "student", None)
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         teardown_distributed()
     if ddp.is_main:
-        print(f"step {result.step}; model directory: {result.model_dir}")
+        print(f"iteration {result.iteration}; model directory: {result.model_dir}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Stage 2: causal consistency distillation of the teacher into a 1–2-step student (``worldloop distill cd``).
 
 DESIGN §6.2. The student starts as a copy of the teacher and learns to jump from any level of the teacher's
-trajectory grid straight to the clean frame. No trajectories are stored: each step makes its own pair of
-neighbouring grid levels from ground-truth clips.
+trajectory grid straight to the clean frame. No trajectories are stored: each iteration makes its own pair
+of neighbouring grid levels from ground-truth clips.
 
 1. Latents x0 (B, F, C, h, w) of engine clips, their keys and prompts (as in teacher training).
 2. A shifted grid of ``grid_steps`` levels (``models.sampling.sigma_grid``): 1 = σ_0 > σ_1 > … > σ_N = 0. Each
@@ -22,8 +22,6 @@ guidance off (the guidance is distilled in), so ``WorldModel.from_pretrained`` p
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,22 +31,13 @@ import torch.nn as nn
 
 from worldloop.distill.data.clips import ClipSource
 from worldloop.distill.stages import losses
-from worldloop.distill.stages.run import (
-    JsonlLog,
-    Progress,
-    RunDir,
-    RunError,
-    StopSignal,
-    load_checkpoint,
-    save_checkpoint,
-    settings_dict,
-)
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import settings_dict
 from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
     TrainResult,
-    any_rank,
     autocast,
     local_batch_size,
     lr_at,
@@ -57,13 +46,21 @@ from worldloop.distill.stages.runtime import (
     step_generator,
     wrap_model,
 )
-from worldloop.distill.stages.shared import make_clip_source
-from worldloop.distill.stages.teacher import load_vae, teacher_inputs
-from worldloop.models import checkpoint
+from worldloop.distill.stages.shared import (
+    check_compatible,
+    clip_inputs,
+    clip_model_fn,
+    export_student,
+    frozen,
+    guided_x0,
+    load_dit,
+    load_vae,
+    make_clip_source,
+    noisy_context,
+)
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
-from worldloop.models.kv_cache import PromptKV
-from worldloop.models.sampling import ModelFn, add_noise, denoise, sigma_grid, x0_from_v
+from worldloop.models.sampling import add_noise, sigma_grid, x0_from_v
 from worldloop.models.text import PromptEmbedding, PromptEncoder
 
 STAGE = "cd"
@@ -82,91 +79,9 @@ class CDObjective:
             raise ValueError("--guidance must be >= 0 and --shift > 0")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pieces the distillation stages share
-
-
-def load_dit(path: Path, device: torch.device) -> tuple[ModelConfig, DiT]:
-    """A model directory's DiT in float32, with its EMA weights when present (what the directory plays)."""
-    files = checkpoint.load_model(path)
-    dit = DiT(files.config)
-    use_ema = files.dit_ema is not None
-    weights = files.dit_ema if use_ema else files.dit
-    checkpoint.load_into(dit, weights, path / (checkpoint.EMA_FILE if use_ema else checkpoint.DIT_FILE))
-    return files.config, dit.to(device)
-
-
-def student_config(config: ModelConfig, steps: int, first_frame_steps: int) -> ModelConfig:
-    """The student's config: the teacher's, sampling with ``steps`` steps (the first frame with more) and no
-    guidance (the student learns the guided teacher)."""
-    if config.dit.bidirectional:
-        raise ValueError("the student must be causal; pass the causal teacher (a bidirectional teacher can "
-                         "only be the real score of `distill dmd`)")
-    if not 1 <= steps <= 2:
-        raise ValueError(f"--student-steps must be 1 or 2, got {steps}")
-    sampling = dataclasses.replace(config.sampling, steps=steps, guidance=1.0,
-                                   first_frame_steps=max(steps, first_frame_steps))
-    return config.replace(sampling=sampling)
-
-
-def check_compatible(config: ModelConfig, other: ModelConfig, path: Path, *, same_dit: bool) -> None:
-    """``other`` (read from ``path``) must share the latent space, and with ``same_dit`` the architecture."""
-    space = (config.vae, config.height, config.width)
-    if (other.vae, other.height, other.width) != space:
-        raise RunError(f"{path}: its frames or autoencoder differ from the student's ({config.name})")
-    if same_dit and dataclasses.replace(other.dit, bidirectional=False) != config.dit:
-        raise RunError(f"{path}: its DiT architecture differs from the student's")
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
-def clip_model_fn(dit: DiT, keys: torch.Tensor, context_sigma: torch.Tensor) -> ModelFn:
-    """``model_fn(x, σ, prompt, context) -> v`` for full clips x (B, F, C, h, w) at one σ per clip (B,),
-    in the teacher-forcing layout [context | x] (a bidirectional DiT takes no context)."""
-
-    def model_fn(x: torch.Tensor, sigma: torch.Tensor, prompt: PromptKV, context: torch.Tensor
-                 ) -> torch.Tensor:
-        per_frame = sigma[:, None].expand(-1, x.shape[1])
-        if dit.cfg.bidirectional:
-            return dit(x, per_frame, keys, prompt)
-        return dit(x, per_frame, keys, prompt, context=context, context_sigma=context_sigma)
-
-    return model_fn
-
-
-def noisy_context(latents: torch.Tensor, sigma_c: float, noise: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context frames as the cache holds them: re-noised to the sampler's ``context_sigma`` (B, F)."""
-    sigma = torch.full(latents.shape[:2], sigma_c, device=latents.device)
-    return (losses.add_noise(latents, noise, sigma) if sigma_c > 0 else latents), sigma
-
-
-@torch.no_grad()
-def guided_x0(dit: DiT, x: torch.Tensor, sigma: torch.Tensor, keys: torch.Tensor, prompt: PromptEmbedding,
-              context: torch.Tensor, context_sigma: torch.Tensor, guidance: float) -> torch.Tensor:
-    """A frozen model's x0 prediction for clips, with classifier-free guidance on the prompt."""
-    cond = dit.prompt_kv(prompt.tokens, prompt.mask)
-    null = dit.null_prompt_kv(x.shape[0]) if guidance != 1.0 else None
-    return denoise(clip_model_fn(dit, keys, context_sigma), x, sigma, cond, context, guidance, null)
-
-
-def export_student(out: Path, config: ModelConfig, dit: DiT, ema_dit: nn.Module, vae: nn.Module, *,
-                   stage: str, step: int, meta: dict[str, Any]) -> Path:
-    """The student's model directory: weights (fp32), EMA (bf16, what plays) and the teacher's autoencoder."""
-    return checkpoint.save_model(out, config, dit, vae, dit_ema=ema_dit,
-                                 metadata={"stage": stage, "step": step,
-                                           "student_steps": config.sampling.steps, **meta})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The consistency objective
-
-
 @dataclass
 class CDDraws:
-    """The random numbers of one step: grid index per clip (B,), noise of the targets and of the context."""
+    """The random numbers of one iteration: grid index per clip (B,), noise of the targets and the context."""
 
     index: torch.Tensor
     noise: torch.Tensor
@@ -208,65 +123,62 @@ def cd_loss(student: nn.Module, teacher: DiT, ema: DiT, x0: torch.Tensor, keys: 
     return losses.consistency_loss(student_x0, ema_x0, x_next, sigma_next)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The training loop
+class CDStage(Stage):
+    """The student (a copy of the teacher) regressed onto its EMA's x0 one guided teacher step further."""
+
+    name, title = STAGE, "distill cd"
+    export_at_checkpoints = True
+
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: CDObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, teacher_dir: Path, prompt_encoder: PromptEncoder | None,
+                 clips: ClipSource | None) -> None:
+        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
+        teacher_config, self.teacher = load_dit(teacher_dir, ddp.device)
+        check_compatible(config, teacher_config, teacher_dir, same_dit=True)
+        frozen(self.teacher)
+        self.vae = frozen(load_vae(config, teacher_dir).to(ddp.device))
+        self.student = self.trained = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.ema = EMA(self.student, cfg.ema_decay)
+        self.optimizer = make_optimizer(self.student, cfg, ddp.device)
+        self.modules, self.emas = {"dit": self.student}, {"dit": self.ema}
+        self.model = wrap_model(StudentX0(self.student), cfg, ddp)
+        self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
+        self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames)
+        self.grid = sigma_grid(objective.grid_steps, objective.shift).to(ddp.device)
+        self.batch_size = local_batch_size(cfg.batch_size, ddp)
+        self.meta = {"teacher": str(teacher_dir), "grid_steps": objective.grid_steps,
+                     "guidance": objective.guidance}
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
+        return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
+
+    def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
+        (x0, keys, prompt), cfg, device = batch, self.cfg, self.ddp.device
+        d = draw(self.objective, x0.shape, step_generator(cfg.seed, iteration, self.ddp.rank, device), device)
+        with autocast(device, cfg.bf16):
+            loss = cd_loss(self.model, self.teacher, self.ema.module, x0, keys, prompt, self.grid, d,
+                           self.objective, self.config.sampling.context_sigma)
+        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr_at(iteration, cfg), cfg.grad_clip)
+        self.ema.update(self.student)
+        shown = loss.item()
+        return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
+                                                        "lr": lr_at(iteration, cfg),
+                                                        "sigma_mean": self.grid[d.index].mean()})
+
+    def export(self, iteration: int, out: Path) -> None:
+        export_student(out, self.config, self.student, self.ema.module, self.vae, stage=STAGE,
+                       iteration=iteration, meta=self.meta)
 
 
 def train_cd(config: ModelConfig, cfg: TrainConfig, objective: CDObjective, ddp: Distributed, *,
              teacher_dir: Path, resume: bool = False, prompt_encoder: PromptEncoder | None = None,
              clips: ClipSource | None = None) -> TrainResult:
-    """Distil the teacher in ``teacher_dir`` into a student with ``config`` (see ``student_config``) and
-    export it to ``<out>/model``. Stops early (and saves) on SIGTERM; ``clips``/``prompt_encoder`` replace
-    the run's data source and encoder (tests use fakes)."""
-    run = RunDir(Path(cfg.out))
+    """Distil the teacher in ``teacher_dir`` into a student with ``config`` (see ``shared.student_config``)
+    and export it to ``<out>/model``. Stops early (and saves) on SIGTERM; ``clips``/``prompt_encoder``
+    replace the run's data source and encoder (tests use fakes)."""
     settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective,
                              teacher=str(teacher_dir))
-    run.prepare(resume, settings, write=ddp.is_main)
-    teacher_config, teacher = load_dit(teacher_dir, ddp.device)
-    check_compatible(config, teacher_config, teacher_dir, same_dit=True)
-    frozen(teacher)
-    vae = frozen(load_vae(config, teacher_dir).to(ddp.device))
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    ema = EMA(student, cfg.ema_decay)
-    optimizer = make_optimizer(student, cfg, ddp.device)
-    step = 0
-    if resume:
-        step = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules={"dit": student},
-                               emas={"dit": ema}, optimizer=optimizer)
-    model = wrap_model(StudentX0(student), cfg, ddp)
-    encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
-    clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames)
-    grid = sigma_grid(objective.grid_steps, objective.shift).to(ddp.device)
-    batch_size = local_batch_size(cfg.batch_size, ddp)
-    log, progress = JsonlLog(run.log, ddp.is_main), Progress(step, cfg.steps, "distill cd", ddp.is_main)
-    meta = {"teacher": str(teacher_dir), "grid_steps": objective.grid_steps, "guidance": objective.guidance}
-
-    def save() -> None:
-        if ddp.is_main:
-            save_checkpoint(run.checkpoint, stage=STAGE, step=step, settings=settings,
-                            modules={"dit": student}, emas={"dit": ema}, optimizer=optimizer)
-            export_student(run.model, config, student, ema.module, vae, stage=STAGE, step=step, meta=meta)
-
-    with StopSignal() as stop:
-        while step < cfg.steps and not any_rank(stop.requested, ddp):
-            started = time.perf_counter()
-            x0, keys, prompt = teacher_inputs(clips, vae, encoder, step, batch_size, ddp.device)
-            data_seconds = time.perf_counter() - started
-            d = draw(objective, x0.shape, step_generator(cfg.seed, step, ddp.rank, ddp.device), ddp.device)
-            with autocast(ddp.device, cfg.bf16):
-                loss = cd_loss(model, teacher, ema.module, x0, keys, prompt, grid, d, objective,
-                               config.sampling.context_sigma)
-            grad_norm = optimizer_step(loss, model, optimizer, lr_at(step, cfg), cfg.grad_clip)
-            ema.update(student)
-            step += 1
-            progress.update(x0.shape[0] * x0.shape[1] * ddp.world_size, data_seconds, loss=loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(step=step, loss=loss.item(), grad_norm=grad_norm, lr=lr_at(step - 1, cfg),
-                          sigma_mean=grid[d.index].mean().item(), frames_per_s=progress.rate(),
-                          data_share=progress.data_share())
-                progress.reset_rate()
-            if step % cfg.checkpoint_every == 0:
-                save()
-    progress.close()
-    save()
-    return TrainResult(run.model, step, student)
+    run = prepare_run(cfg, settings, resume, ddp)
+    stage = CDStage(config, cfg, objective, ddp, settings, teacher_dir=teacher_dir,
+                    prompt_encoder=prompt_encoder, clips=clips)
+    return train(stage, cfg, ddp, run, resume=resume)

@@ -33,13 +33,14 @@ from worldloop.models.keys import KEYS, NUM_KEYS
 from worldloop.models.vae import to_unit
 
 
-def evaluator_batch(kind: Kind, clips: ClipSource, step: int, size: int
+def evaluator_batch(kind: Kind, clips: ClipSource, iteration: int, size: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets for one step: every consecutive pair of each clip (idm) or every frame (classifier).
+    """Inputs and targets for one iteration: every consecutive pair of each clip (idm) or every frame
+    (classifier).
 
     Targets: multi-hot keys (N, NUM_KEYS) float, or theme indices (N,) long.
     """
-    batch = clips.batch(step, size)
+    batch = clips.batch(iteration, size)
     b, f = batch.frames.shape[:2]
     x = to_unit(batch.frames.flatten(0, 1)).view(b, f, 3, *batch.frames.shape[2:4])
     if kind == "classifier":
@@ -86,24 +87,24 @@ def train_evaluator(config: EvaluatorConfig, cfg: TrainConfig, train_clips: Clip
     model = EvaluatorNet(config).to(ddp.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log = JsonlLog(out / "log.jsonl")
-    frames_per_step = cfg.batch_size * (cfg.clip_frames - (config.kind == "idm"))
-    progress = Progress(0, cfg.steps, f"train {config.kind}")
+    frames_per_iteration = cfg.batch_size * (cfg.clip_frames - (config.kind == "idm"))
+    progress = Progress(0, cfg.iterations, f"train {config.kind}")
     with StopSignal() as stop:
-        for step in range(cfg.steps):
+        for iteration in range(cfg.iterations):
             if stop.requested:
                 break
-            x, y = evaluator_batch(config.kind, train_clips, step, cfg.batch_size)
+            x, y = evaluator_batch(config.kind, train_clips, iteration, cfg.batch_size)
             loss = evaluator_loss(config.kind, model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            progress.update(frames_per_step, loss=loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                log.write(step=step, loss=loss.item(), frames_per_s=progress.rate())
+            progress.update(frames_per_iteration, loss=loss.item())
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
+                log.write(iteration=iteration, loss=loss.item(), frames_per_s=progress.rate())
                 progress.reset_rate()
     progress.close()
     metrics = held_out_accuracy(model, held_out, eval_batches, eval_batch_size)
-    log.write(step=cfg.steps, held_out=metrics)
+    log.write(iteration=cfg.iterations, held_out=metrics)
     save_evaluator(model.cpu(), out, metrics)
     return model, metrics
 

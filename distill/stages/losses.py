@@ -44,12 +44,6 @@ def sample_sigmas(shape: tuple[int, ...], *, shift: float = 1.0, mean: float = 0
     return sampling.shift_sigma(torch.sigmoid(mean + std * n), shift)
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """``x_σ = (1 − σ)·x0 + σ·ε`` with σ per sample (B,) or per frame (B, F)."""
-    s = _per_frame(sigma, x0)
-    return (1.0 - s) * x0 + s * noise
-
-
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The rectified-flow regression target ``v = ε − x0``."""
     return noise - x0

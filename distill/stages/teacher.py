@@ -15,13 +15,12 @@ mask, so noisy frame i sees the clean frames before it — what the cached rollo
 A ``bidirectional`` DiT (config flag, ``--bidirectional``; a distillation teacher) has no clean context: the
 whole clip is noisy at per-frame σ under full attention.
 
-    worldloop train teacher --preset default --vae runs/vae/model --steps 20000 --out runs/teacher
+    worldloop train teacher --preset default --vae runs/vae/model --iterations 20000 --out runs/teacher
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,22 +32,13 @@ import torch.nn as nn
 from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
 from worldloop.distill.data.media import save_png_grid
 from worldloop.distill.stages import losses
-from worldloop.distill.stages.run import (
-    JsonlLog,
-    Progress,
-    RunDir,
-    RunError,
-    StopSignal,
-    load_checkpoint,
-    save_checkpoint,
-    settings_dict,
-)
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
     TrainResult,
-    any_rank,
     autocast,
     local_batch_size,
     lr_at,
@@ -57,14 +47,14 @@ from worldloop.distill.stages.runtime import (
     step_generator,
     wrap_model,
 )
-from worldloop.distill.stages.shared import make_clip_source
+from worldloop.distill.stages.shared import clip_inputs, load_vae, make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT, drop_keys
-from worldloop.models.keys import keys_to_tensor
 from worldloop.models.media import write_video
+from worldloop.models.sampling import add_noise
 from worldloop.models.text import PromptEmbedding, PromptEncoder
-from worldloop.models.vae import LatentAutoencoder, to_unit
+from worldloop.models.vae import LatentAutoencoder
 from worldloop.models.world_model import WorldModel
 
 STAGE = "teacher"
@@ -126,42 +116,65 @@ class TeacherLoss(nn.Module):
     def forward(self, x0: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                 d: TeacherDraws) -> torch.Tensor:
         """x0 (B, F, C, h, w) latents, keys (B, F, K) multi-hot, prompt tokens (B, T, 384) and mask (B, T)."""
-        x_t = losses.add_noise(x0, d.noise, d.sigma)
+        x_t = add_noise(x0, d.noise, d.sigma)
         keys = drop_keys(keys, d.drop_keys)
         prompt = self.dit.prompt_kv(tokens, mask & ~d.drop_prompt[:, None])
         if self.dit.cfg.bidirectional:
             v = self.dit(x_t, d.sigma, keys, prompt)
         else:
-            context = losses.add_noise(x0, d.context_noise, d.context_sigma)
+            context = add_noise(x0, d.context_noise, d.context_sigma)
             v = self.dit(x_t, d.sigma, keys, prompt, context=context, context_sigma=d.context_sigma)
         return losses.flow_matching_loss(v, x0, d.noise)
 
 
-def teacher_inputs(clips: ClipSource, vae: LatentAutoencoder, encoder: PromptEncoder, step: int, size: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
-    """A step's clips as latents (B, F, C, h, w), multi-hot keys (B, F, K) and prompt embeddings."""
-    batch = clips.batch(step, size).to(device)
-    prompt = encoder.encode(batch.prompts).to(device)
-    return encode_clips(vae, batch.frames), keys_to_tensor(batch.keys, device=device), prompt
+class TeacherStage(Stage):
+    """The DiT (from scratch or ``--init-from``) on latents of the run's clips (frozen autoencoder)."""
 
+    name, title = STAGE, "train teacher"
 
-@torch.no_grad()
-def encode_clips(vae: LatentAutoencoder, frames: torch.Tensor) -> torch.Tensor:
-    """uint8 clips (B, F, H, W, 3) → latents (B, F, C, h, w) with the frozen autoencoder."""
-    b, f = frames.shape[:2]
-    z = vae.encode(to_unit(frames.flatten(0, 1)).to(vae.latent_scale.device))
-    return z.float().view(b, f, *z.shape[1:])
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TeacherObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, vae: LatentAutoencoder, resume: bool, init_from: Path | None,
+                 prompt_encoder: PromptEncoder | None, clips: ClipSource | None) -> None:
+        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
+        self.vae = vae
+        torch.manual_seed(cfg.seed)
+        self.dit = self.trained = DiT(config).to(ddp.device)
+        self.ema = EMA(self.dit, cfg.ema_decay)
+        previous = 0
+        if init_from is not None:  # a resumed run still counts the iterations of the model it started from
+            previous = iterations_of(init_from) if resume else init_weights(self.dit, self.ema, init_from)
+        self.meta = {"init_from": str(init_from) if init_from else None, "previous_steps": previous}
+        self.optimizer = make_optimizer(self.dit, cfg, ddp.device)
+        self.modules, self.emas = {"dit": self.dit}, {"dit": self.ema}
+        self.model = wrap_model(TeacherLoss(self.dit), cfg, ddp)
+        self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
+        self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
+                                               objective.random_keys)
+        self.batch_size = local_batch_size(cfg.batch_size, ddp)
 
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
+        return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
 
-def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
-    """The autoencoder of a model directory; its config must match the teacher's frames and VAE."""
-    vae_config, _ = checkpoint.read_config(path)
-    if (vae_config.vae, vae_config.height, vae_config.width) != (config.vae, config.height, config.width):
-        raise RunError(f"{path}: its autoencoder ({vae_config.name}, {vae_config.height}x{vae_config.width}) "
-                       f"does not match preset {config.name!r} ({config.height}x{config.width})")
-    vae = LatentAutoencoder(config)
-    checkpoint.load_into(vae, checkpoint.load_model(path).vae, path / checkpoint.VAE_FILE)
-    return vae
+    def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
+        (x0, keys, prompt), cfg, device = batch, self.cfg, self.ddp.device
+        draws = draw(self.objective, x0.shape, step_generator(cfg.seed, iteration, self.ddp.rank, device),
+                     device)
+        with autocast(device, cfg.bf16):
+            loss = self.model(x0, keys, prompt.tokens, prompt.mask, draws)
+        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr_at(iteration, cfg), cfg.grad_clip)
+        self.ema.update(self.dit)
+        shown = loss.item()
+        return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
+                                                        "lr": lr_at(iteration, cfg),
+                                                        "sigma_mean": draws.sigma.mean()})
+
+    def samples(self, iteration: int, batch: Any, run: RunDir) -> None:
+        self.export(iteration, run.model)  # the model the pictures show
+        write_samples(run.samples, self.config, self.ema.module, self.vae, self.encoder, iteration,
+                      self.ddp.device)
+
+    def export(self, iteration: int, out: Path) -> None:
+        export(out, self.config, self.dit, self.ema.module, self.vae, iteration, self.meta)
 
 
 def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjective, ddp: Distributed, *,
@@ -172,106 +185,45 @@ def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjec
 
     ``prompt_encoder`` shares a loaded encoder; ``clips`` replaces the run's data source (tests use fakes).
     """
-    run = RunDir(Path(cfg.out))
     settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective)
-    run.prepare(resume, settings, write=ddp.is_main)
+    run = prepare_run(cfg, settings, resume, ddp)
     source = vae_from or init_from
     if source is None:
         raise RunError("the teacher needs an autoencoder: pass --vae MODEL_DIR (from `worldloop train vae`)")
     vae = load_vae(config, source).to(ddp.device).eval().requires_grad_(False)
-    dit, ema, optimizer, start, previous_steps = start_state(config, cfg, ddp.device, run, settings, resume,
-                                                            init_from)
-    model = wrap_model(TeacherLoss(dit), cfg, ddp)
-    encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
-    clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
-                                      objective.random_keys)
-    batch_size = local_batch_size(cfg.batch_size, ddp)
-    log = JsonlLog(run.log, ddp.is_main)
-    progress = Progress(start, cfg.steps, "train teacher", ddp.is_main)
-    step = start
-    meta = {"init_from": str(init_from) if init_from else None, "previous_steps": previous_steps}
-
-    def save() -> None:
-        if ddp.is_main:
-            save_checkpoint(run.checkpoint, stage=STAGE, step=step, settings=settings, modules={"dit": dit},
-                            emas={"dit": ema}, optimizer=optimizer)
-
-    with StopSignal() as stop:
-        while step < cfg.steps and not any_rank(stop.requested, ddp):
-            started = time.perf_counter()
-            x0, keys, prompt = teacher_inputs(clips, vae, encoder, step, batch_size, ddp.device)
-            data_seconds = time.perf_counter() - started
-            generator = step_generator(cfg.seed, step, ddp.rank, ddp.device)
-            draws = draw(objective, x0.shape, generator, ddp.device)
-            with autocast(ddp.device, cfg.bf16):
-                loss = model(x0, keys, prompt.tokens, prompt.mask, draws)
-            grad_norm = optimizer_step(loss, model, optimizer, lr_at(step, cfg), cfg.grad_clip)
-            ema.update(dit)
-            step += 1
-            progress.update(x0.shape[0] * x0.shape[1] * ddp.world_size, data_seconds, loss=loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(step=step, loss=loss.item(), grad_norm=grad_norm, lr=lr_at(step - 1, cfg),
-                          sigma_mean=draws.sigma.mean().item(), frames_per_s=progress.rate(),
-                          data_share=progress.data_share())
-                progress.reset_rate()
-            if step % cfg.checkpoint_every == 0:
-                save()
-            if ddp.is_main and cfg.sample_every and step % cfg.sample_every == 0:
-                export(run.model, config, dit, ema.module, vae, step, meta)
-                write_samples(run, config, ema.module, vae, encoder, step, ddp.device)
-    progress.close()
-    save()
-    if ddp.is_main:
-        export(run.model, config, dit, ema.module, vae, step, meta)
-    return TrainResult(run.model, step, dit)
+    stage = TeacherStage(config, cfg, objective, ddp, settings, vae=vae, resume=resume, init_from=init_from,
+                         prompt_encoder=prompt_encoder, clips=clips)
+    return train(stage, cfg, ddp, run, resume=resume)
 
 
-def start_state(config: ModelConfig, cfg: TrainConfig, device: torch.device, run: RunDir,
-                settings: dict[str, Any], resume: bool, init_from: Path | None
-                ) -> tuple[DiT, EMA, torch.optim.Optimizer, int, int]:
-    """DiT, EMA and optimizer: fresh (seeded), from --init-from, or resumed from the run's checkpoint.
+def iterations_of(path: Path) -> int:
+    """Optimizer updates behind a model directory: its own and those of the model it was started from.
 
-    Returns them with the step to start from and the steps of the --init-from model."""
-    torch.manual_seed(cfg.seed)
-    dit = DiT(config).to(device)
-    ema = EMA(dit, cfg.ema_decay)
-    previous_steps = 0
-    if init_from is not None:  # a resumed run still counts the steps of the model it started from
-        previous_steps = steps_of(init_from) if resume else init_weights(dit, ema, init_from)
-    optimizer = make_optimizer(dit, cfg, device)
-    start = 0
-    if resume:
-        start = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules={"dit": dit},
-                                emas={"dit": ema}, optimizer=optimizer)
-    return dit, ema, optimizer, start, previous_steps
-
-
-def steps_of(path: Path) -> int:
-    """Optimizer steps behind a model directory: its own and those of the model it was started from."""
+    (Model directories record them as ``step`` and ``previous_steps``, the format's names.)"""
     _, metadata = checkpoint.read_config(path)
     return int(metadata.get("step", 0)) + int(metadata.get("previous_steps", 0))
 
 
 def init_weights(dit: DiT, ema: EMA, path: Path) -> int:
-    """--init-from: DiT and EMA weights (any dtype) from a model directory; returns its recorded step."""
+    """--init-from: DiT and EMA weights (any dtype) from a model directory; returns its iterations."""
     files = checkpoint.load_model(path)
     checkpoint.load_into(dit, files.dit, path / checkpoint.DIT_FILE)
     ema_state = files.dit_ema if files.dit_ema is not None else files.dit
     checkpoint.load_into(ema.module, ema_state, path / checkpoint.EMA_FILE)
     ema.updates = 10_000  # a warm average: use the full decay from the first update
-    return steps_of(path)
+    return iterations_of(path)
 
 
-def export(out: Path, config: ModelConfig, dit: DiT, ema_dit: nn.Module, vae: LatentAutoencoder, step: int,
-           meta: dict[str, Any]) -> Path:
+def export(out: Path, config: ModelConfig, dit: DiT, ema_dit: nn.Module, vae: LatentAutoencoder,
+           iteration: int, meta: dict[str, Any]) -> Path:
     """The model directory: DiT (fp32), EMA (bf16, what ships and what --init-from carries), autoencoder."""
     return checkpoint.save_model(out, config, dit, vae, dit_ema=ema_dit,
-                                 metadata={"stage": STAGE, "step": step, **meta})
+                                 metadata={"stage": STAGE, "step": iteration, **meta})
 
 
 @torch.no_grad()
-def write_samples(run: RunDir, config: ModelConfig, ema_dit: nn.Module, vae: LatentAutoencoder,
-                  encoder: PromptEncoder, step: int, device: torch.device, frames: int = 32) -> None:
+def write_samples(folder: Path, config: ModelConfig, ema_dit: nn.Module, vae: LatentAutoencoder,
+                  encoder: PromptEncoder, iteration: int, device: torch.device, frames: int = 32) -> None:
     """A held-out engine clip continued by the EMA model through ``WorldModel``: MP4 engine | model, PNGs."""
     world = WorldClips(config.height, config.width, config.dit.sink + 2 + frames, device, held_out=True)
     clip: ClipBatch = world.batch(0, 1)
@@ -279,12 +231,12 @@ def write_samples(run: RunDir, config: ModelConfig, ema_dit: nn.Module, vae: Lat
                     max_sessions=1)
     context = config.dit.sink + 2
     engine = clip.frames[0].cpu().numpy()
-    session = wm.new_session(clip.prompts[0], seed=step, first_frames=engine[:context],
+    session = wm.new_session(clip.prompts[0], seed=iteration, first_frames=engine[:context],
                              first_keys=clip.keys[0, :context].cpu().numpy())
     generated = [wm.step([session], [int(k)])[0] for k in clip.keys[0, context:].tolist()]
     side = [torch.cat([torch.from_numpy(e), torch.from_numpy(g)], 1).numpy()
             for e, g in zip(engine[context:], generated, strict=True)]
-    write_video(run.samples / f"teacher_{step:07d}.mp4", side, config.fps)
+    write_video(folder / f"teacher_{iteration:07d}.mp4", side, config.fps)
     pick = list(range(0, frames, max(1, frames // 8)))[:8]
     strips = [engine[context:][pick], np.stack(generated)[pick]]
-    save_png_grid(run.samples / f"teacher_{step:07d}.png", strips)
+    save_png_grid(folder / f"teacher_{iteration:07d}.png", strips)
