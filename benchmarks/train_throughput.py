@@ -131,7 +131,7 @@ def main() -> None:
 
 
 def side_costs(config, device: torch.device, batch: int, frames: int, world_batch: int) -> dict[str, float]:
-    """Frames/s of what feeds an iteration: VAE encode of the clips and the built-in world's clip generation."""
+    """Frames/s of what feeds an iteration: VAE encode of the clips, the built-in world's clip generation."""
     vae = LatentAutoencoder(config).to(device).eval()
     images = torch.rand(batch * frames, 3, config.height, config.width, device=device) * 2 - 1
     with torch.no_grad():
