@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from worldloop.app.bench import cpu_name
+from worldloop.models.timing import cpu_name
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from worldloop.app.bench import cpu_name
 from worldloop.models.config import preset
 from worldloop.models.text import PromptEncoder
+from worldloop.models.timing import cpu_name
 from worldloop.models.vae import Decoder, LatentAutoencoder, ResBlock
 
 

@@ -26,12 +26,13 @@ from collections.abc import Callable
 
 import torch
 
-from worldloop.app.bench import hardware, percentile, run_frames, sync
 from worldloop.models.config import ModelConfig, preset
 from worldloop.models.dit import DiT
 from worldloop.models.kv_cache import KVCache
 from worldloop.models.text import PromptEncoder
+from worldloop.models.timing import hardware, percentile, sync
 from worldloop.models.world_model import WorldModel
+from worldloop.streaming.measure import run_frames
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> dict[str, float]:

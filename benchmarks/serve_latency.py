@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from worldloop.app.bench import cpu_seconds, hardware, key_latencies, load_average, percentile, sustained_fps
+from worldloop.models.timing import cpu_seconds, hardware, load_average, percentile
 from worldloop.streaming.client import WorldloopClient
 from worldloop.streaming.engine import Engine
+from worldloop.streaming.measure import key_latencies, sustained_fps
 from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 REPO = Path(__file__).resolve().parent.parent

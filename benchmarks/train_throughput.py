@@ -25,9 +25,10 @@ from collections.abc import Callable
 import torch
 
 from worldloop.distill.data.clips import WorldClips
-from worldloop.distill.stages.runtime import autocast, resolve_device
+from worldloop.distill.stages.runtime import autocast
 from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw
 from worldloop.models.config import preset
+from worldloop.models.device import resolve_device
 from worldloop.models.dit import DiT
 from worldloop.models.vae import LatentAutoencoder
 

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from worldloop.app.bench import cpu_name
 from worldloop.distill.world import Explorer, World
+from worldloop.models.timing import cpu_name
 
 
 def _sync(device: torch.device) -> None:

@@ -54,7 +54,7 @@ def _ints(text: str, name: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from worldloop.distill.eval.evaluate import EvalConfig, run_eval
-    from worldloop.distill.stages.runtime import resolve_device
+    from worldloop.models.device import resolve_device
 
     steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
     plan: list[tuple[Path, int | None]] = []

@@ -33,6 +33,7 @@ from worldloop.distill.data.episodes import EpisodeMeta, EpisodeWriter
 from worldloop.distill.world.engine import World, check_size
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.device import resolve_device
 from worldloop.models.keys import parse_keys
 
 MAX_SCRIPT_REPEAT = 1_000_000
@@ -123,7 +124,10 @@ def record(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be positive, got {args.frames}")
     if not 1 <= args.fps <= 240:
         raise UserError(f"--fps must be 1..240, got {args.fps}")
-    device = _device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     script = _expand(read_key_script(args.keys), args.frames, args.keys) if args.keys else None
     frames = len(script) if script is not None else (args.frames or 300)
     params = sample_params(args.seed, None if args.theme == "random" else args.theme)
@@ -145,16 +149,6 @@ def record(args: argparse.Namespace) -> int:
     print(f"recorded {frames} frames ({width}x{height}, {args.fps} fps) to {args.out}\n"
           f"prompt: {world.prompts[0]}")
     return 0
-
-
-def _device(spec: str) -> torch.device:
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r} (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return device
 
 
 def list_themes(args: argparse.Namespace) -> int:
