@@ -2,8 +2,8 @@
 
 Each command module exposes ``register(subparsers)`` which adds its subcommand(s) and sets
 ``func(args) -> int`` on the parser. A subcommand is listed here only once its feature works.
-Errors a user can fix (bad paths, bad options, bad checkpoints) raise ``UserError`` and are printed as a
-single line with a non-zero exit status.
+Errors a user can fix (bad paths, bad options, bad checkpoints) raise ``UserError`` (``app/errors.py``) and
+are printed as a single line with exit status 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from worldloop.app.errors import UserError
+from worldloop.app.errors import user_error_types
 
 # Command modules, in the order their groups appear in ``worldloop --help``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+    except user_error_types() as err:
         print(f"worldloop {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

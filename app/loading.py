@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worldloop.app.errors import UserError
 from worldloop.models.checkpoint import read_config
 from worldloop.models.config import PRESETS, ModelConfig, preset
 
@@ -72,18 +73,18 @@ class ModelChoice:
 def choose_model(model: str | Path | None, preset_name: str | None, *, fallback: bool) -> ModelChoice:
     """Resolve ``--model``/``--preset``; ``fallback`` allows random weights when assets/default is missing."""
     if model is not None and preset_name is not None:
-        raise ValueError("give either --model DIR or --preset NAME, not both")
+        raise UserError("give either --model DIR or --preset NAME, not both")
     if preset_name is not None:
         return ModelChoice(preset(preset_name), preset=preset_name)
     if model is not None:
         path = Path(model)
         if not path.is_dir():
-            raise FileNotFoundError(f"no model directory at {path}")
+            raise UserError(f"no model directory at {path}")
         return ModelChoice(read_config(path)[0], path=path)
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return ModelChoice(read_config(DEFAULT_MODEL_DIR)[0], path=DEFAULT_MODEL_DIR)
     if not fallback:
-        raise FileNotFoundError(f"the trained model is not shipped yet ({DEFAULT_MODEL_DIR} is missing); "
+        raise UserError(f"the trained model is not shipped yet ({DEFAULT_MODEL_DIR} is missing); "
                                 "pass --model DIR, or --preset NAME for random weights")
     return ModelChoice(preset(FALLBACK_PRESET), preset=FALLBACK_PRESET)
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from worldloop.app.commands.train import train_config
+from worldloop.app.errors import user_input
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
@@ -111,17 +112,22 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads} is out of range")
+    with user_input():  # options and configs; what the run itself raises keeps its traceback
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads} is out of range")
+        config, teacher = student_model_config(args)
+        objective = _objective(args, teacher)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, teacher = student_model_config(args)
-    guidance = teacher.sampling.guidance if args.guidance is None else args.guidance
-    shift = teacher.sampling.shift if args.shift is None else args.shift
-    ddp = setup_distributed(args.device)
+    with user_input():
+        ddp = setup_distributed(args.device)
     try:
-        cfg = train_config(args, config, ddp)
-        result = _run_stage(args, config, cfg, ddp, guidance, shift)
+        with user_input():
+            cfg = train_config(args, config, ddp)
+            if args.stage == "dmd" and objective.grad_frames > cfg.clip_frames:
+                raise ValueError(f"--grad-frames {objective.grad_frames} exceeds --clip-frames "
+                                 f"{cfg.clip_frames}")
+        result = _run_stage(args, config, cfg, ddp, objective)
     finally:
         teardown_distributed()
     if ddp.is_main:
@@ -129,17 +135,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Any, guidance: float,
-               shift: float) -> Any:
+def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
+    guidance = teacher.sampling.guidance if args.guidance is None else args.guidance
+    shift = teacher.sampling.shift if args.shift is None else args.shift
     if args.stage == "cd":
-        from worldloop.distill.stages.cd import CDObjective, train_cd
+        from worldloop.distill.stages.cd import CDObjective
 
-        objective = CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
+        return CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
+    from worldloop.distill.stages.dmd import DMDObjective
+
+    return DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
+                        critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,
+                        min_sigma=args.min_sigma, max_sigma=args.max_sigma, shift=shift)
+
+
+def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Any,
+               objective: Any) -> Any:
+    if args.stage == "cd":
+        from worldloop.distill.stages.cd import train_cd
+
         return train_cd(config, cfg, objective, ddp, teacher_dir=args.teacher, resume=args.resume)
-    from worldloop.distill.stages.dmd import DMDObjective, train_dmd
+    from worldloop.distill.stages.dmd import train_dmd
 
-    objective = DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
-                             critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,
-                             min_sigma=args.min_sigma, max_sigma=args.max_sigma, shift=shift)
     return train_dmd(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,
                      real_dir=args.real, resume=args.resume)

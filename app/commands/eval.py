@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worldloop.app.errors import UserError
+from worldloop.app.errors import UserError, user_input
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,12 +67,13 @@ def run(args: argparse.Namespace) -> int:
     horizons = _ints(args.horizons, "horizons")
     if not horizons:
         raise UserError("--horizons needs at least one value")
-    cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
-                     switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
-                     drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
-                     context_sigma=args.context_sigma)
-    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
-                      device=resolve_device(args.device))
+    with user_input():
+        cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
+                         switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
+                         drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
+                         context_sigma=args.context_sigma)
+        device = resolve_device(args.device)
+    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier, device=device)
     for r in report["runs"]:
         h = r["horizons"]
         psnr = ", ".join(f"h{k} {v['psnr']:.2f} (copy {v['copy_last_psnr']:.2f})" for k, v in h.items())

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from worldloop.distill.stages.runtime import Distributed, TrainConfig, setup_distributed, teardown_distributed
+from worldloop.app.errors import user_input
+from worldloop.distill.stages.runtime import (
+    Distributed,
+    TrainConfig,
+    local_batch_size,
+    setup_distributed,
+    teardown_distributed,
+)
 from worldloop.models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
@@ -110,6 +117,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed) -> TrainConfig:
     clip = args.clip_frames or config.dit.window + config.dit.sink + 1
     bf16 = ddp.device.type == "cuda" if args.bf16 is None else args.bf16
+    local_batch_size(args.batch_size, ddp)  # divisible by the processes, checked here at the edge
     return TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, clip_frames=clip,
@@ -121,15 +129,19 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads} is out of range")
+    with user_input():  # options and configs; what the run itself raises keeps its traceback
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads} is out of range")
+        config = model_config(args)
+        objective = _objective(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = model_config(args)
-    ddp = setup_distributed(args.device)
+    with user_input():
+        ddp = setup_distributed(args.device)
     try:
-        cfg = train_config(args, config, ddp)
-        result = _run_stage(args, config, cfg, ddp)
+        with user_input():
+            cfg = train_config(args, config, ddp)
+        result = _run_stage(args, config, cfg, ddp, objective)
     finally:
         teardown_distributed()
     if ddp.is_main:
@@ -137,19 +149,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed) -> str:
+def _objective(args: argparse.Namespace) -> Any:
     if args.stage == "vae":
-        from worldloop.distill.stages.vae import VAEObjective, train_vae
+        from worldloop.distill.stages.vae import VAEObjective
 
-        objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
+        return VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
+    if args.stage == "teacher":
+        from worldloop.distill.stages.teacher import TeacherObjective
+
+        return TeacherObjective(shift=args.shift, context_noise=args.context_noise,
+                                key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
+                                random_keys=args.random_keys)
+    return None
+
+
+def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed,
+               objective: Any) -> str:
+    if args.stage == "vae":
+        from worldloop.distill.stages.vae import train_vae
+
         result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
         return f"iteration {result.iteration}; model directory: {result.model_dir}"
     if args.stage == "teacher":
-        from worldloop.distill.stages.teacher import TeacherObjective, train_teacher
+        from worldloop.distill.stages.teacher import train_teacher
 
-        objective = TeacherObjective(shift=args.shift, context_noise=args.context_noise,
-                                     key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
-                                     random_keys=args.random_keys)
         result = train_teacher(config, cfg, objective, ddp, vae_from=args.vae, resume=args.resume,
                                init_from=args.init_from)
         return f"iteration {result.iteration}; model directory: {result.model_dir}"

@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from worldloop.distill.data.episodes import read_episode
+from worldloop.distill.data.episodes import EpisodeError, read_episode
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.hashing import hash32
@@ -218,14 +218,14 @@ class EpisodeClips:
         folders = [root] if (root / "meta.json").is_file() else sorted(
             p.parent for p in root.rglob("meta.json") if not any(part.startswith(".") for part in p.parts))
         if not folders:
-            raise ValueError(f"{root}: no episode folders (a folder with meta.json, video.mp4, keys.json, "
+            raise EpisodeError(f"{root}: no episode folders (a folder with meta.json, video.mp4, keys.json, "
                              f"prompts.json) found")
         self.episodes = [read_episode(f) for f in folders]  # one-line errors naming the bad file
         self.videos = [resize_frames(torch.from_numpy(e.load_frames()), height, width) for e in self.episodes]
         self.windows = torch.tensor([max(0, e.n_frames - frames + 1) for e in self.episodes],
                                     dtype=torch.float)
         if self.windows.sum() == 0:
-            raise ValueError(f"{root}: every episode is shorter than a clip of {frames} frames")
+            raise EpisodeError(f"{root}: every episode is shorter than a clip of {frames} frames")
 
     def batch(self, step: int, size: int) -> ClipBatch:
         g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 13)))

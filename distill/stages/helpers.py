@@ -24,7 +24,7 @@ from worldloop.distill.eval.evaluators import (
     key_accuracy,
     save_evaluator,
 )
-from worldloop.distill.stages.run import JsonlLog, Progress, StopSignal
+from worldloop.distill.stages.run import JsonlLog, Progress, RunError, StopSignal
 from worldloop.distill.stages.runtime import Distributed, TrainConfig
 from worldloop.distill.stages.shared import make_clip_source
 from worldloop.distill.world.themes import THEMES
@@ -130,7 +130,7 @@ def train_for_config(kind: Kind, config: ModelConfig, cfg: TrainConfig, ddp: Dis
     only the explorer's habits); both report accuracy on explorer clips of held-out seeds.
     """
     if ddp.enabled:
-        raise ValueError(f"`worldloop train {kind}` runs in one process; start it without torchrun")
+        raise RunError(f"`worldloop train {kind}` runs in one process; start it without torchrun")
     labels = KEYS if kind == "idm" else THEMES
     net_config = default_config(kind, config.height, config.width, labels)
     train_clips = make_clip_source(cfg, config, ddp.device, 0, cfg.clip_frames,
