@@ -32,7 +32,7 @@ import torch
 
 from worldloop.app.loading import ModelChoice, load_model
 from worldloop.models.timing import hardware, load_average, memory, percentile, summary, sync
-from worldloop.models.world_model import StepTimings, WorldModel
+from worldloop.models.world_model import FrameTimings, WorldModel
 from worldloop.streaming.client import WorldloopClient
 from worldloop.streaming.engine import Engine
 from worldloop.streaming.measure import key_latencies, run_frames, sustained_fps
@@ -137,7 +137,7 @@ def _warmup_seconds(wm: WorldModel, fps: int) -> float:
 def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions, fps: int) -> dict[str, Any]:
     """FPS each of ``sessions`` sessions gets from the engine (frames encoded, not sent)."""
     counts = [0] * sessions
-    steps: list[StepTimings] = []
+    steps: list[FrameTimings] = []
 
     def counter(i: int) -> Callable[[Frame], None]:
         def on_frame(frame: Frame) -> None:

@@ -1,4 +1,5 @@
-"""End-to-end model speed: WorldModel.step (DiT with the fused cache pass + decode to RGB), random weights.
+"""End-to-end model speed: WorldModel.next_frame (DiT with the fused cache pass + decode to RGB), random
+weights.
 
 CPU (default): the ``default`` preset at batch 1, 1 and 2 denoising steps, in float32, bfloat16 autocast over
 float32 weights, and bfloat16 weights (what ``precision="auto"`` picks on CPUs with native bf16); plus the DiT

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from worldloop.models.timing import sync
-from worldloop.models.world_model import StepTimings, WorldModel
+from worldloop.models.world_model import FrameTimings, WorldModel
 from worldloop.streaming.client import WorldloopClient
 from worldloop.streaming.encoding import encode_image
 
@@ -48,13 +48,13 @@ def run_frames(wm: WorldModel, sessions: Sequence[Any], count: int, *, quality: 
             sync(wm.device)
             wall, cpu = time.perf_counter(), time.process_time()
             with torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=autocast):
-                rgb = wm.step(sessions, keys)  # no_grad inside, as in the engine
+                rgb = wm.next_frame(sessions, keys)  # no_grad inside, as in the engine
             encode = time.perf_counter()
             if quality is not None:
                 for frame in rgb:
                     encode_image(frame, "jpeg", quality)
             end = time.perf_counter()
-            timings: StepTimings = seen[-1]
+            timings: FrameTimings = seen[-1]
             samples.wall_ms.append((end - wall) * 1e3)
             samples.cpu_ms.append((time.process_time() - cpu) * 1e3)
             samples.dit_ms.append(timings.dit_ms)

@@ -96,7 +96,7 @@ class FakeWorldModel:
         self.sessions_created += 1
         return FakeSession(free[0], prompt, seed)
 
-    def step(self, sessions: Sequence[FakeSession], keys: Sequence[int],
+    def next_frame(self, sessions: Sequence[FakeSession], keys: Sequence[int],
              speculative: bool = False) -> np.ndarray:
         self._check_thread()
         if len(sessions) != len(keys) or not sessions:

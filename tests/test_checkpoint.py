@@ -48,7 +48,7 @@ def model_dir(tmp_path: Path, tiny_config: ModelConfig) -> Path:
 
 def frames_of(wm: WorldModel) -> torch.Tensor:
     s = wm.new_session("a desert ruin", 3)
-    out = [wm.step([s], [k]) for k in (1, 1, 16)]
+    out = [wm.next_frame([s], [k]) for k in (1, 1, 16)]
     return torch.from_numpy(out[-1])
 
 

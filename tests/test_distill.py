@@ -178,9 +178,9 @@ def test_exported_student_plays_in_world_model(teacher: Path, tmp_path: Path, st
     wm = WorldModel.from_pretrained(out, prompt_encoder=ENCODER, precision="fp32", max_sessions=1)
     assert wm.steps == steps
     session = wm.new_session("a dungeon", seed=0)
-    frames = [wm.step([session], [1])]
+    frames = [wm.next_frame([session], [1])]
     assert wm.last_timings.forwards == 3  # the first frame's extra steps
-    frames += [wm.step([session], [k]) for k in (1, 16, 0)]
+    frames += [wm.next_frame([session], [k]) for k in (1, 16, 0)]
     assert wm.last_timings.forwards == steps
     assert all(f.shape == (1, 32, 32, 3) and f.dtype.name == "uint8" for f in frames)
 

@@ -175,10 +175,10 @@ def test_admission_pause_writer_and_close(engine_factory: Any) -> None:
 
 def test_a_failing_step_ends_its_sessions_not_the_engine(engine_factory: Any) -> None:
     class Exploding(FakeWorldModel):
-        def step(self, sessions: Any, keys: Any, speculative: bool = False) -> np.ndarray:
+        def next_frame(self, sessions: Any, keys: Any, speculative: bool = False) -> np.ndarray:
             if any(s.prompt == "explode" for s in sessions):
                 raise RuntimeError("boom")
-            return super().step(sessions, keys, speculative)
+            return super().next_frame(sessions, keys, speculative)
 
     engine = engine_factory(Exploding())
     bad = engine.open_session(SessionOptions("explode"))

@@ -78,7 +78,7 @@ def test_teacher_step_learns_and_exports_a_playable_model(tmp_path: Path) -> Non
     assert files.dit_ema is not None and files.dit_ema["final.linear.weight"].dtype == torch.bfloat16
     wm = WorldModel.from_pretrained(out, prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
     session = wm.new_session("a dungeon", seed=1)
-    assert wm.step([session], [1]).shape == (1, 32, 32, 3)
+    assert wm.next_frame([session], [1]).shape == (1, 32, 32, 3)
 
 
 def test_bidirectional_teacher_loss_trains() -> None:

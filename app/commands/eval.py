@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier")
     p.add_argument("--episodes", type=int, default=8, help="held-out worlds")
     p.add_argument("--horizons", default="1,4,16,64", help="frames after the context, comma-separated")
-    p.add_argument("--context", type=int, default=0, help="engine context frames (0: sink + window)")
+    p.add_argument("--context-frames", type=int, default=0,
+                   help="engine frames given as context (0: sink + window)")
     p.add_argument("--switch-frames", type=int, default=48, help="frames generated after the prompt switch")
     p.add_argument("--drift-seconds", type=float, default=600.0, help="length of the drift rollout")
     p.add_argument("--drift-sessions", type=int, default=2)
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not horizons:
         raise UserError("--horizons needs at least one value")
     with user_input():
-        cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
+        cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context_frames=args.context_frames,
                          switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
                          drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
                          context_sigma=args.context_sigma)

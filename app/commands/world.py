@@ -124,7 +124,7 @@ def record(args: argparse.Namespace) -> int:
     with writer:
         for t in tqdm(range(frames), desc="recording", unit="frame", disable=None, leave=False):
             keys = torch.tensor([script[t]]) if script is not None else explorer.act(world)
-            frame = world.step(keys)[0].cpu().numpy()
+            frame = world.next_frame(keys)[0].cpu().numpy()
             writer.append(frame, int(keys[0]), world.poses[0].tolist())
             if world.collided[0]:
                 collided.append(t)

@@ -1,8 +1,8 @@
 """Training clips: rendered on the fly by the built-in world, or read from recorded episode folders.
 
 A ``ClipBatch`` is B clips of F consecutive frames with the keys that produced them: ``keys[:, i]`` is the
-key state held while the world moved from frame i − 1 to frame i (what ``WorldModel.step(keys)`` is given to
-produce a frame), ``keys[:, 0]`` the one that led to the first frame.
+key state held while the world moved from frame i − 1 to frame i (what ``WorldModel.next_frame(keys)`` is
+given to produce a frame), ``keys[:, 0]`` the one that led to the first frame.
 
 Both sources are deterministic functions of ``(seed, rank, step)``: ``batch(step, size)`` always returns the
 same clips, so a resumed run sees exactly the data the uninterrupted run would have seen, and no iterator
@@ -111,7 +111,7 @@ class WorldClips:
         frames, clip_keys = [world.render()], [keys]
         for _ in range(self.frames - 1):
             keys = self._perturb(explorer.act(world), g)
-            frames.append(world.step(keys))
+            frames.append(world.next_frame(keys))
             clip_keys.append(keys)
         video = downsample(torch.stack(frames, 1).flatten(0, 1), self.scale)
         themes = torch.tensor([THEMES.index(p.theme) for p in world.params], device=self.device)

@@ -9,7 +9,7 @@ An episode is a folder:
                    theme parameters), poses (per frame [x, y, angle] or null), lossless, extra
     frames.npy     optional: the exact RGB frames (T, H, W, 3) uint8, for training without codec loss
 
-Frame i shows the world after keys[i] were applied (the ``WorldModel.step`` convention).
+Frame i shows the world after keys[i] were applied (the ``WorldModel.next_frame`` convention).
 Writing goes to a hidden sibling folder that is renamed into place only when complete, so an error or
 Ctrl-C never leaves a half-written episode behind. ``read_episode`` checks every part and names the file
 when one is missing or corrupt; frames are decoded lazily (``iter_frames``) or at once (``load_frames``).

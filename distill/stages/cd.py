@@ -85,7 +85,7 @@ class CDDraws:
 
     index: torch.Tensor
     noise: torch.Tensor
-    context_noise: torch.Tensor
+    context_eps: torch.Tensor
 
 
 def draw(objective: CDObjective, shape: torch.Size, generator: torch.Generator, device: torch.device
@@ -115,11 +115,11 @@ def cd_loss(student: nn.Module, teacher: DiT, ema: DiT, x0: torch.Tensor, keys: 
     """Steps 2–5 of the module docstring for one batch; ``student`` is a ``StudentX0`` (possibly wrapped)."""
     sigma, sigma_next = grid[d.index], grid[d.index + 1]
     x = add_noise(x0, d.noise, sigma)
-    context, ctx_sigma = noisy_context(x0, context_sigma, d.context_noise)
-    teacher_x0 = guided_x0(teacher, x, sigma, keys, prompt, context, ctx_sigma, objective.guidance)
+    context, context_sigmas = noisy_context(x0, context_sigma, d.context_eps)
+    teacher_x0 = guided_x0(teacher, x, sigma, keys, prompt, context, context_sigmas, objective.guidance)
     x_next = losses.ode_step(x, teacher_x0, sigma, sigma_next)
-    ema_x0 = guided_x0(ema, x_next, sigma_next, keys, prompt, context, ctx_sigma, 1.0)
-    student_x0 = student(x, sigma, keys, prompt.tokens, prompt.mask, context, ctx_sigma)
+    ema_x0 = guided_x0(ema, x_next, sigma_next, keys, prompt, context, context_sigmas, 1.0)
+    student_x0 = student(x, sigma, keys, prompt.tokens, prompt.mask, context, context_sigmas)
     return losses.consistency_loss(student_x0, ema_x0, x_next, sigma_next)
 
 

@@ -101,7 +101,7 @@ class DMDDraws:
     noise: torch.Tensor
     critic_sigma: torch.Tensor
     critic_noise: torch.Tensor
-    context_noise: torch.Tensor
+    context_eps: torch.Tensor
 
 
 def draw(objective: DMDObjective, student_steps: int, shape: tuple[int, ...], generator: torch.Generator,
@@ -117,8 +117,8 @@ def draw(objective: DMDObjective, student_steps: int, shape: tuple[int, ...], ge
     seeds = torch.randint(0, 2**31 - 1, (shape[0],), generator=generator, device=device).tolist()
     sigma, noise = levels(shape[:1]), torch.randn(shape, generator=generator, device=device)
     critic_sigma, critic_noise = levels(shape[:2]), torch.randn(shape, generator=generator, device=device)
-    context_noise = torch.randn(shape, generator=generator, device=device)
-    return DMDDraws(exit_steps, seeds, sigma, noise, critic_sigma, critic_noise, context_noise)
+    context_eps = torch.randn(shape, generator=generator, device=device)
+    return DMDDraws(exit_steps, seeds, sigma, noise, critic_sigma, critic_noise, context_eps)
 
 
 def self_forcing_rollout(wm: WorldModel, sessions: Sequence[Session], prompts: Sequence[str],
@@ -145,10 +145,10 @@ def generator_loss(x: torch.Tensor, keys: torch.Tensor, prompt: PromptEmbedding,
                    d: DMDDraws, objective: DMDObjective, context_sigma: float) -> torch.Tensor:
     """Step 2 of the module docstring: the DMD loss of the newest ``grad_frames`` frames of ``x``."""
     clip = x.detach()
-    context, ctx_sigma = noisy_context(clip, context_sigma, d.context_noise)
+    context, context_sigmas = noisy_context(clip, context_sigma, d.context_eps)
     noisy = add_noise(clip, d.noise, d.sigma)
-    real_x0 = guided_x0(real, noisy, d.sigma, keys, prompt, context, ctx_sigma, objective.guidance)
-    fake_x0 = guided_x0(critic, noisy, d.sigma, keys, prompt, context, ctx_sigma, 1.0)
+    real_x0 = guided_x0(real, noisy, d.sigma, keys, prompt, context, context_sigmas, objective.guidance)
+    fake_x0 = guided_x0(critic, noisy, d.sigma, keys, prompt, context, context_sigmas, 1.0)
     g = objective.grad_frames
     return losses.dmd_generator_loss(x[:, -g:], fake_x0[:, -g:], real_x0[:, -g:])
 
@@ -157,10 +157,10 @@ def critic_flow_loss(critic: DiT, x: torch.Tensor, keys: torch.Tensor, prompt: P
                      context_sigma: float) -> torch.Tensor:
     """Step 3: the critic's flow-matching loss on the generated clip, teacher-forcing layout."""
     clip = x.detach()
-    context, ctx_sigma = noisy_context(clip, context_sigma, d.context_noise)
+    context, context_sigmas = noisy_context(clip, context_sigma, d.context_eps)
     noisy = add_noise(clip, d.critic_noise, d.critic_sigma)
     v = critic(noisy, d.critic_sigma, keys, critic.prompt_kv(prompt.tokens, prompt.mask), context=context,
-               context_sigma=ctx_sigma)
+               context_sigma=context_sigmas)
     return losses.critic_loss(v, clip, d.critic_noise)
 
 

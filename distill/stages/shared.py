@@ -122,11 +122,12 @@ def clip_model_fn(dit: DiT, keys: torch.Tensor, context_sigma: torch.Tensor) -> 
     return model_fn
 
 
-def noisy_context(latents: torch.Tensor, sigma_c: float, noise: torch.Tensor
+def noisy_context(latents: torch.Tensor, context_sigma: float, eps: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context frames as the cache holds them: re-noised to the sampler's ``context_sigma`` (B, F)."""
-    sigma = torch.full(latents.shape[:2], sigma_c, device=latents.device)
-    return (add_noise(latents, noise, sigma) if sigma_c > 0 else latents), sigma
+    """Context frames as the cache holds them: re-noised to the sampler's ``context_sigma``; returns them with
+    their σ per frame (B, F)."""
+    sigma = torch.full(latents.shape[:2], context_sigma, device=latents.device)
+    return (add_noise(latents, eps, sigma) if context_sigma > 0 else latents), sigma
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ class TeacherDraws:
     sigma: torch.Tensor
     noise: torch.Tensor
     context_sigma: torch.Tensor
-    context_noise: torch.Tensor
+    context_eps: torch.Tensor
     drop_keys: torch.Tensor
     drop_prompt: torch.Tensor
 
@@ -102,8 +102,8 @@ def draw(objective: TeacherObjective, shape: torch.Size, generator: torch.Genera
     drop_keys = losses.dropout_mask(b * f, o.key_dropout, generator=generator, device=device).view(b, f)
     drop_prompt = losses.dropout_mask(b, o.prompt_dropout, generator=generator, device=device)
     context_sigma = torch.rand((b, f), generator=generator, device=device) * o.context_noise
-    context_noise = torch.randn(shape, generator=generator, device=device)
-    return TeacherDraws(sigma, noise, context_sigma, context_noise, drop_keys, drop_prompt)
+    context_eps = torch.randn(shape, generator=generator, device=device)
+    return TeacherDraws(sigma, noise, context_sigma, context_eps, drop_keys, drop_prompt)
 
 
 class TeacherLoss(nn.Module):
@@ -122,7 +122,7 @@ class TeacherLoss(nn.Module):
         if self.dit.cfg.bidirectional:
             v = self.dit(x_t, d.sigma, keys, prompt)
         else:
-            context = add_noise(x0, d.context_noise, d.context_sigma)
+            context = add_noise(x0, d.context_eps, d.context_sigma)
             v = self.dit(x_t, d.sigma, keys, prompt, context=context, context_sigma=d.context_sigma)
         return losses.flow_matching_loss(v, x0, d.noise)
 
@@ -229,14 +229,14 @@ def write_samples(folder: Path, config: ModelConfig, ema_dit: nn.Module, vae: La
     clip: ClipBatch = world.batch(0, 1)
     wm = WorldModel(config, copy.deepcopy(ema_dit), copy.deepcopy(vae), encoder, device=device,
                     max_sessions=1)
-    context = config.dit.sink + 2
+    context_frames = config.dit.sink + 2
     engine = clip.frames[0].cpu().numpy()
-    session = wm.new_session(clip.prompts[0], seed=iteration, first_frames=engine[:context],
-                             first_keys=clip.keys[0, :context].cpu().numpy())
-    generated = [wm.step([session], [int(k)])[0] for k in clip.keys[0, context:].tolist()]
+    session = wm.new_session(clip.prompts[0], seed=iteration, first_frames=engine[:context_frames],
+                             first_keys=clip.keys[0, :context_frames].cpu().numpy())
+    generated = [wm.next_frame([session], [int(k)])[0] for k in clip.keys[0, context_frames:].tolist()]
     side = [torch.cat([torch.from_numpy(e), torch.from_numpy(g)], 1).numpy()
-            for e, g in zip(engine[context:], generated, strict=True)]
+            for e, g in zip(engine[context_frames:], generated, strict=True)]
     write_video(folder / f"teacher_{iteration:07d}.mp4", side, config.fps)
     pick = list(range(0, frames, max(1, frames // 8)))[:8]
-    strips = [engine[context:][pick], np.stack(generated)[pick]]
+    strips = [engine[context_frames:][pick], np.stack(generated)[pick]]
     save_png_grid(folder / f"teacher_{iteration:07d}.png", strips)

@@ -2,7 +2,7 @@
 
     world = World(seeds, height=64, width=64, device="cuda")   # or WorldParams from sample_params
     world.reset()
-    frames = world.step(keys)          # keys: (B,) long bitmasks (models.keys) -> (B, H, W, 3) uint8
+    frames = world.next_frame(keys)          # keys: (B,) long bitmasks (models.keys) -> (B, H, W, 3) uint8
     world.poses, world.collided        # (B, 3) x, y, angle; (B,) bool
 
 Motion per frame (``WorldConfig``): turn first by ``turn_degrees`` per held turn key, then move
@@ -184,7 +184,7 @@ class World:
         self.pos, self.angle, self.collided = move(self.grid, self.pos, self.angle, keys, self.config)
         self.frame_index += 1
 
-    def step(self, keys: torch.Tensor) -> torch.Tensor:
+    def next_frame(self, keys: torch.Tensor) -> torch.Tensor:
         """Apply held keys (B,) and render the resulting frames (B, H, W, 3) uint8."""
         self.move(keys)
         return self.render()
