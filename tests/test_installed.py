@@ -38,7 +38,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     setuptools_major = int(version("setuptools").split(".")[0])
     isolation = ["--no-build-isolation"] if setuptools_major >= 77 else []  # else pip fetches setuptools
     source = root / "source"  # a copy: building in place would leave build/ behind, stale on the next build
-    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "runs", ".*_cache")
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "runs",
+                                  ".*_cache")
     shutil.copytree(REPO, source, ignore=skip)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, "-w", str(root / "wheel"),
           str(source)], cwd=root)
