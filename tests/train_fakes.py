@@ -1,6 +1,6 @@
 """Fakes for the training tests: a synthetic clip source and a hash-based prompt encoder (no MiniLM load).
 
-``FakeClips`` follows the ``ClipSource`` contract (``distill/data.py``): clips are a pure function of
+``FakeClips`` follows the ``ClipSource`` contract (``distill/data/clips.py``): clips are a pure function of
 (seed, rank, step); each clip is a coloured pattern that scrolls by its keys, so keys matter to the frames.
 """
 

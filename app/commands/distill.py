@@ -1,7 +1,7 @@
 """``worldloop distill cd|dmd``: distil the teacher into a 1–2-step student, one subcommand per stage.
 
-``cd`` (causal consistency distillation, ``distill/distill_cd.py``) starts the student from the teacher;
-``dmd`` (self-forcing distribution matching, ``distill/distill_dmd.py``) continues from a CD student (or the
+``cd`` (causal consistency distillation, ``distill/stages/cd.py``) starts the student from the teacher;
+``dmd`` (self-forcing distribution matching, ``distill/stages/dmd.py``) continues from a CD student (or the
 teacher). Both export a model directory that ``worldloop play``/``serve``/``rollout`` load as they are.
 
     worldloop distill cd --teacher runs/teacher/model --student-steps 2 --out runs/cd

@@ -22,6 +22,7 @@ from worldloop.distill.stages.runtime import (
     setup_distributed,
     teardown_distributed,
 )
+from worldloop.models import checkpoint
 from worldloop.models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
@@ -47,7 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if stage == "vae":
             p.add_argument("--noise-std", type=float, default=0.1, help="latent noise σ (fixed-variance VAE)")
             p.add_argument("--kl-weight", type=float, default=1e-3)
-            p.add_argument("--edge-weight", type=float, default=0.5)
+            p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the image-gradient L1")
+            p.add_argument("--spectrum-weight", type=float, default=0.0,
+                           help="weight of the log-amplitude spectrum L1 (models.vae.spectrum_distance)")
+            p.add_argument("--adversarial-weight", type=float, default=0.0,
+                           help="patch-critic term, times its adaptive weight (0: no critic)")
+            p.add_argument("--adversarial-start", type=int, default=0,
+                           help="iteration from which the critic trains and its term applies")
+            p.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder of --init-from and fine-tune only the decoder")
         if stage == "teacher":
             _teacher_options(p)
         p.set_defaults(func=run)
@@ -102,6 +111,10 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     config = preset(args.preset)
+    # The autoencoder a run starts from decides the latent shape: the preset takes its section.
+    source = getattr(args, "vae", None) or (getattr(args, "init_from", None) if args.stage == "vae" else None)
+    if source is not None:
+        config = checkpoint.with_autoencoder_of(config, source)
     if getattr(args, "bidirectional", False):
         config = config.replace(dit=dataclasses.replace(config.dit, bidirectional=True))
     if args.stage == "teacher":
@@ -153,7 +166,8 @@ def _objective(args: argparse.Namespace) -> Any:
     if args.stage == "vae":
         from worldloop.distill.stages.vae import VAEObjective
 
-        return VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
+        return VAEObjective(args.noise_std, args.kl_weight, args.edge_weight, args.spectrum_weight,
+                            args.adversarial_weight, args.adversarial_start, decoder_only=args.decoder_only)
     if args.stage == "teacher":
         from worldloop.distill.stages.teacher import TeacherObjective
 

@@ -56,7 +56,7 @@ class Stage:
     """A training stage: set ``name`` (the checkpoint's stage), ``title`` (progress bar), ``settings`` (the
     run's ``train.json``; its model/objective must match on resume), ``modules``/``emas``/``optimizer`` (the
     checkpointed state) and ``trained`` (the module ``train`` returns); implement ``batch``, ``step`` and
-    ``export``, optionally ``samples``."""
+    ``export``, optionally ``samples`` and ``save_extra``/``load_extra``."""
 
     name: str
     title: str
@@ -76,6 +76,12 @@ class Stage:
     def export(self, iteration: int, out: Path) -> None:
         raise NotImplementedError
 
+    def save_extra(self, run: RunDir) -> None:
+        """State kept beside ``checkpoint.pt`` (rank 0, written just before it), e.g. a second optimizer."""
+
+    def load_extra(self, run: RunDir) -> None:
+        """Read back what ``save_extra`` wrote (on resume, after ``checkpoint.pt``)."""
+
     def samples(self, iteration: int, batch: Any, run: RunDir) -> None:
         """Sample pictures of the current EMA model under ``run.samples`` (rank 0, every ``sample_every``)."""
 
@@ -93,11 +99,13 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
     iteration = 0
     if resume:
         iteration = load_checkpoint(run.checkpoint, stage=stage.name, settings=stage.settings, **state)
+        stage.load_extra(run)
     log = JsonlLog(run.log, ddp.is_main)
     progress = Progress(iteration, cfg.iterations, stage.title, ddp.is_main)
 
     def save() -> None:
         if ddp.is_main:
+            stage.save_extra(run)
             save_checkpoint(run.checkpoint, stage=stage.name, iteration=iteration, settings=stage.settings,
                             **state)
             if stage.export_at_checkpoints:

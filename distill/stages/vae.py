@@ -4,10 +4,20 @@ One iteration (``VAEStage.step``, in the loop of ``loop.py``): frames from the b
 episodes) → ``models.vae.autoencoder_loss`` → AdamW, EMA; PNG samples show engine frames above their EMA
 reconstructions.
 At the end the EMA autoencoder's ``latent_scale`` is calibrated on fresh frames and exported as a model
-directory (``run/model``) whose DiT is freshly initialised: ``worldloop train teacher --vae run/model``
-takes the autoencoder from it.
+directory (``run/model``) that holds only the autoencoder: ``worldloop train teacher --vae run/model``
+takes it from there.
+
+Two options on top of the reconstruction loss:
+
+- ``adversarial_weight`` > 0: from iteration ``adversarial_start`` a patch critic (``PatchDiscriminator``,
+  hinge loss) judges reconstructions against engine frames, and the decoder gets −D(recon) with the adaptive
+  weight of Esser et al. 2021 (‖∇L_rec‖ / ‖∇L_adv‖ at the decoder's last layer, times the option), so the
+  term stays in scale with the pixel loss whatever its magnitude.
+- ``decoder_only``: the encoder is frozen (from ``--init-from``), so the latents a DiT was trained on stay
+  exactly as they are and only the decoder learns — the way to sharpen a shipped autoencoder.
 
     worldloop train vae --preset default --iterations 3000 --batch-size 32 --out runs/vae
+    worldloop train vae --init-from runs/vae/model --decoder-only --adversarial-weight 0.5 --out runs/vae-gan
     torchrun --nproc-per-node 2 -m worldloop.app.cli train vae ...      # DDP, gloo on CPU / NCCL on CUDA
 """
 
@@ -19,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from worldloop.distill.data.clips import ClipSource
 from worldloop.distill.data.media import save_png_grid
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
-from worldloop.distill.stages.run import RunDir, settings_dict
+from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
@@ -41,10 +52,17 @@ from worldloop.distill.stages.runtime import (
 from worldloop.distill.stages.shared import make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT
-from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+from worldloop.models.vae import (
+    LatentAutoencoder,
+    PatchDiscriminator,
+    autoencoder_loss,
+    discriminator_hinge_loss,
+    generator_adversarial_loss,
+    to_unit,
+)
 
 STAGE = "vae"
+CRITIC_OPTIMIZER = "critic_optimizer.pt"  # the critic's optimizer state, beside checkpoint.pt
 
 
 @dataclass(frozen=True)
@@ -54,10 +72,17 @@ class VAEObjective:
     noise_std: float = 0.1
     kl_weight: float = 1e-3
     edge_weight: float = 0.5
+    spectrum_weight: float = 0.0
+    adversarial_weight: float = 0.0  # 0: no critic
+    adversarial_start: int = 0  # iteration from which the critic trains and the decoder sees its term
+    critic_channels: int = 32
+    decoder_only: bool = False  # freeze the encoder (fine-tune the decoder of an --init-from autoencoder)
 
     def __post_init__(self) -> None:
-        if self.noise_std < 0 or self.kl_weight < 0 or self.edge_weight < 0:
-            raise ValueError("VAE loss weights must be non-negative")
+        weights = (self.noise_std, self.kl_weight, self.edge_weight, self.spectrum_weight,
+                   self.adversarial_weight)
+        if min(weights) < 0 or self.adversarial_start < 0 or self.critic_channels < 1:
+            raise ValueError("VAE loss weights and --adversarial-start must be non-negative")
 
 
 class VAELoss(nn.Module):
@@ -71,7 +96,52 @@ class VAELoss(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.objective
         return autoencoder_loss(self.vae, images, noise_std=o.noise_std, kl_weight=o.kl_weight,
-                                edge_weight=o.edge_weight, generator=generator)
+                                edge_weight=o.edge_weight, spectrum_weight=o.spectrum_weight,
+                                generator=generator)
+
+
+class Critic:
+    """The patch critic, its optimizer and the adversarial term of the decoder's loss (see the docstring)."""
+
+    def __init__(self, vae: LatentAutoencoder, objective: VAEObjective, cfg: TrainConfig,
+                 ddp: Distributed) -> None:
+        self.net = PatchDiscriminator(objective.critic_channels).to(ddp.device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=(0.5, 0.9),
+                                           weight_decay=0.0)
+        self.objective, self.ddp = objective, ddp
+        self.last_layer = vae.decoder.layers[-1].conv.weight
+
+    def active(self, iteration: int) -> bool:
+        return self.objective.adversarial_weight > 0 and iteration >= self.objective.adversarial_start
+
+    def generator_term(self, recon_loss: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """λ·(−D(recon)) with the adaptive weight λ; the critic's own weights get no gradient from it."""
+        self.net.requires_grad_(False)
+        adv = generator_adversarial_loss(self.net(recon))
+        self.net.requires_grad_(True)
+        g_rec = torch.autograd.grad(recon_loss, self.last_layer, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adv, self.last_layer, retain_graph=True)[0]
+        weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        weight = weight * self.objective.adversarial_weight
+        if self.ddp.enabled:  # one weight on every rank
+            dist.all_reduce(weight)
+            weight = weight / self.ddp.world_size
+        return weight * adv, float(weight)
+
+    def train_step(self, real: torch.Tensor, recon: torch.Tensor, lr: float) -> float:
+        """One hinge-loss update of the critic on engine frames vs (detached) reconstructions."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = discriminator_hinge_loss(self.net(real), self.net(recon.detach()))
+        loss.backward()
+        if self.ddp.enabled:
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.ddp.world_size
+        self.optimizer.step()
+        return float(loss.detach())
 
 
 def frames_of(clips: ClipSource, iteration: int, size: int) -> torch.Tensor:
@@ -80,22 +150,29 @@ def frames_of(clips: ClipSource, iteration: int, size: int) -> torch.Tensor:
 
 
 class VAEStage(Stage):
-    """The autoencoder (its EMA exported), trained on frames of the run's clips."""
+    """The autoencoder (its EMA exported), optionally with the patch critic, on frames of the run's clips."""
 
     name, title = STAGE, "train vae"
 
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, ddp: Distributed,
                  settings: dict[str, Any], *, resume: bool, init_from: Path | None,
                  clips: ClipSource | None) -> None:
-        self.config, self.cfg, self.ddp, self.settings = config, cfg, ddp, settings
+        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
         torch.manual_seed(cfg.seed)
         self.vae = self.trained = LatentAutoencoder(config).to(ddp.device)
         if init_from is not None and not resume:
-            weights = checkpoint.load_model(init_from).vae
+            weights = checkpoint.load_model(init_from, need_dit=False).vae
             checkpoint.load_into(self.vae, weights, init_from / checkpoint.VAE_FILE)
+        if objective.decoder_only:
+            if init_from is None:
+                raise RunError("--decoder-only fine-tunes the decoder of an autoencoder: "
+                               "pass --init-from MODEL_DIR")
+            self.vae.encoder.requires_grad_(False).eval()
         self.ema = EMA(self.vae, cfg.ema_decay)
         self.optimizer = make_optimizer(self.vae, cfg, ddp.device)
-        self.modules, self.emas = {"vae": self.vae}, {"vae": self.ema}
+        self.critic = Critic(self.vae, objective, cfg, ddp) if objective.adversarial_weight > 0 else None
+        self.modules = {"vae": self.vae} | ({"critic": self.critic.net} if self.critic else {})
+        self.emas = {"vae": self.ema}
         self.model = wrap_model(VAELoss(self.vae, objective), cfg, ddp)
         self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, frames=2)
         self.batch_size = local_batch_size(cfg.batch_size, ddp)
@@ -104,22 +181,41 @@ class VAEStage(Stage):
         return frames_of(self.clips, iteration, self.batch_size).to(self.ddp.device)
 
     def step(self, iteration: int, images: torch.Tensor) -> Step:
-        cfg, device = self.cfg, self.ddp.device
+        cfg, device, critic = self.cfg, self.ddp.device, self.critic
+        adversarial = critic is not None and critic.active(iteration)
+        record: dict[str, float | torch.Tensor] = {}
         with autocast(device, cfg.bf16):
             loss, parts = self.model(images, step_generator(cfg.seed, iteration, self.ddp.rank, device))
-        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr_at(iteration, cfg), cfg.grad_clip)
+            recon = parts.pop("recon")
+            if adversarial:
+                adv, record["adversarial_weight"] = critic.generator_term(loss, recon)
+                loss = loss + adv
+        lr = lr_at(iteration, cfg)
+        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr, cfg.grad_clip)
+        if adversarial:
+            with autocast(device, cfg.bf16):
+                record["critic_loss"] = critic.train_step(images, recon, lr)
         self.ema.update(self.vae)
         psnr = 10 * torch.log10(4.0 / parts["mse"].float())  # images span [-1, 1]: range 2
         shown = loss.item()
         return Step(images.shape[0], shown, {
             "loss": shown, "psnr": psnr, "kl": parts["kl"], "grad_norm": grad_norm,
-            "latent_std": parts["latent_std"], "lr": lr_at(iteration, cfg)})
+            "latent_std": parts["latent_std"], "lr": lr, **record})
+
+    def save_extra(self, run: RunDir) -> None:
+        if self.critic is not None:  # written before checkpoint.pt: it never points at a missing state
+            torch.save(self.critic.optimizer.state_dict(), run.root / CRITIC_OPTIMIZER)
+
+    def load_extra(self, run: RunDir) -> None:
+        if self.critic is not None:
+            self.critic.optimizer.load_state_dict(torch.load(run.root / CRITIC_OPTIMIZER, weights_only=True))
 
     def samples(self, iteration: int, images: torch.Tensor, run: RunDir) -> None:
         write_samples(self.ema.module, images[:8], run.samples / f"vae_{iteration:07d}.png")
 
     def export(self, iteration: int, out: Path) -> None:
-        export(self.config, self.ema.module, self.clips, out, iteration, self.cfg)
+        export(self.config, self.ema.module, self.clips, out, iteration, self.cfg,
+               keep_scale=self.objective.decoder_only)
 
 
 def train_vae(config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, ddp: Distributed, *,
@@ -145,14 +241,19 @@ def write_samples(vae: LatentAutoencoder, images: torch.Tensor, path: Path) -> N
 
 @torch.no_grad()
 def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: Path, iteration: int,
-           cfg: TrainConfig, calibration_frames: int = 256) -> Path:
-    """Calibrate ``latent_scale`` on fresh frames and write a model directory (its DiT is untrained)."""
+           cfg: TrainConfig, calibration_frames: int = 256, keep_scale: bool = False) -> Path:
+    """Calibrate ``latent_scale`` on fresh frames and write an autoencoder-only model directory.
+
+    ``keep_scale``: keep the loaded scale (a decoder-only fine-tune must not move the latents' scaling).
+    """
     vae = copy.deepcopy(vae).float().eval()
-    needed = max(1, calibration_frames // clips.frames)  # clips
-    images = torch.cat([frames_of(clips, iteration + i, min(needed - i, 32)) for i in range(0, needed, 32)])
-    scale = vae.calibrate_latent_scale(images.to(next(vae.parameters()).device))
-    torch.manual_seed(cfg.seed)
-    dit = DiT(config)
-    meta = {"stage": STAGE, "step": iteration, "latent_scale": scale, "dit": "untrained",
+    if keep_scale:
+        scale = float(vae.latent_scale)
+    else:
+        needed = max(1, calibration_frames // clips.frames)  # clips
+        images = torch.cat([frames_of(clips, iteration + i, min(needed - i, 32))
+                            for i in range(0, needed, 32)])
+        scale = vae.calibrate_latent_scale(images.to(next(vae.parameters()).device))
+    meta = {"stage": STAGE, "step": iteration, "latent_scale": scale,
             "train": settings_dict(train=cfg)["train"]}
-    return checkpoint.save_model(out, config, dit, vae, metadata=meta)
+    return checkpoint.save_model(out, config, None, vae, metadata=meta)
