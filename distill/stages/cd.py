@@ -30,34 +30,10 @@ import torch
 import torch.nn as nn
 
 from worldloop.distill.data.clips import ClipSource
-from worldloop.distill.stages import losses
+from worldloop.distill.stages import losses, shared
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import settings_dict
-from worldloop.distill.stages.runtime import (
-    EMA,
-    Distributed,
-    TrainConfig,
-    TrainResult,
-    autocast,
-    local_batch_size,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    step_generator,
-    wrap_model,
-)
-from worldloop.distill.stages.shared import (
-    check_compatible,
-    clip_inputs,
-    clip_model_fn,
-    export_student,
-    frozen,
-    guided_x0,
-    load_dit,
-    load_vae,
-    make_clip_source,
-    noisy_context,
-)
+from worldloop.distill.stages.runtime import Distributed, TrainConfig, TrainResult
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
 from worldloop.models.sampling import add_noise, sigma_grid, x0_from_v
@@ -105,7 +81,7 @@ class StudentX0(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor, context: torch.Tensor, context_sigma: torch.Tensor) -> torch.Tensor:
         prompt = self.dit.prompt_kv(tokens, mask)
-        v = clip_model_fn(self.dit, keys, context_sigma)(x, sigma, prompt, context)
+        v = shared.clip_model_fn(self.dit, keys, context_sigma)(x, sigma, prompt, context)
         return x0_from_v(x, v, sigma)
 
 
@@ -115,10 +91,11 @@ def cd_loss(student: nn.Module, teacher: DiT, ema: DiT, x0: torch.Tensor, keys: 
     """Steps 2–5 of the module docstring for one batch; ``student`` is a ``StudentX0`` (possibly wrapped)."""
     sigma, sigma_next = grid[d.index], grid[d.index + 1]
     x = add_noise(x0, d.noise, sigma)
-    context, context_sigmas = noisy_context(x0, context_sigma, d.context_eps)
-    teacher_x0 = guided_x0(teacher, x, sigma, keys, prompt, context, context_sigmas, objective.guidance)
+    context, context_sigmas = shared.noisy_context(x0, context_sigma, d.context_eps)
+    teacher_x0 = shared.guided_x0(teacher, x, sigma, keys, prompt, context, context_sigmas,
+                                  objective.guidance)
     x_next = losses.ode_step(x, teacher_x0, sigma, sigma_next)
-    ema_x0 = guided_x0(ema, x_next, sigma_next, keys, prompt, context, context_sigmas, 1.0)
+    ema_x0 = shared.guided_x0(ema, x_next, sigma_next, keys, prompt, context, context_sigmas, 1.0)
     student_x0 = student(x, sigma, keys, prompt.tokens, prompt.mask, context, context_sigmas)
     return losses.consistency_loss(student_x0, ema_x0, x_next, sigma_next)
 
@@ -132,41 +109,39 @@ class CDStage(Stage):
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: CDObjective, ddp: Distributed,
                  settings: dict[str, Any], *, teacher_dir: Path, prompt_encoder: PromptEncoder | None,
                  clips: ClipSource | None) -> None:
-        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
-        teacher_config, self.teacher = load_dit(teacher_dir, ddp.device)
-        check_compatible(config, teacher_config, teacher_dir, same_dit=True)
-        frozen(self.teacher)
-        self.vae = frozen(load_vae(config, teacher_dir).to(ddp.device))
-        self.student = self.trained = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.ema = EMA(self.student, cfg.ema_decay)
-        self.optimizer = make_optimizer(self.student, cfg, ddp.device)
-        self.modules, self.emas = {"dit": self.student}, {"dit": self.ema}
-        self.model = wrap_model(StudentX0(self.student), cfg, ddp)
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
+        teacher_config, self.teacher = shared.load_dit(teacher_dir, ddp.device)
+        shared.check_compatible(config, teacher_config, teacher_dir, same_dit=True)
+        shared.frozen(self.teacher)
+        self.vae = shared.frozen(shared.load_vae(config, teacher_dir).to(ddp.device))
+        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.ema = self.trains("dit", self.student)
+        self.model = self.wrap(StudentX0(self.student))
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
-        self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames)
+        self.clips = clips or shared.make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames)
         self.grid = sigma_grid(objective.grid_steps, objective.shift).to(ddp.device)
-        self.batch_size = local_batch_size(cfg.batch_size, ddp)
         self.meta = {"teacher": str(teacher_dir), "grid_steps": objective.grid_steps,
                      "guidance": objective.guidance}
 
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
-        return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
+        return shared.clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size,
+                                  self.ddp.device)
 
     def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
-        (x0, keys, prompt), cfg, device = batch, self.cfg, self.ddp.device
-        d = draw(self.objective, x0.shape, step_generator(cfg.seed, iteration, self.ddp.rank, device), device)
-        with autocast(device, cfg.bf16):
+        x0, keys, prompt = batch
+        d = draw(self.objective, x0.shape, self.generator(iteration), self.ddp.device)
+        with self.autocast():
             loss = cd_loss(self.model, self.teacher, self.ema.module, x0, keys, prompt, self.grid, d,
                            self.objective, self.config.sampling.context_sigma)
-        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr_at(iteration, cfg), cfg.grad_clip)
-        self.ema.update(self.student)
+        grad_norm = self.update(loss, self.model, iteration)
         shown = loss.item()
         return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
-                                                        "lr": lr_at(iteration, cfg),
+                                                        "lr": self.lr(iteration),
                                                         "sigma_mean": self.grid[d.index].mean()})
 
     def export(self, iteration: int, out: Path) -> None:
-        export_student(out, self.config, self.student, self.ema.module, self.vae, stage=STAGE,
+        shared.export_student(out, self.config, self.student, self.ema.module, self.vae, stage=STAGE,
                        iteration=iteration, meta=self.meta)
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from worldloop.distill.data.clips import ClipBatch, ClipSource
-from worldloop.distill.stages import losses
+from worldloop.distill.stages import losses, shared
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunError, settings_dict
 from worldloop.distill.stages.runtime import (
@@ -49,17 +49,6 @@ from worldloop.distill.stages.runtime import (
     lr_at,
     make_optimizer,
     optimizer_step,
-    step_generator,
-)
-from worldloop.distill.stages.shared import (
-    check_compatible,
-    export_student,
-    frozen,
-    guided_x0,
-    load_dit,
-    load_vae,
-    make_clip_source,
-    noisy_context,
 )
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
@@ -145,10 +134,11 @@ def generator_loss(x: torch.Tensor, keys: torch.Tensor, prompt: PromptEmbedding,
                    d: DMDDraws, objective: DMDObjective, context_sigma: float) -> torch.Tensor:
     """Step 2 of the module docstring: the DMD loss of the newest ``grad_frames`` frames of ``x``."""
     clip = x.detach()
-    context, context_sigmas = noisy_context(clip, context_sigma, d.context_eps)
+    context, context_sigmas = shared.noisy_context(clip, context_sigma, d.context_eps)
     noisy = add_noise(clip, d.noise, d.sigma)
-    real_x0 = guided_x0(real, noisy, d.sigma, keys, prompt, context, context_sigmas, objective.guidance)
-    fake_x0 = guided_x0(critic, noisy, d.sigma, keys, prompt, context, context_sigmas, 1.0)
+    real_x0 = shared.guided_x0(real, noisy, d.sigma, keys, prompt, context, context_sigmas,
+                               objective.guidance)
+    fake_x0 = shared.guided_x0(critic, noisy, d.sigma, keys, prompt, context, context_sigmas, 1.0)
     g = objective.grad_frames
     return losses.dmd_generator_loss(x[:, -g:], fake_x0[:, -g:], real_x0[:, -g:])
 
@@ -157,7 +147,7 @@ def critic_flow_loss(critic: DiT, x: torch.Tensor, keys: torch.Tensor, prompt: P
                      context_sigma: float) -> torch.Tensor:
     """Step 3: the critic's flow-matching loss on the generated clip, teacher-forcing layout."""
     clip = x.detach()
-    context, context_sigmas = noisy_context(clip, context_sigma, d.context_eps)
+    context, context_sigmas = shared.noisy_context(clip, context_sigma, d.context_eps)
     noisy = add_noise(clip, d.critic_noise, d.critic_sigma)
     v = critic(noisy, d.critic_sigma, keys, critic.prompt_kv(prompt.tokens, prompt.mask), context=context,
                context_sigma=context_sigmas)
@@ -206,18 +196,18 @@ def load_models(config: ModelConfig, cfg: TrainConfig, device: torch.device, tea
                 student_dir: Path | None, real_dir: Path | None, encoder: PromptEncoder
                 ) -> tuple[DMDModels, nn.Module]:
     """Student (in a WorldModel, one cache slot per stream), critic and real score; and the autoencoder."""
-    teacher_config, critic = load_dit(teacher_dir, device)
-    check_compatible(config, teacher_config, teacher_dir, same_dit=True)
+    teacher_config, critic = shared.load_dit(teacher_dir, device)
+    shared.check_compatible(config, teacher_config, teacher_dir, same_dit=True)
     if real_dir is None:
-        real = frozen(copy.deepcopy(critic))
+        real = shared.frozen(copy.deepcopy(critic))
     else:
-        real_config, real = load_dit(real_dir, device)
-        check_compatible(config, real_config, real_dir, same_dit=False)
-        frozen(real)
+        real_config, real = shared.load_dit(real_dir, device)
+        shared.check_compatible(config, real_config, real_dir, same_dit=False)
+        shared.frozen(real)
     source = student_dir or teacher_dir
-    student_source_config, student = load_dit(source, device)
-    check_compatible(config, student_source_config, source, same_dit=True)
-    vae = frozen(load_vae(config, teacher_dir).to(device))
+    student_source_config, student = shared.load_dit(source, device)
+    shared.check_compatible(config, student_source_config, source, same_dit=True)
+    vae = shared.frozen(shared.load_vae(config, teacher_dir).to(device))
     wm = WorldModel(config, student, vae, encoder, device=device, max_sessions=cfg.batch_size,
                     steps=config.sampling.steps, precision="fp32")
     sessions = [wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
@@ -236,14 +226,15 @@ class DMDStage(Stage):
                  settings: dict[str, Any], *, teacher_dir: Path, student_dir: Path | None,
                  real_dir: Path | None, prompt_encoder: PromptEncoder | None,
                  clips: ClipSource | None) -> None:
-        self.config, self.cfg, self.objective, self.settings = config, cfg, objective, settings
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
         self.device = device = ddp.device
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         self.m, self.vae = load_models(config, cfg, device, teacher_dir, student_dir, real_dir, self.encoder)
         self.trained = self.m.wm.dit
         self.modules = {"student": self.m.wm.dit, "critic": self.m.critic}
         self.emas, self.optimizer = {"student": self.m.ema}, self.m.optimizer
-        self.clips = clips or make_clip_source(cfg, config, device, 0, cfg.clip_frames)
+        self.clips = clips or shared.make_clip_source(cfg, config, device, 0, cfg.clip_frames)
         self.meta: dict[str, Any] = {"teacher": settings["teacher"], "student": settings["student"],
                                      "real": settings["real"], "guidance": objective.guidance}
         self.latent_shape = (cfg.batch_size, cfg.clip_frames, config.latent_channels, *config.latent_size)
@@ -254,15 +245,15 @@ class DMDStage(Stage):
 
     def step(self, iteration: int, batch: tuple[ClipBatch, PromptEmbedding]) -> Step:
         (clips, prompt), cfg = batch, self.cfg
-        d = draw(self.objective, self.config.sampling.steps, self.latent_shape,
-                 step_generator(cfg.seed, iteration, 0, self.device), self.device)
+        d = draw(self.objective, self.config.sampling.steps, self.latent_shape, self.generator(iteration),
+                 self.device)
         record = dmd_step(self.m, clips.prompts, clips.keys.to(self.device), prompt, d, self.objective, cfg,
                           iteration)
         return Step(cfg.batch_size * cfg.clip_frames, record["critic_loss"], record,
                     log_now="generator_loss" in record)
 
     def export(self, iteration: int, out: Path) -> None:
-        export_student(out, self.config, self.m.wm.dit, self.m.ema.module, self.vae, stage=STAGE,
+        shared.export_student(out, self.config, self.m.wm.dit, self.m.ema.module, self.vae, stage=STAGE,
                        iteration=iteration, meta=self.meta)
 
 

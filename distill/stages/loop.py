@@ -16,13 +16,21 @@ resumed run continues with the numbers the uninterrupted run would have used (se
 
     class MyStage(Stage):
         name, title = "mine", "train mine"
-        def step(self, iteration, batch): ...; return Step(frames=..., loss=loss.item(), record={...})
-    train(MyStage(...), cfg, ddp, resume=False)
+        def __init__(self, cfg, ddp, settings):
+            super().__init__(cfg, ddp, settings)
+            self.trains("net", Net())
+        def batch(self, iteration): return ...
+        def step(self, iteration, batch):
+            loss = ...; grad_norm = self.update(loss, self.trained, iteration)
+            return Step(frames=..., loss=loss.item(), record={"loss": loss.item(), "grad_norm": grad_norm})
+        def export(self, iteration, out): ...
+    train(MyStage(cfg, ddp, settings), cfg, ddp, prepare_run(cfg, settings, resume, ddp), resume=resume)
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,20 @@ from worldloop.distill.stages.run import (
     load_checkpoint,
     save_checkpoint,
 )
-from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult, any_rank
+from worldloop.distill.stages.runtime import (
+    EMA,
+    Distributed,
+    TrainConfig,
+    TrainResult,
+    any_rank,
+    autocast,
+    local_batch_size,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    step_generator,
+    wrap_model,
+)
 
 
 @dataclass
@@ -53,19 +74,52 @@ class Step:
 
 
 class Stage:
-    """A training stage: set ``name`` (the checkpoint's stage), ``title`` (progress bar), ``settings`` (the
-    run's ``train.json``; its model/objective must match on resume), ``modules``/``emas``/``optimizer`` (the
-    checkpointed state) and ``trained`` (the module ``train`` returns); implement ``batch``, ``step`` and
-    ``export``, optionally ``samples`` and ``save_extra``/``load_extra``."""
+    """A training stage. Its constructor calls ``Stage.__init__`` (config, process, settings — the run's
+    ``train.json``, whose model/objective must match on resume) and ``trains(name, module)`` (EMA and
+    optimizer, the checkpointed state), then builds the rest; it implements ``batch``, ``step`` and
+    ``export``, optionally ``samples`` and ``save_extra``/``load_extra``. The helpers below are the pieces
+    of an iteration every stage shares."""
 
-    name: str
-    title: str
-    settings: dict[str, Any]
+    name: str  # the checkpoint's stage
+    title: str  # the progress bar's
     modules: dict[str, nn.Module]
     emas: dict[str, EMA]
     optimizer: torch.optim.Optimizer
-    trained: nn.Module
+    trained: nn.Module  # what ``train`` returns
     export_at_checkpoints = False  # write model/ with every checkpoint (else at the end only)
+
+    def __init__(self, cfg: TrainConfig, ddp: Distributed, settings: dict[str, Any]) -> None:
+        self.cfg, self.ddp, self.settings = cfg, ddp, settings
+        self.batch_size = local_batch_size(cfg.batch_size, ddp)  # this process's share
+
+    def trains(self, name: str, module: nn.Module) -> EMA:
+        """``module`` is what this stage trains: its EMA and AdamW, checkpointed under ``name``."""
+        ema = EMA(module, self.cfg.ema_decay)
+        self.trained, self.optimizer = module, make_optimizer(module, self.cfg, self.ddp.device)
+        self.modules, self.emas = {name: module}, {name: ema}
+        return ema
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` compiled and in DDP as the run asks (``runtime.wrap_model``)."""
+        return wrap_model(model, self.cfg, self.ddp)
+
+    def generator(self, iteration: int) -> torch.Generator:
+        """The iteration's own random numbers, from (seed, iteration, rank): a resumed run draws the same."""
+        return step_generator(self.cfg.seed, iteration, self.ddp.rank, self.ddp.device)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast(self.ddp.device, self.cfg.bf16)
+
+    def lr(self, iteration: int) -> float:
+        return lr_at(iteration, self.cfg)
+
+    def update(self, loss: torch.Tensor, model: nn.Module, iteration: int) -> float:
+        """Backward and the optimizer update at the iteration's learning rate, then every EMA; returns the
+        gradient norm."""
+        grad_norm = optimizer_step(loss, model, self.optimizer, self.lr(iteration), self.cfg.grad_clip)
+        for name, ema in self.emas.items():
+            ema.update(self.modules[name])
+        return grad_norm
 
     def batch(self, iteration: int) -> Any:
         raise NotImplementedError

@@ -34,19 +34,7 @@ from worldloop.distill.data.media import save_png_grid
 from worldloop.distill.stages import losses
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunDir, RunError, settings_dict
-from worldloop.distill.stages.runtime import (
-    EMA,
-    Distributed,
-    TrainConfig,
-    TrainResult,
-    autocast,
-    local_batch_size,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    step_generator,
-    wrap_model,
-)
+from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult
 from worldloop.distill.stages.shared import clip_inputs, load_vae, make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
@@ -135,37 +123,32 @@ class TeacherStage(Stage):
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TeacherObjective, ddp: Distributed,
                  settings: dict[str, Any], *, vae: LatentAutoencoder, resume: bool, init_from: Path | None,
                  prompt_encoder: PromptEncoder | None, clips: ClipSource | None) -> None:
-        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
-        self.vae = vae
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective, self.vae = config, objective, vae
         torch.manual_seed(cfg.seed)
-        self.dit = self.trained = DiT(config).to(ddp.device)
-        self.ema = EMA(self.dit, cfg.ema_decay)
+        self.dit = DiT(config).to(ddp.device)
+        self.ema = self.trains("dit", self.dit)
         previous = 0
         if init_from is not None:  # a resumed run still counts the iterations of the model it started from
             previous = iterations_of(init_from) if resume else init_weights(self.dit, self.ema, init_from)
         self.meta = {"init_from": str(init_from) if init_from else None, "previous_steps": previous}
-        self.optimizer = make_optimizer(self.dit, cfg, ddp.device)
-        self.modules, self.emas = {"dit": self.dit}, {"dit": self.ema}
-        self.model = wrap_model(TeacherLoss(self.dit), cfg, ddp)
+        self.model = self.wrap(TeacherLoss(self.dit))
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
         self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
                                                objective.random_keys)
-        self.batch_size = local_batch_size(cfg.batch_size, ddp)
 
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
         return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
 
     def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
-        (x0, keys, prompt), cfg, device = batch, self.cfg, self.ddp.device
-        draws = draw(self.objective, x0.shape, step_generator(cfg.seed, iteration, self.ddp.rank, device),
-                     device)
-        with autocast(device, cfg.bf16):
+        x0, keys, prompt = batch
+        draws = draw(self.objective, x0.shape, self.generator(iteration), self.ddp.device)
+        with self.autocast():
             loss = self.model(x0, keys, prompt.tokens, prompt.mask, draws)
-        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr_at(iteration, cfg), cfg.grad_clip)
-        self.ema.update(self.dit)
+        grad_norm = self.update(loss, self.model, iteration)
         shown = loss.item()
         return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
-                                                        "lr": lr_at(iteration, cfg),
+                                                        "lr": self.lr(iteration),
                                                         "sigma_mean": draws.sigma.mean()})
 
     def samples(self, iteration: int, batch: Any, run: RunDir) -> None:

@@ -36,19 +36,7 @@ from worldloop.distill.data.clips import ClipSource
 from worldloop.distill.data.media import save_png_grid
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunDir, RunError, settings_dict
-from worldloop.distill.stages.runtime import (
-    EMA,
-    Distributed,
-    TrainConfig,
-    TrainResult,
-    autocast,
-    local_batch_size,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    step_generator,
-    wrap_model,
-)
+from worldloop.distill.stages.runtime import Distributed, TrainConfig, TrainResult
 from worldloop.distill.stages.shared import make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
@@ -157,9 +145,10 @@ class VAEStage(Stage):
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, ddp: Distributed,
                  settings: dict[str, Any], *, resume: bool, init_from: Path | None,
                  clips: ClipSource | None) -> None:
-        self.config, self.cfg, self.objective, self.ddp, self.settings = config, cfg, objective, ddp, settings
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
         torch.manual_seed(cfg.seed)
-        self.vae = self.trained = LatentAutoencoder(config).to(ddp.device)
+        self.vae = LatentAutoencoder(config).to(ddp.device)
         if init_from is not None and not resume:
             weights = checkpoint.load_model(init_from, need_dit=False).vae
             checkpoint.load_into(self.vae, weights, init_from / checkpoint.VAE_FILE)
@@ -168,34 +157,31 @@ class VAEStage(Stage):
                 raise RunError("--decoder-only fine-tunes the decoder of an autoencoder: "
                                "pass --init-from MODEL_DIR")
             self.vae.encoder.requires_grad_(False).eval()
-        self.ema = EMA(self.vae, cfg.ema_decay)
-        self.optimizer = make_optimizer(self.vae, cfg, ddp.device)
+        self.ema = self.trains("vae", self.vae)
         self.critic = Critic(self.vae, objective, cfg, ddp) if objective.adversarial_weight > 0 else None
-        self.modules = {"vae": self.vae} | ({"critic": self.critic.net} if self.critic else {})
-        self.emas = {"vae": self.ema}
-        self.model = wrap_model(VAELoss(self.vae, objective), cfg, ddp)
+        if self.critic is not None:  # checkpointed beside the autoencoder (its optimizer: save_extra)
+            self.modules["critic"] = self.critic.net
+        self.model = self.wrap(VAELoss(self.vae, objective))
         self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, frames=2)
-        self.batch_size = local_batch_size(cfg.batch_size, ddp)
 
     def batch(self, iteration: int) -> torch.Tensor:
         return frames_of(self.clips, iteration, self.batch_size).to(self.ddp.device)
 
     def step(self, iteration: int, images: torch.Tensor) -> Step:
-        cfg, device, critic = self.cfg, self.ddp.device, self.critic
+        critic = self.critic
         adversarial = critic is not None and critic.active(iteration)
         record: dict[str, float | torch.Tensor] = {}
-        with autocast(device, cfg.bf16):
-            loss, parts = self.model(images, step_generator(cfg.seed, iteration, self.ddp.rank, device))
+        with self.autocast():
+            loss, parts = self.model(images, self.generator(iteration))
             recon = parts.pop("recon")
             if adversarial:
                 adv, record["adversarial_weight"] = critic.generator_term(loss, recon)
                 loss = loss + adv
-        lr = lr_at(iteration, cfg)
-        grad_norm = optimizer_step(loss, self.model, self.optimizer, lr, cfg.grad_clip)
+        grad_norm = self.update(loss, self.model, iteration)
+        lr = self.lr(iteration)
         if adversarial:
-            with autocast(device, cfg.bf16):
+            with self.autocast():
                 record["critic_loss"] = critic.train_step(images, recon, lr)
-        self.ema.update(self.vae)
         psnr = 10 * torch.log10(4.0 / parts["mse"].float())  # images span [-1, 1]: range 2
         shown = loss.item()
         return Step(images.shape[0], shown, {
