@@ -137,7 +137,7 @@ def _warmup_seconds(wm: WorldModel, fps: int) -> float:
 def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions, fps: int) -> dict[str, Any]:
     """FPS each of ``sessions`` sessions gets from the engine (frames encoded, not sent)."""
     counts = [0] * sessions
-    steps: list[FrameTimings] = []
+    calls: list[FrameTimings] = []
 
     def counter(i: int) -> Callable[[Frame], None]:
         def on_frame(frame: Frame) -> None:
@@ -150,7 +150,7 @@ def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions,
         for handle in handles:
             handle.started.result(timeout=300)
         time.sleep(_warmup_seconds(wm, fps))
-        wm.on_timings = steps.append
+        wm.on_timings = calls.append
         before, start = list(counts), time.monotonic()
         time.sleep(options.probe_seconds)
         after, elapsed = list(counts), time.monotonic() - start
@@ -162,8 +162,8 @@ def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions,
     return {"sessions": sessions, "fps_min": round(min(each), 2),
             "fps_median": round(statistics.median(each), 2),
             "held": min(each) >= fps * (1 - HOLD_TOLERANCE),
-            "step_ms_median": round(statistics.median(t.total_ms for t in steps), 2) if steps else None,
-            "batch_median": statistics.median(t.batch for t in steps) if steps else None}
+            "frame_ms_median": round(statistics.median(t.total_ms for t in calls), 2) if calls else None,
+            "batch_median": statistics.median(t.batch for t in calls) if calls else None}
 
 
 def largest_passing(limit: int, passes: Callable[[int], bool]) -> int:

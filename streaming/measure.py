@@ -24,7 +24,7 @@ KEY_CYCLE = (1, 1, 17, 1, 33, 1, 0, 2)  # forward, forward+turn_left, …: held 
 
 @dataclass
 class FrameSamples:
-    """Per ``step`` call: wall and process-CPU ms of the whole frame, and its parts."""
+    """Per ``next_frame`` call: wall and process-CPU ms of the whole frame, and its parts."""
 
     wall_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
@@ -36,7 +36,7 @@ class FrameSamples:
 
 def run_frames(wm: WorldModel, sessions: Sequence[Any], count: int, *, quality: int | None = None,
                autocast: bool = False) -> FrameSamples:
-    """``count`` frames of every session (one batched step each; keys cycle through ``KEY_CYCLE``).
+    """``count`` frames of every session (one batched ``next_frame`` each; keys cycle through ``KEY_CYCLE``).
 
     ``quality``: also JPEG-encode every frame, as the server does. ``autocast``: bf16 autocast.
     """
