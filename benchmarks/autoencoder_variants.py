@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data import make_clip_source
-from distill.eval_autoencoder import autoencoder_report
-from distill.media import save_png
-from distill.train_common import TrainConfig
-from models.config import VAEConfig, preset
-from models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+from worldloop.distill.data.media import save_png
+from worldloop.distill.eval.autoencoder import autoencoder_report
+from worldloop.distill.stages.runtime import TrainConfig
+from worldloop.distill.stages.shared import make_clip_source
+from worldloop.models.config import VAEConfig, preset
+from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from streaming.outbox import Outbox, OutgoingFrame, Stalled
-from streaming.protocol import (
+from worldloop.streaming.config import ServerConfig
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.outbox import Outbox, OutgoingFrame, Stalled
+from worldloop.streaming.protocol import (
     Ack,
     Bye,
     ClientMessage,
@@ -42,11 +45,8 @@ from streaming.protocol import (
     pack_frame,
     parse_client_message,
 )
-from streaming.registry import LiveSession
-from streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
-
-if TYPE_CHECKING:
-    from streaming.server import WorldloopServer
+from worldloop.streaming.registry import LiveSession, SessionRegistry
+from worldloop.streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
 
 log = logging.getLogger(__name__)
 CLEAN_CLOSE_CODES = (1000, 1001)  # the client meant to leave: end its session at once
@@ -69,8 +69,18 @@ class TokenBucket:
         return True
 
 
+class Host(Protocol):
+    """What a connection uses of the server that accepted it (``streaming.server.WorldloopServer``)."""
+
+    engine: Engine
+    metrics: Metrics
+    config: ServerConfig
+    registry: SessionRegistry
+    stopping: bool
+
+
 class Connection:
-    def __init__(self, ws: ServerConnection, server: WorldloopServer) -> None:
+    def __init__(self, ws: ServerConnection, server: Host) -> None:
         self.ws = ws
         self.server = server
         self.engine = server.engine

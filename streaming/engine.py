@@ -7,13 +7,13 @@ Transport-free; the websocket server and the Gradio app both drive it in-process
    (``handle.started``).
 2. The generation thread loops: create/close sessions, run queued commands (prompt, reset, snapshot,
    restore, recording), then make one frame for every session that is due, batched into a single
-   ``model.step`` call. Sessions are paced at their own FPS; one that runs late skips the missed deadlines
-   instead of bursting to catch up. A paused session makes no frames.
+   ``model.next_frame`` call. Sessions are paced at their own FPS; one that runs late skips the missed
+   deadlines instead of bursting to catch up. A paused session makes no frames.
 3. Speculative frames: with time left before the next deadline, a session's next frame is made early with
-   the keys held now (``step(..., speculative=True)``). When it is due and the keys are unchanged it is
+   the keys held now (``next_frame(..., speculative=True)``). When it is due and the keys are unchanged it is
    committed and emitted at once. A key change discards it at once (so does any command), and the frame for
    the new keys is made early in its place if there is time: a key change then shows up at the next
-   deadline rather than one model step after it.
+   deadline rather than one model frame after it.
 4. Each frame is encoded (JPEG/WebP) and written to the session's recording, if any, on a shared thread
    pool, in order per session (``SerialLane``); then the session's ``on_frame`` callback gets it.
 
@@ -39,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from streaming.encoding import encode_image
-from streaming.metrics import Metrics
-from streaming.session import (
+from worldloop.streaming.encoding import encode_image
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.session import (
     EngineFull,
     Frame,
     FrameWriter,
@@ -79,7 +79,7 @@ class Engine:
         self._live: list[SessionHandle] = []  # generation thread only
         self._admitted = 0
         self._next_id = 1
-        self._per_session_step_s = 0.0  # moving average of step time per session, for speculation
+        self._per_session_frame_s = 0.0  # moving average of frame time per session, for speculation
         self._thread = threading.Thread(target=self._run, name="worldloop-engine", daemon=True)
 
     # ---- public API ----
@@ -167,7 +167,7 @@ class Engine:
                     self._end_session(handle, None)
                 for handle in self._live:
                     handle.run_commands()
-                self._step_due()
+                self._frames_due()
                 wait = self._speculate()
                 if wait > 0:
                     self._wake.wait(wait)
@@ -242,7 +242,7 @@ class Engine:
             self._end_session(handle, None)
 
     # ---- generation thread: frames ----
-    def _step_due(self) -> None:
+    def _frames_due(self) -> None:
         now = time.monotonic()
         due: list[SessionHandle] = []
         for handle in self._live:
@@ -266,17 +266,17 @@ class Engine:
                 handle.drop_speculation()
                 fresh.append((handle, mask, seq))
         if fresh:
-            self._step_batch(fresh)
+            self._frame_batch(fresh)
         end = time.monotonic()
         for handle in due:
             self._advance(handle, end)
 
-    def _step_batch(self, batch: list[tuple[SessionHandle, int, int]]) -> None:
+    def _frame_batch(self, batch: list[tuple[SessionHandle, int, int]]) -> None:
         started = time.monotonic()
         try:
-            rgb = self.model.step([h.model_session for h, _, _ in batch], keys=[m for _, m, _ in batch])
+            rgb = self.model.next_frame([h.model_session for h, _, _ in batch], keys=[m for _, m, _ in batch])
         except Exception as err:
-            log.exception("model step failed; closing the %d session(s) in the batch", len(batch))
+            log.exception("model frame failed; closing the %d session(s) in the batch", len(batch))
             for handle, _, _ in batch:
                 self._end_session(handle, err)
             return
@@ -286,8 +286,8 @@ class Engine:
 
     def _observe_step(self, seconds: float, batch: int) -> None:
         self.metrics.step_seconds.observe(seconds)
-        per_session, average = seconds / batch, self._per_session_step_s
-        self._per_session_step_s = per_session if average == 0 else 0.8 * average + 0.2 * per_session
+        per_session, average = seconds / batch, self._per_session_frame_s
+        self._per_session_frame_s = per_session if average == 0 else 0.8 * average + 0.2 * per_session
 
     def _advance(self, handle: SessionHandle, now: float) -> None:
         """Move a session's deadline one period on; if that has already passed, skip ahead (no bursting)."""
@@ -344,7 +344,7 @@ class Engine:
             candidates = [h for h in active if h.spec is None and h.generated and not h.has_commands()]
             # As many as fit before the deadline. Running a little over costs nothing when the keys hold:
             # the frame is then committed the moment it is due instead of being made from scratch.
-            cost = max(self._per_session_step_s, 1e-4) * 1.1
+            cost = max(self._per_session_frame_s, 1e-4) * 1.1
             candidates = candidates[:int(budget / cost)]
             if candidates:
                 self._speculate_batch(candidates)
@@ -354,9 +354,9 @@ class Engine:
         started = time.monotonic()
         masks = [h.keys[0] for h in batch]
         try:
-            rgb = self.model.step([h.model_session for h in batch], keys=masks, speculative=True)
+            rgb = self.model.next_frame([h.model_session for h in batch], keys=masks, speculative=True)
         except Exception:
-            log.exception("speculative step failed; speculation is now off")
+            log.exception("speculative frame failed; speculation is now off")
             self.speculative = False
             return
         self._observe_step(time.monotonic() - started, len(batch))

@@ -16,43 +16,19 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from streaming import http
-from streaming.connection import Connection
-from streaming.engine import Engine
-from streaming.protocol import PROTOCOL_VERSION, SUBPROTOCOL, check_access_token
-from streaming.registry import SessionRegistry
+from worldloop.streaming import http
+from worldloop.streaming.config import ServerConfig
+from worldloop.streaming.connection import Connection
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.protocol import PROTOCOL_VERSION, SUBPROTOCOL, check_access_token
+from worldloop.streaming.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765  # 0: any free port (see WorldloopServer.port)
-    token: str | None = None  # required on /ws, /metrics, /recordings (see streaming.http.AccessPolicy)
-    allowed_origins: tuple[str, ...] = ()  # beyond same-origin and localhost; "*" allows any
-    web_dir: Path | None = None  # the browser client's static files
-    record_dir: Path | None = None  # recordings are off without one
-    max_connections: int = 64
-    max_in_flight: int = 2  # unacknowledged frames per connection
-    send_timeout_s: float = 3.0  # a send slower than this drops the client
-    ack_timeout_s: float = 5.0  # a frame unacknowledged for this long drops the client
-    resume_grace_s: float = 10.0  # how long a dropped connection's session waits to be resumed
-    ping_interval_s: float | None = 10.0
-    transport_max_bytes: int = 64 * 1024  # larger messages close the socket (1009); protocol limit is 4 KiB
-    command_rate: float = 5.0  # model commands (prompt, reset, snapshot, restore, record) per second…
-    command_burst: int = 10  # …after a burst of this many; more are answered `rate_limited`
-
-    def __post_init__(self) -> None:
-        if self.command_rate <= 0 or self.command_burst < 1:
-            raise ValueError("command_rate must be > 0 and command_burst >= 1")
 
 
 class WorldloopServer:

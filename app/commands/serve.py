@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.cli import UserError
-from app.loading import ModelChoice, add_model_options, choose_model, load_model
+from worldloop.app.errors import UserError
+from worldloop.app.loading import ModelChoice, add_model_options, choose_model, load_model
 
 if TYPE_CHECKING:
-    from streaming.engine import Engine
-    from streaming.server import ServerConfig, WorldloopServer
+    from worldloop.streaming.engine import Engine
+    from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -68,7 +68,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be ≥ 1, got {args.threads}")
     if args.token is not None:
-        from streaming.protocol import check_access_token
+        from worldloop.streaming.protocol import check_access_token
 
         try:
             check_access_token(args.token)
@@ -87,8 +87,8 @@ def _is_loopback(host: str) -> bool:
 
 def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     """Check the options and load the model: its choice, the engine on it (not started), the server config."""
-    from streaming.engine import Engine
-    from streaming.server import ServerConfig
+    from worldloop.streaming.engine import Engine
+    from worldloop.streaming.server import ServerConfig
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
@@ -113,7 +113,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
 
 def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
     """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
-    from streaming.server import run_server
+    from worldloop.streaming.server import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     choice, engine, config = build(args)
