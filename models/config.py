@@ -180,7 +180,13 @@ PRESETS: dict[str, ModelConfig] = {
         dit=DiTConfig(dim=64, depth=2, heads=2, max_prompt_tokens=16, window=4, sink=1, slack=2),
         sampling=SamplingConfig(steps=1, first_frame_steps=2),
     ),
-    "default": ModelConfig(name="default"),
+    # f4 × 8 channels (32×32×8 latents, 4×4 patches → 64 tokens per frame): in equal CPU time it
+    # reconstructed held-out frames 1.5–2.5 dB better than f8 × 8/16 (docs/autoencoder.md).
+    "default": ModelConfig(
+        name="default",
+        vae=VAEConfig(latent_channels=8, downsample=4, encoder_channels=(48, 96), decoder_channels=(96, 48)),
+        dit=DiTConfig(patch_size=4),
+    ),
     "large": ModelConfig(
         name="large",
         height=256,

@@ -145,7 +145,7 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
         _teacher(tmp_path / "t", vae, resume=True)
     other = random_model_dir(preset("default"), tmp_path / "default_vae")
     # An autoencoder of another latent shape: one error naming both shapes.
-    with pytest.raises(CheckpointError, match=r"makes 8×16×16 latents .* expects 4×8×8 latents"):
+    with pytest.raises(CheckpointError, match=r"makes 8×32×32 latents .* expects 4×8×8 latents"):
         _teacher(tmp_path / "t2", other)
     with pytest.raises(ValueError, match="out of range"):
         TrainConfig(iterations=0)
