@@ -5,10 +5,14 @@ Transport-free; the websocket server and the Gradio app both drive it in-process
 1. ``open_session`` admits a session (or raises ``EngineFull`` before any model state exists) and returns a
    ``SessionHandle`` (streaming/session.py); the model session is created on the generation thread
    (``handle.started``).
-2. The generation thread loops: create/close sessions, run queued commands (prompt, reset, snapshot,
-   restore, recording), then make one frame for every session that is due, batched into a single
-   ``model.step`` call. Sessions are paced at their own FPS; one that runs late skips the missed deadlines
-   instead of bursting to catch up. A paused session makes no frames.
+2. The generation thread loops: create/close sessions, make one frame for every session that is due,
+   batched into a single ``model.step`` call, then run queued commands (prompt, reset, snapshot, restore,
+   recording). Sessions are paced at their own FPS; one that runs late skips the missed deadlines instead of
+   bursting to catch up. A paused session makes no frames.
+   Commands are costed and scheduled: a session's commands wait (at most ``command_defer_s``) for a gap
+   before the other sessions' next frames as long as the moving average of command time, and the session
+   that sent them pays for them: its own next frame moves back by the time they took. A prompt change
+   re-caches the whole window, so this keeps one client's prompt changes from taking other sessions' frames.
 3. Speculative frames: with time left before the next deadline, a session's next frame is made early with
    the keys held now (``step(..., speculative=True)``). When it is due and the keys are unchanged it is
    committed and emitted at once. A key change discards it at once (so does any command), and the frame for
@@ -60,7 +64,7 @@ class Engine:
 
     def __init__(self, model: WorldModelLike, *, max_sessions: int = 4, fps: int | None = None,
                  speculative: bool = True, max_snapshots: int = 8, encode_workers: int = 2,
-                 metrics: Metrics | None = None, trained: bool = True) -> None:
+                 metrics: Metrics | None = None, trained: bool = True, command_defer_s: float = 0.25) -> None:
         if max_sessions < 1 or max_snapshots < 1 or encode_workers < 1:
             raise ValueError("max_sessions, max_snapshots and encode_workers must be ≥ 1")
         self.model = model
@@ -69,6 +73,7 @@ class Engine:
         self.fps = int(fps or model.config.fps)
         self.speculative = speculative
         self.max_snapshots = max_snapshots
+        self.command_defer_s = command_defer_s  # the longest a command waits for a gap between frames
         self.metrics = metrics or Metrics()
         self.metrics.sessions.set(0)
         self._pool = ThreadPoolExecutor(encode_workers, thread_name_prefix="worldloop-encode")
@@ -80,6 +85,7 @@ class Engine:
         self._admitted = 0
         self._next_id = 1
         self._per_session_step_s = 0.0  # moving average of step time per session, for speculation
+        self._command_s = 0.0  # moving average of the time one session's queued commands take
         self._thread = threading.Thread(target=self._run, name="worldloop-engine", daemon=True)
 
     # ---- public API ----
@@ -165,9 +171,8 @@ class Engine:
                 self._admit()
                 for handle in [h for h in self._live if h.close_requested]:
                     self._end_session(handle, None)
-                for handle in self._live:
-                    handle.run_commands()
                 self._step_due()
+                self._run_commands()
                 wait = self._speculate()
                 if wait > 0:
                     self._wake.wait(wait)
@@ -240,6 +245,24 @@ class Engine:
             handle.closed.set_result(None)
         for handle in list(self._live):
             self._end_session(handle, None)
+
+    def _run_commands(self) -> None:
+        """Run each session's queued commands when they fit before the other sessions' next frames, or have
+        waited ``command_defer_s``; the session pays for them with its own next frame."""
+        for handle in list(self._live):
+            waiting_since = handle.commands_since
+            if waiting_since is None:
+                continue
+            now = time.monotonic()
+            others = [h.next_due for h in self._live if h is not handle and not h.paused]
+            room = min(others) - now if others else float("inf")
+            if room < self._command_s and now - waiting_since < self.command_defer_s:
+                continue  # wait for the gap after the next frames
+            handle.run_commands()
+            end = time.monotonic()
+            took = end - now
+            self._command_s = took if self._command_s == 0 else 0.8 * self._command_s + 0.2 * took
+            handle.next_due = max(handle.next_due, end) + took
 
     # ---- generation thread: frames ----
     def _step_due(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -135,6 +136,7 @@ class SessionHandle:
         self._paused = False
         self._keys = (0, 0)  # (bitmask, seq), replaced as one tuple
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self.commands_since: float | None = None  # time.monotonic() the oldest queued command came
         self._lock = threading.Lock()
         self.close_requested = False
         # Generation-thread state.
@@ -228,6 +230,8 @@ class SessionHandle:
                 future.set_exception(SessionClosed(f"session {self.id} is closed"))
                 return future
             self._commands.append((command, future))
+            if self.commands_since is None:
+                self.commands_since = time.monotonic()
         self._wake.set()
         return future
 
@@ -239,6 +243,7 @@ class SessionHandle:
         with self._lock:
             commands = list(self._commands)
             self._commands.clear()
+            self.commands_since = None
         for command, future in commands:
             if future.set_running_or_notify_cancel():
                 _settle(future, command)
@@ -248,6 +253,7 @@ class SessionHandle:
             self.close_requested = True
             commands = list(self._commands)
             self._commands.clear()
+            self.commands_since = None
         for _, future in commands:
             future.set_exception(SessionClosed(f"session {self.id} is closed"))
 

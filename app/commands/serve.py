@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--web-dir", type=Path, default=WEB_DIR, help="static files of the browser client")
     p.add_argument("--resume-grace", type=float, default=10.0,
                    help="seconds a dropped connection's session waits to be resumed (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open websocket connections in all (default: %(default)s)")
+    p.add_argument("--max-connections-per-ip", type=int, default=16,
+                   help="open websocket connections from one client address (default: %(default)s)")
+    p.add_argument("--start-deadline", type=float, default=10.0,
+                   help="seconds a connection may stay open without a session (default: %(default)s)")
     p.add_argument("--no-speculative", action="store_true", help="do not generate frames ahead of time")
     p.set_defaults(func=run)
 
@@ -67,6 +73,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--fps must be in 1..60, got {args.fps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.max_connections < 1 or args.max_connections_per_ip < 1:
+        raise UserError("--max-connections and --max-connections-per-ip must be ≥ 1")
+    if not args.start_deadline > 0:
+        raise UserError(f"--start-deadline must be > 0 seconds, got {args.start_deadline}")
     if args.token is not None:
         from streaming.protocol import check_access_token
 
@@ -88,7 +98,6 @@ def _is_loopback(host: str) -> bool:
 def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     """Check the options and load the model: its choice, the engine on it (not started), the server config."""
     from streaming.engine import Engine
-    from streaming.server import ServerConfig
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
@@ -105,10 +114,19 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
                     trained=choice.trained)
-    config = ServerConfig(host=args.host, port=args.port, token=args.token,
-                          allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
-                          record_dir=args.record_dir, resume_grace_s=args.resume_grace)
-    return choice, engine, config
+    return choice, engine, server_config(args)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's settings from the command line (checked by ``_check_args``)."""
+    from streaming.server import ServerConfig
+
+    return ServerConfig(host=args.host, port=args.port, token=args.token,
+                        allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
+                        record_dir=args.record_dir, resume_grace_s=args.resume_grace,
+                        max_connections=args.max_connections,
+                        max_connections_per_ip=args.max_connections_per_ip,
+                        start_deadline_s=args.start_deadline)
 
 
 def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
