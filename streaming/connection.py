@@ -264,6 +264,9 @@ class Connection:
                     reply = await reply()
             except ProtocolError as err:
                 reply = err
+            except Exception as err:  # a bug: say so, and keep answering
+                log.exception("answering a request failed")
+                reply = ProtocolError("internal", f"the request failed: {err}")
             if isinstance(reply, Dropped):
                 c = self.server.config
                 what = f"this `{reply.request}` was" if reply.count == 1 else \
