@@ -60,11 +60,14 @@ class ServerConfig:
     message_burst: int = 400  # …after a burst of this many; over it the socket is read more slowly
     token_guess_rate: float = 0.2  # wrong access tokens per second per client address…
     token_guess_burst: int = 10  # …after this many; then the address gets 429 until it may guess again
+    flood_backoff_s: float = 10.0  # after 2 connections closed for flooding, one more per this many seconds
 
     def __post_init__(self) -> None:
         if min(self.command_rate, self.message_rate, self.token_guess_rate) <= 0 or \
                 min(self.command_burst, self.message_burst, self.token_guess_burst) < 1:
             raise ValueError("rates must be > 0 and bursts >= 1")
+        if self.flood_backoff_s <= 0:
+            raise ValueError("flood_backoff_s must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1 or self.start_deadline_s <= 0:
             raise ValueError("max_connections and max_connections_per_ip must be >= 1, start_deadline_s > 0")
 
@@ -72,7 +75,7 @@ class ServerConfig:
         """The limits a client may run into, as /healthz and /metrics show them."""
         names = ("max_connections", "max_connections_per_ip", "start_deadline_s", "max_in_flight",
                  "send_timeout_s", "ack_timeout_s", "command_rate", "command_burst", "message_rate",
-                 "message_burst", "token_guess_rate", "token_guess_burst")
+                 "message_burst", "token_guess_rate", "token_guess_burst", "flood_backoff_s")
         return {name: value for name, value in asdict(self).items() if name in names}
 
 
@@ -87,6 +90,7 @@ class WorldloopServer:
         self.connections: set[Connection] = set()
         self.per_address: Counter[str] = Counter()  # open connections by client address
         self.guesses = FailureBackoff(config.token_guess_rate, config.token_guess_burst)
+        self.floods = FailureBackoff(1.0 / config.flood_backoff_s, 2)  # addresses whose clients flooded
         self.metrics.limits.values.update(config.limits())
         self.stopping = False
         self.started_at = time.monotonic()
@@ -149,6 +153,8 @@ class WorldloopServer:
         try:
             await connection.run()
         finally:
+            if ws.stall_reason == "flood":
+                self.floods.failed(address)
             self.connections.discard(connection)
             self.per_address[address] -= 1
             if self.per_address[address] <= 0:
@@ -195,6 +201,10 @@ class WorldloopServer:
             return refused
         if self.stopping:
             return self._refuse("shutdown", 503, "the server is shutting down")
+        wait = self.floods.retry_after(_address(ws))
+        if wait > 0:
+            self.metrics.refused.inc("flood_backoff")
+            return http.too_many_requests(wait, "connections from your address flooded the server")
         if len(self.connections) >= self.config.max_connections:
             return self._refuse("connections", 503, "too many connections")
         if self.per_address[_address(ws)] >= self.config.max_connections_per_ip:

@@ -120,13 +120,19 @@ def test_every_message_counts_against_the_budget_and_a_flood_is_closed() -> None
                 assert codes.count("unknown_type") == 60 and codes.count("rate_limited") == 1, codes
                 await still_streaming(client)
                 assert server.metrics.throttled.value() >= 1
-            async with RawClient.connect(server) as flooder:
-                await flooder.start()
-                flooder.ws.transport.write(client_frame(Opcode.PING, b"x" * 100) * 500)  # pings count too
-                with pytest.raises(ConnectionClosed):
-                    while True:
-                        await flooder.receive()
-            await until(lambda: server.metrics.dropped_clients.value("flood") == 1, 10, "no flood drop")
+            dropped = server.metrics.dropped_clients
+            for floods in (1, 2):
+                async with RawClient.connect(server) as flooder:
+                    await flooder.start()
+                    flooder.ws.transport.write(client_frame(Opcode.PING, b"x" * 100) * 500)  # pings count too
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            await flooder.receive()
+                await until(lambda n=floods: dropped.value("flood") == n, 10, "no flood drop")
+            with pytest.raises(InvalidStatus) as refused:  # the address now waits between connections
+                async with RawClient.connect(server):
+                    pass
+            assert refused.value.response.status_code == 429
     run(scenario())
 
 
