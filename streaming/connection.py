@@ -20,9 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
@@ -54,6 +51,7 @@ from streaming.protocol import (
     parse_client_message,
 )
 from streaming.registry import LiveSession
+from streaming.replies import Dropped, Reply, ReplyQueue
 from streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
 from streaming.wire import GuardedConnection
 
@@ -63,57 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CLEAN_CLOSE_CODES = (1000, 1001)  # the client meant to leave: end its session at once
 MAX_PENDING_COMMANDS = 4  # model commands waiting for the engine per connection; more are `rate_limited`
-
-
-@dataclass
-class Dropped:
-    """Consecutive commands of one type dropped by the rate limit: one `rate_limited` answers them all."""
-
-    request: str
-    count: int = 1
-
-
-# What the reply task answers with: a reply, an error, dropped commands, or a command to carry out first.
-Reply = ServerMessage | ProtocolError | Dropped | Callable[[], Awaitable[ServerMessage]]
-
-
-class ReplyQueue:
-    """Replies in request order, at most ``limit`` waiting (``put`` waits); a ``Dropped`` right after another
-    for the same request type is merged into it, so a flood of rate-limited commands costs one reply."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.busy = False  # the reply task is carrying out the item it took
-        self._items: deque[Reply] = deque()
-        self._changed = asyncio.Condition()
-
-    async def put(self, item: Reply) -> None:
-        last = self._items[-1] if self._items else None
-        if isinstance(item, Dropped) and isinstance(last, Dropped) and last.request == item.request:
-            last.count += 1
-            return
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self._items) < self.limit)
-            self._items.append(item)
-            self._changed.notify_all()
-
-    async def take(self) -> Reply:
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._items))
-            self.busy = True
-            item = self._items.popleft()
-            self._changed.notify_all()
-            return item
-
-    async def done(self) -> None:
-        async with self._changed:
-            self.busy = False
-            self._changed.notify_all()
-
-    async def idle(self) -> None:
-        """Wait until every queued reply has been posted."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._items and not self.busy)
 
 
 class Connection:

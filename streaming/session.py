@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -136,7 +135,7 @@ class SessionHandle:
         self._paused = False
         self._keys = (0, 0)  # (bitmask, seq), replaced as one tuple
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self.commands_since: float | None = None  # time.monotonic() the oldest queued command came
+        self.commands_after = 0.0  # time.monotonic() before which its commands wait for a gap (engine)
         self._lock = threading.Lock()
         self.close_requested = False
         # Generation-thread state.
@@ -230,8 +229,6 @@ class SessionHandle:
                 future.set_exception(SessionClosed(f"session {self.id} is closed"))
                 return future
             self._commands.append((command, future))
-            if self.commands_since is None:
-                self.commands_since = time.monotonic()
         self._wake.set()
         return future
 
@@ -243,7 +240,6 @@ class SessionHandle:
         with self._lock:
             commands = list(self._commands)
             self._commands.clear()
-            self.commands_since = None
         for command, future in commands:
             if future.set_running_or_notify_cancel():
                 _settle(future, command)
@@ -253,7 +249,6 @@ class SessionHandle:
             self.close_requested = True
             commands = list(self._commands)
             self._commands.clear()
-            self.commands_since = None
         for _, future in commands:
             future.set_exception(SessionClosed(f"session {self.id} is closed"))
 
