@@ -154,31 +154,36 @@ class Canary:
 
 @contextlib.contextmanager
 def attacking(kind: str, url: str, seconds: float) -> Iterator[None]:
-    """Run attack ``kind`` against ``url`` in a child process for at most ``seconds``."""
-    process = multiprocessing.get_context("spawn").Process(target=_attack_child, args=(kind, url, seconds),
-                                                           daemon=True)
+    """Run attack ``kind`` against ``url`` in a child process for at most ``seconds``; returns once the
+    attacker is connected (its imports and start-up are not measured)."""
+    context = multiprocessing.get_context("spawn")
+    connected = context.Event()
+    process = context.Process(target=_attack_child, args=(kind, url, seconds, connected), daemon=True)
     process.start()
     try:
+        if not connected.wait(60):
+            raise RuntimeError(f"the {kind} attacker did not connect")
         yield
     finally:
         process.terminate()
         process.join(10)
 
 
-def _attack_child(kind: str, url: str, seconds: float) -> None:
-    asyncio.run(_attack(kind, url, time.monotonic() + seconds))
+def _attack_child(kind: str, url: str, seconds: float, connected: Any) -> None:
+    asyncio.run(_attack(kind, url, time.monotonic() + seconds, connected))
 
 
-async def _attack(kind: str, url: str, deadline: float) -> None:
-    if kind == "idle":
-        await _idle(url, deadline)
-        return
+async def _attack(kind: str, url: str, deadline: float, connected: Any) -> None:
     from websockets.asyncio.client import connect
 
+    if kind == "idle":
+        await _idle(url, deadline, connected)
+        return
     attack = _ATTACKS[kind]
     while time.monotonic() < deadline:
         try:
             async with connect(url, compression=None, max_size=2**24, open_timeout=10) as ws:
+                connected.set()
                 await attack(ws, deadline)
         except Exception:  # dropped or refused: come back
             await asyncio.sleep(0.05)
@@ -198,12 +203,11 @@ async def _flood(ws: Any, deadline: float, frame: bytes, read: bool = True) -> N
 
 async def _drain(ws: Any, ack: bool = False) -> None:
     import json
-
-    from streaming.protocol import unpack_frame
+    import struct
 
     async for data in ws:
-        if ack and isinstance(data, bytes):
-            await ws.send(json.dumps({"type": "ack", "frame": unpack_frame(data)[0].frame_seq}))
+        if ack and isinstance(data, bytes):  # the frame header's seq (docs/protocol.md); no torch import
+            await ws.send(json.dumps({"type": "ack", "frame": struct.unpack_from("<I", data, 4)[0]}))
 
 
 def _frame(opcode_name: str, payload: bytes) -> bytes:
@@ -241,13 +245,14 @@ async def _session(ws: Any, deadline: float, prompts_per_s: float = 0.0, read: b
             reader.cancel()
 
 
-async def _idle(url: str, deadline: float) -> None:
+async def _idle(url: str, deadline: float, connected: Any) -> None:
     from websockets.asyncio.client import connect
 
     async def hold() -> None:
         while time.monotonic() < deadline:
             try:
                 async with connect(url, open_timeout=10) as ws:
+                    connected.set()
                     await ws.wait_closed()
             except Exception:
                 await asyncio.sleep(0.2)

@@ -9,7 +9,8 @@ A server runs in a child process on 127.0.0.1 (benchmarks/abuse.py); the canary,
 ``--seconds`` (after ``--settle`` seconds) twice in a row: under the attack's baseline, then under the attack
 (in its own process). The baseline is no attack, or for the session attacks (`prompts5`, `prompts100`) a
 quiet second session (`peer`), which costs the canary its share of the model by itself. Prints the ratio per
-attack; the goal is at least 0.95. On a loaded machine, repeat: one pair of measurements is noisy.
+attack (the median over ``--rounds`` pairs); the goal is at least 0.95. On a loaded machine use more rounds:
+one pair of measurements is noisy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,16 @@ async def measure(args: argparse.Namespace, server: ServerProcess) -> dict[str, 
         await canary.fps_over(args.settle)
         for kind in args.attacks:
             baseline = BASELINES.get(kind)
-            before = await phase(canary, baseline, server, args)
-            fps = await phase(canary, kind, server, args)
-            results[kind] = {"fps": round(fps, 2), "baseline": baseline or "none",
-                             "baseline_fps": round(before, 2),
-                             "ratio": round(fps / before, 3) if before else None}
+            pairs = []
+            for _ in range(args.rounds):
+                before = await phase(canary, baseline, server, args)
+                pairs.append((before, await phase(canary, kind, server, args)))
+            ratios = [fps / before for before, fps in pairs if before]
+            results[kind] = {"fps": round(statistics.median(f for _, f in pairs), 2),
+                             "baseline": baseline or "none",
+                             "baseline_fps": round(statistics.median(b for b, _ in pairs), 2),
+                             "ratio": round(statistics.median(ratios), 3) if ratios else None,
+                             "ratios": [round(r, 3) for r in ratios]}
         results["server"] = server.health()
     return results
 
@@ -83,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="measured seconds per attack and per baseline (default: 6; 2 minutes in all)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each measurement")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="baseline/attack pairs per attack; the median ratio is reported (default: 1)")
     parser.add_argument("--attacks", nargs="+", choices=FLOODS, default=list(FLOODS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if not 1 <= args.seconds <= 120 or not 0 <= args.settle <= 30:
-        parser.error("--seconds must be in 1..120 and --settle in 0..30")
+    if not 1 <= args.seconds <= 120 or not 0 <= args.settle <= 30 or not 1 <= args.rounds <= 20:
+        parser.error("--seconds must be in 1..120, --settle in 0..30 and --rounds in 1..20")
     source = ModelSource(fake=args.fake, fake_step_ms=args.fake_step_ms, preset=args.preset, model=args.model,
                          threads=args.threads)
     with ServerProcess(source) as server:
