@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from distill import metrics
 from distill.data import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
+from distill.eval_autoencoder import autoencoder_report, sharpness_ratio
 from distill.evaluators import EvaluatorNet, key_accuracy, load_evaluator, predict_keys, predict_themes
-from distill.media import write_video
+from distill.media import save_png, write_video
 from distill.world.engine import World
 from distill.world.explorer import Explorer
 from distill.world.themes import THEMES, describe, sample_params
@@ -103,7 +104,9 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames
 
 def horizon_metrics(generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
                     horizons: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """PSNR/SSIM (mean over episodes) of generated and copy-last frames at each horizon (1 = first frame).
+    """PSNR/SSIM (mean over episodes) of generated and copy-last frames at each horizon (1 = first frame),
+    and the generated frames' sharpness ratio (their mean Laplacian variance ÷ the engine frames'; 1 = as
+    sharp).
 
     ``psnr_gain`` is the mean per-episode PSNR of the model minus that of copy-last, ``psnr_gain_se`` its
     standard error over the episodes (None with one episode): a gain within ~2 SE of 0 is a tie.
@@ -116,6 +119,7 @@ def horizon_metrics(generated: np.ndarray, engine: np.ndarray, last_context: np.
         psnr, copy_psnr = _capped(metrics.psnr(model, truth)), _capped(metrics.psnr(last, truth))
         gain = psnr - copy_psnr
         out[str(h)] = {"psnr": float(psnr.mean()), "ssim": float(metrics.ssim(model, truth).mean()),
+                       "sharpness_ratio": sharpness_ratio(model, truth),
                        "copy_last_psnr": float(copy_psnr.mean()),
                        "copy_last_ssim": float(metrics.ssim(last, truth).mean()),
                        "psnr_gain": float(gain.mean()),
@@ -313,6 +317,7 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
     clips; write the report, videos, plots and a side-by-side table (``summary.md``)."""
     report: dict[str, Any] = {"config": asdict(cfg), "held_out_seed_start": HELD_OUT_SEED_START, "runs": []}
     clips_by_size: dict[tuple[int, int], EngineClips] = {}
+    autoencoders: dict[str, dict[str, Any]] = {}
     for path, n in plan:
         wm = WorldModel.from_pretrained(path, steps=n, device=device, prompt_encoder=prompt_encoder,
                                         max_sessions=max(cfg.episodes, cfg.drift_sessions),
@@ -329,6 +334,9 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
         result = {"model": str(path), "stage": wm.metadata.get("stage"),
                   "train_step": wm.metadata.get("step"), "context_sigma": wm.config.sampling.context_sigma,
                   "notes": notes, **result}
+        if str(path) not in autoencoders:  # the model's ceiling: its autoencoder alone, once per model
+            autoencoders[str(path)] = autoencoder_section(wm.vae, out, f"_{len(autoencoders)}", cfg.seed)
+        result["autoencoder"] = autoencoders[str(path)]
         report["runs"].append(result)
         save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
     write_report(out, report)
@@ -340,17 +348,56 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
     return report
 
 
+def autoencoder_section(vae: torch.nn.Module, out: Path, tag: str, seed: int = 0) -> dict[str, Any]:
+    """``autoencoder_report`` of ``vae`` (encode → decode of held-out frames) with its picture written to
+    ``out/autoencoder{tag}.png``: one row per theme, engine | reconstruction."""
+    result = autoencoder_report(vae, seed=seed)
+    pictures = result.pop("pictures")
+    picture = out / f"autoencoder{tag}.png"
+    save_png(picture, np.concatenate(list(pictures.values()), 0))
+    result["picture"] = picture.name
+    return result
+
+
+def run_autoencoder_eval(path: Path, out: Path, seed: int = 0) -> dict[str, Any]:
+    """``worldloop eval --autoencoder DIR``: the autoencoder of a model directory alone."""
+    from models import checkpoint
+    from models.vae import LatentAutoencoder
+
+    files = checkpoint.load_model(path, need_dit=False)
+    vae = LatentAutoencoder(files.config)
+    checkpoint.load_into(vae, {k: v.float() for k, v in files.vae.items()}, path / checkpoint.VAE_FILE)
+    report = {"autoencoder_only": [{"model": str(path), **autoencoder_section(vae, out, "", seed)}]}
+    write_report(out, report)
+    (out / "summary.md").write_text(autoencoder_table(report["autoencoder_only"]))
+    return report
+
+
+def autoencoder_table(rows: list[dict[str, Any]]) -> str:
+    """Autoencoder-only rows (encode → decode of held-out engine frames) as a Markdown table."""
+    head = ["autoencoder of", "latent", "PSNR", "worst frame", "SSIM", "sharpness ratio",
+            "decode ms (bf16, 1 thread)"]
+    lines = [head, ["---"] * len(head)]
+    for r in rows:
+        shape = "×".join(str(v) for v in r["latent"]["shape"])
+        lines.append([r["model"], shape, f"{r['psnr']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim']:.3f}",
+                      f"{r['sharpness_ratio']:.3f}", f"{r['decode_ms']:.2f}"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in lines) + "\n"
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """The runs side by side as a Markdown table, the copy-last-frame baseline first."""
     runs = report["runs"]
     horizons = list(runs[0]["horizons"]) if runs else []
     head = (["model", "steps"] + [f"PSNR h{h}" for h in horizons] + [f"SSIM h{h}" for h in horizons]
+            + [f"sharpness h{h}" for h in horizons]
             + ["keys (per key)", "prompt adherence", "drift confidence first → last"])
     rows = [head, ["---"] * len(head)]
     if runs:
         base = runs[0]["horizons"]
         rows.append(["copy last frame", "–"] + [f"{base[h]['copy_last_psnr']:.2f}" for h in horizons]
-                    + [f"{base[h]['copy_last_ssim']:.3f}" for h in horizons] + ["", "", ""])
+                    + [f"{base[h]['copy_last_ssim']:.3f}" for h in horizons] + [""] * len(horizons)
+                    + ["", "", ""])
     for r in runs:
         keys, adherence = r["keys"].get("model", {}).get("per_key"), r["prompt_switch"].get("adherence")
         keys_text = "–" if keys is None else f"{keys:.3f}"
@@ -362,11 +409,24 @@ def summary_table(report: dict[str, Any]) -> str:
             name += f", context σ {r['context_sigma']:g}"
         rows.append([name, str(r["steps"])] + [_psnr_cell(r["horizons"][h]) for h in horizons]
                     + [f"{r['horizons'][h]['ssim']:.3f}" for h in horizons]
+                    + [_number(r["horizons"][h].get("sharpness_ratio"), 3) for h in horizons]
                     + [keys_text, adherence_text,
                        "–" if first is None else f"{first:.2f} → {last:.2f} ({r['drift']['frames']} frames)"])
     notes = ("\nPSNR cells: mean over the episodes (gain over copy-last ± its standard error over the "
-             "episodes).\n")
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + notes
+             "episodes). Sharpness: the model frames' mean Laplacian variance ÷ the engine frames' (1 = as "
+             "sharp as the engine).\n")
+    ceiling = [{"model": r["model"], **r["autoencoder"]} for r in runs if r.get("autoencoder")]
+    unique = list({r["model"]: r for r in ceiling}.values())
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + notes
+    if unique:
+        table += ("\nAutoencoder only (encode → decode of the held-out frames; the ceiling of every row "
+                  "above):\n\n")
+        table += autoencoder_table(unique)
+    return table
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _psnr_cell(h: dict[str, Any]) -> str:

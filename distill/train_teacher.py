@@ -152,13 +152,11 @@ def encode_clips(vae: LatentAutoencoder, frames: torch.Tensor) -> torch.Tensor:
 
 
 def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
-    """The autoencoder of a model directory; its config must match the teacher's frames and VAE."""
+    """The autoencoder of a model directory; its latent shape and frames must match the teacher's config."""
     vae_config, _ = checkpoint.read_config(path)
-    if (vae_config.vae, vae_config.height, vae_config.width) != (config.vae, config.height, config.width):
-        raise RunError(f"{path}: its autoencoder ({vae_config.name}, {vae_config.height}x{vae_config.width}) "
-                       f"does not match preset {config.name!r} ({config.height}x{config.width})")
+    checkpoint.check_autoencoder(config, vae_config, path)
     vae = LatentAutoencoder(config)
-    checkpoint.load_into(vae, checkpoint.load_model(path).vae, path / checkpoint.VAE_FILE)
+    checkpoint.load_into(vae, checkpoint.load_model(path, need_dit=False).vae, path / checkpoint.VAE_FILE)
     return vae
 
 

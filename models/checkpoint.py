@@ -57,7 +57,7 @@ class ModelFiles:
 
     config: ModelConfig
     metadata: dict[str, Any]
-    dit: dict[str, Tensor]
+    dit: dict[str, Tensor] | None  # None: an autoencoder-only directory (load_model(need_dit=False))
     dit_ema: dict[str, Tensor] | None
     vae: dict[str, Tensor]
 
@@ -206,15 +206,19 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def save_model(path: str | Path, config: ModelConfig, dit: nn.Module, vae: nn.Module, *,
+def save_model(path: str | Path, config: ModelConfig, dit: nn.Module | None, vae: nn.Module, *,
                dit_ema: nn.Module | dict[str, Tensor] | None = None, metadata: dict[str, Any] | None = None,
                ema_dtype: torch.dtype | None = torch.bfloat16) -> Path:
-    """Write a model directory; ``metadata`` (step, training info, …) is stored in config.json."""
+    """Write a model directory; ``metadata`` (step, training info, …) is stored in config.json.
+
+    ``dit`` None writes an autoencoder-only directory (what ``worldloop train vae`` exports).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"preset": config.name, "created": _now(),
             "step": 0} | (metadata or {})
-    save_state(path / DIT_FILE, dit)
+    if dit is not None:
+        save_state(path / DIT_FILE, dit)
     if dit_ema is not None:
         save_state(path / EMA_FILE, dit_ema, dtype=ema_dtype)
     save_state(path / VAE_FILE, vae)
@@ -245,13 +249,49 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{file}: invalid model config ({err})") from err
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelFiles:
-    """Read a model directory (shapes are checked when the weights are loaded into modules)."""
+def latent_shape_text(config: ModelConfig) -> str:
+    """``C×h×w`` latent shape of a config, with the frame size and the autoencoder's downsampling."""
+    h, w = config.latent_size
+    return (f"{config.latent_channels}×{h}×{w} latents ({config.height}×{config.width} frames, "
+            f"f{config.vae.downsample})")
+
+
+def check_autoencoder(config: ModelConfig, source: ModelConfig, path: str | Path) -> None:
+    """A clear error, naming both shapes, when the autoencoder of ``path`` does not fit ``config``."""
+    if (source.vae, source.height, source.width) != (config.vae, config.height, config.width):
+        raise CheckpointError(f"{path}: its autoencoder makes {latent_shape_text(source)} but the model "
+                              f"config {config.name!r} expects {latent_shape_text(config)}")
+
+
+def with_autoencoder_of(config: ModelConfig, path: str | Path) -> ModelConfig:
+    """``config`` with the autoencoder section of the model directory ``path`` (whose frames must match)."""
+    source, _ = read_config(path)
+    if (source.height, source.width) != (config.height, config.width):  # frames are the preset's
+        check_autoencoder(config, source, path)
+    try:
+        return config.replace(vae=source.vae)
+    except ValueError as err:  # e.g. a latent size the DiT's patch size does not divide
+        raise CheckpointError(f"{path}: its autoencoder makes {latent_shape_text(source)}, which the model "
+                              f"config {config.name!r} cannot take: {err}") from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", *, need_dit: bool = True) -> ModelFiles:
+    """Read a model directory (shapes are checked when the weights are loaded into modules).
+
+    A directory from ``worldloop train vae`` holds only the autoencoder: its ``dit`` is None when
+    ``need_dit`` is False, and a clear error otherwise.
+    """
     path = Path(path)
     config, metadata = read_config(path)
     ema = read_state(path / EMA_FILE, device)[0] if state_exists(path / EMA_FILE) else None
+    dit: dict[str, Tensor] | None
     if ema is not None and not state_exists(path / DIT_FILE):
         dit = ema  # an exported (shipping) directory: the EMA weights are the model
+    elif metadata.get("stage") == "vae" and not state_exists(path / DIT_FILE):
+        if need_dit:
+            raise CheckpointError(f"{path}: holds only an autoencoder (no DiT weights); train a world "
+                                  f"model on it with `worldloop train teacher --vae {path}`")
+        dit = None
     else:
         dit, _ = read_state(path / DIT_FILE, device)
     vae, _ = read_state(path / VAE_FILE, device)

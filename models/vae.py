@@ -222,19 +222,36 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def reconstruction_loss(
-    recon: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.5
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1 on pixels plus ``edge_weight`` × L1 on image gradients (keeps texture edges sharp without LPIPS).
+def spectrum_distance(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean |log(1 + |F(recon)|) − log(1 + |F(target)|)| over the 2-D spectra of each channel.
 
-    Returns (loss, parts) with parts ``l1``, ``edge`` and ``mse`` (for PSNR; not in the loss), all detached.
+    Pixel losses under-weight high frequencies (a blur costs little L1 when textures are fine); comparing
+    log amplitudes weights every frequency band alike, so missing texture energy is penalised directly.
+    Phase is left to the pixel loss. Computed in float32 (no FFT in bfloat16).
+    """
+    fr = torch.fft.rfft2(recon.float(), norm="ortho").abs()
+    ft = torch.fft.rfft2(target.float(), norm="ortho").abs()
+    return (torch.log1p(fr) - torch.log1p(ft)).abs().mean()
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.5, spectrum_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L1 on pixels + ``edge_weight`` × L1 on image gradients + ``spectrum_weight`` × ``spectrum_distance``.
+
+    Returns (loss, parts) with parts ``l1``, ``edge``, ``spectrum`` and ``mse`` (for PSNR; not in the
+    loss), all detached.
     """
     l1 = (recon - target).abs().mean()
     (rx, ry), (tx, ty) = image_gradients(recon), image_gradients(target)
     edge = 0.5 * ((rx - tx).abs().mean() + (ry - ty).abs().mean())
     loss = l1 + edge_weight * edge
+    spectrum = torch.zeros((), device=recon.device)
+    if spectrum_weight > 0.0:
+        spectrum = spectrum_distance(recon, target)
+        loss = loss + spectrum_weight * spectrum
     mse = (recon.detach() - target).square().mean()
-    return loss, {"l1": l1.detach(), "edge": edge.detach(), "mse": mse}
+    return loss, {"l1": l1.detach(), "edge": edge.detach(), "spectrum": spectrum.detach(), "mse": mse}
 
 
 def autoencoder_loss(
@@ -244,21 +261,60 @@ def autoencoder_loss(
     noise_std: float = 0.1,
     kl_weight: float = 1e-3,
     edge_weight: float = 0.5,
+    spectrum_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The autoencoder's training loss on images (B, 3, H, W) in [-1, 1]; a fixed-variance VAE.
 
     1. μ = encode_raw(x); z = μ + noise_std·ε.
     2. loss = reconstruction_loss(decode_raw(z), x) + kl_weight · 0.5·mean(μ²).
-    Returns (loss, parts) with parts ``l1``, ``edge``, ``mse``, ``kl`` and ``latent_std`` (detached).
+    Returns (loss, parts) with parts ``l1``, ``edge``, ``spectrum``, ``mse``, ``kl`` and ``latent_std``
+    (detached), and ``recon`` (the reconstruction, with gradients, for an adversarial term).
     """
     mu = model.encode_raw(images)
     z = mu
     if noise_std > 0.0:
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + noise_std * noise
-    recon_loss, parts = reconstruction_loss(model.decode_raw(z), images, edge_weight)
+    recon = model.decode_raw(z)
+    recon_loss, parts = reconstruction_loss(recon, images, edge_weight, spectrum_weight)
     kl = 0.5 * mu.square().mean()
     parts["kl"] = kl.detach()
     parts["latent_std"] = mu.detach().std()
+    parts["recon"] = recon
     return recon_loss + kl_weight * kl, parts
+
+
+class PatchDiscriminator(nn.Module):
+    """A small convolutional critic that scores overlapping patches of an image as engine-like or not.
+
+    Images (B, 3, H, W) in [-1, 1] → logits (B, 1, H/8, W/8): three stride-2 4×4 convolutions with
+    LeakyReLU(0.2), then a 3×3 convolution to one logit per ~30-pixel receptive field. Spectral norm on every
+    layer keeps it Lipschitz so short CPU runs do not diverge. Used only in training (never shipped): the
+    adversarial term makes the decoder draw texture energy that L1 averages away (Isola et al. 2017;
+    Esser et al. 2021 for autoencoders).
+    """
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        c = channels
+        self.layers = nn.Sequential(
+            sn(nn.Conv2d(3, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(c, 2 * c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * c, 4 * c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(4 * c, 1, 3, padding=1)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The critic's hinge loss: mean(relu(1 − D(real))) + mean(relu(1 + D(fake)))."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The decoder's adversarial loss under a hinge critic: −mean(D(fake))."""
+    return -fake_logits.mean()

@@ -57,7 +57,9 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
     for run in report["runs"]:
         assert set(run["horizons"]) == {"1", "2", "4"}
         for h in run["horizons"].values():
-            assert set(h) == {"psnr", "ssim", "copy_last_psnr", "copy_last_ssim", "psnr_gain", "psnr_gain_se"}
+            assert set(h) == {"psnr", "ssim", "copy_last_psnr", "copy_last_ssim", "psnr_gain", "psnr_gain_se",
+                              "sharpness_ratio"}
+            assert h["sharpness_ratio"] > 0
             assert 0 < h["psnr"] < 100 and -1 <= h["ssim"] <= 1 and h["copy_last_psnr"] > 0
             assert h["psnr_gain"] == pytest.approx(h["psnr"] - h["copy_last_psnr"], abs=1e-4)
             assert h["psnr_gain_se"] >= 0
@@ -69,10 +71,18 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
         point = drift["points"][-1]["model"]
         assert {"sharpness", "colour_mean", "colour_std", "saturation", "confidence"} <= set(point)
         assert "model_sharpness_last" in drift["summary"] and run["notes"] == []
-    for name in ("rollout_0.mp4", "rollout_1.mp4", "drift_0.mp4", "horizons.png", "drift.png"):
+        ceiling = run["autoencoder"]  # the model's autoencoder alone, beside every row
+        assert ceiling["latent"]["shape"] == [4, 8, 8] and 0 < ceiling["psnr"] < 100
+        assert ceiling["picture"] == "autoencoder_0.png" and ceiling["sharpness_ratio"] > 0
+    for name in ("rollout_0.mp4", "rollout_1.mp4", "drift_0.mp4", "horizons.png", "drift.png",
+                 "autoencoder_0.png"):
         assert (out / name).stat().st_size > 0
-    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    summary = (out / "summary.md").read_text()
+    table = [line for line in summary.split("Autoencoder only")[0].splitlines() if line.startswith("|")]
     assert len(table) == 2 + 1 + 2 and table[2].startswith("| copy last frame | – | ")
+    assert "sharpness h4" in table[0]
+    ceiling_rows = [ln for ln in summary.split("Autoencoder only")[1].splitlines() if ln.startswith("|")]
+    assert len(ceiling_rows) == 3 and f"{report['runs'][0]['autoencoder']['psnr']:.2f}" in ceiling_rows[2]
     h1 = report["runs"][0]["horizons"]["1"]
     cell = f"{h1['psnr']:.2f} ({h1['psnr_gain']:+.2f} ± {h1['psnr_gain_se']:.2f})"
     assert table[3].split(" | ")[1:3] == ["1", cell]
@@ -98,6 +108,18 @@ def test_eval_without_helpers_still_reports(tmp_path: Path) -> None:
     run = report["runs"][0]
     assert "skipped" in run["keys"] and "skipped" in run["prompt_switch"] and len(run["notes"]) == 2
     assert run["horizons"]["1"]["copy_last_psnr"] > 0
+
+
+def test_eval_of_an_autoencoder_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = random_model_dir(TINY, tmp_path / "model")
+    assert main(["eval", "--autoencoder", str(model), "--out", str(tmp_path / "ae")]) == 0
+    row = json.loads((tmp_path / "ae" / "report.json").read_text())["autoencoder_only"][0]
+    assert row["eval_frames"] == 128 and set(row["psnr_by_theme"]) <= set(THEMES)
+    assert (tmp_path / "ae" / row["picture"]).stat().st_size > 0
+    assert "sharpness ratio" in capsys.readouterr().out
+    assert main(["eval", "--autoencoder", str(model), str(model)]) == 2
+    assert main(["eval", "--autoencoder", str(tmp_path / "missing")]) == 2
+    assert main(["eval"]) == 2
 
 
 def test_eval_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

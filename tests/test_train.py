@@ -24,6 +24,7 @@ from distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_tea
 from distill.train_vae import VAEObjective, train_vae
 from distill.world.themes import THEMES
 from models import checkpoint
+from models.checkpoint import CheckpointError
 from models.config import preset
 from models.dit import DiT
 from models.world_model import WorldModel
@@ -56,8 +57,10 @@ def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
     out = train_vae(TINY, _cfg(tmp_path / "vae"), VAEObjective(), setup_distributed("cpu"),
                     clips=FakeClips(32, 32, 2)).model_dir
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "vae"))
-    files = checkpoint.load_model(out)
-    assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2
+    files = checkpoint.load_model(out, need_dit=False)
+    assert files.metadata["stage"] == "vae" and files.metadata["step"] == 2 and files.dit is None
+    with pytest.raises(CheckpointError, match="holds only an autoencoder"):
+        checkpoint.load_model(out)  # what play, export and distillation call: a clear error
     torch.manual_seed(0)
     from models.vae import LatentAutoencoder
 
@@ -141,7 +144,8 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="cannot read checkpoint"):
         _teacher(tmp_path / "t", vae, resume=True)
     other = random_model_dir(preset("default"), tmp_path / "default_vae")
-    with pytest.raises(RunError, match="does not match"):
+    # An autoencoder of another latent shape: one error naming both shapes.
+    with pytest.raises(CheckpointError, match=r"makes 8×16×16 latents .* expects 4×8×8 latents"):
         _teacher(tmp_path / "t2", other)
     with pytest.raises(ValueError, match="out of range"):
         TrainConfig(steps=0)

@@ -5,9 +5,12 @@
         --classifier runs/classifier
     worldloop eval runs/teacher/model@16 runs/dmd/model@2,1 --out runs/eval   # side by side
     worldloop eval runs/teacher/model@16 --context-sigma 0.2   # re-noise generated frames in the cache
+    worldloop eval --autoencoder runs/vae/model                # the autoencoder alone (its ceiling)
 
 MODEL@STEPS picks the step counts of one model (--steps, or the model's own, for the others). Writes
-report.json, summary.md (the runs side by side, copy-last-frame baseline first), rollout/drift MP4s and plots.
+report.json, summary.md (the runs side by side, copy-last-frame baseline first, then each model's autoencoder
+alone: encode → decode of held-out frames), rollout/drift MP4s, plots and autoencoder*.png (engine |
+reconstruction, one row per theme).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from app.cli import UserError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR, keys, prompts, drift)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("models", nargs="+", metavar="MODEL",
+    p.add_argument("models", nargs="*", metavar="MODEL",
                    help="model directories, each optionally @STEPS[,STEPS]")
+    p.add_argument("--autoencoder", type=Path, metavar="MODEL_DIR",
+                   help="measure only this model directory's autoencoder "
+                        "(encode → decode of held-out frames)")
     p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
     p.add_argument("--idm", type=Path, default=Path("runs/idm"), help="inverse-dynamics model directory")
@@ -53,9 +59,22 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.evaluate import EvalConfig, run_eval
+    from distill.evaluate import EvalConfig, run_autoencoder_eval, run_eval
     from distill.train_common import resolve_device
 
+    if args.autoencoder is not None:
+        if args.models:
+            raise UserError("--autoencoder measures one autoencoder alone; drop the MODEL arguments")
+        if not args.autoencoder.is_dir():
+            raise UserError(f"{args.autoencoder}: not a model directory")
+        row = run_autoencoder_eval(args.autoencoder, args.out, seed=args.seed)["autoencoder_only"][0]
+        print(f"{args.autoencoder} autoencoder: PSNR {row['psnr']:.2f} dB (worst {row['psnr_min']:.2f}), "
+              f"SSIM {row['ssim']:.3f}, sharpness ratio {row['sharpness_ratio']:.3f}, "
+              f"decode {row['decode_ms']:.2f} ms")
+        print(f"report: {args.out / 'report.json'}; picture: {args.out / row['picture']}")
+        return 0
+    if not args.models:
+        raise UserError("give at least one MODEL directory (or --autoencoder MODEL_DIR)")
     steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
     plan: list[tuple[Path, int | None]] = []
     for spec in args.models:

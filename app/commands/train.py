@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from distill.train_common import Distributed, TrainConfig, setup_distributed, teardown_distributed
+from models import checkpoint
 from models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
@@ -40,7 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if stage == "vae":
             p.add_argument("--noise-std", type=float, default=0.1, help="latent noise σ (fixed-variance VAE)")
             p.add_argument("--kl-weight", type=float, default=1e-3)
-            p.add_argument("--edge-weight", type=float, default=0.5)
+            p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the image-gradient L1")
+            p.add_argument("--spectrum-weight", type=float, default=0.0,
+                           help="weight of the log-amplitude spectrum L1 (models.vae.spectrum_distance)")
+            p.add_argument("--adversarial-weight", type=float, default=0.0,
+                           help="patch-critic term, times its adaptive weight (0: no critic)")
+            p.add_argument("--adversarial-start", type=int, default=0,
+                           help="iteration from which the critic trains and its term applies")
+            p.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder of --init-from and fine-tune only the decoder")
         if stage == "teacher":
             _teacher_options(p)
         p.set_defaults(func=run)
@@ -93,6 +102,10 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     config = preset(args.preset)
+    # The autoencoder a run starts from decides the latent shape: the preset takes its section.
+    source = getattr(args, "vae", None) or (getattr(args, "init_from", None) if args.stage == "vae" else None)
+    if source is not None:
+        config = checkpoint.with_autoencoder_of(config, source)
     if getattr(args, "bidirectional", False):
         config = config.replace(dit=dataclasses.replace(config.dit, bidirectional=True))
     if args.stage == "teacher":
@@ -139,7 +152,9 @@ def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, 
     if args.stage == "vae":
         from distill.train_vae import VAEObjective, train_vae
 
-        objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight)
+        objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight, args.spectrum_weight,
+                                 args.adversarial_weight, args.adversarial_start,
+                                 decoder_only=args.decoder_only)
         result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
         return f"step {result.step}; model directory: {result.model_dir}"
     if args.stage == "teacher":

@@ -1,0 +1,131 @@
+"""Autoencoder variants side by side at equal CPU time: reconstruction quality against decode speed.
+
+Each variant trains from scratch on fresh built-in-world frames (128×128, the ``default`` preset's size) for
+the same budget of process CPU time (both threads counted, so other processes on the machine do not tilt the
+comparison), then is measured on held-out worlds (32 worlds × 4 frames, the ``worldloop eval`` seeds):
+PSNR mean and worst frame, SSIM, the sharpness ratio (mean Laplacian variance of the reconstructions ÷ that
+of the engine frames; 1.0 = as sharp as the engine), per-theme PSNR, per-channel latent statistics, and the
+decoder's time per frame (bf16, channels_last, one thread, batch 1). One JSON line per variant.
+
+    python benchmarks/autoencoder_variants.py --cpu-minutes 8                 # every variant
+    python benchmarks/autoencoder_variants.py --cpu-minutes 8 --variants c16,f4c8
+    python benchmarks/autoencoder_variants.py --list
+
+The variants are parameters of ``models.vae`` (latent shape, widths, loss weights), not copies of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.data import WorldClips
+from distill.eval_autoencoder import autoencoder_report
+from distill.media import save_png
+from models.config import VAEConfig, preset
+from models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+
+
+@dataclass(frozen=True)
+class Variant:
+    vae: VAEConfig
+    edge_weight: float = 0.5
+    spectrum_weight: float = 0.0
+    kl_weight: float = 1e-3
+    noise_std: float = 0.1
+    lr: float = 1e-3
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "base": Variant(VAEConfig(), note="the shipped shape: f8, 8 channels, widths 32-64-128 / 128-64-32"),
+    "c16": Variant(VAEConfig(latent_channels=16), note="f8, 16 channels"),
+    "c32": Variant(VAEConfig(latent_channels=32), note="f8, 32 channels"),
+    "c16b2": Variant(VAEConfig(latent_channels=16, blocks_per_stage=2),
+                     note="f8, 16 channels, 2 blocks/stage"),
+    "f4c4": Variant(VAEConfig(latent_channels=4, downsample=4, encoder_channels=(48, 96),
+                              decoder_channels=(96, 48)), note="f4, 4 channels (32×32×4)"),
+    "f4c8": Variant(VAEConfig(latent_channels=8, downsample=4, encoder_channels=(48, 96),
+                              decoder_channels=(96, 48)), note="f4, 8 channels (32×32×8)"),
+    "c16spec": Variant(VAEConfig(latent_channels=16), spectrum_weight=0.5, note="c16 + log-spectrum term"),
+    "c16edge2": Variant(VAEConfig(latent_channels=16), edge_weight=2.0, note="c16, gradient term ×4"),
+}
+
+
+def train(variant: Variant, cpu_seconds: float, batch_clips: int,
+          seed: int) -> tuple[LatentAutoencoder, dict]:
+    config = preset("default").replace(vae=variant.vae)
+    torch.manual_seed(seed)
+    vae = LatentAutoencoder(config)
+    opt = torch.optim.AdamW(vae.parameters(), lr=variant.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    clips = WorldClips(config.height, config.width, 2, "cpu", seed=seed)
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    iteration, frames, losses = 0, 0, []
+    while time.process_time() - start_cpu < cpu_seconds:
+        images = to_unit(clips.batch(iteration, batch_clips).frames.flatten(0, 1))
+        for group in opt.param_groups:
+            group["lr"] = variant.lr * min(1.0, (iteration + 1) / 50)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, parts = autoencoder_loss(vae, images, noise_std=variant.noise_std,
+                                           kl_weight=variant.kl_weight, edge_weight=variant.edge_weight,
+                                           spectrum_weight=variant.spectrum_weight,
+                                           generator=torch.Generator().manual_seed(seed + iteration))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        iteration += 1
+        frames += images.shape[0]
+        losses.append(loss.item())
+        if iteration % 25 == 0:
+            print(f"  iteration {iteration}  loss {statistics.mean(losses[-25:]):.4f}  "
+                  f"cpu {time.process_time() - start_cpu:.0f}/{cpu_seconds:.0f} s", flush=True)
+    wall = time.perf_counter() - start_wall
+    vae.calibrate_latent_scale(to_unit(clips.batch(10**6, 64).frames.flatten(0, 1)))
+    return vae, {"iterations": iteration, "frames": frames, "wall_s": round(wall, 1),
+                 "frames_per_cpu_s": round(frames / max(1e-9, time.process_time() - start_cpu), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-minutes", type=float, default=8.0, help="process CPU time per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    parser.add_argument("--batch-clips", type=int, default=16, help="clips of 2 frames per iteration")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--save", help="folder to save each trained variant's weights in")
+    args = parser.parse_args()
+    if args.list:
+        for name, v in VARIANTS.items():
+            print(f"{name:10s} {v.note}")
+        return
+    torch.set_num_threads(args.threads)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; --list shows them")
+        variant = VARIANTS[name]
+        print(f"{name}: {variant.note}", flush=True)
+        vae, stats = train(variant, args.cpu_minutes * 60, args.batch_clips, args.seed)
+        report = autoencoder_report(vae, timing_threads=1)
+        pictures = report.pop("pictures")
+        row = {"variant": name, "cpu_minutes": args.cpu_minutes, **stats, **report,
+               "params_decoder": sum(p.numel() for p in vae.decoder.parameters())}
+        if args.save:
+            folder = Path(args.save)
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(vae.state_dict(), folder / f"{name}.pt")
+            save_png(folder / f"{name}.png", np.concatenate(list(pictures.values()), 0))
+        print(json.dumps(row), flush=True)
+        torch.set_num_threads(args.threads)
+
+
+if __name__ == "__main__":
+    main()
