@@ -16,6 +16,7 @@ pressure. Attacks:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -25,10 +26,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ATTACKS = ("errors", "pings", "idle", "peer", "prompts5", "prompts100", "stalled")
+
+
+def load_fakes() -> ModuleType:
+    """``tests/fakes.py`` (the fake world model), which is not part of the installed package."""
+    spec = importlib.util.spec_from_file_location("worldloop_test_fakes", REPO / "tests" / "fakes.py")
+    assert spec is not None and spec.loader is not None
+    fakes = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fakes  # dataclasses look their module up there
+    spec.loader.exec_module(fakes)
+    return fakes
 
 
 @dataclass(frozen=True)
@@ -41,14 +53,14 @@ class ModelSource:
     model: str | None = None
     threads: int = 1
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelSource:
+        return cls(fake=args.fake, fake_step_ms=args.fake_step_ms, preset=args.preset, model=args.model,
+                   threads=args.threads)
+
     def build(self) -> Any:
         if self.fake:
-            spec = importlib.util.spec_from_file_location("worldloop_test_fakes", REPO / "tests" / "fakes.py")
-            assert spec is not None and spec.loader is not None
-            fakes = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = fakes  # dataclasses look their module up there
-            spec.loader.exec_module(fakes)
-            return fakes.FakeWorldModel(height=128, width=128, step_delay=self.fake_step_ms / 1000)
+            return load_fakes().FakeWorldModel(height=128, width=128, step_delay=self.fake_step_ms / 1000)
         import torch
 
         from app.loading import choose_model, load_model
@@ -56,6 +68,19 @@ class ModelSource:
         torch.set_num_threads(self.threads)
         choice = choose_model(self.model, None if self.model else self.preset, fallback=True)
         return load_model(choice, device="cpu", max_sessions=4)
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options both benchmarks take: what the server serves, its threads, the canary's FPS."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="a model directory, e.g. assets/default")
+    source.add_argument("--preset", default="tiny", help="a preset with random weights (default: tiny)")
+    source.add_argument("--fake", action="store_true", help="the test fake (tests/fakes.py), not a model")
+    parser.add_argument("--fake-step-ms", type=float, default=5.0, help="the fake's time per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (default: 1)")
+    parser.add_argument("--fps", type=int, default=30, help="the canary's FPS")
+    return parser
 
 
 def _serve(source: ModelSource, ports: Any) -> None:

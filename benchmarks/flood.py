@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from abuse import Canary, ModelSource, ServerProcess, attacking
+from abuse import Canary, ModelSource, ServerProcess, argument_parser, attacking
 
 FLOODS = ("errors", "pings", "idle", "peer", "prompts5", "prompts100")
 
@@ -78,15 +78,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a model directory, e.g. assets/default")
-    source.add_argument("--preset", default="tiny", help="a preset with random weights (default: tiny)")
-    source.add_argument("--fake", action="store_true", help="the test fake (tests/fakes.py), not a model")
-    parser.add_argument("--fake-step-ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (default: 1)")
-    parser.add_argument("--fps", type=int, default=30, help="the canary's FPS")
+    parser = argument_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="measured seconds per attack and per baseline (default: 6; 2 minutes in all)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each measurement")
@@ -97,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 120 or not 0 <= args.settle <= 30 or not 1 <= args.rounds <= 20:
         parser.error("--seconds must be in 1..120, --settle in 0..30 and --rounds in 1..20")
-    source = ModelSource(fake=args.fake, fake_step_ms=args.fake_step_ms, preset=args.preset, model=args.model,
-                         threads=args.threads)
-    with ServerProcess(source) as server:
+    with ServerProcess(ModelSource.from_args(args)) as server:
         record = report(asyncio.run(measure(args, server)), args)
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")

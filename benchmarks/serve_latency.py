@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import sys
@@ -28,23 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from abuse import load_fakes
 
 from app.bench import cpu_seconds, hardware, key_latencies, load_average, percentile, sustained_fps
 from streaming.client import WorldloopClient
 from streaming.engine import Engine
 from streaming.server import ServerConfig, WorldloopServer
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def build_model(args: argparse.Namespace) -> Any:
     if args.fake:
-        spec = importlib.util.spec_from_file_location("worldloop_test_fakes", REPO / "tests" / "fakes.py")
-        assert spec is not None and spec.loader is not None
-        fakes = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = fakes  # dataclasses look their module up there
-        spec.loader.exec_module(fakes)
-        return fakes.FakeWorldModel(height=args.fake_size, width=args.fake_size,
+        return load_fakes().FakeWorldModel(height=args.fake_size, width=args.fake_size,
                                     step_delay=args.fake_step_ms / 1000)
     from app.loading import choose_model, load_model
 

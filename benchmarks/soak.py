@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from abuse import Canary, ModelSource, ServerProcess, attacking, percentile
+from abuse import Canary, ModelSource, ServerProcess, argument_parser, attacking, percentile
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float:
@@ -59,21 +59,13 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a model directory, e.g. assets/default")
-    source.add_argument("--preset", default="tiny", help="a preset with random weights (default: tiny)")
-    source.add_argument("--fake", action="store_true", help="the test fake (tests/fakes.py), not a model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (default: 1)")
-    parser.add_argument("--fps", type=int, default=30, help="the canary's FPS")
+    parser = argument_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds to soak (default: 60, max 3600)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 3600:
         parser.error("--seconds must be in 1..3600")
-    source = ModelSource(fake=args.fake, preset=args.preset, model=args.model, threads=args.threads)
-    with ServerProcess(source) as server:
+    with ServerProcess(ModelSource.from_args(args)) as server:
         result = asyncio.run(soak(args, server))
     fps, rss = result["canary_fps"], result["server_rss_mb"]
     print(f"canary FPS p5 {fps['p5']:.1f}, median {fps['median']:.1f} over {fps['seconds_measured']} s "
