@@ -1,7 +1,7 @@
 """Speed and memory of a world model as a player gets it: the library behind ``worldloop bench``.
 
-Also the measurement code that benchmarks/model_speed.py and benchmarks/serve_latency.py share. Phases of
-``run_bench``, in order, on one loaded model:
+The measurement pieces it shares with ``benchmarks/`` live in ``models/timing.py`` and
+``streaming/measure.py``. Phases of ``run_bench``, in order, on one loaded model:
 
 1. Time to first frame: model load (weights and prompt encoder), a new session, its first frame (the
    first-frame steps, decode and JPEG encode), each timed separately.
@@ -21,32 +21,26 @@ waiting for the GPU; the end-to-end figures are exact either way.
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
-import random
-import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.loading import ModelChoice, load_model
-from models.world_model import StepTimings, WorldModel
-from streaming.client import WorldloopClient
-from streaming.encoding import encode_image
-from streaming.engine import Engine
-from streaming.server import ServerConfig, WorldloopServer
-from streaming.session import Frame, SessionOptions
+from worldloop.app.loading import ModelChoice, load_model
+from worldloop.models.timing import hardware, load_average, memory, percentile, summary, sync
+from worldloop.models.world_model import FrameTimings, WorldModel
+from worldloop.streaming.client import WorldloopClient
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.measure import key_latencies, run_frames, sustained_fps
+from worldloop.streaming.server import ServerConfig, WorldloopServer
+from worldloop.streaming.session import Frame, SessionOptions
 
 PROMPT = "a dark stone dungeon with torch-lit walls"
-KEY_CYCLE = (1, 1, 17, 1, 33, 1, 0, 2)  # forward, forward+turn_left, …: held keys change now and then
 HOLD_TOLERANCE = 0.05  # a session "holds" the target at ≥ 95% of it: window edges cost a frame or two
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -64,108 +58,6 @@ class BenchOptions:
     probe_seconds: float = 2.0  # each probed batch size
     encode_workers: int = 2  # the engine's JPEG pool (worldloop serve uses 2)
     seed: int = 0
-
-
-# ---- small shared helpers ----------------------------------------------------------------------------------
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in [0, 1]."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def summary(values: Sequence[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "p90": round(percentile(values, 0.9), 3)}
-
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_seconds() -> float:
-    """Process CPU time (user + system), all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's word for it elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware(device: str) -> dict[str, Any]:
-    """CPU model, cores, torch threads and version, GPU name (None without one)."""
-    cpu = cpu_name()
-    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "device": device, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-
-
-def memory(device: torch.device) -> dict[str, float | None]:
-    """Peak RSS of this process so far, and the CUDA allocator's peak on a GPU (MiB)."""
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    cuda = round(torch.cuda.max_memory_allocated(device) / MIB, 1) if device.type == "cuda" else None
-    return {"peak_rss_mib": round(peak_kib / 1024, 1), "cuda_max_allocated_mib": cuda}
-
-
-# ---- frames of a model, in this thread -------------------------------------------------------------------
-
-@dataclass
-class FrameSamples:
-    """Per ``step`` call: wall and process-CPU ms of the whole frame, and its parts."""
-
-    wall_ms: list[float] = field(default_factory=list)
-    cpu_ms: list[float] = field(default_factory=list)
-    dit_ms: list[float] = field(default_factory=list)
-    decode_ms: list[float] = field(default_factory=list)
-    encode_ms: list[float] = field(default_factory=list)
-    forwards: int = 0
-
-
-def run_frames(wm: WorldModel, sessions: Sequence[Any], count: int, *, quality: int | None = None,
-               autocast: bool = False) -> FrameSamples:
-    """``count`` frames of every session (one batched step each; keys cycle through ``KEY_CYCLE``).
-
-    ``quality``: also JPEG-encode every frame, as the server does. ``autocast``: bf16 autocast.
-    """
-    samples, seen = FrameSamples(), []
-    previous, wm.on_timings = wm.on_timings, seen.append
-    try:
-        for _ in range(count):
-            keys = [KEY_CYCLE[sessions[0].frame_index % len(KEY_CYCLE)]] * len(sessions)
-            sync(wm.device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            with torch.autocast(wm.device.type, dtype=torch.bfloat16, enabled=autocast):
-                rgb = wm.step(sessions, keys)  # no_grad inside, as in the engine
-            encode = time.perf_counter()
-            if quality is not None:
-                for frame in rgb:
-                    encode_image(frame, "jpeg", quality)
-            end = time.perf_counter()
-            timings: StepTimings = seen[-1]
-            samples.wall_ms.append((end - wall) * 1e3)
-            samples.cpu_ms.append((time.process_time() - cpu) * 1e3)
-            samples.dit_ms.append(timings.dit_ms)
-            samples.decode_ms.append(timings.decode_ms)
-            samples.encode_ms.append((end - encode) * 1e3)
-            samples.forwards = timings.forwards
-    finally:
-        wm.on_timings = previous
-    return samples
 
 
 def first_frame(choice: ModelChoice, options: BenchOptions) -> tuple[WorldModel, Any, dict[str, float]]:
@@ -204,31 +96,6 @@ def steady_state(wm: WorldModel, session: Any, options: BenchOptions) -> dict[st
 
 
 # ---- the websocket path ----------------------------------------------------------------------------------
-
-async def sustained_fps(client: WorldloopClient, seconds: float) -> float:
-    """Frames received per second over ``seconds``."""
-    start, count = time.monotonic(), 0
-    while time.monotonic() - start < seconds:
-        await client.next_frame(10)
-        count += 1
-    return count / (time.monotonic() - start)
-
-
-async def key_latencies(client: WorldloopClient, trials: int, fps: int, seed: int = 0) -> list[float]:
-    """ms from sending `keys` to the first frame made with them, sent at random phases of the frame clock."""
-    rng = random.Random(seed)
-    latencies = []
-    for i in range(trials):
-        await asyncio.sleep(rng.uniform(0, 1 / fps))
-        while client.buffered:  # frames already here were made before the change
-            await client.next_frame(10)
-        sent = time.monotonic()
-        seq = await client.set_keys(["forward", "turn_left"][i % 2])
-        while (await client.next_frame(10)).key_seq < seq:
-            pass
-        latencies.append((time.monotonic() - sent) * 1000)
-    return latencies
-
 
 async def _served(engine: Engine, options: BenchOptions, fps: int, warmup_s: float) -> dict[str, Any]:
     config = ServerConfig(host="127.0.0.1", port=0, ping_interval_s=None)  # port 0: a free one
@@ -270,7 +137,7 @@ def _warmup_seconds(wm: WorldModel, fps: int) -> float:
 def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions, fps: int) -> dict[str, Any]:
     """FPS each of ``sessions`` sessions gets from the engine (frames encoded, not sent)."""
     counts = [0] * sessions
-    steps: list[StepTimings] = []
+    calls: list[FrameTimings] = []
 
     def counter(i: int) -> Callable[[Frame], None]:
         def on_frame(frame: Frame) -> None:
@@ -283,7 +150,7 @@ def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions,
         for handle in handles:
             handle.started.result(timeout=300)
         time.sleep(_warmup_seconds(wm, fps))
-        wm.on_timings = steps.append
+        wm.on_timings = calls.append
         before, start = list(counts), time.monotonic()
         time.sleep(options.probe_seconds)
         after, elapsed = list(counts), time.monotonic() - start
@@ -295,8 +162,8 @@ def _probe(engine: Engine, wm: WorldModel, sessions: int, options: BenchOptions,
     return {"sessions": sessions, "fps_min": round(min(each), 2),
             "fps_median": round(statistics.median(each), 2),
             "held": min(each) >= fps * (1 - HOLD_TOLERANCE),
-            "step_ms_median": round(statistics.median(t.total_ms for t in steps), 2) if steps else None,
-            "batch_median": statistics.median(t.batch for t in steps) if steps else None}
+            "frame_ms_median": round(statistics.median(t.total_ms for t in calls), 2) if calls else None,
+            "batch_median": statistics.median(t.batch for t in calls) if calls else None}
 
 
 def largest_passing(limit: int, passes: Callable[[int], bool]) -> int:

@@ -2,8 +2,8 @@
 
 Each command module exposes ``register(subparsers)`` which adds its subcommand(s) and sets
 ``func(args) -> int`` on the parser. A subcommand is listed here only once its feature works.
-Errors a user can fix (bad paths, bad options, bad checkpoints) raise ``UserError`` and are printed as a
-single line with a non-zero exit status.
+Errors a user can fix (bad paths, bad options, bad checkpoints) raise ``UserError`` (``app/errors.py``) and
+are printed as a single line with exit status 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,23 +13,21 @@ import importlib
 import os
 import sys
 
+from worldloop.app.errors import user_error_types
+
 # Command modules, in the order their groups appear in ``worldloop --help``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "app.commands.play",
-    "app.commands.serve",
-    "app.commands.gradio_app",
-    "app.commands.rollout",
-    "app.commands.world",
-    "app.commands.train",
-    "app.commands.distill",
-    "app.commands.eval",
-    "app.commands.export",
-    "app.commands.bench",
+    "worldloop.app.commands.play",
+    "worldloop.app.commands.serve",
+    "worldloop.app.commands.gradio_app",
+    "worldloop.app.commands.rollout",
+    "worldloop.app.commands.world",
+    "worldloop.app.commands.train",
+    "worldloop.app.commands.distill",
+    "worldloop.app.commands.eval",
+    "worldloop.app.commands.export",
+    "worldloop.app.commands.bench",
 )
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+    except user_error_types() as err:
         print(f"worldloop {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

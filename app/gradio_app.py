@@ -20,11 +20,11 @@ from typing import Any
 
 import gradio as gr
 
-from distill.world.themes import THEMES, describe, sample_params
-from models.keys import parse_keys
-from models.text import validate_prompt
-from streaming.engine import Engine
-from streaming.session import EngineFull, Frame, SessionHandle, SessionOptions
+from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.keys import parse_keys
+from worldloop.models.text import MAX_PROMPT_CHARS, validate_prompt
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.session import EngineFull, Frame, SessionHandle, SessionOptions
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 THEME_SEED = 0  # the world seed whose exact description each theme button uses
@@ -219,8 +219,8 @@ def build_app(world: GradioWorld) -> gr.Blocks:
                                css_template=(WEB_DIR / "gradio.css").read_text(encoding="utf-8"),
                                web_base=f"/gradio_api/file={WEB_DIR}")
             with gr.Column(scale=2, min_width=300):
-                prompt = gr.Textbox(first_prompt, label="World prompt", max_lines=3, max_length=300,
-                                    elem_id="wl-prompt")
+                prompt = gr.Textbox(first_prompt, label="World prompt", max_lines=3,
+                                    max_length=MAX_PROMPT_CHARS, elem_id="wl-prompt")
                 apply = gr.Button("Apply prompt", variant="primary", elem_id="wl-apply")
                 with gr.Row():
                     themes = [gr.Button(name, size="sm", elem_classes="wl-theme") for name, _ in

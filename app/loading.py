@@ -9,17 +9,31 @@ untrained.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.checkpoint import read_config
-from models.config import PRESETS, ModelConfig, preset
+from worldloop.app.errors import UserError
+from worldloop.models.checkpoint import read_config
+from worldloop.models.config import PRESETS, ModelConfig, preset
 
 if TYPE_CHECKING:  # the model stack (torch, transformers) loads only when a command builds a model
-    from models.world_model import WorldModel
+    from worldloop.models.world_model import WorldModel
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+def _shipped_model_dir() -> Path:
+    """``assets/default``: the package data of ``worldloop.assets`` when installed, the repository's folder
+    in an editable install (``pyproject.toml`` maps ``worldloop.assets`` to ``assets/``)."""
+    spec = importlib.util.find_spec("worldloop.assets")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "default").is_dir():
+            return Path(folder) / "default"
+    return Path(__file__).resolve().parent.parent / "assets" / "default"  # the same place, by layout
+
+
+DEFAULT_MODEL_DIR = _shipped_model_dir()
 FALLBACK_PRESET = "default"
 
 
@@ -59,18 +73,18 @@ class ModelChoice:
 def choose_model(model: str | Path | None, preset_name: str | None, *, fallback: bool) -> ModelChoice:
     """Resolve ``--model``/``--preset``; ``fallback`` allows random weights when assets/default is missing."""
     if model is not None and preset_name is not None:
-        raise ValueError("give either --model DIR or --preset NAME, not both")
+        raise UserError("give either --model DIR or --preset NAME, not both")
     if preset_name is not None:
         return ModelChoice(preset(preset_name), preset=preset_name)
     if model is not None:
         path = Path(model)
         if not path.is_dir():
-            raise FileNotFoundError(f"no model directory at {path}")
+            raise UserError(f"no model directory at {path}")
         return ModelChoice(read_config(path)[0], path=path)
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return ModelChoice(read_config(DEFAULT_MODEL_DIR)[0], path=DEFAULT_MODEL_DIR)
     if not fallback:
-        raise FileNotFoundError(f"the trained model is not shipped yet ({DEFAULT_MODEL_DIR} is missing); "
+        raise UserError(f"the trained model is not shipped yet ({DEFAULT_MODEL_DIR} is missing); "
                                 "pass --model DIR, or --preset NAME for random weights")
     return ModelChoice(preset(FALLBACK_PRESET), preset=FALLBACK_PRESET)
 
@@ -78,7 +92,7 @@ def choose_model(model: str | Path | None, preset_name: str | None, *, fallback:
 def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = None, seed: int = 0,
                max_sessions: int = 8) -> WorldModel:
     """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``)."""
-    from models.world_model import WorldModel
+    from worldloop.models.world_model import WorldModel
 
     if choice.path is not None:
         return WorldModel.from_pretrained(choice.path, steps=steps, device=device, max_sessions=max_sessions)

@@ -7,7 +7,8 @@ encoder, so memory stays constant however long the rollout. A JSON sidecar next 
 (``walk.mp4.json`` for ``walk.mp4``) records the model, seed, prompt schedule, per-frame keys, fps, steps
 and timings, and a SHA-256 over the raw frames, so two runs can be compared without decoding.
 
-The rollout loop itself is ``WorldModel.step``; this module only feeds it. Run it with ``worldloop rollout``.
+The rollout loop itself is ``WorldModel.next_frame``; this module only feeds it. Run it with
+``worldloop rollout``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.keys import KEYS, parse_keys
-from models.text import validate_prompt
-from streaming.session import FrameWriter
+from worldloop.models.keys import KEYS, parse_keys
+from worldloop.models.text import validate_prompt
+from worldloop.streaming.session import FrameWriter
 
 if TYPE_CHECKING:
-    from models.world_model import WorldModel
+    from worldloop.models.world_model import WorldModel
 
 # Key policy of the rollout explorer. A model rollout has no map to steer by, so unlike the world's scripted
 # explorer it cannot avoid walls; it only produces plausible, varied, forward-biased play.
@@ -203,7 +204,7 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
             t0 = time.perf_counter()
             if index in switches:
                 model.set_prompt(session, switches[index])
-            frame = model.step([session], keys=[mask])[0]
+            frame = model.next_frame([session], keys=[mask])[0]
             dt = time.perf_counter() - t0
             result.model_seconds += dt
             result.max_frame_ms = max(result.max_frame_ms, 1000 * dt)

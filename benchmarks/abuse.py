@@ -63,7 +63,7 @@ class ModelSource:
             return load_fakes().FakeWorldModel(height=128, width=128, step_delay=self.fake_step_ms / 1000)
         import torch
 
-        from app.loading import choose_model, load_model
+        from worldloop.app.loading import choose_model, load_model
 
         torch.set_num_threads(self.threads)
         choice = choose_model(self.model, None if self.model else self.preset, fallback=True)
@@ -85,8 +85,8 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def _serve(source: ModelSource, ports: Any) -> None:
     """The child process: serve until terminated."""
-    from streaming.engine import Engine
-    from streaming.server import ServerConfig, WorldloopServer
+    from worldloop.streaming.engine import Engine
+    from worldloop.streaming.server import ServerConfig, WorldloopServer
 
     engine = Engine(source.build(), max_sessions=4).start()
 
@@ -145,7 +145,7 @@ class Canary:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Canary:
-        from streaming.client import WorldloopClient
+        from worldloop.streaming.client import WorldloopClient
 
         self.client = await WorldloopClient(self.url).connect()
         await self.client.start("a dark stone dungeon with torch-lit walls", seed=1, fps=self.fps)

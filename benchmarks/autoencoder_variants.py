@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.data import WorldClips
-from distill.eval_autoencoder import autoencoder_report
-from distill.media import save_png
-from models.config import VAEConfig, preset
-from models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+from worldloop.distill.data.media import save_png
+from worldloop.distill.eval.autoencoder import autoencoder_report
+from worldloop.distill.stages.runtime import TrainConfig
+from worldloop.distill.stages.shared import make_clip_source
+from worldloop.models.config import VAEConfig, preset
+from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ VARIANTS: dict[str, Variant] = {
     "f4c8": Variant(VAEConfig(latent_channels=8, downsample=4, encoder_channels=(48, 96),
                               decoder_channels=(96, 48)), note="f4, 8 channels (32×32×8)"),
     "c16spec": Variant(VAEConfig(latent_channels=16), spectrum_weight=0.5, note="c16 + log-spectrum term"),
+    "c16lr3": Variant(VAEConfig(latent_channels=16), lr=3e-3, note="c16, learning rate 3e-3"),
+    "c16lr3spec": Variant(VAEConfig(latent_channels=16), lr=3e-3, spectrum_weight=0.5,
+                          note="c16, learning rate 3e-3, log-spectrum term"),
     "c16edge2": Variant(VAEConfig(latent_channels=16), edge_weight=2.0, note="c16, gradient term ×4"),
 }
 
@@ -65,7 +69,8 @@ def train(variant: Variant, cpu_seconds: float, batch_clips: int,
     torch.manual_seed(seed)
     vae = LatentAutoencoder(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=variant.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    clips = WorldClips(config.height, config.width, 2, "cpu", seed=seed)
+    # The data of `worldloop train vae` on the CPU: a pool of rendered clips, one chunk re-rendered in turn.
+    clips = make_clip_source(TrainConfig(seed=seed), config, torch.device("cpu"), 0, frames=2)
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     iteration, frames, losses = 0, 0, []
     while time.process_time() - start_cpu < cpu_seconds:

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from app.bench import cpu_name
+from worldloop.models.timing import cpu_name
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -78,8 +78,8 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     source = ["--model", args.model] if args.model else ["--preset", args.preset]
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *source],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "worldloop.app.cli", "serve", "--port", str(port), *source]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)

@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from app.bench import cpu_name
-from models.config import preset
-from models.text import PromptEncoder
-from models.vae import Decoder, LatentAutoencoder, ResBlock
+from worldloop.models.config import preset
+from worldloop.models.text import PromptEncoder
+from worldloop.models.timing import cpu_name
+from worldloop.models.vae import Decoder, LatentAutoencoder, ResBlock
 
 
 def timed(fn: Callable[[], object], reps: int, warmup: int = 5, rounds: int = 3) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""End-to-end model speed: WorldModel.step (DiT with the fused cache pass + decode to RGB), random weights.
+"""End-to-end model speed: WorldModel.next_frame (DiT with the fused cache pass + decode to RGB), random
+weights.
 
 CPU (default): the ``default`` preset at batch 1, 1 and 2 denoising steps, in float32, bfloat16 autocast over
 float32 weights, and bfloat16 weights (what ``precision="auto"`` picks on CPUs with native bf16); plus the DiT
@@ -26,12 +27,13 @@ from collections.abc import Callable
 
 import torch
 
-from app.bench import hardware, percentile, run_frames, sync
-from models.config import ModelConfig, preset
-from models.dit import DiT
-from models.kv_cache import KVCache
-from models.text import PromptEncoder
-from models.world_model import WorldModel
+from worldloop.models.config import ModelConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import KVCache
+from worldloop.models.text import PromptEncoder
+from worldloop.models.timing import hardware, percentile, sync
+from worldloop.models.world_model import WorldModel
+from worldloop.streaming.measure import run_frames
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> dict[str, float]:

@@ -29,17 +29,18 @@ from typing import Any
 import torch
 from abuse import load_fakes
 
-from app.bench import cpu_seconds, hardware, key_latencies, load_average, percentile, sustained_fps
-from streaming.client import WorldloopClient
-from streaming.engine import Engine
-from streaming.server import ServerConfig, WorldloopServer
+from worldloop.models.timing import cpu_seconds, hardware, load_average, percentile
+from worldloop.streaming.client import WorldloopClient
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.measure import key_latencies, sustained_fps
+from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 
 def build_model(args: argparse.Namespace) -> Any:
     if args.fake:
         return load_fakes().FakeWorldModel(height=args.fake_size, width=args.fake_size,
-                                    step_delay=args.fake_step_ms / 1000)
-    from app.loading import choose_model, load_model
+                                           step_delay=args.fake_step_ms / 1000)
+    from worldloop.app.loading import choose_model, load_model
 
     choice = choose_model(args.model, args.preset, fallback=True)
     return load_model(choice, device=args.device, steps=args.steps, max_sessions=max(args.clients, 1))

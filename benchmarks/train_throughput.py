@@ -1,7 +1,7 @@
-"""Teacher training throughput: one optimizer step of the DiT teacher (fwd + bwd + AdamW) on random latents.
+"""Teacher training throughput: one iteration of the DiT teacher (fwd + bwd + AdamW) on random latents.
 
-Reports frames/s and tokens/s of the training step, its FLOPs (counted with ``torch.utils.flop_counter``
-on one step: matmuls, convolutions and attention) and the model FLOP utilisation against the matmul
+Reports frames/s and tokens/s of the training iteration, its FLOPs (counted with ``torch.utils.flop_counter``
+on one iteration: matmuls, convolutions and attention) and the model FLOP utilisation against the matmul
 throughput measured on the same device (and against ``--peak-tflops`` when given). Separately: the
 autoencoder encode of the clips, the prompt encoder, and the built-in world's clip generation (frames/s),
 so it is visible which of them bounds a run.
@@ -24,12 +24,13 @@ from collections.abc import Callable
 
 import torch
 
-from distill.data import WorldClips
-from distill.train_common import autocast, resolve_device
-from distill.train_teacher import TeacherLoss, TeacherObjective, draw
-from models.config import preset
-from models.dit import DiT
-from models.vae import LatentAutoencoder
+from worldloop.distill.data.clips import WorldClips
+from worldloop.distill.stages.runtime import autocast
+from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw
+from worldloop.models.config import preset
+from worldloop.models.device import resolve_device
+from worldloop.models.dit import DiT
+from worldloop.models.vae import LatentAutoencoder
 
 
 def sync(device: torch.device) -> None:
@@ -60,11 +61,11 @@ def matmul_tflops(device: torch.device, bf16: bool, n: int = 2048) -> float:
     return 2 * n**3 / seconds / 1e12
 
 
-def step_flops(step: Callable[[], object]) -> int:
+def iteration_flops(iteration: Callable[[], object]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        step()
+        iteration()
     return counter.get_total_flops()
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--clip-frames", type=int, default=0, help="0: window + sink + 1")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--iterations", type=int, default=5, help="timed iterations")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0)
@@ -100,16 +101,16 @@ def main() -> None:
 
     draws = draw(TeacherObjective(), x0.shape, torch.Generator(device).manual_seed(0), device)
 
-    def step() -> None:
+    def iteration() -> None:
         with autocast(device, bf16):
             loss = model(x0, keys, tokens, mask, draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    seconds = timed(step, device, args.steps, warmup=2 if args.compile else 1)
+    seconds = timed(iteration, device, args.iterations, warmup=2 if args.compile else 1)
     # eager, fp32: the count does not depend on precision or compilation
-    flops = step_flops(lambda: loss_module(x0, keys, tokens, mask, draws).backward())
+    flops = iteration_flops(lambda: loss_module(x0, keys, tokens, mask, draws).backward())
     reference = matmul_tflops(device, bf16)
     achieved = flops / seconds / 1e12
     sequence = frames if config.dit.bidirectional else 2 * frames  # [clean | noisy] in teacher forcing
@@ -119,9 +120,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "preset": args.preset, "batch": b, "clip_frames": frames,
         "bf16": bf16, "compile": args.compile,
         "dit_parameters_m": sum(q.numel() for q in dit.parameters()) / 1e6,
-        "step_ms": seconds * 1e3, "frames_per_s": b * frames / seconds,
+        "iteration_ms": seconds * 1e3, "frames_per_s": b * frames / seconds,
         "tokens_per_s": b * sequence * config.tokens_per_frame / seconds,
-        "step_gflop": flops / 1e9, "achieved_tflops": achieved, "matmul_tflops_measured": reference,
+        "iteration_gflop": flops / 1e9, "achieved_tflops": achieved, "matmul_tflops_measured": reference,
         "mfu_vs_measured_matmul": achieved / reference,
     }
     if args.peak_tflops:
@@ -131,7 +132,7 @@ def main() -> None:
 
 
 def side_costs(config, device: torch.device, batch: int, frames: int, world_batch: int) -> dict[str, float]:
-    """Frames/s of what feeds a step: VAE encode of the clips and the built-in world's clip generation."""
+    """Frames/s of what feeds an iteration: VAE encode of the clips, the built-in world's clip generation."""
     vae = LatentAutoencoder(config).to(device).eval()
     images = torch.rand(batch * frames, 3, config.height, config.width, device=device) * 2 - 1
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Built-in world throughput: batched frames per second of ``World.step`` with the scripted explorer.
+"""Built-in world throughput: batched frames per second of ``World.next_frame`` with the scripted explorer.
 
 For each device (the CPU, and CUDA when present), frame size and batch of worlds: the time to build the
 worlds (mazes, textures, light maps) and the steady frames/s of explorer + step (motion and rendering), best
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from app.bench import cpu_name
-from distill.world import Explorer, World
+from worldloop.distill.world import Explorer, World
+from worldloop.models.timing import cpu_name
 
 
 def _sync(device: torch.device) -> None:
@@ -36,13 +36,13 @@ def measure(device: torch.device, size: int, batch: int, steps: int, repeats: in
     explorer = Explorer(world.seeds)
     _sync(device)
     build = time.perf_counter() - start
-    world.step(explorer.act(world))  # warm-up
+    world.next_frame(explorer.act(world))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            world.step(explorer.act(world))
+            world.next_frame(explorer.act(world))
         _sync(device)
         best = min(best, time.perf_counter() - start)
     return {"device": device.type, "size": size, "worlds": batch, "build_s": round(build, 3),

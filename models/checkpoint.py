@@ -36,9 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.dit import DiT
-from models.vae import LatentAutoencoder
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.vae import LatentAutoencoder
 
 FORMAT = "worldloop-model"
 VERSION = 1

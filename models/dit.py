@@ -12,20 +12,20 @@ Architectural choices, in the order the code below follows them:
    instead.
 3. Self-attention with QK-RMSNorm and rotary positions (RoPE, Su et al. 2021). The head's rotary pairs are
    split into temporal | y | x sections. Spatial phase is applied when q/k are projected; temporal phase is
-   applied at attention time from frame positions *relative to the newest frame*, so the cache stores keys
+   applied at attention time from frame positions *relative to the newest frame*, so the cache stores k
    without temporal phase and a stream of any length only ever sees positions in [-(window + slack + 1), 0].
-   Keys of sink frames carry no temporal phase at all (their temporal pairs are zeroed): their distance to a
+   The k of sink frames carry no temporal phase at all (their temporal pairs are zeroed): their distance to a
    query grows without bound in a stream, and this way attention to them is position-free, the same in
    training and inference.
 4. Cross-attention to prompt tokens (MiniLM, ``text_dim`` wide) after self-attention. A learned null token is
    always present, so a dropped or empty prompt (all tokens masked) is well defined. A prompt's K/V for every
    layer are computed once (``prompt_kv``) and reused for every frame.
 5. Attention masks, one rule for training and inference (``frame_mask``): a context (clean) frame attends to
-   context frames at or before it; a noisy frame attends to context frames strictly before it and to itself; a
-   key frame more than ``window`` frames back is invisible unless it is a sink frame. Teacher forcing runs the
-   sequence [clean frames | noisy frames] (same positions for both halves) under this rule, so it computes
-   exactly what the cached rollout computes. ``bidirectional`` configs (a distillation teacher) use full
-   attention inside a clip. Training masks are built once per shape: SDPA with a boolean mask on CPU,
+   context frames at or before it; a noisy frame attends to context frames strictly before it and to
+   itself; an attended frame more than ``window`` frames back is invisible unless it is a sink frame. Teacher
+   forcing runs the sequence [clean frames | noisy frames] (same positions for both halves) under this rule,
+   so it computes exactly what the cached rollout computes. ``bidirectional`` configs (a distillation teacher)
+   use full attention inside a clip. Training masks are built once per shape: SDPA with a boolean mask on CPU,
    flex-attention block masks on CUDA.
 6. Final layer: adaLN + a zero-initialised linear map back to patches; the output is the velocity v = ε - x0.
 7. Inference (``forward_cached``) runs only new frames against a ``KVCache`` view, with a small additive mask
@@ -39,16 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from models.kv_cache import CacheView
+from worldloop.models.config import ModelConfig
+from worldloop.models.kv_cache import CacheView, PromptKV
 
 NULL_KEY = -1.0  # fill value of a dropped key condition (condition dropout / guidance)
 
@@ -56,18 +53,6 @@ NULL_KEY = -1.0  # fill value of a dropped key condition (condition dropout / gu
 def drop_keys(keys: Tensor, drop: Tensor) -> Tensor:
     """Mark the keys of the frames where ``drop`` (bool, keys.shape[:-1]) is True as dropped."""
     return torch.where(drop.unsqueeze(-1), torch.full_like(keys, NULL_KEY), keys)
-
-
-@dataclass
-class PromptKV:
-    """Cross-attention keys/values of a batch of prompts for every layer, computed once per prompt.
-
-    ``k``, ``v``: (depth, B, H, T+1, Dh) — token 0 is the learned null token; ``mask``: (B, T+1) bool.
-    """
-
-    k: Tensor
-    v: Tensor
-    mask: Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,7 +85,7 @@ class Rotary(nn.Module):
     """RoPE tables. Pair i of a head rotates dims (i, i + Dh/2); pairs are [temporal | y | x | unrotated].
 
     Tables are full head width (…, L, Dh) so one ``rotate`` applies any mix of sections: a section left out
-    gets cos 1 / sin 0, and sink keys get cos 0 / sin 0 on the temporal pairs.
+    gets cos 1 / sin 0, and sink k get cos 0 / sin 0 on the temporal pairs.
     """
 
     def __init__(self, head_dim: int, grid: tuple[int, int], theta: float) -> None:
@@ -151,10 +136,11 @@ def frame_mask(q_pos: Tensor, q_ctx: Tensor, k_pos: Tensor, k_ctx: Tensor, k_sin
                ) -> Tensor:
     """The attention rule between frames, shared by training and inference.
 
-    Positions and flags are (…, Fq) for queries and (…, Fk) for keys; returns (…, Fq, Fk) bool. A context
+    Positions and flags are (…, Fq) for the query frames and (…, Fk) for the attended (k/v) frames; returns
+    (…, Fq, Fk) bool. A context
     frame attends to context frames at or before it; a noisy frame to context frames before it and to itself
-    (the noisy frame at its own position); keys more than ``window`` frames back are visible only if they are
-    sink frames.
+    (the noisy frame at its own position); frames more than ``window`` back are visible only if they are sink
+    frames.
     """
     d = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)
     qc, kc = q_ctx.unsqueeze(-1), k_ctx.unsqueeze(-2)
@@ -266,7 +252,7 @@ class Block(nn.Module):
                        past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, ...], bias: Tensor,
                        n: int, first_query: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Inference block over new frames. ``rope``: stacked tables for q (spatial + temporal) and the new k
-        (spatial only, as the cache stores keys), then the read-time temporal tables of all keys. Only tokens
+        (spatial only, as the cache stores k), then the read-time temporal tables of all k. Only tokens
         from ``first_query`` on (whole frames) produce outputs: the last layer needs none for context frames.
 
         Returns the hidden states of those tokens and the new frames' k (spatial phase only) and v.
@@ -274,12 +260,12 @@ class Block(nn.Module):
         qk, v = self.self_qkv(x, mod, rope[:2], n)
         k = qk[1]
         # Temporal phase at read time, relative to the newest frame.
-        keys = rotate(torch.cat([*past[0], k], dim=2), rope[2], rope[3])
-        values = torch.cat([*past[1], v], dim=2)
+        k_all = rotate(torch.cat([*past[0], k], dim=2), rope[2], rope[3])
+        v_all = torch.cat([*past[1], v], dim=2)
         q, rows = qk[0][:, :, first_query:], slice(first_query, None)
         if q.shape[2] == 0:
             return x[:, rows], k, v
-        out = attention(q, keys, values, bias[:, :, rows])
+        out = attention(q, k_all, v_all, bias[:, :, rows])
         return self.finish(x[:, rows], out, mod[:, :, first_query // n :], prompt, n), k, v
 
 

@@ -1,13 +1,13 @@
 """The inference KV cache: preallocated attention state for a pool of sessions.
 
-Every session owns one slot of the pool. A slot holds, per layer, the keys and values of ``sink + window +
+Every session owns one slot of the pool. A slot holds, per layer, the attention k and v of ``sink + window +
 slack`` frames of N tokens each, plus the model input of each stored frame (latent, keys, σ — what a prompt
 re-cache needs to recompute the window) and the K/V of the session's prompt for cross-attention.
 
 Frame f goes to frame slot f while f < sink (kept forever), else to ``sink + (f - sink) mod (window +
 slack)``: a ring, so memory is fixed for a stream of any length and nothing is ever concatenated. Committed
 frames older than the newest committed frame minus ``window`` are evicted; speculative frames live in the
-slack part of the ring until ``commit`` (they become ordinary frames) or ``discard`` (they vanish). Keys are
+slack part of the ring until ``commit`` (they become ordinary frames) or ``discard`` (they vanish). k is
 stored without temporal rotary phase, so the stored frame indices are only used relative to the newest frame
 (see ``models/dit.py``).
 """
@@ -20,8 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.config import ModelConfig
-from models.dit import PromptKV
+from worldloop.models.config import ModelConfig
+
+
+@dataclass
+class PromptKV:
+    """Cross-attention k/v of a batch of prompts for every layer, computed once per prompt.
+
+    ``k``, ``v``: (depth, B, H, T+1, Dh) — token 0 is the learned null token; ``mask``: (B, T+1) bool.
+    """
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor
 
 
 @dataclass
@@ -39,7 +50,7 @@ class CacheView:
     prompt: PromptKV
 
     def layer(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Layer i's cached keys and values as lists of (B, H, L, Dh) pieces, to concatenate with new ones."""
+        """Layer i's cached k and v as lists of (B, H, L, Dh) pieces, to concatenate with new ones."""
         return [self.k[i][:, :, r] for r in self.runs], [self.v[i][:, :, r] for r in self.runs]
 
 

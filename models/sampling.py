@@ -62,8 +62,11 @@ def v_from_x0_eps(x0: Tensor, eps: Tensor) -> Tensor:
 
 
 def add_noise(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
-    """x_σ = (1 - σ)·x0 + σ·ε, σ per batch row."""
-    s = _per_row(sigma, x0)
+    """x_σ = (1 - σ)·x0 + σ·ε, σ per batch row (B,) or per frame (B, F) of x0 (B, [F,] C, h, w)."""
+    if x0.shape[: sigma.dim()] != sigma.shape:
+        raise ValueError(f"noise levels {tuple(sigma.shape)} do not match the leading dims of "
+                         f"{tuple(x0.shape)}")
+    s = sigma.to(device=x0.device, dtype=x0.dtype).reshape(*sigma.shape, *([1] * (x0.dim() - sigma.dim())))
     return (1 - s) * x0 + s * eps
 
 

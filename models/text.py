@@ -74,7 +74,10 @@ def null_embedding(batch: int, max_tokens: int, device: torch.device | str = "cp
     )
 
 
-def validate_prompt(text: object, max_chars: int = 300) -> str:
+MAX_PROMPT_CHARS = 300  # the longest prompt every part accepts (model, protocol, apps)
+
+
+def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
     """Check a prompt and return its canonical form; the empty string is the null condition.
 
     Canonical: surrounding whitespace stripped, Unicode NFC, inner whitespace runs collapsed to one space.
@@ -231,7 +234,7 @@ class PromptEncoder:
         device: torch.device | str = "cpu",
         *,
         cache_size: int = 256,
-        max_chars: int = 300,
+        max_chars: int = MAX_PROMPT_CHARS,
         model_path: Path | str | None = None,
     ) -> None:
         if max_tokens < 2:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import ModelConfig
+from worldloop.models.config import ModelConfig
 
 
 def to_unit(frames: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -6,17 +6,17 @@ slots. A ``Session`` is one slot plus its stream state: the next frame index, a 
 generator seeded by the session seed, so the same seed and keys give the same frames however sessions are
 batched) and the *pending* frame — the newest generated frame, whose K/V are not yet in the cache.
 
-One step for a batch of sessions (``generate``):
+One frame for a batch of sessions (``generate``):
 1. Per-session σ grids (``first_frame_steps`` on frame 0, else ``steps``) and noise from each session's RNG.
 2. ``sampling.sample_frame`` with a model function whose first call runs [pending clean frame | noisy new
    frame] in one forward: it writes the pending frame's K/V to the cache (at ``context_sigma``; frames given
    to ``new_session`` are real and enter it at σ 0) while
    denoising the new frame — the cache pass fused into the next frame's forward, so a 1-step frame costs one
    forward.
-3. The x0 prediction becomes the session's pending frame; ``step`` decodes it to uint8 RGB.
+3. The x0 prediction becomes the session's pending frame; ``next_frame`` decodes it to uint8 RGB.
 
 Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds
-the session (frame index, RNG) to before the first speculative step. ``set_prompt`` re-caches the window: the
+the session (frame index, RNG) to before the first speculative frame. ``set_prompt`` re-caches the window: the
 stored latents of the window frames are run again in one forward under the new prompt (the sink is kept).
 """
 
@@ -31,19 +31,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
-from models.config import ModelConfig
-from models.dit import DiT, PromptKV
-from models.keys import ALL_KEYS_MASK, keys_to_tensor
-from models.kv_cache import CacheSnapshot, KVCache
-from models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
-from models.text import PromptEncoder
-from models.vae import LatentAutoencoder
+from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
+from worldloop.models.kv_cache import CacheSnapshot, KVCache, PromptKV
+from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
+from worldloop.models.text import PromptEncoder
+from worldloop.models.vae import LatentAutoencoder
 
 
 @dataclass
-class StepTimings:
-    """Where the time of one ``step``/``generate`` call went (host clock; on CUDA parts are launch-bound)."""
+class FrameTimings:
+    """Where the time of one ``next_frame``/``generate`` call went (host clock; on CUDA: launch-bound)."""
 
     batch: int
     forwards: int = 0
@@ -104,9 +104,9 @@ class WorldModel:
         self.cache = KVCache.for_model(config, max_sessions, self.device, self.dtype)
         self.frame_shape = (config.height, config.width)
         self.latent_shape = (config.latent_channels, *config.latent_size)
-        self.last_timings = StepTimings(batch=0)
+        self.last_timings = FrameTimings(batch=0)
         self.metadata: dict = {}  # from the model directory's config.json
-        self.on_timings: Callable[[StepTimings], None] | None = None
+        self.on_timings: Callable[[FrameTimings], None] | None = None
         self._sessions: dict[int, Session] = {}
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
@@ -229,20 +229,20 @@ class WorldModel:
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
 
     def discard(self, session: Session) -> None:
-        """Drop the speculative frames: back to the state before the first speculative step."""
+        """Drop the speculative frames: back to the state before the first speculative frame."""
         self._check(session)
         if session.rollback is None:
             return
         self.cache.discard(session.slot)
         back = session.rollback
-        # The committed frame pending at the first speculative step was written then: nothing stays pending.
+        # The committed frame pending at the first speculative frame was written then: nothing stays pending.
         session.frame_index, session.pending, session.pending_keys = back.frame_index, None, None
         session.generator.set_state(back.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
 
     # -- the rollout loop ----------------------------------------------------------------------------------
 
-    def step(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
+    def next_frame(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
              ) -> np.ndarray:
         """One new frame per session, one batched forward per denoising step → uint8 (B, H, W, 3)."""
         start = time.perf_counter()
@@ -257,7 +257,7 @@ class WorldModel:
 
     def generate(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool = False
                  ) -> Tensor:
-        """Like ``step`` without decoding: the new frames' latents (B, C, h, w), float32."""
+        """Like ``next_frame`` without decoding: the new frames' latents (B, C, h, w), float32."""
         with torch.no_grad():
             latents, timings = self._generate(sessions, keys, speculative)
         self._report(timings)
@@ -288,16 +288,16 @@ class WorldModel:
 
     def _generate(self, sessions: Sequence[Session], keys: Sequence[int] | Tensor, speculative: bool,
                   grad: bool = False, steps: int | None = None, prompt: PromptKV | None = None
-                  ) -> tuple[Tensor, StepTimings]:
+                  ) -> tuple[Tensor, FrameTimings]:
         for s in sessions:
             self._check(s, plain=not speculative)
             if speculative and s.speculative >= self.config.dit.slack:
                 raise ValueError(f"session in slot {s.slot} already has {s.speculative} speculative frames "
                                  f"(slack {self.config.dit.slack}); commit or discard first")
         if len({s.slot for s in sessions}) != len(sessions) or not sessions:
-            raise ValueError("step needs one or more distinct sessions")
+            raise ValueError("next_frame needs one or more distinct sessions")
         key_vec = self._key_vectors(keys, len(sessions))
-        timings = StepTimings(batch=len(sessions))
+        timings = FrameTimings(batch=len(sessions))
         if speculative:
             for s in sessions:
                 if s.rollback is None:
@@ -377,11 +377,11 @@ class WorldModel:
 
     def _at_context_sigma(self, session: Session, latents: Tensor) -> Tensor:
         """Latents as the cache sees them: re-noised to ``context_sigma`` with the session's RNG (if > 0)."""
-        sigma_c = self.config.sampling.context_sigma
-        if sigma_c == 0:
+        context_sigma = self.config.sampling.context_sigma
+        if context_sigma == 0:
             return latents
         eps = torch.randn(latents.shape, generator=session.generator).to(latents.device)
-        return add_noise(latents, eps, torch.full((len(latents),), sigma_c, device=latents.device))
+        return add_noise(latents, eps, torch.full((len(latents),), context_sigma, device=latents.device))
 
     def _write_context(self, session: Session, latents: Tensor, keys: Tensor, frames: Tensor,
                        sigma: Tensor | None = None) -> None:
@@ -394,7 +394,7 @@ class WorldModel:
             out = self.dit.forward_cached(x, s, k, f, len(frames), view.prompt, view)
             self.cache.append([session.slot], f, out.k, out.v_cache, x, k, s)
 
-    def _report(self, timings: StepTimings) -> None:
+    def _report(self, timings: FrameTimings) -> None:
         self.last_timings = timings
         if self.on_timings is not None:
             self.on_timings(timings)
@@ -408,7 +408,7 @@ class _FrameForward:
     none).
     """
 
-    def __init__(self, wm: WorldModel, sessions: Sequence[Session], keys: Tensor, timings: StepTimings,
+    def __init__(self, wm: WorldModel, sessions: Sequence[Session], keys: Tensor, timings: FrameTimings,
                  grad_call: int | None) -> None:
         self.wm, self.sessions, self.keys, self.timings = wm, list(sessions), keys, timings
         self.slots = [s.slot for s in sessions]

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from models.keys import parse_keys
-from streaming.encoding import decode_image
-from streaming.protocol import (
+from worldloop.models.keys import parse_keys
+from worldloop.streaming.encoding import decode_image
+from worldloop.streaming.protocol import (
     Bye,
     Done,
     Error,

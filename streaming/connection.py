@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from streaming.limits import TokenBucket
-from streaming.outbox import Outbox, OutgoingFrame, Stalled
-from streaming.protocol import (
+from worldloop.streaming.config import ServerConfig
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.limits import TokenBucket
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.outbox import Outbox, OutgoingFrame, Stalled
+from worldloop.streaming.protocol import (
     Ack,
     Bye,
     ClientMessage,
@@ -50,21 +53,28 @@ from streaming.protocol import (
     pack_frame,
     parse_client_message,
 )
-from streaming.registry import LiveSession
-from streaming.replies import Dropped, Reply, ReplyQueue
-from streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
-from streaming.wire import GuardedConnection
-
-if TYPE_CHECKING:
-    from streaming.server import WorldloopServer
+from worldloop.streaming.registry import LiveSession, SessionRegistry
+from worldloop.streaming.replies import Dropped, Reply, ReplyQueue
+from worldloop.streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
+from worldloop.streaming.wire import GuardedConnection
 
 log = logging.getLogger(__name__)
 CLEAN_CLOSE_CODES = (1000, 1001)  # the client meant to leave: end its session at once
 MAX_PENDING_COMMANDS = 4  # model commands waiting for the engine per connection; more are `rate_limited`
 
 
+class Host(Protocol):
+    """What a connection uses of the server that accepted it (``streaming.server.WorldloopServer``)."""
+
+    engine: Engine
+    metrics: Metrics
+    config: ServerConfig
+    registry: SessionRegistry
+    stopping: bool
+
+
 class Connection:
-    def __init__(self, ws: GuardedConnection, server: WorldloopServer) -> None:
+    def __init__(self, ws: GuardedConnection, server: Host) -> None:
         self.ws = ws
         self.server = server
         self.engine = server.engine

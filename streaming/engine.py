@@ -6,9 +6,9 @@ Transport-free; the websocket server and the Gradio app both drive it in-process
    ``SessionHandle`` (streaming/session.py); the model session is created on the generation thread
    (``handle.started``).
 2. The generation thread loops: create/close sessions, make one frame for every session that is due,
-   batched into a single ``model.step`` call, then run queued commands (prompt, reset, snapshot, restore,
-   recording). Sessions are paced at their own FPS; one that runs late skips the missed deadlines instead of
-   bursting to catch up. A paused session makes no frames.
+   batched into a single ``model.next_frame`` call, then run queued commands (prompt, reset, snapshot,
+   restore, recording). Sessions are paced at their own FPS; one that runs late skips the missed deadlines
+   instead of bursting to catch up. A paused session makes no frames.
    Commands are costed and scheduled: a session's commands run in a gap before the other sessions' next
    frames as long as the moving average of command time. Without a gap they run only if the session has not
    taken more than ``command_share`` (5%) of the time from the others: commands that took ``t`` s from them
@@ -16,10 +16,10 @@ Transport-free; the websocket server and the Gradio app both drive it in-process
    stream: its next frame moves back by the time they took. A prompt change re-caches the whole window (tens
    of ms on a CPU), so this keeps one client's prompt changes from taking other sessions' frames.
 3. Speculative frames: with time left before the next deadline, a session's next frame is made early with
-   the keys held now (``step(..., speculative=True)``). When it is due and the keys are unchanged it is
+   the keys held now (``next_frame(..., speculative=True)``). When it is due and the keys are unchanged it is
    committed and emitted at once. A key change discards it at once (so does any command), and the frame for
    the new keys is made early in its place if there is time: a key change then shows up at the next
-   deadline rather than one model step after it.
+   deadline rather than one model frame after it.
 4. Each frame is encoded (JPEG/WebP) and written to the session's recording, if any, on a shared thread
    pool, in order per session (``SerialLane``); then the session's ``on_frame`` callback gets it.
 
@@ -45,9 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from streaming.encoding import encode_image
-from streaming.metrics import Metrics
-from streaming.session import (
+from worldloop.streaming.encoding import encode_image
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.session import (
     EngineFull,
     Frame,
     FrameWriter,
@@ -89,7 +89,7 @@ class Engine:
         self._live: list[SessionHandle] = []  # generation thread only
         self._admitted = 0
         self._next_id = 1
-        self._per_session_step_s = 0.0  # moving average of step time per session, for speculation
+        self._per_session_frame_s = 0.0  # moving average of frame time per session, for speculation
         self._command_s = 0.0  # moving average of the time one session's queued commands take
         self._thread = threading.Thread(target=self._run, name="worldloop-engine", daemon=True)
 
@@ -176,7 +176,7 @@ class Engine:
                 self._admit()
                 for handle in [h for h in self._live if h.close_requested]:
                     self._end_session(handle, None)
-                self._step_due()
+                self._frames_due()
                 self._run_commands()
                 wait = self._speculate()
                 if wait > 0:
@@ -273,7 +273,7 @@ class Engine:
                 handle.commands_after = end + stolen / self.command_share
 
     # ---- generation thread: frames ----
-    def _step_due(self) -> None:
+    def _frames_due(self) -> None:
         now = time.monotonic()
         due: list[SessionHandle] = []
         for handle in self._live:
@@ -297,17 +297,17 @@ class Engine:
                 handle.drop_speculation()
                 fresh.append((handle, mask, seq))
         if fresh:
-            self._step_batch(fresh)
+            self._frame_batch(fresh)
         end = time.monotonic()
         for handle in due:
             self._advance(handle, end)
 
-    def _step_batch(self, batch: list[tuple[SessionHandle, int, int]]) -> None:
+    def _frame_batch(self, batch: list[tuple[SessionHandle, int, int]]) -> None:
         started = time.monotonic()
         try:
-            rgb = self.model.step([h.model_session for h, _, _ in batch], keys=[m for _, m, _ in batch])
+            rgb = self.model.next_frame([h.model_session for h, _, _ in batch], keys=[m for _, m, _ in batch])
         except Exception as err:
-            log.exception("model step failed; closing the %d session(s) in the batch", len(batch))
+            log.exception("model frame failed; closing the %d session(s) in the batch", len(batch))
             for handle, _, _ in batch:
                 self._end_session(handle, err)
             return
@@ -317,8 +317,8 @@ class Engine:
 
     def _observe_step(self, seconds: float, batch: int) -> None:
         self.metrics.step_seconds.observe(seconds)
-        per_session, average = seconds / batch, self._per_session_step_s
-        self._per_session_step_s = per_session if average == 0 else 0.8 * average + 0.2 * per_session
+        per_session, average = seconds / batch, self._per_session_frame_s
+        self._per_session_frame_s = per_session if average == 0 else 0.8 * average + 0.2 * per_session
 
     def _advance(self, handle: SessionHandle, now: float) -> None:
         """Move a session's deadline one period on; if that has already passed, skip ahead (no bursting)."""
@@ -375,7 +375,7 @@ class Engine:
             candidates = [h for h in active if h.spec is None and h.generated and not h.has_commands()]
             # As many as fit before the deadline. Running a little over costs nothing when the keys hold:
             # the frame is then committed the moment it is due instead of being made from scratch.
-            cost = max(self._per_session_step_s, 1e-4) * 1.1
+            cost = max(self._per_session_frame_s, 1e-4) * 1.1
             candidates = candidates[:int(budget / cost)]
             if candidates:
                 self._speculate_batch(candidates)
@@ -385,9 +385,9 @@ class Engine:
         started = time.monotonic()
         masks = [h.keys[0] for h in batch]
         try:
-            rgb = self.model.step([h.model_session for h in batch], keys=masks, speculative=True)
+            rgb = self.model.next_frame([h.model_session for h in batch], keys=masks, speculative=True)
         except Exception:
-            log.exception("speculative step failed; speculation is now off")
+            log.exception("speculative frame failed; speculation is now off")
             self.speculative = False
             return
         self._observe_step(time.monotonic() - started, len(batch))

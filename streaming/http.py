@@ -26,8 +26,8 @@ from websockets.exceptions import InvalidHeader
 from websockets.headers import parse_subprotocol
 from websockets.http11 import Response
 
-from streaming.protocol import TOKEN_SUBPROTOCOL_PREFIX
-from streaming.recording import is_recording_name
+from worldloop.streaming.protocol import TOKEN_SUBPROTOCOL_PREFIX
+from worldloop.streaming.recording import is_recording_name
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_DOWNLOAD_BYTES = 512 * 2**20

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streaming.metrics import Metrics
+from worldloop.streaming.metrics import Metrics
 
 
 class Stalled(Exception):

@@ -18,12 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from models.keys import ALL_KEYS_MASK, parse_keys
-from models.text import validate_prompt
+from worldloop.models.keys import ALL_KEYS_MASK, parse_keys
+from worldloop.models.text import MAX_PROMPT_CHARS, validate_prompt
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4096  # client text messages above this are answered with `too_large`
-MAX_PROMPT_CHARS = 300
 U32_MAX = 2**32 - 1
 MAX_FPS = 60
 MAX_STEPS = 8

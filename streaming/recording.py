@@ -1,9 +1,6 @@
-"""Session recordings: H.264 in fragmented MP4, written frame by frame as a session plays.
-
-Fragmented MP4 (``frag_keyframe+empty_moov+default_base_moof``) writes a self-contained fragment at every
-keyframe, one per second of video, so a crashed server loses at most the last fragment and every finished
-fragment plays. The x264 ``zerolatency`` tune turns off look-ahead and B-frames, so each frame's packet is
-written as soon as the frame is encoded. ``Mp4Recorder`` may be fed from any thread; it holds a lock.
+"""Session recordings: H.264 in fragmented MP4 (``models.media.VideoWriter``), written frame by frame as a
+session plays, so a crashed server loses at most the last fragment (one second) and every finished fragment
+plays. ``Mp4Recorder`` may be fed from any thread; it holds a lock.
 """
 
 from __future__ import annotations
@@ -15,13 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
+
+from worldloop.models.media import VideoWriter
 
 # File names the server creates and agrees to serve: no separators, no leading dot, .mp4 only.
 RECORDING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,95}\.mp4")
-# flush_packets: hand every finished fragment to the OS at once instead of filling a 32 KiB buffer first.
-MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
 
 
 def is_recording_name(name: str) -> bool:
@@ -53,47 +49,26 @@ class Mp4Recorder:
     """Appends uint8 RGB frames (H, W, 3) to a fragmented H.264 MP4 at a constant frame rate."""
 
     def __init__(self, path: Path, width: int, height: int, fps: int, *, crf: int = 23) -> None:
-        if width % 2 or height % 2:
-            raise ValueError(f"H.264 (yuv420p) needs an even frame size, got {width}x{height}")
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, int(fps)
-        self.frames = 0
         self._lock = threading.Lock()
-        self._container = av.open(str(self.path), mode="w", format="mp4", options=MP4_OPTIONS)
-        try:
-            self._stream = self._container.add_stream("libx264", rate=self.fps)
-            self._stream.width, self._stream.height = width, height
-            self._stream.pix_fmt = "yuv420p"
-            # One keyframe (and so one fragment) per second of video.
-            self._stream.options = {"preset": "veryfast", "tune": "zerolatency", "crf": str(crf),
-                                    "g": str(self.fps), "keyint_min": str(self.fps)}
-        except Exception:
-            self._container.close()
-            raise
-        self._closed = False
+        self._video = VideoWriter(self.path, width, height, self.fps, crf=crf, fragmented=True)
+
+    @property
+    def frames(self) -> int:
+        return self._video.frames
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._video.closed
 
     def write(self, rgb: np.ndarray) -> None:
-        if rgb.shape != (self.height, self.width, 3) or rgb.dtype != np.uint8:
-            raise ValueError(f"expected uint8 ({self.height}, {self.width}, 3), got {rgb.dtype} {rgb.shape}")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         with self._lock:
-            if self._closed:
-                return
-            frame.pts = self.frames
-            self._container.mux(self._stream.encode(frame))
-            self.frames += 1
+            if not self._video.closed:
+                self._video.write(rgb)
 
     def close(self) -> RecordingInfo:
         """Flush the encoder and finish the file; safe to call twice."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                try:
-                    self._container.mux(self._stream.encode(None))
-                finally:
-                    self._container.close()
+            self._video.close()
             return RecordingInfo(self.path.name, self.path, self.frames, self.fps)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from streaming.engine import Engine
-from streaming.metrics import Metrics
-from streaming.protocol import ProtocolError
-from streaming.recording import Mp4Recorder, RecordingInfo, new_recording_name, recording_path
-from streaming.session import SessionHandle, SessionOptions
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.protocol import ProtocolError
+from worldloop.streaming.recording import Mp4Recorder, RecordingInfo, new_recording_name, recording_path
+from worldloop.streaming.session import SessionHandle, SessionOptions
 
 log = logging.getLogger(__name__)
 

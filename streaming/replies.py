@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streaming.protocol import ProtocolError, ServerMessage
+from worldloop.streaming.protocol import ProtocolError, ServerMessage
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from models.config import ModelConfig
-from streaming.encoding import SerialLane
-from streaming.metrics import Metrics, RateMeter
-from streaming.protocol import FrameHeader
+from worldloop.models.config import ModelConfig
+from worldloop.streaming.encoding import SerialLane
+from worldloop.streaming.metrics import Metrics, RateMeter
+from worldloop.streaming.protocol import FrameHeader
 
 OutputFormat = Literal["jpeg", "webp", "raw"]
 
@@ -35,7 +35,8 @@ class WorldModelLike(Protocol):
     @property
     def frame_shape(self) -> tuple[int, int]: ...
     def new_session(self, prompt: str, seed: int) -> Any: ...
-    def step(self, sessions: Sequence[Any], keys: Sequence[int], speculative: bool = False) -> np.ndarray: ...
+    def next_frame(self, sessions: Sequence[Any], keys: Sequence[int],
+                   speculative: bool = False) -> np.ndarray: ...
     def commit(self, session: Any) -> None: ...
     def discard(self, session: Any) -> None: ...
     def set_prompt(self, session: Any, prompt: str) -> None: ...
@@ -83,7 +84,7 @@ class Frame:
     rgb: np.ndarray  # uint8 (H, W, 3)
     payload: bytes  # the encoded image (b"" for the raw format)
     image_format: OutputFormat
-    started_at: float  # time.monotonic() when the model step that made it started
+    started_at: float  # time.monotonic() when the model call that made it started
     server_time_ms: float  # Unix time in ms when its generation finished
     speculative: bool
 

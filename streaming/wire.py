@@ -27,7 +27,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame
 from websockets.protocol import Event
 
-from streaming.limits import TokenBucket
+from worldloop.streaming.limits import TokenBucket
 
 COST_BYTES = 4096  # a message costs one token per started 4 KiB on top of one
 

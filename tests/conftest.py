@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from models.config import ModelConfig, preset
-from models.text import PromptEncoder
+from worldloop.models.config import ModelConfig, preset
+from worldloop.models.text import PromptEncoder
 
 
 @pytest.fixture(scope="session")

@@ -31,10 +31,10 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.frames import Frame, Opcode
 
-from models.config import preset
-from streaming.engine import Engine
-from streaming.protocol import FrameHeader, unpack_frame
-from streaming.server import ServerConfig, WorldloopServer
+from worldloop.models.config import preset
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.protocol import FrameHeader, unpack_frame
+from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 
 def _mix(*parts: object) -> int:
@@ -103,7 +103,7 @@ class FakeWorldModel:
         self.sessions_created += 1
         return FakeSession(free[0], prompt, seed)
 
-    def step(self, sessions: Sequence[FakeSession], keys: Sequence[int],
+    def next_frame(self, sessions: Sequence[FakeSession], keys: Sequence[int],
              speculative: bool = False) -> np.ndarray:
         self._check_thread()
         if len(sessions) != len(keys) or not sessions:

@@ -12,23 +12,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.eval_autoencoder import autoencoder_report, reconstruction_metrics, sharpness_ratio
-from distill.run import RunError, read_checkpoint
-from distill.train_common import TrainConfig, setup_distributed
-from distill.train_vae import Critic, VAEObjective, train_vae
-from models import checkpoint
-from models.checkpoint import CheckpointError
-from models.config import VAEConfig, preset
-from models.vae import LatentAutoencoder, autoencoder_loss, spectrum_distance
 from tests.train_fakes import FakeClips, random_model_dir
+from worldloop.distill.eval.autoencoder import autoencoder_report, reconstruction_metrics, sharpness_ratio
+from worldloop.distill.stages.run import RunError, read_checkpoint
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.vae import Critic, VAEObjective, train_vae
+from worldloop.models import checkpoint
+from worldloop.models.checkpoint import CheckpointError
+from worldloop.models.config import VAEConfig, preset
+from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, spectrum_distance
 
 TINY = preset("tiny")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cfg(out: Path, **kw: object) -> TrainConfig:
-    base = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=0, clip_frames=2, out=str(out), log_every=1,
-                       sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0)
+    base = TrainConfig(iterations=2, batch_size=2, lr=1e-3, warmup=0, clip_frames=2, out=str(out),
+                       log_every=1, sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0)
     return replace(base, **kw)
 
 
@@ -122,9 +122,9 @@ def test_decoder_only_adversarial_finetune_keeps_encoder_and_latent_scale(tmp_pa
 def test_resume_with_a_critic_continues_exactly(tmp_path: Path) -> None:
     objective = VAEObjective(adversarial_weight=0.5, adversarial_start=1, spectrum_weight=0.1)
     ddp = setup_distributed("cpu")
-    train_vae(TINY, _cfg(tmp_path / "straight", steps=3), objective, ddp, clips=FakeClips(32, 32, 2))
-    train_vae(TINY, _cfg(tmp_path / "split", steps=2), objective, ddp, clips=FakeClips(32, 32, 2))
-    train_vae(TINY, _cfg(tmp_path / "split", steps=3), objective, ddp, resume=True,
+    train_vae(TINY, _cfg(tmp_path / "straight", iterations=3), objective, ddp, clips=FakeClips(32, 32, 2))
+    train_vae(TINY, _cfg(tmp_path / "split", iterations=2), objective, ddp, clips=FakeClips(32, 32, 2))
+    train_vae(TINY, _cfg(tmp_path / "split", iterations=3), objective, ddp, resume=True,
               clips=FakeClips(32, 32, 2))
     a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt", "vae")["modules"]
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt", "vae")["modules"]

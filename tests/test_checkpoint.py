@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import (
+from worldloop.models.checkpoint import (
     CheckpointError,
     export_model,
     load_model,
@@ -19,11 +19,11 @@ from models.checkpoint import (
     save_state,
     shard_files,
 )
-from models.config import DiTConfig, ModelConfig
-from models.dit import DiT
-from models.text import PromptEncoder
-from models.vae import LatentAutoencoder
-from models.world_model import WorldModel
+from worldloop.models.config import DiTConfig, ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.text import PromptEncoder
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,7 +48,7 @@ def model_dir(tmp_path: Path, tiny_config: ModelConfig) -> Path:
 
 def frames_of(wm: WorldModel) -> torch.Tensor:
     s = wm.new_session("a desert ruin", 3)
-    out = [wm.step([s], [k]) for k in (1, 1, 16)]
+    out = [wm.next_frame([s], [k]) for k in (1, 1, 16)]
     return torch.from_numpy(out[-1])
 
 
@@ -161,7 +161,7 @@ def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
 
 
 def test_export_command(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from app.cli import main
+    from worldloop.app.cli import main
 
     assert main(["export", str(model_dir), "--out", str(tmp_path / "a"), "--dtype", "fp16", "--steps", "1",
                  "--note", "a test"]) == 0

@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from streaming.client import Disconnected, RequestFailed, SyncClient, WorldloopClient
 from tests.fakes import FakeWorldModel, serve_fake
+from worldloop.streaming.client import Disconnected, RequestFailed, SyncClient, WorldloopClient
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent

@@ -13,20 +13,22 @@ from typing import Any
 import pytest
 import torch
 
-from app.cli import main
-from distill import distill_cd, distill_dmd
-from distill.distill_cd import CDObjective, cd_loss, draw, export_student, student_config, train_cd
-from distill.distill_dmd import DMDObjective, train_dmd
-from distill.run import read_checkpoint
-from distill.train_common import TrainConfig, setup_distributed
-from models import checkpoint
-from models.config import ModelConfig, SamplingConfig, preset
-from models.dit import DiT
-from models.kv_cache import KVCache
-from models.sampling import sigma_grid
-from models.vae import LatentAutoencoder
-from models.world_model import WorldModel
 from tests.train_fakes import FakeClips, FakePromptEncoder
+from worldloop.app.cli import main
+from worldloop.distill.stages import cd as cd_stage
+from worldloop.distill.stages import dmd as dmd_stage
+from worldloop.distill.stages.cd import CDObjective, cd_loss, draw, train_cd
+from worldloop.distill.stages.dmd import DMDObjective, train_dmd
+from worldloop.distill.stages.run import read_checkpoint
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.shared import export_student, load_dit, student_config
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig, SamplingConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import KVCache
+from worldloop.models.sampling import sigma_grid
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = preset("tiny").replace(sampling=SamplingConfig(steps=4, first_frame_steps=4))
@@ -58,8 +60,9 @@ def bidirectional(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(out: Path, **kw: Any) -> TrainConfig:
-    base = TrainConfig(steps=1, batch_size=2, lr=1e-3, warmup=0, clip_frames=3, out=str(out), log_every=1,
-                       sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0, ema_decay=0.9)
+    base = TrainConfig(iterations=1, batch_size=2, lr=1e-3, warmup=0, clip_frames=3, out=str(out),
+                       log_every=1, sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0,
+                       ema_decay=0.9)
     return replace(base, **kw)
 
 
@@ -97,14 +100,14 @@ def test_cd_step_trains_the_student_and_exports_its_step_count(teacher: Path, tm
 
 def test_cd_loss_is_zero_at_the_boundary_when_the_student_is_the_teacher(teacher: Path) -> None:
     # Student = EMA = teacher, no guidance, n = N − 1: the target is the teacher's own x0 step to σ = 0.
-    _, dit = distill_cd.load_dit(teacher, torch.device("cpu"))
+    _, dit = load_dit(teacher, torch.device("cpu"))
     objective = CDObjective(grid_steps=4, guidance=1.0)
     x0 = torch.randn(2, 3, TEACHER.latent_channels, *TEACHER.latent_size)
     keys = torch.zeros(2, 3, 6)
     prompt = ENCODER.encode(["a", "b"])
     d = draw(objective, x0.shape, torch.Generator().manual_seed(0), torch.device("cpu"))
     grid = sigma_grid(4, 5.0)
-    args = (distill_cd.StudentX0(dit), dit, dit, x0, keys, prompt, grid)
+    args = (cd_stage.StudentX0(dit), dit, dit, x0, keys, prompt, grid)
     with torch.no_grad():
         boundary = cd_loss(*args, replace(d, index=torch.full((2,), 3)), objective, 0.0)
         inside = cd_loss(*args, replace(d, index=torch.full((2,), 1)), objective, 0.0)
@@ -112,11 +115,11 @@ def test_cd_loss_is_zero_at_the_boundary_when_the_student_is_the_teacher(teacher
 
 
 def test_cd_resume_gives_the_same_next_step_loss(teacher: Path, tmp_path: Path) -> None:
-    _cd(tmp_path / "straight", teacher, steps=2)
-    _cd(tmp_path / "split", teacher, steps=1)
-    _cd(tmp_path / "split", teacher, resume=True, steps=2)
+    _cd(tmp_path / "straight", teacher, iterations=2)
+    _cd(tmp_path / "split", teacher, iterations=1)
+    _cd(tmp_path / "split", teacher, resume=True, iterations=2)
     straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
-    assert [r["step"] for r in split] == [1, 2]
+    assert [r["iteration"] for r in split] == [1, 2]
     assert split[1]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-6, abs=1e-9)
 
 
@@ -155,11 +158,11 @@ def test_dmd_step_trains_student_and_critic_through_the_world_model_rollout(
 
 
 def test_dmd_resume_gives_the_same_next_step_losses(teacher: Path, tmp_path: Path) -> None:
-    _dmd(tmp_path / "straight", teacher, steps=2)
-    _dmd(tmp_path / "split", teacher, steps=1)
-    _dmd(tmp_path / "split", teacher, resume=True, steps=2)
+    _dmd(tmp_path / "straight", teacher, iterations=2)
+    _dmd(tmp_path / "split", teacher, iterations=1)
+    _dmd(tmp_path / "split", teacher, resume=True, iterations=2)
     straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
-    assert [r["step"] for r in split] == [1, 2]
+    assert [r["iteration"] for r in split] == [1, 2]
     for key in ("generator_loss", "critic_loss", "exit_steps"):
         assert split[1][key] == pytest.approx(straight[1][key], rel=1e-6, abs=1e-9)
 
@@ -171,13 +174,13 @@ def test_exported_student_plays_in_world_model(teacher: Path, tmp_path: Path, st
     dit, vae = DiT(config), LatentAutoencoder(config)
     checkpoint.load_into(dit, files.dit, teacher)
     checkpoint.load_into(vae, files.vae, teacher)
-    out = export_student(tmp_path / "student", config, dit, dit, vae, stage="cd", step=1, meta={})
+    out = export_student(tmp_path / "student", config, dit, dit, vae, stage="cd", iteration=1, meta={})
     wm = WorldModel.from_pretrained(out, prompt_encoder=ENCODER, precision="fp32", max_sessions=1)
     assert wm.steps == steps
     session = wm.new_session("a dungeon", seed=0)
-    frames = [wm.step([session], [1])]
+    frames = [wm.next_frame([session], [1])]
     assert wm.last_timings.forwards == 3  # the first frame's extra steps
-    frames += [wm.step([session], [k]) for k in (1, 16, 0)]
+    frames += [wm.next_frame([session], [k]) for k in (1, 16, 0)]
     assert wm.last_timings.forwards == steps
     assert all(f.shape == (1, 32, 32, 3) and f.dtype.name == "uint8" for f in frames)
 
@@ -201,21 +204,22 @@ def test_no_distillation_module_runs_its_own_sampling_loop() -> None:
 
 @pytest.fixture
 def fake_cli_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(distill_cd, "PromptEncoder", FakePromptEncoder)
-    monkeypatch.setattr(distill_dmd, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(cd_stage, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(dmd_stage, "PromptEncoder", FakePromptEncoder)
     yield
 
 
 def test_cli_runs_cd_and_reports_errors_in_one_line(teacher: Path, bidirectional: Path, tmp_path: Path,
                                                     fake_cli_encoder: None,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["distill", "cd", "--device", "cpu", "--steps", "1", "--batch-size", "1", "--clip-frames", "2",
-            "--pool-clips", "0", "--grid-steps", "4", "--student-steps", "1"]
+    base = ["distill", "cd", "--device", "cpu", "--iterations", "1", "--batch-size", "1",
+            "--clip-frames", "2", "--pool-clips", "0", "--grid-steps", "4", "--student-steps", "1"]
     assert main([*base, "--teacher", str(teacher), "--out", str(tmp_path / "cd")]) == 0
     config, metadata = checkpoint.read_config(tmp_path / "cd" / "model")
     assert config.sampling.steps == 1 and metadata["step"] == 1
-    dmd = ["distill", "dmd", "--device", "cpu", "--steps", "1", "--batch-size", "1", "--clip-frames", "2",
-           "--pool-clips", "0", "--grad-frames", "1", "--teacher", str(teacher), "--real", str(bidirectional),
+    dmd = ["distill", "dmd", "--device", "cpu", "--iterations", "1", "--batch-size", "1",
+           "--clip-frames", "2", "--pool-clips", "0", "--grad-frames", "1", "--teacher", str(teacher),
+           "--real", str(bidirectional),
            "--student", str(tmp_path / "cd" / "model"), "--out", str(tmp_path / "dmd")]
     assert main(dmd) == 0
     config, metadata = checkpoint.read_config(tmp_path / "dmd" / "model")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
-from models.dit import NULL_KEY, DiT, attention, drop_keys, frame_mask
-from models.kv_cache import KVCache
+from worldloop.models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
+from worldloop.models.dit import NULL_KEY, DiT, attention, drop_keys, frame_mask
+from worldloop.models.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4

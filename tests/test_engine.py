@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.config import preset
-from models.text import PromptEncoder
-from streaming.engine import Engine
-from streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
 from tests.fakes import FakeWorldModel
+from worldloop.models.config import preset
+from worldloop.models.text import PromptEncoder
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
 
 pytestmark = pytest.mark.timeout(60)
 RAW = dict(image_format="raw")
@@ -175,10 +175,10 @@ def test_admission_pause_writer_and_close(engine_factory: Any) -> None:
 
 def test_a_failing_step_ends_its_sessions_not_the_engine(engine_factory: Any) -> None:
     class Exploding(FakeWorldModel):
-        def step(self, sessions: Any, keys: Any, speculative: bool = False) -> np.ndarray:
+        def next_frame(self, sessions: Any, keys: Any, speculative: bool = False) -> np.ndarray:
             if any(s.prompt == "explode" for s in sessions):
                 raise RuntimeError("boom")
-            return super().step(sessions, keys, speculative)
+            return super().next_frame(sessions, keys, speculative)
 
     engine = engine_factory(Exploding())
     bad = engine.open_session(SessionOptions("explode"))
@@ -192,7 +192,7 @@ def test_a_failing_step_ends_its_sessions_not_the_engine(engine_factory: Any) ->
 
 @pytest.fixture(scope="module")
 def tiny_world_model(prompt_encoder: PromptEncoder) -> Any:
-    from models.world_model import WorldModel
+    from worldloop.models.world_model import WorldModel
 
     return WorldModel.from_config(preset("tiny"), seed=0, prompt_encoder=prompt_encoder, max_sessions=4)
 

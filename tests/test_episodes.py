@@ -10,14 +10,14 @@ import av
 import numpy as np
 import pytest
 
-from distill.episodes import (
+from worldloop.distill.data.episodes import (
     EpisodeMeta,
     EpisodeWriter,
     PromptChange,
     read_episode,
     write_episode,
 )
-from distill.world import rollout
+from worldloop.distill.world import rollout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from app.cli import main
-from distill.data import ClipPool, WorldClips
-from distill.evaluate import EvalConfig, horizon_metrics, run_eval
-from distill.evaluators import EvaluatorNet, default_config, load_evaluator, save_evaluator, train_evaluator
-from distill.run import RunError
-from distill.train_common import TrainConfig, setup_distributed
-from distill.world.themes import THEMES
-from models.config import preset
-from models.keys import KEYS
 from tests.train_fakes import FakePromptEncoder, random_model_dir
+from worldloop.app.cli import main
+from worldloop.distill.data.clips import ClipPool, WorldClips
+from worldloop.distill.eval.evaluate import EvalConfig, horizon_metrics, run_eval
+from worldloop.distill.eval.evaluators import EvaluatorNet, load_evaluator, save_evaluator
+from worldloop.distill.stages.helpers import default_config, train_evaluator
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.checkpoint import CheckpointError
+from worldloop.models.config import preset
+from worldloop.models.keys import KEYS
 
 TINY = preset("tiny")
 
@@ -29,15 +30,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_tiny_idm_beats_chance_on_held_out_engine_frames(tmp_path: Path) -> None:
     train = ClipPool(WorldClips(32, 32, 8, random_keys=0.5), clips=32, frames=4, chunk=32, refresh_every=0)
     held_out = WorldClips(32, 32, 4, held_out=True, random_keys=1.0)
-    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=0, clip_frames=4, out=str(tmp_path / "idm"),
-                      log_every=20, device="cpu")
+    cfg = TrainConfig(iterations=60, batch_size=8, lr=3e-3, warmup=0, clip_frames=4,
+                      out=str(tmp_path / "idm"), log_every=20, device="cpu")
     torch.manual_seed(0)
     _, acc = train_evaluator(default_config("idm", 32, 32, KEYS), cfg, train, held_out,
                              setup_distributed("cpu"), eval_batches=2, eval_batch_size=8)
     assert acc["per_key"] > acc["chance_per_key"] + 0.03, acc
     model = load_evaluator(tmp_path / "idm", "idm")
     assert model.config.labels == KEYS
-    with pytest.raises(RunError, match="not 'classifier'"):
+    with pytest.raises(CheckpointError, match="not 'classifier'"):
         load_evaluator(tmp_path / "idm", "classifier")
 
 

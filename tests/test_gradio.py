@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from app.gradio_app import GradioWorld, build_app, launch, theme_presets
-from streaming.engine import Engine
 from tests.fakes import FakeWorldModel
+from worldloop.app.gradio_app import GradioWorld, build_app, launch, theme_presets
+from worldloop.streaming.engine import Engine
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import DiTConfig, ModelConfig, SamplingConfig, VAEConfig
-from models.dit import DiT
-from models.kv_cache import KVCache
+from worldloop.models.config import DiTConfig, ModelConfig, SamplingConfig, VAEConfig
+from worldloop.models.dit import DiT
+from worldloop.models.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DEPTH, HEADS, DH, N = 2, 1, 8, 2

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill import losses
-from models.sampling import shift_sigma
+from worldloop.distill.stages import losses
+from worldloop.models.sampling import add_noise, shift_sigma
 
 
 def test_add_noise_interpolates_per_frame() -> None:
     x0 = torch.ones(1, 2, 1, 1, 1)  # (B, F, C, h, w)
     noise = torch.full_like(x0, 3.0)
     sigma = torch.tensor([[0.0, 0.25]])
-    xt = losses.add_noise(x0, noise, sigma)
+    xt = add_noise(x0, noise, sigma)
     # frame 0 is clean; frame 1: 0.75·1 + 0.25·3 = 1.5
     assert xt.flatten().tolist() == [1.0, 1.5]
     with pytest.raises(ValueError):
-        losses.add_noise(x0, noise, torch.zeros(1, 3))
+        add_noise(x0, noise, torch.zeros(1, 3))
 
 
 def test_flow_matching_loss_hand_computed() -> None:
@@ -36,7 +36,7 @@ def test_exact_velocity_recovers_clean_frames() -> None:
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
     sigma = torch.rand(2, 3, generator=g)
-    xt = losses.add_noise(x0, noise, sigma)
+    xt = add_noise(x0, noise, sigma)
     v = losses.velocity_target(x0, noise)
     recovered = xt - sigma.view(2, 3, 1, 1, 1) * v  # x0 = x_σ − σ·v
     assert torch.allclose(recovered, x0, atol=1e-6)
@@ -77,8 +77,8 @@ def test_ode_step_hand_computed_and_exact_on_straight_paths() -> None:
     g = torch.Generator().manual_seed(0)
     clean, eps = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
     sigma, nxt = torch.tensor([0.9, 0.6]), torch.tensor([0.7, 0.1])
-    stepped = losses.ode_step(losses.add_noise(clean, eps, sigma), clean, sigma, nxt)
-    assert torch.allclose(stepped, losses.add_noise(clean, eps, nxt), atol=1e-6)
+    stepped = losses.ode_step(add_noise(clean, eps, sigma), clean, sigma, nxt)
+    assert torch.allclose(stepped, add_noise(clean, eps, nxt), atol=1e-6)
 
 
 def test_consistency_loss_hand_computed_with_the_boundary() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill import metrics
+from worldloop.distill.eval import metrics
 
 
 def _rand(seed: int, shape: tuple[int, ...] = (2, 3, 16, 16)) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from streaming.protocol import (
+from worldloop.models.text import MAX_PROMPT_CHARS
+from worldloop.streaming.protocol import (
     ERROR_CODES,
     FRAME_HEADER,
     MAX_MESSAGE_BYTES,
@@ -159,3 +160,9 @@ def test_the_document_lists_every_error_code_and_message_type() -> None:
                 Ready, Done, Snapshot, Stats, Recording, Error, Bye):
         kind = next(f.default for f in dataclasses.fields(cls) if f.name == "type")
         assert f"`{kind}`" in doc, kind
+
+
+def test_the_web_client_allows_the_same_prompt_length() -> None:
+    """The page's prompt box (static HTML) holds exactly what the model and the protocol accept."""
+    page = (Path(__file__).resolve().parents[1] / "app" / "web" / "index.html").read_text()
+    assert 'id="prompt"' in page and f'maxlength="{MAX_PROMPT_CHARS}"' in page

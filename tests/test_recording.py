@@ -18,9 +18,9 @@ import av
 import numpy as np
 import pytest
 
-from streaming.client import SyncClient
-from streaming.recording import Mp4Recorder, is_recording_name, new_recording_name, recording_path
 from tests.fakes import RawClient, serve_fake
+from worldloop.streaming.client import SyncClient
+from worldloop.streaming.recording import Mp4Recorder, is_recording_name, new_recording_name, recording_path
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def test_record_over_the_websocket_and_download(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_sigterm_finishes_an_open_recording(tmp_path: Path) -> None:
     """`worldloop serve --preset tiny` in a subprocess: record, SIGTERM, the MP4 is complete and plays."""
-    command = [sys.executable, "-m", "app.cli", "serve", "--preset", "tiny", "--port", "0",
+    command = [sys.executable, "-m", "worldloop.app.cli", "serve", "--preset", "tiny", "--port", "0",
                "--record-dir", str(tmp_path), "--max-sessions", "1"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -16,9 +16,9 @@ import av
 import numpy as np
 import pytest
 
-from app.cli import main
-from app.commands.world import read_key_script
-from app.rollout import (
+from worldloop.app.cli import main
+from worldloop.app.commands.world import read_key_script
+from worldloop.app.rollout import (
     PromptSchedule,
     RolloutPlan,
     build_schedule,
@@ -28,10 +28,10 @@ from app.rollout import (
     scripted_keys,
     sidecar_path,
 )
-from models.config import preset
-from models.keys import parse_keys
-from models.text import PromptEncoder
-from models.world_model import WorldModel
+from worldloop.models.config import preset
+from worldloop.models.keys import parse_keys
+from worldloop.models.text import PromptEncoder
+from worldloop.models.world_model import WorldModel
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("single_thread")]
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_rollout_writes_exactly_the_requested_frames_and_is_deterministic(
 
 
 def _start_long_rollout(out: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "app.cli", "rollout", "--preset", "tiny", "--prompt", "a dungeon",
+    argv = [sys.executable, "-m", "worldloop.app.cli", "rollout", "--preset", "tiny", "--prompt", "a dungeon",
             "--frames", "100000", "--fps", "4", "--quiet", "--out", str(out)]
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.sampling import (
+from worldloop.models.sampling import (
     SampleEvent,
     add_noise,
     denoise,

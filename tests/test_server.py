@@ -16,17 +16,17 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
-from app import loading
-from app.cli import build_parser, main
-from app.commands import serve
-from models.config import preset
-from streaming.encoding import decode_image
-from streaming.metrics import Metrics
-from streaming.outbox import Outbox, OutgoingFrame, Stalled
-from streaming.protocol import check_access_token
-from streaming.server import ServerConfig, WorldloopServer
 from tests.fakes import FakeWorldModel, RawClient, serve_fake
 from tests.train_fakes import random_model_dir
+from worldloop.app import loading
+from worldloop.app.cli import build_parser, main
+from worldloop.app.commands import serve
+from worldloop.models.config import preset
+from worldloop.streaming.encoding import decode_image
+from worldloop.streaming.metrics import Metrics
+from worldloop.streaming.outbox import Outbox, OutgoingFrame, Stalled
+from worldloop.streaming.protocol import check_access_token
+from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,11 +21,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Opcode
 
-from app.cli import build_parser
-from app.commands import serve
-from streaming.limits import FailureBackoff, TokenBucket
-from streaming.protocol import unpack_frame
 from tests.fakes import FakeWorldModel, RawClient, client_frame, raw_websocket, serve_fake
+from worldloop.app.cli import build_parser
+from worldloop.app.commands import serve
+from worldloop.streaming.limits import FailureBackoff, TokenBucket
+from worldloop.streaming.protocol import unpack_frame
 
 pytestmark = pytest.mark.timeout(90)
 

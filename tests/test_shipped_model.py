@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.loading import DEFAULT_MODEL_DIR, choose_model
-from distill import metrics
-from distill.evaluate import engine_clips
-from distill.world.themes import THEMES
-from models.checkpoint import load_model
-from models.world_model import WorldModel
+from worldloop.app.loading import DEFAULT_MODEL_DIR, choose_model
+from worldloop.distill.eval import metrics
+from worldloop.distill.eval.evaluate import engine_clips
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.checkpoint import load_model
+from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,22 +39,24 @@ def test_the_default_model_ships_and_is_what_play_uses() -> None:
 
 
 def _next_frames(wm: WorldModel, frames: np.ndarray, keys: np.ndarray, prompts: list[str],
-                 context: int, steps: int) -> np.ndarray:
-    sessions = [wm.new_session(p, seed=i, first_frames=frames[i, :context], first_keys=keys[i, :context])
-                for i, p in enumerate(prompts)]
-    out = [wm.step(sessions, keys[:, t].tolist()) for t in range(context, context + steps)]
+                 context_frames: int, frames_after: int) -> np.ndarray:
+    sessions = [wm.new_session(p, seed=i, first_frames=frames[i, :context_frames],
+                               first_keys=keys[i, :context_frames]) for i, p in enumerate(prompts)]
+    made = range(context_frames, context_frames + frames_after)
+    out = [wm.next_frame(sessions, keys[:, t].tolist()) for t in made]
     for s in sessions:
         wm.close_session(s)
     return np.stack(out, 1)
 
 
 def test_it_continues_engine_worlds_far_better_than_random_weights(shipped: WorldModel) -> None:
-    context, steps = shipped.config.dit.sink + shipped.config.dit.window, 4
-    clips = engine_clips(*shipped.frame_shape, 4, context + steps, seed=7, device=torch.device("cpu"))
-    truth = metrics.from_uint8(clips.frames[:, context:].reshape(-1, *shipped.frame_shape, 3))
+    context_frames, frames_after = shipped.config.dit.sink + shipped.config.dit.window, 4
+    clips = engine_clips(*shipped.frame_shape, 4, context_frames + frames_after, seed=7,
+                         device=torch.device("cpu"))
+    truth = metrics.from_uint8(clips.frames[:, context_frames:].reshape(-1, *shipped.frame_shape, 3))
 
     def psnr(wm: WorldModel) -> float:
-        made = _next_frames(wm, clips.frames, clips.keys, clips.prompts, context, steps)
+        made = _next_frames(wm, clips.frames, clips.keys, clips.prompts, context_frames, frames_after)
         made_t = metrics.from_uint8(made.reshape(-1, *shipped.frame_shape, 3))
         return metrics.psnr(made_t, truth).mean().item()
 
@@ -74,7 +76,8 @@ def test_prompts_steer_the_world(shipped: WorldModel) -> None:
 
     def redness(prompt: str) -> float:
         s = shipped.new_session(prompt, seed=3)
-        frames = np.stack([shipped.step([s], [1])[0] for _ in range(3)]).reshape(-1, 3).astype(np.float64)
+        frames = np.stack([shipped.next_frame([s], [1])[0] for _ in range(3)])
+        frames = frames.reshape(-1, 3).astype(np.float64)
         shipped.close_session(s)
         return float(frames[:, 0].mean() - frames[:, 2].mean())  # red minus blue, 0..255 units
 

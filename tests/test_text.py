@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.text import TEXT_DIM, PromptEncoder, null_embedding, validate_prompt
+from worldloop.models.text import TEXT_DIM, PromptEncoder, null_embedding, validate_prompt
 
 MAX_TOKENS = 16
 

@@ -15,20 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.cli import main
-from distill.data import ClipPool, EpisodeClips, WorldClips
-from distill.episodes import EpisodeMeta, PromptChange, write_episode
-from distill.run import RunError, read_checkpoint
-from distill.train_common import TrainConfig, setup_distributed
-from distill.train_teacher import TeacherLoss, TeacherObjective, draw, train_teacher
-from distill.train_vae import VAEObjective, train_vae
-from distill.world.themes import THEMES
-from models import checkpoint
-from models.checkpoint import CheckpointError
-from models.config import preset
-from models.dit import DiT
-from models.world_model import WorldModel
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
+from worldloop.app.cli import main
+from worldloop.distill.data.clips import ClipPool, EpisodeClips, WorldClips
+from worldloop.distill.data.episodes import EpisodeMeta, PromptChange, write_episode
+from worldloop.distill.stages.run import RunError, read_checkpoint
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw, train_teacher
+from worldloop.distill.stages.vae import VAEObjective, train_vae
+from worldloop.distill.world.themes import THEMES
+from worldloop.models import checkpoint
+from worldloop.models.checkpoint import CheckpointError
+from worldloop.models.config import preset
+from worldloop.models.dit import DiT
+from worldloop.models.world_model import WorldModel
 
 TINY = preset("tiny")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cfg(out: Path, **kw: object) -> TrainConfig:
-    base = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=0, clip_frames=4, out=str(out), log_every=1,
-                       sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0)
+    base = TrainConfig(iterations=2, batch_size=2, lr=1e-3, warmup=0, clip_frames=4, out=str(out),
+                       log_every=1, sample_every=0, checkpoint_every=100, device="cpu", pool_clips=0)
     return replace(base, **kw)
 
 
@@ -62,7 +62,7 @@ def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="holds only an autoencoder"):
         checkpoint.load_model(out)  # what play, export and distillation call: a clear error
     torch.manual_seed(0)
-    from models.vae import LatentAutoencoder
+    from worldloop.models.vae import LatentAutoencoder
 
     init = LatentAutoencoder(TINY).state_dict()
     assert not torch.equal(files.vae["decoder.layers.0.weight"], init["decoder.layers.0.weight"])
@@ -71,7 +71,7 @@ def test_vae_step_learns_and_exports(tmp_path: Path) -> None:
 
 def test_teacher_step_learns_and_exports_a_playable_model(tmp_path: Path) -> None:
     vae = random_model_dir(TINY, tmp_path / "vae")
-    out = _teacher(tmp_path / "t", vae, steps=3)  # adaLN-Zero: attention weights get gradients from step 3
+    out = _teacher(tmp_path / "t", vae, iterations=3)  # adaLN-Zero: attention gets gradients from iteration 3
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "t"))
     files = checkpoint.load_model(out)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_teacher_step_learns_and_exports_a_playable_model(tmp_path: Path) -> Non
     assert files.dit_ema is not None and files.dit_ema["final.linear.weight"].dtype == torch.bfloat16
     wm = WorldModel.from_pretrained(out, prompt_encoder=FakePromptEncoder(TINY.dit.max_prompt_tokens))
     session = wm.new_session("a dungeon", seed=1)
-    assert wm.step([session], [1]).shape == (1, 32, 32, 3)
+    assert wm.next_frame([session], [1]).shape == (1, 32, 32, 3)
 
 
 def test_bidirectional_teacher_loss_trains() -> None:
@@ -99,11 +99,11 @@ def test_bidirectional_teacher_loss_trains() -> None:
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     vae = random_model_dir(TINY, tmp_path / "vae")
-    _teacher(tmp_path / "straight", vae, steps=3)
-    _teacher(tmp_path / "split", vae, steps=2)
-    _teacher(tmp_path / "split", vae, resume=True, steps=3)
+    _teacher(tmp_path / "straight", vae, iterations=3)
+    _teacher(tmp_path / "split", vae, iterations=2)
+    _teacher(tmp_path / "split", vae, resume=True, iterations=3)
     straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
-    assert [r["step"] for r in split] == [1, 2, 3]
+    assert [r["iteration"] for r in split] == [1, 2, 3]
     assert abs(straight[2]["loss"] - split[2]["loss"]) <= 1e-6
     a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt", "teacher")
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt", "teacher")
@@ -113,8 +113,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 def test_init_from_carries_weights_and_ema_with_a_fresh_optimizer(tmp_path: Path) -> None:
     vae = random_model_dir(TINY, tmp_path / "vae")
-    first = _teacher(tmp_path / "first", vae, steps=2)
-    config = replace(_cfg(tmp_path / "second"), steps=1, lr=1e-12)  # the step barely moves the weights
+    first = _teacher(tmp_path / "first", vae, iterations=2)
+    config = replace(_cfg(tmp_path / "second"), iterations=1, lr=1e-12)  # the step barely moves the weights
     result = train_teacher(TINY, config, TeacherObjective(), setup_distributed("cpu"), vae_from=None,
                            init_from=first, prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4))
     before, after = checkpoint.load_model(first), checkpoint.load_model(result.model_dir)
@@ -122,7 +122,7 @@ def test_init_from_carries_weights_and_ema_with_a_fresh_optimizer(tmp_path: Path
     assert after.metadata["previous_steps"] == 2 and after.metadata["step"] == 1
     state = read_checkpoint(tmp_path / "second" / "checkpoint.pt", "teacher")
     assert all(s["step"].item() == 1 for s in state["optimizer"]["state"].values())  # a fresh AdamW
-    resumed = train_teacher(TINY, replace(config, steps=2), TeacherObjective(), setup_distributed("cpu"),
+    resumed = train_teacher(TINY, replace(config, iterations=2), TeacherObjective(), setup_distributed("cpu"),
                             vae_from=None, init_from=first, resume=True, prompt_encoder=FakePromptEncoder(16),
                             clips=FakeClips(32, 32, 4))
     again = checkpoint.load_model(resumed.model_dir)  # resuming still counts the steps it started from
@@ -133,9 +133,9 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
     vae = random_model_dir(TINY, tmp_path / "vae")
     with pytest.raises(RunError, match="no checkpoint"):
         _teacher(tmp_path / "t", vae, resume=True)
-    _teacher(tmp_path / "t", vae, steps=1)
+    _teacher(tmp_path / "t", vae, iterations=1)
     with pytest.raises(RunError, match="already holds a run"):
-        _teacher(tmp_path / "t", vae, steps=1)
+        _teacher(tmp_path / "t", vae, iterations=1)
     objective = TeacherObjective(context_noise=0.2)
     with pytest.raises(RunError, match="differ"):
         train_teacher(TINY, _cfg(tmp_path / "t"), objective, setup_distributed("cpu"), vae_from=vae,
@@ -148,18 +148,19 @@ def test_run_directory_and_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"makes 8×16×16 latents .* expects 4×8×8 latents"):
         _teacher(tmp_path / "t2", other)
     with pytest.raises(ValueError, match="out of range"):
-        TrainConfig(steps=0)
+        TrainConfig(iterations=0)
 
 
 def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "teacher", "--preset", "tiny", "--steps", "0", "--out", str(tmp_path / "a")]) == 2
+    assert main(["train", "teacher", "--preset", "tiny", "--iterations", "0", "--out", str(tmp_path / "a")]) \
+        == 2
     assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "b")]) \
         == 2
     assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c"),
                  "--vae", str(tmp_path / "missing")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 3
-    assert "--steps 0" in errors[0] and "--vae" in errors[1] and "missing" in errors[2]
+    assert "--iterations 0" in errors[0] and "--vae" in errors[1] and "missing" in errors[2]
 
 
 def test_world_clips_and_pool_are_deterministic_by_step() -> None:
@@ -188,10 +189,10 @@ def test_training_from_recorded_episodes_via_cli(tmp_path: Path, capsys: pytest.
     assert set(batch.prompts) <= {"a dim dungeon of grey brick walls", "an ice cave"}
     assert set(batch.themes.tolist()) <= {THEMES.index("dungeon"), THEMES.index("ice cave")}
     out = tmp_path / "run"
-    args = ["train", "vae", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--batch-size", "2",
+    args = ["train", "vae", "--preset", "tiny", "--device", "cpu", "--iterations", "2", "--batch-size", "2",
             "--episodes", str(tmp_path / "episodes"), "--out", str(out), "--log-every", "1"]
     assert main(args) == 0
-    assert [r["step"] for r in _log(out)] == [1, 2] and (out / "model" / "vae.safetensors").exists()
+    assert [r["iteration"] for r in _log(out)] == [1, 2] and (out / "model" / "vae.safetensors").exists()
     (tmp_path / "episodes" / "ep1" / "keys.json").write_text("{")
     assert main([*args[:-4], "--out", str(tmp_path / "run2")]) == 2
     assert "keys.json: corrupt JSON" in capsys.readouterr().err
@@ -200,12 +201,12 @@ def test_training_from_recorded_episodes_via_cli(tmp_path: Path, capsys: pytest.
 _SIGTERM_CHILD = """
 import sys
 from pathlib import Path
-from distill.train_common import TrainConfig, setup_distributed
-from distill.train_vae import VAEObjective, train_vae
-from models.config import preset
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.vae import VAEObjective, train_vae
+from worldloop.models.config import preset
 from tests.train_fakes import FakeClips
-cfg = TrainConfig(steps=100000, batch_size=2, warmup=0, out=sys.argv[1], log_every=1, sample_every=0,
-                  checkpoint_every=100000, device="cpu")
+cfg = TrainConfig(iterations=100000, batch_size=2, warmup=0, out=sys.argv[1], log_every=1,
+                  sample_every=0, checkpoint_every=100000, device="cpu")
 train_vae(preset("tiny"), cfg, VAEObjective(), setup_distributed("cpu"), clips=FakeClips(32, 32, 2))
 """
 
@@ -226,9 +227,9 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     finally:
         if child.poll() is None:
             child.kill()
-    step = read_checkpoint(run / "checkpoint.pt", "vae")["step"]
-    assert step >= 1 and (run / "model" / "config.json").exists()
-    cfg = TrainConfig(steps=step + 1, batch_size=2, warmup=0, out=str(run), log_every=1, sample_every=0,
-                      checkpoint_every=100000, device="cpu")
+    done = read_checkpoint(run / "checkpoint.pt", "vae")["step"]  # the format's name for the iteration
+    assert done >= 1 and (run / "model" / "config.json").exists()
+    cfg = TrainConfig(iterations=done + 1, batch_size=2, warmup=0, out=str(run), log_every=1,
+                      sample_every=0, checkpoint_every=100000, device="cpu")
     train_vae(TINY, cfg, VAEObjective(), setup_distributed("cpu"), resume=True, clips=FakeClips(32, 32, 2))
-    assert _log(run)[-1]["step"] == step + 1
+    assert _log(run)[-1]["iteration"] == done + 1

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import PRESETS, ModelConfig, VAEConfig, preset
-from models.vae import (
+from worldloop.models.config import PRESETS, ModelConfig, VAEConfig, preset
+from worldloop.models.vae import (
     LatentAutoencoder,
     Upsample,
     autoencoder_loss,

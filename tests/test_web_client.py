@@ -21,10 +21,10 @@ from pathlib import Path
 import av
 import pytest
 
-from app.gradio_app import theme_presets
-from streaming.engine import Engine
-from streaming.server import ServerConfig, WorldloopServer
 from tests.fakes import FakeWorldModel
+from worldloop.app.gradio_app import theme_presets
+from worldloop.streaming.engine import Engine
+from worldloop.streaming.server import ServerConfig, WorldloopServer
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_DIR = REPO / "app" / "web"
@@ -249,8 +249,8 @@ class TestBrowserClient:
 
 
 def test_play_serves_the_page_prints_the_url_and_says_when_no_browser_opens(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "app.cli", "play", "--preset", "tiny", "--port", "0", "--record-dir",
-            str(tmp_path)]
+    argv = [sys.executable, "-m", "worldloop.app.cli", "play", "--preset", "tiny", "--port", "0",
+            "--record-dir", str(tmp_path)]
     env = {**os.environ, "BROWSER": "false", "OMP_NUM_THREADS": "1"}  # a "browser" that always fails
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)

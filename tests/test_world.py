@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from distill.world import (
+from worldloop.distill.world import (
     THEMES,
     Explorer,
     World,
@@ -20,8 +20,8 @@ from distill.world import (
     sample_params,
     theme_from_prompt,
 )
-from distill.world.themes import THEME_TABLE, colour_name
-from models.keys import parse_keys
+from worldloop.distill.world.themes import THEME_TABLE, colour_name
+from worldloop.models.keys import parse_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,12 +48,12 @@ def test_frames_have_the_asked_size_and_are_deterministic_per_seed() -> None:
     keys = torch.tensor([parse_keys("w"), parse_keys("w+e")])
     a = World([5, 6], height=64, width=96)
     b = World([5, 6], height=64, width=96)
-    fa, fb = a.step(keys), b.step(keys)
+    fa, fb = a.next_frame(keys), b.next_frame(keys)
     assert fa.shape == (2, 64, 96, 3) and fa.dtype == torch.uint8
     assert torch.equal(fa, fb)
     # A world's frames depend on its own seed, not on the rest of the batch.
     alone = World([6], height=64, width=96)
-    assert torch.equal(alone.step(keys[1:]), fa[1:])
+    assert torch.equal(alone.next_frame(keys[1:]), fa[1:])
     assert not torch.equal(fa[0], fa[1])
     assert fa.float().std() > 10  # a picture, not a flat colour
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.commands.world import parse_key_script
-from distill.episodes import read_episode
-from models.keys import parse_keys
+from worldloop.app.cli import main
+from worldloop.app.commands.world import parse_key_script
+from worldloop.distill.data.episodes import read_episode
+from worldloop.models.keys import parse_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -96,3 +96,22 @@ def test_themes_lists_every_theme(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for theme in ("dungeon", "ice cave", "desert ruins", "toxic lab", "neon city", "hell fortress"):
         assert f"{theme} of" in out
+
+
+def test_only_user_errors_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A UserError is one line and exit 2; any other error (a bug) keeps its traceback."""
+    from worldloop.app.commands import world
+    from worldloop.app.errors import UserError
+
+    def user_error(args: object) -> int:
+        raise UserError("bad option")
+
+    def bug(args: object) -> int:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(world, "list_themes", user_error)
+    assert main(["world", "themes"]) == 2 and "error: bad option" in capsys.readouterr().err
+    monkeypatch.setattr(world, "list_themes", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["world", "themes"])

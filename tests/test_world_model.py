@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig, SamplingConfig
-from models.text import PromptEncoder
-from models.world_model import WorldModel
+from worldloop.models.config import ModelConfig, SamplingConfig
+from worldloop.models.text import PromptEncoder
+from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
@@ -58,10 +58,10 @@ def latents_of(wm: WorldModel, sessions: list, keys: list[int]) -> torch.Tensor:
 
 def test_step_shapes_and_timings(wm: WorldModel, fresh) -> None:
     s = fresh()
-    frames = wm.step([s], [1])
+    frames = wm.next_frame([s], [1])
     assert frames.shape == (1, *wm.frame_shape, 3) and frames.dtype == np.uint8
     assert s.frame_index == 1 and wm.last_timings.forwards == wm.config.sampling.first_frame_steps
-    wm.step([s], [1])
+    wm.next_frame([s], [1])
     assert wm.last_timings.forwards == wm.steps == 1  # fused: one forward per 1-step frame
     assert wm.last_timings.dit_ms > 0 and wm.last_timings.decode_ms > 0 and wm.last_timings.batch == 1
     assert wm.cache.stored_frames(s.slot) == [0]  # frame 1 is pending: written by the next forward
@@ -90,9 +90,9 @@ def test_a_batch_of_three_equals_three_single_sessions(wm: WorldModel, fresh) ->
     assert (mixed[:2] - torch.cat(singles[:2])[:, :-2]).abs().max() < TOL
     assert (mixed[2] - singles[2][0, 2:]).abs().max() < TOL
     s = fresh("dungeon", 1)
-    frames_single = [wm.step([s], [k])[0] for k in KEYS[:3]]
+    frames_single = [wm.next_frame([s], [k])[0] for k in KEYS[:3]]
     t = [fresh("dungeon", 1), fresh("ice cave", 2)]
-    frames_batch = [wm.step(t, [k, k])[0] for k in KEYS[:3]]
+    frames_batch = [wm.next_frame(t, [k, k])[0] for k in KEYS[:3]]
     for x, y in zip(frames_single, frames_batch, strict=True):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
@@ -163,14 +163,14 @@ def test_first_frames_reset_and_close(wm: WorldModel, fresh) -> None:
     video = np.random.default_rng(0).integers(0, 256, size=(3, h, w, 3), dtype=np.uint8)
     s = fresh(seed=1, first_frames=video)
     assert s.frame_index == 3 and wm.cache.stored_frames(s.slot) == [0, 1, 2]
-    wm.step([s], [1])
+    wm.next_frame([s], [1])
     assert wm.last_timings.forwards == wm.steps  # context given: no first-frame steps
     first = latents_of(wm, [s], [1, 2])
     wm.reset(s, seed=1)
     assert s.frame_index == 0 and wm.cache.stored_frames(s.slot) == []
     wm.close_session(s)
     with pytest.raises(ValueError, match="closed"):
-        wm.step([s], [1])
+        wm.next_frame([s], [1])
     with pytest.raises(ValueError, match="first_frames"):
         fresh(first_frames=video[:, :-1])
     assert torch.isfinite(first).all()
@@ -179,9 +179,9 @@ def test_first_frames_reset_and_close(wm: WorldModel, fresh) -> None:
 def test_input_validation_and_pool_limit(wm: WorldModel, fresh) -> None:
     s = fresh()
     with pytest.raises(ValueError, match="bitmasks"):
-        wm.step([s], [64])
+        wm.next_frame([s], [64])
     with pytest.raises(ValueError, match="keys for 2"):
-        wm.step([s, fresh()], [1])
+        wm.next_frame([s, fresh()], [1])
     with pytest.raises(ValueError, match="control character"):
         fresh("bad\x00prompt")
     while len(wm._sessions) < wm.max_sessions:
@@ -224,7 +224,7 @@ def test_guidance_runs_with_the_null_prompt(prompt_encoder: PromptEncoder, tiny_
     config = tiny_config.replace(sampling=SamplingConfig(steps=2, first_frame_steps=2, guidance=3.0))
     wm = make_model(config, prompt_encoder, max_sessions=1)
     s = wm.new_session("toxic lab", 0)
-    frames = [wm.step([s], [1]) for _ in range(3)]
+    frames = [wm.next_frame([s], [1]) for _ in range(3)]
     assert wm.last_timings.forwards == 4  # 2 steps × (conditional + null)
     assert all(f.shape == (1, *wm.frame_shape, 3) for f in frames)
 
@@ -245,7 +245,7 @@ def test_first_keys_condition_the_context_frames(wm: WorldModel, fresh) -> None:
 
 def test_given_frames_enter_the_cache_clean_generated_ones_at_context_sigma(
         prompt_encoder: PromptEncoder, tiny_config: ModelConfig, tmp_path) -> None:
-    from models.checkpoint import save_model
+    from worldloop.models.checkpoint import save_model
 
     config = tiny_config.replace(sampling=SamplingConfig(steps=1, first_frame_steps=1, context_sigma=0.2))
     wm = make_model(config, prompt_encoder, max_sessions=1)
@@ -253,7 +253,7 @@ def test_given_frames_enter_the_cache_clean_generated_ones_at_context_sigma(
     video = np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     s = wm.new_session("a stone dungeon", 0, first_frames=video)
     for _ in range(3):
-        wm.step([s], [1])
+        wm.next_frame([s], [1])
     sigma = wm.cache.context(s.slot, include_sink=True).sigma.tolist()
     assert sigma == pytest.approx([0.0, 0.0, 0.2, 0.2])  # 2 given frames; 2 generated (the 3rd is pending)
     save_model(tmp_path / "m", config, wm.dit, wm.vae)

@@ -1,6 +1,6 @@
 """Fakes for the training tests: a synthetic clip source and a hash-based prompt encoder (no MiniLM load).
 
-``FakeClips`` follows the ``ClipSource`` contract (``distill/data.py``): clips are a pure function of
+``FakeClips`` follows the ``ClipSource`` contract (``distill/data/clips.py``): clips are a pure function of
 (seed, rank, step); each clip is a coloured pattern that scrolls by its keys, so keys matter to the frames.
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from distill.data import ClipBatch
-from models import checkpoint
-from models.config import ModelConfig
-from models.dit import DiT
-from models.text import TEXT_DIM, PromptEmbedding
-from models.vae import LatentAutoencoder
+from worldloop.distill.data.clips import ClipBatch
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.text import TEXT_DIM, PromptEmbedding
+from worldloop.models.vae import LatentAutoencoder
 
 
 class FakeClips:

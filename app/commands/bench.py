@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import UserError
-from app.loading import choose_model
-from models.config import PRESETS
+from worldloop.app.errors import UserError
+from worldloop.app.loading import choose_model
+from worldloop.models.config import PRESETS
 
 # Full run, --quick run.
 FRAMES, WARMUP, TRIALS, SERVE_SECONDS, PROBE_SECONDS = (150, 30), (10, 3), (40, 12), (5.0, 2.0), (2.0, 1.0)
@@ -34,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model", metavar="DIR",
                         help="model directory (default: what `worldloop play` uses)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
     p.add_argument("--quick", action="store_true", help="a short run: fewer frames, trials and seconds")
@@ -61,18 +60,17 @@ def _pick(value: Any, defaults: tuple[Any, Any], quick: bool) -> Any:
     return defaults[1 if quick else 0] if value is None else value
 
 
-def _check_device(device: str) -> None:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        import torch
+def _check_device(device: str) -> str:
+    from worldloop.models.device import resolve_device
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is available here")
+    try:
+        return str(resolve_device(device))
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def _check(args: argparse.Namespace) -> None:
-    _check_device(args.device)
+    args.device = _check_device(args.device)
     limits = [("--threads", args.threads, 1, None), ("--steps", args.steps, 1, 8),
               ("--frames", args.frames, 1, None), ("--warmup", args.warmup, 0, None),
               ("--trials", args.trials, 1, None), ("--target-fps", args.target_fps, 1, 120),
@@ -90,7 +88,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from app.bench import BenchOptions, run_bench
+    from worldloop.app.bench import BenchOptions, run_bench
 
     choice = choose_model(args.model, args.preset, fallback=True)
     if choice.warning():

@@ -1,7 +1,7 @@
 """``worldloop distill cd|dmd``: distil the teacher into a 1–2-step student, one subcommand per stage.
 
-``cd`` (causal consistency distillation, ``distill/distill_cd.py``) starts the student from the teacher;
-``dmd`` (self-forcing distribution matching, ``distill/distill_dmd.py``) continues from a CD student (or the
+``cd`` (causal consistency distillation, ``distill/stages/cd.py``) starts the student from the teacher;
+``dmd`` (self-forcing distribution matching, ``distill/stages/dmd.py``) continues from a CD student (or the
 teacher). Both export a model directory that ``worldloop play``/``serve``/``rollout`` load as they are.
 
     worldloop distill cd --teacher runs/teacher/model --student-steps 2 --out runs/cd
@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
-from app.commands.train import train_config
-from distill.train_common import TrainConfig, setup_distributed, teardown_distributed
-from models import checkpoint
-from models.config import ModelConfig
+from worldloop.app.commands.train import train_config
+from worldloop.app.errors import user_input
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cd": {"steps": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
-    "dmd": {"steps": 300, "batch_size": 8, "lr": 2e-5, "warmup": 0, "ema_decay": 0.99},
+    "cd": {"iterations": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
+    "dmd": {"iterations": 300, "batch_size": 8, "lr": 2e-5, "warmup": 0, "ema_decay": 0.99},
 }
 
 
@@ -62,10 +63,10 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--shift", type=float, help="timestep shift of the noise levels (default: the teacher's)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--steps", type=int, default=d["steps"], help="total iterations")
+    p.add_argument("--iterations", type=int, default=d["iterations"], help="total iterations")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the student")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
@@ -77,11 +78,13 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--compile", action="store_true", help="torch.compile the student (cd)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints and exports")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="iterations between checkpoints and exports")
     p.add_argument("--episodes", type=Path, help="clips from recorded episode folders under this path")
     p.add_argument("--pool-clips", type=int, default=-1,
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
-    p.add_argument("--pool-refresh", type=int, default=25, help="steps between re-rendering a pool chunk")
+    p.add_argument("--pool-refresh", type=int, default=25,
+                   help="iterations between re-rendering a pool chunk")
 
 
 def _dmd_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +101,7 @@ def _dmd_options(p: argparse.ArgumentParser) -> None:
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
     """The student's config (from --student, else the teacher's) and the teacher's."""
-    from distill.distill_cd import student_config
+    from worldloop.distill.stages.shared import student_config
 
     teacher, _ = checkpoint.read_config(args.teacher)
     source = getattr(args, "student", None)
@@ -109,35 +112,50 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads} is out of range")
+    with user_input():  # options and configs; what the run itself raises keeps its traceback
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads} is out of range")
+        config, teacher = student_model_config(args)
+        objective = _objective(args, teacher)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, teacher = student_model_config(args)
-    guidance = teacher.sampling.guidance if args.guidance is None else args.guidance
-    shift = teacher.sampling.shift if args.shift is None else args.shift
-    ddp = setup_distributed(args.device)
+    with user_input():
+        ddp = setup_distributed(args.device)
     try:
-        cfg = train_config(args, config, ddp)
-        result = _run_stage(args, config, cfg, ddp, guidance, shift)
+        with user_input():
+            cfg = train_config(args, config, ddp)
+            if args.stage == "dmd" and objective.grad_frames > cfg.clip_frames:
+                raise ValueError(f"--grad-frames {objective.grad_frames} exceeds --clip-frames "
+                                 f"{cfg.clip_frames}")
+        result = _run_stage(args, config, cfg, ddp, objective)
     finally:
         teardown_distributed()
     if ddp.is_main:
-        print(f"step {result.step}; model directory: {result.model_dir}")
+        print(f"iteration {result.iteration}; model directory: {result.model_dir}")
     return 0
 
 
-def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Any, guidance: float,
-               shift: float) -> Any:
+def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
+    guidance = teacher.sampling.guidance if args.guidance is None else args.guidance
+    shift = teacher.sampling.shift if args.shift is None else args.shift
     if args.stage == "cd":
-        from distill.distill_cd import CDObjective, train_cd
+        from worldloop.distill.stages.cd import CDObjective
 
-        objective = CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
+        return CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
+    from worldloop.distill.stages.dmd import DMDObjective
+
+    return DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
+                        critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,
+                        min_sigma=args.min_sigma, max_sigma=args.max_sigma, shift=shift)
+
+
+def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Any,
+               objective: Any) -> Any:
+    if args.stage == "cd":
+        from worldloop.distill.stages.cd import train_cd
+
         return train_cd(config, cfg, objective, ddp, teacher_dir=args.teacher, resume=args.resume)
-    from distill.distill_dmd import DMDObjective, train_dmd
+    from worldloop.distill.stages.dmd import train_dmd
 
-    objective = DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
-                             critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,
-                             min_sigma=args.min_sigma, max_sigma=args.max_sigma, shift=shift)
     return train_dmd(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,
                      real_dir=args.real, resume=args.resume)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.cli import UserError
+from worldloop.app.errors import UserError, user_input
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier")
     p.add_argument("--episodes", type=int, default=8, help="held-out worlds")
     p.add_argument("--horizons", default="1,4,16,64", help="frames after the context, comma-separated")
-    p.add_argument("--context", type=int, default=0, help="engine context frames (0: sink + window)")
+    p.add_argument("--context-frames", type=int, default=0,
+                   help="engine frames given as context (0: sink + window)")
     p.add_argument("--switch-frames", type=int, default=48, help="frames generated after the prompt switch")
     p.add_argument("--drift-seconds", type=float, default=600.0, help="length of the drift rollout")
     p.add_argument("--drift-sessions", type=int, default=2)
@@ -59,8 +60,8 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.evaluate import EvalConfig, run_autoencoder_eval, run_eval
-    from distill.train_common import resolve_device
+    from worldloop.distill.eval.evaluate import EvalConfig, run_autoencoder_eval, run_eval
+    from worldloop.models.device import resolve_device
 
     if args.autoencoder is not None:
         if args.models:
@@ -86,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     horizons = _ints(args.horizons, "horizons")
     if not horizons:
         raise UserError("--horizons needs at least one value")
-    cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context=args.context,
-                     switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
-                     drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
-                     context_sigma=args.context_sigma)
-    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
-                      device=resolve_device(args.device))
+    with user_input():
+        cfg = EvalConfig(episodes=args.episodes, horizons=tuple(horizons), context_frames=args.context_frames,
+                         switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
+                         drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
+                         context_sigma=args.context_sigma)
+        device = resolve_device(args.device)
+    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier, device=device)
     for r in report["runs"]:
         h = r["horizons"]
         psnr = ", ".join(f"h{k} {v['psnr']:.2f} (copy {v['copy_last_psnr']:.2f})" for k, v in h.items())

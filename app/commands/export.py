@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.cli import UserError
+from worldloop.app.errors import UserError
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models.checkpoint import CheckpointError, export_model
+    from worldloop.models.checkpoint import CheckpointError, export_model
 
     if args.out.resolve() == args.model.resolve():
         raise UserError("--out must differ from MODEL_DIR")

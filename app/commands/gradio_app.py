@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import UserError
-from app.loading import add_model_options, choose_model, load_model
+from worldloop.app.errors import UserError
+from worldloop.app.loading import add_model_options, choose_model, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,8 +39,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.gradio_app import GradioWorld, build_app, launch
-    from streaming.engine import Engine
+    from worldloop.app.gradio_app import GradioWorld, build_app, launch
+    from worldloop.streaming.engine import Engine
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)

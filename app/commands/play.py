@@ -19,11 +19,11 @@ import webbrowser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.commands import serve
-from app.loading import add_model_options, choose_model
+from worldloop.app.commands import serve
+from worldloop.app.loading import add_model_options, choose_model
 
 if TYPE_CHECKING:
-    from streaming.server import WorldloopServer
+    from worldloop.streaming.server import WorldloopServer
 
 DEFAULT_PORT = 8765
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import UserError
-from app.commands.world import read_key_script
-from app.loading import choose_model, load_model
-from app.rollout import (
+from worldloop.app.commands.world import read_key_script
+from worldloop.app.errors import UserError, user_input
+from worldloop.app.loading import choose_model, load_model
+from worldloop.app.rollout import (
     ProgressFn,
     RolloutPlan,
     RolloutResult,
@@ -39,7 +39,7 @@ from app.rollout import (
     sidecar_path,
     write_sidecar,
 )
-from models.config import PRESETS
+from worldloop.models.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,19 +116,20 @@ def _progress(total: int, quiet: bool) -> tuple[ProgressFn, Callable[[], None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streaming.recording import Mp4Recorder
+    from worldloop.streaming.recording import Mp4Recorder
 
-    _check_numbers(args)
-    _check_output(args.out)
-    choice = choose_model(args.model, args.preset, fallback=False)
-    fps = args.fps or choice.config.fps
-    frames = frames_for(args.seconds, args.frames, fps)
-    schedule = build_schedule(args.prompt, args.prompt_at, args.schedule, fps, frames)
-    if args.keys:
-        keys, source = scripted_keys(read_key_script(args.keys), frames), f"script {args.keys}"
-    else:
-        keys, source = explorer_keys(args.seed, fps), f"explorer (seed {args.seed})"
-    plan = RolloutPlan(args.seed, frames, fps, schedule, source)
+    with user_input():  # every option, schedule and script is checked before the model loads
+        _check_numbers(args)
+        _check_output(args.out)
+        choice = choose_model(args.model, args.preset, fallback=False)
+        fps = args.fps or choice.config.fps
+        frames = frames_for(args.seconds, args.frames, fps)
+        schedule = build_schedule(args.prompt, args.prompt_at, args.schedule, fps, frames)
+        if args.keys:
+            keys, source = scripted_keys(read_key_script(args.keys), frames), f"script {args.keys}"
+        else:
+            keys, source = explorer_keys(args.seed, fps), f"explorer (seed {args.seed})"
+        plan = RolloutPlan(args.seed, frames, fps, schedule, source)
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
 

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.cli import UserError
-from app.loading import ModelChoice, add_model_options, choose_model, load_model
+from worldloop.app.errors import UserError
+from worldloop.app.loading import ModelChoice, add_model_options, choose_model, load_model
 
 if TYPE_CHECKING:
-    from streaming.engine import Engine
-    from streaming.server import ServerConfig, WorldloopServer
+    from worldloop.streaming.config import ServerConfig
+    from worldloop.streaming.engine import Engine
+    from worldloop.streaming.server import WorldloopServer
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -78,7 +79,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.start_deadline > 0:
         raise UserError(f"--start-deadline must be > 0 seconds, got {args.start_deadline}")
     if args.token is not None:
-        from streaming.protocol import check_access_token
+        from worldloop.streaming.protocol import check_access_token
 
         try:
             check_access_token(args.token)
@@ -97,7 +98,7 @@ def _is_loopback(host: str) -> bool:
 
 def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     """Check the options and load the model: its choice, the engine on it (not started), the server config."""
-    from streaming.engine import Engine
+    from worldloop.streaming.engine import Engine
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
@@ -119,7 +120,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The server's settings from the command line (checked by ``_check_args``)."""
-    from streaming.server import ServerConfig
+    from worldloop.streaming.config import ServerConfig
 
     return ServerConfig(host=args.host, port=args.port, token=args.token,
                         allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
@@ -131,7 +132,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
     """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
-    from streaming.server import run_server
+    from worldloop.streaming.server import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     choice, engine, config = build(args)

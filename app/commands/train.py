@@ -14,16 +14,23 @@ from typing import Any
 
 import torch
 
-from distill.train_common import Distributed, TrainConfig, setup_distributed, teardown_distributed
-from models import checkpoint
-from models.config import PRESETS, ModelConfig, preset
+from worldloop.app.errors import user_input
+from worldloop.distill.stages.runtime import (
+    Distributed,
+    TrainConfig,
+    local_batch_size,
+    setup_distributed,
+    teardown_distributed,
+)
+from worldloop.models import checkpoint
+from worldloop.models.config import PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vae": {"steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100, "clip_frames": None},
-    "teacher": {"steps": 20000, "batch_size": 16, "lr": 3e-4, "warmup": 500, "clip_frames": None},
-    "idm": {"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 4},
-    "classifier": {"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 2},
+    "vae": {"iterations": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100, "clip_frames": None},
+    "teacher": {"iterations": 20000, "batch_size": 16, "lr": 3e-4, "warmup": 500, "clip_frames": None},
+    "idm": {"iterations": 600, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 4},
+    "classifier": {"iterations": 400, "batch_size": 16, "lr": 1e-3, "warmup": 0, "clip_frames": 2},
 }
 
 
@@ -59,10 +66,10 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | STAGE_DEFAULTS[stage]
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="model config preset")
     p.add_argument("--out", type=Path, default=Path("runs") / stage, help="run directory")
-    p.add_argument("--steps", type=int, default=d["steps"], help="total optimizer steps")
+    p.add_argument("--iterations", type=int, default=d["iterations"], help="total optimizer updates")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
@@ -75,12 +82,14 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--sample-every", type=int, default=500, help="steps between sample PNG/MP4s (0: never)")
+    p.add_argument("--sample-every", type=int, default=500,
+                   help="iterations between sample PNG/MP4s (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--episodes", type=Path, help="train on recorded episode folders under this path")
     p.add_argument("--pool-clips", type=int, default=-1,
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
-    p.add_argument("--pool-refresh", type=int, default=25, help="steps between re-rendering a pool chunk")
+    p.add_argument("--pool-refresh", type=int, default=25,
+                   help="iterations between re-rendering a pool chunk")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
         p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
@@ -121,8 +130,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed) -> TrainConfig:
     clip = args.clip_frames or config.dit.window + config.dit.sink + 1
     bf16 = ddp.device.type == "cuda" if args.bf16 is None else args.bf16
+    local_batch_size(args.batch_size, ddp)  # divisible by the processes, checked here at the edge
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, clip_frames=clip,
         seed=args.seed, device=str(ddp.device), bf16=bf16, compile=args.compile, out=str(args.out),
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
@@ -132,15 +142,19 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads} is out of range")
+    with user_input():  # options and configs; what the run itself raises keeps its traceback
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads} is out of range")
+        config = model_config(args)
+        objective = _objective(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = model_config(args)
-    ddp = setup_distributed(args.device)
+    with user_input():
+        ddp = setup_distributed(args.device)
     try:
-        cfg = train_config(args, config, ddp)
-        result = _run_stage(args, config, cfg, ddp)
+        with user_input():
+            cfg = train_config(args, config, ddp)
+        result = _run_stage(args, config, cfg, ddp, objective)
     finally:
         teardown_distributed()
     if ddp.is_main:
@@ -148,25 +162,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed) -> str:
+def _objective(args: argparse.Namespace) -> Any:
     if args.stage == "vae":
-        from distill.train_vae import VAEObjective, train_vae
+        from worldloop.distill.stages.vae import VAEObjective
 
-        objective = VAEObjective(args.noise_std, args.kl_weight, args.edge_weight, args.spectrum_weight,
-                                 args.adversarial_weight, args.adversarial_start,
-                                 decoder_only=args.decoder_only)
-        result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
-        return f"step {result.step}; model directory: {result.model_dir}"
+        return VAEObjective(args.noise_std, args.kl_weight, args.edge_weight, args.spectrum_weight,
+                            args.adversarial_weight, args.adversarial_start, decoder_only=args.decoder_only)
     if args.stage == "teacher":
-        from distill.train_teacher import TeacherObjective, train_teacher
+        from worldloop.distill.stages.teacher import TeacherObjective
 
-        objective = TeacherObjective(shift=args.shift, context_noise=args.context_noise,
-                                     key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
-                                     random_keys=args.random_keys)
+        return TeacherObjective(shift=args.shift, context_noise=args.context_noise,
+                                key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
+                                random_keys=args.random_keys)
+    return None
+
+
+def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, ddp: Distributed,
+               objective: Any) -> str:
+    if args.stage == "vae":
+        from worldloop.distill.stages.vae import train_vae
+
+        result = train_vae(config, cfg, objective, ddp, resume=args.resume, init_from=args.init_from)
+        return f"iteration {result.iteration}; model directory: {result.model_dir}"
+    if args.stage == "teacher":
+        from worldloop.distill.stages.teacher import train_teacher
+
         result = train_teacher(config, cfg, objective, ddp, vae_from=args.vae, resume=args.resume,
                                init_from=args.init_from)
-        return f"step {result.step}; model directory: {result.model_dir}"
-    from distill.evaluators import train_for_config
+        return f"iteration {result.iteration}; model directory: {result.model_dir}"
+    from worldloop.distill.stages.helpers import train_for_config
 
     metrics = train_for_config(args.stage, config, cfg, ddp)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.cli import UserError
-from distill.episodes import EpisodeMeta, EpisodeWriter
-from distill.world.engine import World, check_size
-from distill.world.explorer import Explorer
-from distill.world.themes import THEMES, describe, sample_params
-from models.keys import parse_keys
+from worldloop.app.errors import UserError, user_input
+from worldloop.distill.data.episodes import EpisodeMeta, EpisodeWriter
+from worldloop.distill.world.engine import World, check_size
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.device import resolve_device
+from worldloop.models.keys import parse_keys
 
 MAX_SCRIPT_REPEAT = 1_000_000
 
@@ -115,7 +116,27 @@ def _expand(runs: list[tuple[int, int]], frames: int | None, source: Path) -> li
 
 
 def record(args: argparse.Namespace) -> int:
-    # Check every input before anything is created.
+    with user_input():  # check every input before anything is created
+        world, script, writer = _prepare_recording(args)
+    frames = len(script) if script is not None else (args.frames or 300)
+    explorer = None if script is not None else Explorer(world.seeds)
+    collided: list[int] = []
+    with writer:
+        for t in tqdm(range(frames), desc="recording", unit="frame", disable=None, leave=False):
+            keys = torch.tensor([script[t]]) if script is not None else explorer.act(world)
+            frame = world.next_frame(keys)[0].cpu().numpy()
+            writer.append(frame, int(keys[0]), world.poses[0].tolist())
+            if world.collided[0]:
+                collided.append(t)
+        writer.extra["collided_frames"] = collided  # frames whose move was (partly) blocked by a wall
+    height, width = world.height, world.width
+    print(f"recorded {frames} frames ({width}x{height}, {args.fps} fps) to {args.out}\n"
+          f"prompt: {world.prompts[0]}")
+    return 0
+
+
+def _prepare_recording(args: argparse.Namespace) -> tuple[World, list[int] | None, EpisodeWriter]:
+    """The world, the key script (None: the explorer drives) and the episode writer, or an error."""
     height, width = parse_size(args.size)
     if args.theme != "random" and args.theme not in THEMES:
         raise UserError(f"unknown theme {args.theme!r}; choose one of {', '.join(THEMES)} or random")
@@ -123,38 +144,15 @@ def record(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be positive, got {args.frames}")
     if not 1 <= args.fps <= 240:
         raise UserError(f"--fps must be 1..240, got {args.fps}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     script = _expand(read_key_script(args.keys), args.frames, args.keys) if args.keys else None
-    frames = len(script) if script is not None else (args.frames or 300)
     params = sample_params(args.seed, None if args.theme == "random" else args.theme)
     world = World([params], height, width, device)
-    explorer = None if script is not None else Explorer(world.seeds)
-    collided: list[int] = []
     meta = EpisodeMeta(fps=args.fps, source="world", seed=args.seed, params=params.to_dict(),
                        extra={"policy": "key script" if script is not None else "explorer",
                               "world_config": dataclasses.asdict(world.config)})
     writer = EpisodeWriter(args.out, meta, world.prompts[0], lossless=args.lossless, overwrite=args.force)
-    with writer:
-        for t in tqdm(range(frames), desc="recording", unit="frame", disable=None, leave=False):
-            keys = torch.tensor([script[t]]) if script is not None else explorer.act(world)
-            frame = world.step(keys)[0].cpu().numpy()
-            writer.append(frame, int(keys[0]), world.poses[0].tolist())
-            if world.collided[0]:
-                collided.append(t)
-        writer.extra["collided_frames"] = collided  # frames whose move was (partly) blocked by a wall
-    print(f"recorded {frames} frames ({width}x{height}, {args.fps} fps) to {args.out}\n"
-          f"prompt: {world.prompts[0]}")
-    return 0
-
-
-def _device(spec: str) -> torch.device:
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r} (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return device
+    return world, script, writer
 
 
 def list_themes(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from streaming.client import SyncClient
-from streaming.recording import Mp4Recorder
+from worldloop.streaming.client import SyncClient
+from worldloop.streaming.recording import Mp4Recorder
 
 
 class Explorer:

@@ -1,6 +1,6 @@
 """The built-in world: batched first-person maze worlds rendered in torch — training data and ground truth.
 
-    from distill.world import World, Explorer, rollout, sample_params, describe, THEMES
+    from worldloop.distill.world import World, Explorer, rollout, sample_params, describe, THEMES
     clip = rollout(range(256), n_frames=16, height=64, width=64, device="cuda")  # frames, keys, prompts...
 
 Modules: ``engine`` (World, motion, collision), ``raycast`` (the renderer), ``maze`` (layouts, light maps),
@@ -8,10 +8,17 @@ Modules: ``engine`` (World, motion, collision), ``raycast`` (the renderer), ``ma
 (the scripted key policy), ``rollout`` (clips in one call), ``hashing`` (counter-based random numbers).
 """
 
-from distill.world.engine import World, WorldConfig, check_size
-from distill.world.explorer import Explorer, ExplorerConfig
-from distill.world.rollout import Rollout, rollout
-from distill.world.themes import THEMES, Surface, WorldParams, describe, sample_params, theme_from_prompt
+from worldloop.distill.world.engine import World, WorldConfig, check_size
+from worldloop.distill.world.explorer import Explorer, ExplorerConfig
+from worldloop.distill.world.rollout import Rollout, rollout
+from worldloop.distill.world.themes import (
+    THEMES,
+    Surface,
+    WorldParams,
+    describe,
+    sample_params,
+    theme_from_prompt,
+)
 
 __all__ = [
     "THEMES", "Explorer", "ExplorerConfig", "Rollout", "Surface", "World", "WorldConfig", "WorldParams",

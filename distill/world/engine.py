@@ -2,7 +2,7 @@
 
     world = World(seeds, height=64, width=64, device="cuda")   # or WorldParams from sample_params
     world.reset()
-    frames = world.step(keys)          # keys: (B,) long bitmasks (models.keys) -> (B, H, W, 3) uint8
+    frames = world.next_frame(keys)          # keys: (B,) long bitmasks (models.keys) -> (B, H, W, 3) uint8
     world.poses, world.collided        # (B, 3) x, y, angle; (B,) bool
 
 Motion per frame (``WorldConfig``): turn first by ``turn_degrees`` per held turn key, then move
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from distill.world import maze
-from distill.world.hashing import uniform
-from distill.world.raycast import Scene, View, cast, render
-from distill.world.skies import SKIES
-from distill.world.textures import PATTERNS, Pattern, bake
-from distill.world.themes import WorldParams, describe, sample_params
-from models.keys import KEYS
+from worldloop.distill.world import maze
+from worldloop.distill.world.hashing import uniform
+from worldloop.distill.world.raycast import Scene, View, cast, render
+from worldloop.distill.world.skies import SKIES
+from worldloop.distill.world.textures import PATTERNS, Pattern, bake
+from worldloop.distill.world.themes import WorldParams, describe, sample_params
+from worldloop.models.keys import KEYS
 
 _BIT = {name: 1 << i for i, name in enumerate(KEYS)}
 
@@ -184,7 +184,7 @@ class World:
         self.pos, self.angle, self.collided = move(self.grid, self.pos, self.angle, keys, self.config)
         self.frame_index += 1
 
-    def step(self, keys: torch.Tensor) -> torch.Tensor:
+    def next_frame(self, keys: torch.Tensor) -> torch.Tensor:
         """Apply held keys (B,) and render the resulting frames (B, H, W, 3) uint8."""
         self.move(keys)
         return self.render()

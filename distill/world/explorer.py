@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.world.engine import World, move
-from distill.world.hashing import uniform
-from models.keys import parse_keys
+from worldloop.distill.world.engine import World, move
+from worldloop.distill.world.hashing import uniform
+from worldloop.models.keys import parse_keys
 
 # Detour actions and their weights.
 DETOURS: tuple[tuple[str, float], ...] = (

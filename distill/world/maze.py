@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.world.hashing import randint, uniform
+from worldloop.distill.world.hashing import randint, uniform
 
 _DFS, _START, _ROOM, _LOOP, _ACCENT, _PILLAR, _LAMP = range(1, 8)
 MAX_ROOMS = 4

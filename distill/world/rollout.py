@@ -4,7 +4,7 @@
     clip.frames (B, T, H, W, 3) uint8, clip.keys (B, T), clip.prompts, clip.params
 
 Frame t shows the world after keys[t] were applied to the pose of frame t − 1 (of the start, for t = 0), the
-same convention as ``WorldModel.step``: each frame carries the keys that led to it.
+same convention as ``WorldModel.next_frame``: each frame carries the keys that led to it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.world.engine import World, WorldConfig
-from distill.world.explorer import Explorer, ExplorerConfig
-from distill.world.themes import WorldParams
+from worldloop.distill.world.engine import World, WorldConfig
+from worldloop.distill.world.explorer import Explorer, ExplorerConfig
+from worldloop.distill.world.themes import WorldParams
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,6 @@ def rollout(worlds: Sequence[int | WorldParams], n_frames: int, keys: torch.Tens
     collided = torch.empty(b, n_frames, dtype=torch.bool, device=world.device)
     for t in range(n_frames):
         used[:, t] = policy.act(world) if policy is not None else keys[:, t]
-        frames[:, t] = world.step(used[:, t])
+        frames[:, t] = world.next_frame(used[:, t])
         poses[:, t], collided[:, t] = world.poses, world.collided
     return Rollout(frames, used, poses, collided, world.prompts, world.params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.world.textures import Canvas, Layers, Pattern
+from worldloop.distill.world.textures import Canvas, Layers, Pattern
 
 
 def _sky_gradient(c: Canvas) -> torch.Tensor:

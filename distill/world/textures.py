@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.world.hashing import uniform
+from worldloop.distill.world.hashing import uniform
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from distill.world.skies import SKIES
+from worldloop.distill.world.skies import SKIES
 
 RGB = tuple[float, float, float]
 

@@ -1,4 +1,4 @@
-"""Plots of an evaluation report (``distill/evaluate.py``): metrics over horizon and time (matplotlib)."""
+"""Plots of an evaluation report (``eval/evaluate.py``): metrics over horizon and time (matplotlib)."""
 
 from __future__ import annotations
 

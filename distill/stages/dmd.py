@@ -22,13 +22,12 @@ One iteration (``dmd_step``):
 
 Keep it short (a few hundred iterations): over-trained DMD students lose motion.
 
-    worldloop distill dmd --teacher runs/teacher/model --student runs/cd/model --steps 300 --out runs/dmd
+    worldloop distill dmd --teacher runs/teacher/model --student runs/cd/model --iterations 300 --out runs/dmd
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,20 +36,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distill import losses
-from distill.data import ClipSource, make_clip_source
-from distill.distill_cd import check_compatible, export_student, frozen, guided_x0, load_dit, noisy_context
-from distill.run import (
-    JsonlLog,
-    Progress,
-    RunDir,
-    RunError,
-    StopSignal,
-    load_checkpoint,
-    save_checkpoint,
-    settings_dict,
-)
-from distill.train_common import (
+from worldloop.distill.data.clips import ClipBatch, ClipSource
+from worldloop.distill.stages import losses, shared
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import RunError, settings_dict
+from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
     TrainConfig,
@@ -59,15 +49,13 @@ from distill.train_common import (
     lr_at,
     make_optimizer,
     optimizer_step,
-    step_generator,
 )
-from distill.train_teacher import load_vae
-from models.config import ModelConfig
-from models.dit import DiT
-from models.keys import keys_to_tensor
-from models.sampling import add_noise, shift_sigma
-from models.text import PromptEmbedding, PromptEncoder
-from models.world_model import Session, WorldModel
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.keys import keys_to_tensor
+from worldloop.models.sampling import add_noise, shift_sigma
+from worldloop.models.text import PromptEmbedding, PromptEncoder
+from worldloop.models.world_model import Session, WorldModel
 
 STAGE = "dmd"
 
@@ -102,7 +90,7 @@ class DMDDraws:
     noise: torch.Tensor
     critic_sigma: torch.Tensor
     critic_noise: torch.Tensor
-    context_noise: torch.Tensor
+    context_eps: torch.Tensor
 
 
 def draw(objective: DMDObjective, student_steps: int, shape: tuple[int, ...], generator: torch.Generator,
@@ -118,8 +106,8 @@ def draw(objective: DMDObjective, student_steps: int, shape: tuple[int, ...], ge
     seeds = torch.randint(0, 2**31 - 1, (shape[0],), generator=generator, device=device).tolist()
     sigma, noise = levels(shape[:1]), torch.randn(shape, generator=generator, device=device)
     critic_sigma, critic_noise = levels(shape[:2]), torch.randn(shape, generator=generator, device=device)
-    context_noise = torch.randn(shape, generator=generator, device=device)
-    return DMDDraws(exit_steps, seeds, sigma, noise, critic_sigma, critic_noise, context_noise)
+    context_eps = torch.randn(shape, generator=generator, device=device)
+    return DMDDraws(exit_steps, seeds, sigma, noise, critic_sigma, critic_noise, context_eps)
 
 
 def self_forcing_rollout(wm: WorldModel, sessions: Sequence[Session], prompts: Sequence[str],
@@ -146,10 +134,11 @@ def generator_loss(x: torch.Tensor, keys: torch.Tensor, prompt: PromptEmbedding,
                    d: DMDDraws, objective: DMDObjective, context_sigma: float) -> torch.Tensor:
     """Step 2 of the module docstring: the DMD loss of the newest ``grad_frames`` frames of ``x``."""
     clip = x.detach()
-    context, ctx_sigma = noisy_context(clip, context_sigma, d.context_noise)
+    context, context_sigmas = shared.noisy_context(clip, context_sigma, d.context_eps)
     noisy = add_noise(clip, d.noise, d.sigma)
-    real_x0 = guided_x0(real, noisy, d.sigma, keys, prompt, context, ctx_sigma, objective.guidance)
-    fake_x0 = guided_x0(critic, noisy, d.sigma, keys, prompt, context, ctx_sigma, 1.0)
+    real_x0 = shared.guided_x0(real, noisy, d.sigma, keys, prompt, context, context_sigmas,
+                               objective.guidance)
+    fake_x0 = shared.guided_x0(critic, noisy, d.sigma, keys, prompt, context, context_sigmas, 1.0)
     g = objective.grad_frames
     return losses.dmd_generator_loss(x[:, -g:], fake_x0[:, -g:], real_x0[:, -g:])
 
@@ -158,10 +147,10 @@ def critic_flow_loss(critic: DiT, x: torch.Tensor, keys: torch.Tensor, prompt: P
                      context_sigma: float) -> torch.Tensor:
     """Step 3: the critic's flow-matching loss on the generated clip, teacher-forcing layout."""
     clip = x.detach()
-    context, ctx_sigma = noisy_context(clip, context_sigma, d.context_noise)
-    noisy = losses.add_noise(clip, d.critic_noise, d.critic_sigma)
+    context, context_sigmas = shared.noisy_context(clip, context_sigma, d.context_eps)
+    noisy = add_noise(clip, d.critic_noise, d.critic_sigma)
     v = critic(noisy, d.critic_sigma, keys, critic.prompt_kv(prompt.tokens, prompt.mask), context=context,
-               context_sigma=ctx_sigma)
+               context_sigma=context_sigmas)
     return losses.critic_loss(v, clip, d.critic_noise)
 
 
@@ -179,12 +168,12 @@ class DMDModels:
 
 
 def dmd_step(m: DMDModels, prompts: Sequence[str], keys: torch.Tensor, prompt: PromptEmbedding, d: DMDDraws,
-             objective: DMDObjective, cfg: TrainConfig, step: int) -> dict[str, float]:
+             objective: DMDObjective, cfg: TrainConfig, iteration: int) -> dict[str, float]:
     """One iteration (steps 1–3); returns what it measured."""
     device, context_sigma = m.wm.device, m.wm.config.sampling.context_sigma
-    train_generator = step % objective.critic_steps == 0
+    train_generator = iteration % objective.critic_steps == 0
     multi_hot = keys_to_tensor(keys, device=device)
-    lr = lr_at(step, cfg)
+    lr = lr_at(iteration, cfg)
     record: dict[str, float] = {"exit_steps": d.exit_steps, "lr": lr}
     with autocast(device, cfg.bf16):
         x = self_forcing_rollout(m.wm, m.sessions, prompts, keys, d.seeds, d.exit_steps,
@@ -207,18 +196,18 @@ def load_models(config: ModelConfig, cfg: TrainConfig, device: torch.device, tea
                 student_dir: Path | None, real_dir: Path | None, encoder: PromptEncoder
                 ) -> tuple[DMDModels, nn.Module]:
     """Student (in a WorldModel, one cache slot per stream), critic and real score; and the autoencoder."""
-    teacher_config, critic = load_dit(teacher_dir, device)
-    check_compatible(config, teacher_config, teacher_dir, same_dit=True)
+    teacher_config, critic = shared.load_dit(teacher_dir, device)
+    shared.check_compatible(config, teacher_config, teacher_dir, same_dit=True)
     if real_dir is None:
-        real = frozen(copy.deepcopy(critic))
+        real = shared.frozen(copy.deepcopy(critic))
     else:
-        real_config, real = load_dit(real_dir, device)
-        check_compatible(config, real_config, real_dir, same_dit=False)
-        frozen(real)
+        real_config, real = shared.load_dit(real_dir, device)
+        shared.check_compatible(config, real_config, real_dir, same_dit=False)
+        shared.frozen(real)
     source = student_dir or teacher_dir
-    student_source_config, student = load_dit(source, device)
-    check_compatible(config, student_source_config, source, same_dit=True)
-    vae = frozen(load_vae(config, teacher_dir).to(device))
+    student_source_config, student = shared.load_dit(source, device)
+    shared.check_compatible(config, student_source_config, source, same_dit=True)
+    vae = shared.frozen(shared.load_vae(config, teacher_dir).to(device))
     wm = WorldModel(config, student, vae, encoder, device=device, max_sessions=cfg.batch_size,
                     steps=config.sampling.steps, precision="fp32")
     sessions = [wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
@@ -227,55 +216,61 @@ def load_models(config: ModelConfig, cfg: TrainConfig, device: torch.device, tea
     return DMDModels(wm, sessions, critic.train(), real, ema, optimizer), vae
 
 
+class DMDStage(Stage):
+    """The student rolled out through its ``WorldModel``, judged by the real score and a trained critic."""
+
+    name, title = STAGE, "distill dmd"
+    export_at_checkpoints = True
+
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: DMDObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, teacher_dir: Path, student_dir: Path | None,
+                 real_dir: Path | None, prompt_encoder: PromptEncoder | None,
+                 clips: ClipSource | None) -> None:
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
+        self.device = device = ddp.device
+        self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
+        self.m, self.vae = load_models(config, cfg, device, teacher_dir, student_dir, real_dir, self.encoder)
+        self.trained = self.m.wm.dit
+        self.modules = {"student": self.m.wm.dit, "critic": self.m.critic}
+        self.emas, self.optimizer = {"student": self.m.ema}, self.m.optimizer
+        self.clips = clips or shared.make_clip_source(cfg, config, device, 0, cfg.clip_frames)
+        self.meta: dict[str, Any] = {"teacher": settings["teacher"], "student": settings["student"],
+                                     "real": settings["real"], "guidance": objective.guidance}
+        self.latent_shape = (cfg.batch_size, cfg.clip_frames, config.latent_channels, *config.latent_size)
+
+    def batch(self, iteration: int) -> tuple[ClipBatch, PromptEmbedding]:
+        clips = self.clips.batch(iteration, self.cfg.batch_size)
+        return clips, self.encoder.encode(clips.prompts).to(self.device)
+
+    def step(self, iteration: int, batch: tuple[ClipBatch, PromptEmbedding]) -> Step:
+        (clips, prompt), cfg = batch, self.cfg
+        d = draw(self.objective, self.config.sampling.steps, self.latent_shape, self.generator(iteration),
+                 self.device)
+        record = dmd_step(self.m, clips.prompts, clips.keys.to(self.device), prompt, d, self.objective, cfg,
+                          iteration)
+        return Step(cfg.batch_size * cfg.clip_frames, record["critic_loss"], record,
+                    log_now="generator_loss" in record)
+
+    def export(self, iteration: int, out: Path) -> None:
+        shared.export_student(out, self.config, self.m.wm.dit, self.m.ema.module, self.vae, stage=STAGE,
+                       iteration=iteration, meta=self.meta)
+
+
 def train_dmd(config: ModelConfig, cfg: TrainConfig, objective: DMDObjective, ddp: Distributed, *,
               teacher_dir: Path, student_dir: Path | None = None, real_dir: Path | None = None,
               resume: bool = False, prompt_encoder: PromptEncoder | None = None,
               clips: ClipSource | None = None) -> TrainResult:
-    """Run DMD on a student with ``config`` (``distill_cd.student_config``), initialised from ``student_dir``
+    """Run DMD on a student with ``config`` (``shared.student_config``), initialised from ``student_dir``
     (default: the teacher), and export it to ``<out>/model``. One process; stops (and saves) on SIGTERM."""
     if ddp.enabled:
         raise RunError("distill dmd runs in one process (its self-forcing rollout is not data-parallel)")
     if objective.grad_frames > cfg.clip_frames:
         raise ValueError(f"--grad-frames {objective.grad_frames} exceeds --clip-frames {cfg.clip_frames}")
-    run = RunDir(Path(cfg.out))
     sources = {"teacher": str(teacher_dir), "student": str(student_dir or teacher_dir),
                "real": str(real_dir or teacher_dir)}
     settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective, **sources)
-    run.prepare(resume, settings, write=True)
-    device = ddp.device
-    encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
-    m, vae = load_models(config, cfg, device, teacher_dir, student_dir, real_dir, encoder)
-    modules: dict[str, nn.Module] = {"student": m.wm.dit, "critic": m.critic}
-    step = 0
-    if resume:
-        step = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules=modules,
-                               emas={"student": m.ema}, optimizer=m.optimizer)
-    clips = clips or make_clip_source(cfg, config, device, 0, cfg.clip_frames)
-    log, progress = JsonlLog(run.log), Progress(step, cfg.steps, "distill dmd")
-    meta: dict[str, Any] = {**sources, "guidance": objective.guidance}
-    latent_shape = (cfg.batch_size, cfg.clip_frames, config.latent_channels, *config.latent_size)
-
-    def save() -> None:
-        save_checkpoint(run.checkpoint, stage=STAGE, step=step, settings=settings, modules=modules,
-                        emas={"student": m.ema}, optimizer=m.optimizer)
-        export_student(run.model, config, m.wm.dit, m.ema.module, vae, stage=STAGE, step=step, meta=meta)
-
-    with StopSignal() as stop:
-        while step < cfg.steps and not stop.requested:
-            started = time.perf_counter()
-            batch = clips.batch(step, cfg.batch_size)
-            prompt = encoder.encode(batch.prompts).to(device)
-            data_seconds = time.perf_counter() - started
-            generator = step_generator(cfg.seed, step, 0, device)
-            d = draw(objective, config.sampling.steps, latent_shape, generator, device)
-            record = dmd_step(m, batch.prompts, batch.keys.to(device), prompt, d, objective, cfg, step)
-            step += 1
-            progress.update(cfg.batch_size * cfg.clip_frames, data_seconds, loss=record["critic_loss"])
-            if step % cfg.log_every == 0 or step == cfg.steps or "generator_loss" in record:
-                log.write(step=step, **record, frames_per_s=progress.rate())
-                progress.reset_rate()
-            if step % cfg.checkpoint_every == 0:
-                save()
-    progress.close()
-    save()
-    return TrainResult(run.model, step, m.wm.dit)
+    run = prepare_run(cfg, settings, resume, ddp)
+    stage = DMDStage(config, cfg, objective, ddp, settings, teacher_dir=teacher_dir, student_dir=student_dir,
+                     real_dir=real_dir, prompt_encoder=prompt_encoder, clips=clips)
+    return train(stage, cfg, ddp, run, resume=resume)

@@ -1,19 +1,19 @@
-"""What every training stage shares: the run settings, devices and DDP, EMA, the optimizer step.
+"""What every training stage shares: the run settings, devices and DDP, EMA, the optimizer update.
 
-Each stage (``train_vae``, ``train_teacher``, ``evaluators``) is a plain loop in its own module that uses
-these pieces and those of ``distill/run.py`` (run directory, checkpoints, logs). A run directory holds:
+Each stage (``vae``, ``teacher``, ``cd``, ``dmd``) plugs its iteration into the one loop (``loop.py``), which
+uses these pieces and those of ``run.py`` (run directory, checkpoints, logs). A run directory holds:
 
     train.json        the run's settings (model config, train config, objective), rewritten on every start
-    checkpoint.pt     the latest resumable state: weights, EMA, optimizer, step, RNG state (atomic writes)
-    log.jsonl         one JSON object per logged step
+    checkpoint.pt     the latest resumable state: weights, EMA, optimizer, iteration, RNG state (atomic)
+    log.jsonl         one JSON object per logged iteration
     samples/          periodic PNGs and MP4s
     model/            the exported model directory (``models/checkpoint.py`` format)
 
-Determinism: every random draw of a step (its data, noise levels, noise, dropout) comes from a generator
-seeded by ``(seed, step, rank)`` (``step_generator``), so a resumed run continues with exactly the numbers
-the uninterrupted run would have used; the global torch RNG state is saved as well for anything else.
-The learning rate is warm-up then constant: it never depends on the total step count, so a run can be
-extended or continued across GPU sessions without changing its past.
+Determinism: every random draw of an iteration (its data, noise levels, noise, dropout) comes from a
+generator seeded by ``(seed, iteration, rank)`` (``step_generator``), so a resumed run continues with exactly
+the numbers the uninterrupted run would have used; the global torch RNG state is saved as well for anything
+else. The learning rate is warm-up then constant: it never depends on the total number of iterations, so a
+run can be extended or continued across GPU sessions without changing its past.
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from worldloop.models.device import resolve_device
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings shared by every stage; parsed once by the CLI and saved in every checkpoint."""
 
-    steps: int = 1000  # total optimizer steps of the run (a resumed run continues up to this)
+    iterations: int = 1000  # total optimizer updates of the run (a resumed run continues up to this)
     batch_size: int = 8  # global: split evenly over the DDP processes
     lr: float = 3e-4
-    warmup: int = 100  # linear learning-rate warm-up steps (again after --init-from)
+    warmup: int = 100  # linear learning-rate warm-up iterations (again after --init-from)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -52,11 +54,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     episodes: str | None = None  # a folder of recorded episodes instead of the built-in world
     pool_clips: int = -1  # reuse rendered clips from a pool of this many: -1 auto (256 CPU, 4096 CUDA)
-    pool_refresh: int = 25  # steps between re-rendering one chunk of the pool
+    pool_refresh: int = 25  # iterations between re-rendering one chunk of the pool
 
     def __post_init__(self) -> None:
         checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
+            "iterations": self.iterations >= 1, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
             "warmup": self.warmup >= 0, "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "clip_frames": 2 <= self.clip_frames <= 1024,
@@ -91,21 +93,6 @@ class Distributed:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an unavailable CUDA device is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def setup_distributed(device_name: str, init_method: str | None = None) -> Distributed:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU).
 
@@ -134,7 +121,7 @@ def teardown_distributed() -> None:
 
 
 def any_rank(flag: bool, ddp: Distributed) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same iteration)."""
     if not ddp.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=ddp.device)
@@ -153,19 +140,20 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    """A generator owned by one (seed, step, rank, stream): resumable without saving generator state."""
+def step_generator(seed: int, iteration: int, rank: int, device: torch.device, stream: int = 0
+                   ) -> torch.Generator:
+    """A generator owned by one (seed, iteration, rank, stream): resumable without saving generator state."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 8_191 + rank * 131 + stream) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + iteration * 8_191 + rank * 131 + stream) % (2**63 - 1))
     return g
 
 
 @dataclass
 class TrainResult:
-    """What a training stage returns: the exported model directory, the last step, the trained module."""
+    """What a training stage returns: the exported model directory, the last iteration, the trained module."""
 
     model_dir: Path
-    step: int
+    iteration: int
     model: nn.Module
 
 
@@ -203,10 +191,10 @@ class EMA:
         self.updates = int(state["updates"])
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``cfg.lr``, then constant (EMA does the averaging a decay would)."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.warmup and iteration < cfg.warmup:
+        return cfg.lr * (iteration + 1) / cfg.warmup
     return cfg.lr
 
 
@@ -220,7 +208,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
                    grad_clip: float) -> float:
-    """Backward, clip, step; returns the gradient norm before clipping."""
+    """Backward, clip, optimizer update; returns the gradient norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)

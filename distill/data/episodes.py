@@ -9,7 +9,7 @@ An episode is a folder:
                    theme parameters), poses (per frame [x, y, angle] or null), lossless, extra
     frames.npy     optional: the exact RGB frames (T, H, W, 3) uint8, for training without codec loss
 
-Frame i shows the world after keys[i] were applied (the ``WorldModel.step`` convention).
+Frame i shows the world after keys[i] were applied (the ``WorldModel.next_frame`` convention).
 Writing goes to a hidden sibling folder that is renamed into place only when complete, so an error or
 Ctrl-C never leaves a half-written episode behind. ``read_episode`` checks every part and names the file
 when one is missing or corrupt; frames are decoded lazily (``iter_frames``) or at once (``load_frames``).
@@ -29,11 +29,16 @@ from typing import Any
 import av
 import numpy as np
 
-from models.keys import ALL_KEYS_MASK, KEYS
+from worldloop.models.keys import ALL_KEYS_MASK, KEYS
+from worldloop.models.media import VideoWriter
 
 FORMAT, VERSION = "worldloop-episode", 1
 VIDEO, KEYS_FILE, PROMPTS_FILE, META_FILE, FRAMES_FILE = (
     "video.mp4", "keys.json", "prompts.json", "meta.json", "frames.npy")
+
+
+class EpisodeError(ValueError):
+    """An episode folder that cannot be read (missing, corrupt or inconsistent file): one line naming it."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,9 @@ class Episode:
                     count += 1
                     yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as err:
-            raise ValueError(f"{video}: cannot decode: {err}") from None
+            raise EpisodeError(f"{video}: cannot decode: {err}") from None
         if count != self.n_frames:
-            raise ValueError(f"{video}: decoded {count} frames, meta.json says {self.n_frames}")
+            raise EpisodeError(f"{video}: decoded {count} frames, meta.json says {self.n_frames}")
 
     def load_frames(self, lossless: bool = True) -> np.ndarray:
         """All frames: (T, H, W, 3) uint8."""
@@ -126,8 +131,7 @@ class EpisodeWriter:
         self.poses: list[list[float]] = []
         self.prompts = [PromptChange(0, prompt)]
         self._frames: list[np.ndarray] = []
-        self._container: Any = None
-        self._stream: Any = None
+        self._video: VideoWriter | None = None
         self.size: tuple[int, int] | None = None  # (height, width), from the first frame
 
     def __enter__(self) -> EpisodeWriter:
@@ -163,8 +167,7 @@ class EpisodeWriter:
             raise ValueError(f"frame {self.n_frames}: key bitmask {keys} out of range 0..{ALL_KEYS_MASK}")
         if self.n_frames > 0 and (pose is None) != (not self.poses):
             raise ValueError(f"frame {self.n_frames}: give a pose for every frame or for none")
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            self._container.mux(packet)
+        self._video.write(frame)
         if self.lossless:
             self._frames.append(frame)
         self.keys.append(keys)
@@ -175,20 +178,14 @@ class EpisodeWriter:
         if height % 2 or width % 2:
             raise ValueError(f"frame size {width}x{height} must be even for H.264 (yuv420p)")
         self.size = (height, width)
-        self._container = av.open(str(self.tmp / VIDEO), mode="w", options={"movflags": "+faststart"})
-        self._stream = self._container.add_stream("libx264", rate=self.meta.fps)
-        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-        self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+        self._video = VideoWriter(self.tmp / VIDEO, width, height, self.meta.fps, crf=self.crf)
 
     def close(self) -> Path:
         """Finish the video, write the side files and move the folder into place."""
         try:
             if self.n_frames == 0:
                 raise ValueError(f"{self.path}: an episode needs at least one frame")
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-            self._container = None
+            self._video.close()
             self._write_side_files()
             _commit(self.tmp, self.path)
         except BaseException:
@@ -211,12 +208,8 @@ class EpisodeWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        if self._container is not None:
-            try:
-                self._container.close()
-            except av.error.FFmpegError:
-                pass
-            self._container = None
+        if self._video is not None:
+            self._video.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._remove_made()
 
@@ -259,22 +252,22 @@ def read_episode(path: str | Path) -> Episode:
         raise FileNotFoundError(f"{path}: no such episode folder")
     meta = _read_json(path / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META_FILE}: not a {FORMAT} file")
+        raise EpisodeError(f"{path / META_FILE}: not a {FORMAT} file")
     if meta.get("version") != VERSION:
-        raise ValueError(f"{path / META_FILE}: version {meta.get('version')!r} is not {VERSION}")
+        raise EpisodeError(f"{path / META_FILE}: version {meta.get('version')!r} is not {VERSION}")
     try:
         width, height, n, fps = (int(meta[k]) for k in ("width", "height", "n_frames", "fps"))
         info = EpisodeMeta(fps=fps, source=str(meta["source"]), seed=meta.get("seed"),
                            params=meta.get("params"), extra=dict(meta.get("extra") or {}))
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path / META_FILE}: missing or bad field {err}") from None
+        raise EpisodeError(f"{path / META_FILE}: missing or bad field {err}") from None
     keys = _read_keys(path / KEYS_FILE, n)
     prompts = _read_prompts(path / PROMPTS_FILE, n)
     poses = None
     if meta.get("poses") is not None:
         poses = np.asarray(meta["poses"], dtype=np.float64)
         if poses.shape != (n, 3):
-            raise ValueError(f"{path / META_FILE}: poses must be {n}×3, got shape {poses.shape}")
+            raise EpisodeError(f"{path / META_FILE}: poses must be {n}×3, got shape {poses.shape}")
     _check_video(path / VIDEO, width, height, n)
     lossless = bool(meta.get("lossless"))
     if lossless:
@@ -286,9 +279,9 @@ def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{file}: missing") from None
+        raise EpisodeError(f"{file}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: corrupt JSON ({err})") from None
+        raise EpisodeError(f"{file}: corrupt JSON ({err})") from None
 
 
 def _write_json(file: Path, data: dict[str, Any] | list[Any]) -> None:
@@ -302,13 +295,13 @@ def _write_json(file: Path, data: dict[str, Any] | list[Any]) -> None:
 def _read_keys(file: Path, n: int) -> np.ndarray:
     data = _read_json(file)
     if not isinstance(data, dict) or data.get("keys") != list(KEYS):
-        raise ValueError(f"{file}: expected the key set {list(KEYS)}")
+        raise EpisodeError(f"{file}: expected the key set {list(KEYS)}")
     masks = data.get("masks")
     if not isinstance(masks, list) or len(masks) != n:
         got = len(masks) if isinstance(masks, list) else repr(masks)
-        raise ValueError(f"{file}: expected {n} key masks, got {got}")
+        raise EpisodeError(f"{file}: expected {n} key masks, got {got}")
     if not all(isinstance(m, int) and 0 <= m <= ALL_KEYS_MASK for m in masks):
-        raise ValueError(f"{file}: key masks must be integers 0..{ALL_KEYS_MASK}")
+        raise EpisodeError(f"{file}: key masks must be integers 0..{ALL_KEYS_MASK}")
     return np.asarray(masks, dtype=np.int64)
 
 
@@ -317,7 +310,7 @@ def _read_prompts(file: Path, n: int) -> list[PromptChange]:
     try:
         schedule = [PromptChange(int(p["frame"]), str(p["prompt"])) for p in data]
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{file}: expected a list of {{frame, prompt}} objects") from None
+        raise EpisodeError(f"{file}: expected a list of {{frame, prompt}} objects") from None
     _check_schedule(schedule, n, file)
     return schedule
 
@@ -325,39 +318,39 @@ def _read_prompts(file: Path, n: int) -> list[PromptChange]:
 def _check_schedule(schedule: list[PromptChange], n: int | None, where: Path) -> None:
     frames = [p.frame for p in schedule]
     if not frames or frames[0] != 0:
-        raise ValueError(f"{where}: the prompt schedule must start at frame 0")
+        raise EpisodeError(f"{where}: the prompt schedule must start at frame 0")
     if any(b <= a for a, b in zip(frames, frames[1:], strict=False)):
-        raise ValueError(f"{where}: prompt frames must increase")
+        raise EpisodeError(f"{where}: prompt frames must increase")
     if n is not None and frames[-1] >= n:
-        raise ValueError(f"{where}: prompt at frame {frames[-1]} but the episode has {n} frames")
+        raise EpisodeError(f"{where}: prompt at frame {frames[-1]} but the episode has {n} frames")
 
 
 def _check_video(file: Path, width: int, height: int, n: int) -> None:
     if not file.is_file():
-        raise ValueError(f"{file}: missing")
+        raise EpisodeError(f"{file}: missing")
     try:
         with av.open(str(file)) as container:
             if not container.streams.video:
-                raise ValueError(f"{file}: no video stream")
+                raise EpisodeError(f"{file}: no video stream")
             stream = container.streams.video[0]
             size = (stream.codec_context.width, stream.codec_context.height)
             if size != (width, height):
-                raise ValueError(f"{file}: video is {size[0]}x{size[1]}, meta.json says {width}x{height}")
+                raise EpisodeError(f"{file}: video is {size[0]}x{size[1]}, meta.json says {width}x{height}")
             if stream.frames and stream.frames != n:
-                raise ValueError(f"{file}: video has {stream.frames} frames, meta.json says {n}")
+                raise EpisodeError(f"{file}: video has {stream.frames} frames, meta.json says {n}")
     except av.error.FFmpegError as err:
-        raise ValueError(f"{file}: corrupt video ({err})") from None
+        raise EpisodeError(f"{file}: corrupt video ({err})") from None
 
 
 def _check_frames(file: Path, shape: tuple[int, ...]) -> None:
     try:
         frames = np.load(file, mmap_mode="r")
     except FileNotFoundError:
-        raise ValueError(f"{file}: missing (meta.json says the episode is lossless)") from None
+        raise EpisodeError(f"{file}: missing (meta.json says the episode is lossless)") from None
     except ValueError as err:
-        raise ValueError(f"{file}: corrupt ({err})") from None
+        raise EpisodeError(f"{file}: corrupt ({err})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
-        raise ValueError(f"{file}: expected uint8 {shape}, got {frames.dtype} {frames.shape}")
+        raise EpisodeError(f"{file}: expected uint8 {shape}, got {frames.dtype} {frames.shape}")
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -375,7 +368,7 @@ def _make_parents(folder: Path) -> list[Path]:
         except OSError as err:
             for m in reversed(made):
                 m.rmdir()
-            raise ValueError(f"cannot create {f}: {err.strerror}") from None
+            raise EpisodeError(f"cannot create {f}: {err.strerror}") from None
         made.append(f)
     return made
 

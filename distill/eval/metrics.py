@@ -2,7 +2,8 @@
 
 Every function takes images as float tensors ``(B, 3, H, W)`` with values in ``[0, data_range]`` and returns
 one value per image, so callers can average, bin over time or compare against a baseline as they like.
-``from_uint8`` converts the ``(B, H, W, 3)`` uint8 frames that the engine and ``WorldModel.step`` produce.
+``from_uint8`` converts the ``(B, H, W, 3)`` uint8 frames that the engine and ``WorldModel.next_frame``
+produce.
 """
 
 from __future__ import annotations

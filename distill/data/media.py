@@ -1,4 +1,4 @@
-"""Writing training samples and evaluation videos: PNG grids and H.264 MP4s (PyAV)."""
+"""Training samples and evaluation pictures as PNG grids (videos: ``models.media.write_video``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import av
 import numpy as np
 import torch
 
-from models.vae import to_uint8
+from worldloop.models.vae import to_uint8
 
 
 def image_grid(rows: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
@@ -42,24 +42,3 @@ def save_png(path: Path, image: np.ndarray) -> None:
 
 def save_png_grid(path: Path, rows: Sequence[torch.Tensor | np.ndarray]) -> None:
     save_png(path, image_grid(rows))
-
-
-def write_video(path: Path, frames: np.ndarray | Sequence[np.ndarray], fps: int, crf: int = 20) -> None:
-    """Write uint8 frames (T, H, W, 3) as H.264 MP4 (yuv420p, so sizes are padded to even numbers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = [np.ascontiguousarray(f) for f in frames]
-    if not frames:
-        raise ValueError(f"no frames to write to {path}")
-    h, w = frames[0].shape[:2]
-    ph, pw = h + h % 2, w + w % 2
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for f in frames:
-            if (ph, pw) != (h, w):
-                f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)

@@ -1,7 +1,8 @@
 """Stage 0: train the latent autoencoder on world frames (``worldloop train vae``).
 
-A plain loop: frames from the built-in world (or recorded episodes) → ``models.vae.autoencoder_loss`` →
-AdamW, EMA, logs, PNG samples (engine frames above their EMA reconstructions), resumable checkpoints.
+One iteration (``VAEStage.step``, in the loop of ``loop.py``): frames from the built-in world (or recorded
+episodes) → ``models.vae.autoencoder_loss`` → AdamW, EMA; PNG samples show engine frames above their EMA
+reconstructions.
 At the end the EMA autoencoder's ``latent_scale`` is calibrated on fresh frames and exported as a model
 directory (``run/model``) that holds only the autoencoder: ``worldloop train teacher --vae run/model``
 takes it from there.
@@ -15,51 +16,31 @@ Two options on top of the reconstruction loss:
 - ``decoder_only``: the encoder is frozen (from ``--init-from``), so the latents a DiT was trained on stay
   exactly as they are and only the decoder learns — the way to sharpen a shipped autoencoder.
 
-    worldloop train vae --preset default --steps 3000 --batch-size 32 --out runs/vae
+    worldloop train vae --preset default --iterations 3000 --batch-size 32 --out runs/vae
     worldloop train vae --init-from runs/vae/model --decoder-only --adversarial-weight 0.5 --out runs/vae-gan
-    torchrun --nproc-per-node 2 -m app.cli train vae ...      # DDP, gloo on CPU / NCCL on CUDA
+    torchrun --nproc-per-node 2 -m worldloop.app.cli train vae ...      # DDP, gloo on CPU / NCCL on CUDA
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from distill.data import ClipSource, make_clip_source
-from distill.media import save_png_grid
-from distill.run import (
-    JsonlLog,
-    Progress,
-    RunDir,
-    RunError,
-    StopSignal,
-    load_checkpoint,
-    save_checkpoint,
-    settings_dict,
-)
-from distill.train_common import (
-    EMA,
-    Distributed,
-    TrainConfig,
-    TrainResult,
-    any_rank,
-    autocast,
-    local_batch_size,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    step_generator,
-    wrap_model,
-)
-from models import checkpoint
-from models.config import ModelConfig
-from models.vae import (
+from worldloop.distill.data.clips import ClipSource
+from worldloop.distill.data.media import save_png_grid
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import RunDir, RunError, settings_dict
+from worldloop.distill.stages.runtime import Distributed, TrainConfig, TrainResult
+from worldloop.distill.stages.shared import make_clip_source
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.vae import (
     LatentAutoencoder,
     PatchDiscriminator,
     autoencoder_loss,
@@ -118,8 +99,8 @@ class Critic:
         self.objective, self.ddp = objective, ddp
         self.last_layer = vae.decoder.layers[-1].conv.weight
 
-    def active(self, step: int) -> bool:
-        return self.objective.adversarial_weight > 0 and step >= self.objective.adversarial_start
+    def active(self, iteration: int) -> bool:
+        return self.objective.adversarial_weight > 0 and iteration >= self.objective.adversarial_start
 
     def generator_term(self, recon_loss: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, float]:
         """λ·(−D(recon)) with the adaptive weight λ; the critic's own weights get no gradient from it."""
@@ -151,9 +132,76 @@ class Critic:
         return float(loss.detach())
 
 
-def frames_of(clips: ClipSource, step: int, size: int) -> torch.Tensor:
-    """A step's training images: every frame of ``size`` clips, float (B·F, 3, H, W) in [-1, 1]."""
-    return to_unit(clips.batch(step, size).frames.flatten(0, 1))
+def frames_of(clips: ClipSource, iteration: int, size: int) -> torch.Tensor:
+    """An iteration's training images: every frame of ``size`` clips, float (B·F, 3, H, W) in [-1, 1]."""
+    return to_unit(clips.batch(iteration, size).frames.flatten(0, 1))
+
+
+class VAEStage(Stage):
+    """The autoencoder (its EMA exported), optionally with the patch critic, on frames of the run's clips."""
+
+    name, title = STAGE, "train vae"
+
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, resume: bool, init_from: Path | None,
+                 clips: ClipSource | None) -> None:
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
+        torch.manual_seed(cfg.seed)
+        self.vae = LatentAutoencoder(config).to(ddp.device)
+        if init_from is not None and not resume:
+            weights = checkpoint.load_model(init_from, need_dit=False).vae
+            checkpoint.load_into(self.vae, weights, init_from / checkpoint.VAE_FILE)
+        if objective.decoder_only:
+            if init_from is None:
+                raise RunError("--decoder-only fine-tunes the decoder of an autoencoder: "
+                               "pass --init-from MODEL_DIR")
+            self.vae.encoder.requires_grad_(False).eval()
+        self.ema = self.trains("vae", self.vae)
+        self.critic = Critic(self.vae, objective, cfg, ddp) if objective.adversarial_weight > 0 else None
+        if self.critic is not None:  # checkpointed beside the autoencoder (its optimizer: save_extra)
+            self.modules["critic"] = self.critic.net
+        self.model = self.wrap(VAELoss(self.vae, objective))
+        self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, frames=2)
+
+    def batch(self, iteration: int) -> torch.Tensor:
+        return frames_of(self.clips, iteration, self.batch_size).to(self.ddp.device)
+
+    def step(self, iteration: int, images: torch.Tensor) -> Step:
+        critic = self.critic
+        adversarial = critic is not None and critic.active(iteration)
+        record: dict[str, float | torch.Tensor] = {}
+        with self.autocast():
+            loss, parts = self.model(images, self.generator(iteration))
+            recon = parts.pop("recon")
+            if adversarial:
+                adv, record["adversarial_weight"] = critic.generator_term(loss, recon)
+                loss = loss + adv
+        grad_norm = self.update(loss, self.model, iteration)
+        lr = self.lr(iteration)
+        if adversarial:
+            with self.autocast():
+                record["critic_loss"] = critic.train_step(images, recon, lr)
+        psnr = 10 * torch.log10(4.0 / parts["mse"].float())  # images span [-1, 1]: range 2
+        shown = loss.item()
+        return Step(images.shape[0], shown, {
+            "loss": shown, "psnr": psnr, "kl": parts["kl"], "grad_norm": grad_norm,
+            "latent_std": parts["latent_std"], "lr": lr, **record})
+
+    def save_extra(self, run: RunDir) -> None:
+        if self.critic is not None:  # written before checkpoint.pt: it never points at a missing state
+            torch.save(self.critic.optimizer.state_dict(), run.root / CRITIC_OPTIMIZER)
+
+    def load_extra(self, run: RunDir) -> None:
+        if self.critic is not None:
+            self.critic.optimizer.load_state_dict(torch.load(run.root / CRITIC_OPTIMIZER, weights_only=True))
+
+    def samples(self, iteration: int, images: torch.Tensor, run: RunDir) -> None:
+        write_samples(self.ema.module, images[:8], run.samples / f"vae_{iteration:07d}.png")
+
+    def export(self, iteration: int, out: Path) -> None:
+        export(self.config, self.ema.module, self.clips, out, iteration, self.cfg,
+               keep_scale=self.objective.decoder_only)
 
 
 def train_vae(config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, ddp: Distributed, *,
@@ -163,77 +211,10 @@ def train_vae(config: ModelConfig, cfg: TrainConfig, objective: VAEObjective, dd
 
     ``clips`` replaces the run's data source (``make_clip_source``), e.g. with a fake in tests.
     """
-    run = RunDir(Path(cfg.out))
     settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective)
-    run.prepare(resume, settings, write=ddp.is_main)
-    torch.manual_seed(cfg.seed)
-    vae = LatentAutoencoder(config).to(ddp.device)
-    if init_from is not None and not resume:
-        checkpoint.load_into(vae, checkpoint.load_model(init_from, need_dit=False).vae,
-                             init_from / checkpoint.VAE_FILE)
-    if objective.decoder_only:
-        if init_from is None:
-            raise RunError("--decoder-only fine-tunes the decoder of an autoencoder: "
-                           "pass --init-from MODEL_DIR")
-        vae.encoder.requires_grad_(False).eval()
-    ema = EMA(vae, cfg.ema_decay)
-    optimizer = make_optimizer(vae, cfg, ddp.device)
-    critic = Critic(vae, objective, cfg, ddp) if objective.adversarial_weight > 0 else None
-    modules: dict[str, nn.Module] = {"vae": vae} | ({"critic": critic.net} if critic else {})
-    start = 0
-    if resume:
-        start = load_checkpoint(run.checkpoint, stage=STAGE, settings=settings, modules=modules,
-                                emas={"vae": ema}, optimizer=optimizer)
-        if critic is not None:
-            critic.optimizer.load_state_dict(torch.load(run.root / CRITIC_OPTIMIZER, weights_only=True))
-    model = wrap_model(VAELoss(vae, objective), cfg, ddp)
-    clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, frames=2)
-    batch = local_batch_size(cfg.batch_size, ddp)
-    log = JsonlLog(run.log, ddp.is_main)
-    progress = Progress(start, cfg.steps, "train vae", ddp.is_main)
-    step = start
-
-    def save() -> None:
-        if ddp.is_main:
-            if critic is not None:  # written first: a checkpoint never points at a missing critic state
-                torch.save(critic.optimizer.state_dict(), run.root / CRITIC_OPTIMIZER)
-            save_checkpoint(run.checkpoint, stage=STAGE, step=step, settings=settings, modules=modules,
-                            emas={"vae": ema}, optimizer=optimizer)
-
-    with StopSignal() as stop:
-        while step < cfg.steps and not any_rank(stop.requested, ddp):
-            started = time.perf_counter()
-            images = frames_of(clips, step, batch).to(ddp.device)
-            data_seconds = time.perf_counter() - started
-            record: dict[str, float] = {}
-            with autocast(ddp.device, cfg.bf16):
-                loss, parts = model(images, step_generator(cfg.seed, step, ddp.rank, ddp.device))
-                recon = parts.pop("recon")
-                if critic is not None and critic.active(step):
-                    adv, record["adversarial_weight"] = critic.generator_term(loss, recon)
-                    loss = loss + adv
-            grad_norm = optimizer_step(loss, model, optimizer, lr_at(step, cfg), cfg.grad_clip)
-            if critic is not None and critic.active(step):
-                with autocast(ddp.device, cfg.bf16):
-                    record["critic_loss"] = critic.train_step(images, recon, lr_at(step, cfg))
-            ema.update(vae)
-            step += 1
-            progress.update(images.shape[0] * ddp.world_size, data_seconds, loss=loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                psnr = (10 * torch.log10(4.0 / parts["mse"].float())).item()  # images span [-1, 1]: range 2
-                log.write(step=step, loss=loss.item(), psnr=psnr, kl=parts["kl"].item(), grad_norm=grad_norm,
-                          latent_std=parts["latent_std"].item(), lr=lr_at(step - 1, cfg),
-                          frames_per_s=progress.rate(), data_share=progress.data_share(), **record)
-                progress.reset_rate()
-            if ddp.is_main and cfg.sample_every and step % cfg.sample_every == 0:
-                write_samples(ema.module, images[:8], run.samples / f"vae_{step:07d}.png")
-            if step % cfg.checkpoint_every == 0:
-                save()
-    progress.close()
-    save()
-    if ddp.is_main:
-        export(config, ema.module, clips, run.model, step, cfg, keep_scale=objective.decoder_only)
-    return TrainResult(run.model, step, vae)
+    run = prepare_run(cfg, settings, resume, ddp)
+    stage = VAEStage(config, cfg, objective, ddp, settings, resume=resume, init_from=init_from, clips=clips)
+    return train(stage, cfg, ddp, run, resume=resume)
 
 
 @torch.no_grad()
@@ -245,7 +226,7 @@ def write_samples(vae: LatentAutoencoder, images: torch.Tensor, path: Path) -> N
 
 
 @torch.no_grad()
-def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: Path, step: int,
+def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: Path, iteration: int,
            cfg: TrainConfig, calibration_frames: int = 256, keep_scale: bool = False) -> Path:
     """Calibrate ``latent_scale`` on fresh frames and write an autoencoder-only model directory.
 
@@ -256,7 +237,9 @@ def export(config: ModelConfig, vae: LatentAutoencoder, clips: ClipSource, out: 
         scale = float(vae.latent_scale)
     else:
         needed = max(1, calibration_frames // clips.frames)  # clips
-        images = torch.cat([frames_of(clips, step + i, min(needed - i, 32)) for i in range(0, needed, 32)])
+        images = torch.cat([frames_of(clips, iteration + i, min(needed - i, 32))
+                            for i in range(0, needed, 32)])
         scale = vae.calibrate_latent_scale(images.to(next(vae.parameters()).device))
-    meta = {"stage": STAGE, "step": step, "latent_scale": scale, "train": settings_dict(train=cfg)["train"]}
+    meta = {"stage": STAGE, "step": iteration, "latent_scale": scale,
+            "train": settings_dict(train=cfg)["train"]}
     return checkpoint.save_model(out, config, None, vae, metadata=meta)

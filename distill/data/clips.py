@@ -1,8 +1,8 @@
 """Training clips: rendered on the fly by the built-in world, or read from recorded episode folders.
 
 A ``ClipBatch`` is B clips of F consecutive frames with the keys that produced them: ``keys[:, i]`` is the
-key state held while the world moved from frame i − 1 to frame i (what ``WorldModel.step(keys)`` is given to
-produce a frame), ``keys[:, 0]`` the one that led to the first frame.
+key state held while the world moved from frame i − 1 to frame i (what ``WorldModel.next_frame(keys)`` is
+given to produce a frame), ``keys[:, 0]`` the one that led to the first frame.
 
 Both sources are deterministic functions of ``(seed, rank, step)``: ``batch(step, size)`` always returns the
 same clips, so a resumed run sees exactly the data the uninterrupted run would have seen, and no iterator
@@ -28,14 +28,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from distill.episodes import read_episode
-from distill.train_common import TrainConfig
-from distill.world.engine import World
-from distill.world.explorer import Explorer
-from distill.world.hashing import hash32
-from distill.world.themes import THEMES, theme_from_prompt
-from models.config import ModelConfig
-from models.keys import KEYS
+from worldloop.distill.data.episodes import EpisodeError, read_episode
+from worldloop.distill.world.engine import World
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.hashing import hash32
+from worldloop.distill.world.themes import THEMES, theme_from_prompt
+from worldloop.models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
 UNKNOWN_THEME = -100  # a clip whose prompt names no theme (ignored by the classifier's cross-entropy)
@@ -113,7 +111,7 @@ class WorldClips:
         frames, clip_keys = [world.render()], [keys]
         for _ in range(self.frames - 1):
             keys = self._perturb(explorer.act(world), g)
-            frames.append(world.step(keys))
+            frames.append(world.next_frame(keys))
             clip_keys.append(keys)
         video = downsample(torch.stack(frames, 1).flatten(0, 1), self.scale)
         themes = torch.tensor([THEMES.index(p.theme) for p in world.params], device=self.device)
@@ -220,14 +218,14 @@ class EpisodeClips:
         folders = [root] if (root / "meta.json").is_file() else sorted(
             p.parent for p in root.rglob("meta.json") if not any(part.startswith(".") for part in p.parts))
         if not folders:
-            raise ValueError(f"{root}: no episode folders (a folder with meta.json, video.mp4, keys.json, "
+            raise EpisodeError(f"{root}: no episode folders (a folder with meta.json, video.mp4, keys.json, "
                              f"prompts.json) found")
         self.episodes = [read_episode(f) for f in folders]  # one-line errors naming the bad file
         self.videos = [resize_frames(torch.from_numpy(e.load_frames()), height, width) for e in self.episodes]
         self.windows = torch.tensor([max(0, e.n_frames - frames + 1) for e in self.episodes],
                                     dtype=torch.float)
         if self.windows.sum() == 0:
-            raise ValueError(f"{root}: every episode is shorter than a clip of {frames} frames")
+            raise EpisodeError(f"{root}: every episode is shorter than a clip of {frames} frames")
 
     def batch(self, step: int, size: int) -> ClipBatch:
         g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 13)))
@@ -259,22 +257,3 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     shrink = height <= frames.shape[1] and width <= frames.shape[2]
     x = F.interpolate(x, (height, width), mode="area" if shrink else "bilinear", align_corners=None)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,
-                     random_keys: float = 0.0) -> ClipSource:
-    """The training data of a run: recorded episodes (``cfg.episodes``), else the built-in world.
-
-    World clips are pooled (``cfg.pool_clips``, default 256 on the CPU, 4096 on a GPU): building a world
-    and stepping the explorer cost a fixed time per batch and per frame, more than a training step.
-    """
-    if cfg.episodes:
-        return EpisodeClips(Path(cfg.episodes), config.height, config.width, frames, seed=cfg.seed, rank=rank)
-    pool = cfg.pool_clips if cfg.pool_clips >= 0 else (256 if device.type == "cpu" else 4096)
-    if pool == 0:
-        return WorldClips(config.height, config.width, frames, device, seed=cfg.seed, rank=rank,
-                          random_keys=random_keys)
-    source = WorldClips(config.height, config.width, max(2 * frames, 16), device, seed=cfg.seed, rank=rank,
-                        random_keys=random_keys)
-    return ClipPool(source, pool, frames, chunk=max(32, pool // 8), refresh_every=cfg.pool_refresh,
-                    seed=cfg.seed, rank=rank)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill import metrics
-from distill.data import WorldClips
-from distill.world.themes import THEMES
-from models.vae import LatentAutoencoder
+from worldloop.distill.data.clips import WorldClips
+from worldloop.distill.eval import metrics
+from worldloop.distill.world.themes import THEMES
+from worldloop.models.vae import LatentAutoencoder
 
 RECON_WORLDS, RECON_FRAMES = 32, 4  # held-out worlds × frames each (seed 0: the eval's worlds)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from models import sampling
+from worldloop.models import sampling
 
 
 def _per_frame(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,12 +42,6 @@ def sample_sigmas(shape: tuple[int, ...], *, shift: float = 1.0, mean: float = 0
         raise ValueError(f"shift must be positive, got {shift}")
     n = torch.randn(shape, generator=generator, device=device)
     return sampling.shift_sigma(torch.sigmoid(mean + std * n), shift)
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """``x_σ = (1 − σ)·x0 + σ·ε`` with σ per sample (B,) or per frame (B, F)."""
-    s = _per_frame(sigma, x0)
-    return (1.0 - s) * x0 + s * noise
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

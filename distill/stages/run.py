@@ -1,6 +1,6 @@
 """A training run on disk and in time: run directory, resumable checkpoints, JSONL log, progress, signals.
 
-See ``distill/train_common.py`` for the directory layout. Only rank 0 writes; ``load_checkpoint`` runs on
+See ``runtime.py`` for the directory layout. Only rank 0 writes; ``load_checkpoint`` runs on
 every rank so all replicas resume from identical state.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from distill.train_common import EMA
+from worldloop.distill.stages.runtime import EMA
 
 CHECKPOINT_FORMAT = "worldloop-train-1"
 
@@ -82,12 +82,14 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, stage: str, step: int, settings: dict[str, Any],
+def save_checkpoint(path: Path, *, stage: str, iteration: int, settings: dict[str, Any],
                     modules: dict[str, nn.Module], emas: dict[str, EMA],
                     optimizer: torch.optim.Optimizer) -> None:
-    """Write the full training state atomically (a crash mid-write leaves the previous checkpoint)."""
+    """Write the full training state atomically (a crash mid-write leaves the previous checkpoint).
+
+    The format calls the iteration ``step`` (kept, so every checkpoint written so far stays readable)."""
     state = {
-        "format": CHECKPOINT_FORMAT, "stage": stage, "step": step, "settings": settings,
+        "format": CHECKPOINT_FORMAT, "stage": stage, "step": iteration, "settings": settings,
         "modules": {k: m.state_dict() for k, m in modules.items()},
         "ema": {k: e.state_dict() for k, e in emas.items()},
         "optimizer": optimizer.state_dict(), "rng": capture_rng(),
@@ -115,10 +117,10 @@ def read_checkpoint(path: Path, stage: str) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, *, stage: str, settings: dict[str, Any], modules: dict[str, nn.Module],
                     emas: dict[str, EMA], optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, EMA, optimizer and RNG; returns the step to continue from.
+    """Restore weights, EMA, optimizer and RNG; returns the iteration to continue from.
 
     The model config (``settings["model"]``) and objective must equal the checkpoint's: a mismatch is an
-    error rather than a silently different run. Optimisation settings (steps, lr, …) may change.
+    error rather than a silently different run. Optimisation settings (iterations, lr, …) may change.
     """
     state = read_checkpoint(path, stage)
     for key in ("model", "objective"):
@@ -163,13 +165,13 @@ class JsonlLog:
 class Progress:
     """A tqdm bar from ``start`` to ``total`` showing the latest loss and throughput (frames/s).
 
-    ``update`` also takes the seconds the step spent getting its data, so the log can say whether a run
+    ``update`` also takes the seconds the iteration spent getting its data, so the log can say whether a run
     is bound by data generation (``data_share``).
     """
 
     def __init__(self, start: int, total: int, desc: str, enabled: bool = True) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True,
-                        unit="step")
+                        unit="it")
         self.reset_rate()
 
     def update(self, frames: int, data_seconds: float = 0.0, **shown: float) -> None:

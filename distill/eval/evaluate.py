@@ -3,7 +3,7 @@
 Every frame is generated through ``WorldModel`` (the one rollout loop); this module only feeds it engine
 context, keys and prompts and measures what comes out. For each model and step count:
 
-1. Horizons: ``episodes`` held-out worlds; the engine's first ``context`` frames become the session's
+1. Horizons: ``episodes`` held-out worlds; the engine's first ``context_frames`` frames become the session's
    context (``new_session(first_frames=...)``), then the model steps with the engine's keys. PSNR and SSIM
    against the engine at each horizon, beside the copy-last-frame baseline (the last context frame).
 2. Key accuracy: the inverse-dynamics model on consecutive generated frames vs the keys given (and on the
@@ -29,23 +29,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import metrics
-from distill.data import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
-from distill.eval_autoencoder import autoencoder_report, sharpness_ratio
-from distill.evaluators import EvaluatorNet, key_accuracy, load_evaluator, predict_keys, predict_themes
-from distill.media import save_png, write_video
-from distill.world.engine import World
-from distill.world.explorer import Explorer
-from distill.world.themes import THEMES, describe, sample_params
-from models.text import PromptEncoder
-from models.world_model import Session, WorldModel
+from worldloop.distill.data.clips import HELD_OUT_SEED_START, WorldClips, downsample, render_scale
+from worldloop.distill.data.media import save_png
+from worldloop.distill.eval import metrics
+from worldloop.distill.eval.autoencoder import autoencoder_report, sharpness_ratio
+from worldloop.distill.eval.evaluators import (
+    EvaluatorNet,
+    key_accuracy,
+    load_evaluator,
+    predict_keys,
+    predict_themes,
+)
+from worldloop.distill.world.engine import World
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.media import write_video
+from worldloop.models.text import PromptEncoder
+from worldloop.models.world_model import Session, WorldModel
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     episodes: int = 8  # held-out worlds rolled out side by side
     horizons: tuple[int, ...] = (1, 4, 16, 64)
-    context: int = 0  # engine frames given as context; 0 = sink + window of the model
+    context_frames: int = 0  # engine frames given as context; 0 = sink + window of the model
     switch_frames: int = 48  # frames generated after the prompt switch
     drift_seconds: float = 600.0
     drift_sessions: int = 2
@@ -58,8 +65,9 @@ class EvalConfig:
             raise ValueError(f"--context-sigma must be in [0, 1), got {self.context_sigma}")
         if self.episodes < 1 or not self.horizons or min(self.horizons) < 1:
             raise ValueError("--episodes and every horizon must be at least 1")
-        if self.context < 0 or self.switch_frames < 1 or self.drift_every < 1 or self.drift_sessions < 1:
-            raise ValueError("--context must be ≥ 0; --switch-frames, --drift-every, --drift-sessions ≥ 1")
+        if min(self.switch_frames, self.drift_every, self.drift_sessions) < 1 or self.context_frames < 0:
+            raise ValueError("--context-frames must be ≥ 0; --switch-frames, --drift-every, --drift-sessions "
+                             "≥ 1")
         if self.drift_seconds <= 0:
             raise ValueError(f"--drift-seconds must be positive, got {self.drift_seconds}")
 
@@ -88,17 +96,19 @@ def context_length(wm: WorldModel, requested: int) -> int:
     return min(requested, dit.sink + dit.window) if requested else dit.sink + dit.window
 
 
-def rollout_from_engine(wm: WorldModel, clips: EngineClips, context: int, frames: int,
+def rollout_from_engine(wm: WorldModel, clips: EngineClips, context_frames: int, frames: int,
                         seed: int) -> tuple[list[Session], np.ndarray]:
-    """Sessions started from the engine's first ``context`` frames, stepped ``frames`` times with its keys.
+    """Sessions started from the engine's first ``context_frames`` frames, then ``frames`` frames made with
+    its keys.
 
     Returns the open sessions and the generated frames uint8 (E, frames, H, W, 3).
     """
-    sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context],
-                               first_keys=clips.keys[i, :context])
+    sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context_frames],
+                               first_keys=clips.keys[i, :context_frames])
                 for i, p in enumerate(clips.prompts)]
-    out = [wm.step(sessions, clips.keys[:, t].tolist())
-           for t in tqdm(range(context, context + frames), desc="rollout", unit="frame", leave=False)]
+    out = [wm.next_frame(sessions, clips.keys[:, t].tolist())
+           for t in tqdm(range(context_frames, context_frames + frames), desc="rollout", unit="frame",
+                         leave=False)]
     return sessions, np.stack(out, 1)
 
 
@@ -161,7 +171,7 @@ def prompt_switch(wm: WorldModel, sessions: list[Session], classifier: Evaluator
     for s, p in zip(sessions, prompts, strict=True):
         wm.set_prompt(s, p)
     keys = clips.keys[:, start: start + frames]
-    after = np.stack([wm.step(sessions, keys[:, t].tolist()) for t in range(keys.shape[1])], 1)
+    after = np.stack([wm.next_frame(sessions, keys[:, t].tolist()) for t in range(keys.shape[1])], 1)
     if classifier is None:
         return {"skipped": "no theme classifier"}, after
     own, target = torch.tensor(clips.themes), torch.tensor(targets)
@@ -195,7 +205,7 @@ def frame_stats(frames: np.ndarray, classifier: EvaluatorNet | None, themes: lis
     return stats
 
 
-def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, context: int,
+def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, context_frames: int,
           device: torch.device) -> tuple[dict[str, Any], list[np.ndarray]]:
     """A long explorer-driven rollout; the engine world moves in lockstep and is rendered at measurements."""
     h, w = wm.frame_shape
@@ -206,9 +216,9 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
     themes = [THEMES.index(p.theme) for p in world.params]
     first = [downsample(world.render(), k)]
     first_keys = [torch.zeros(len(seeds), dtype=torch.long)]  # the first frame is made with no keys
-    for _ in range(context - 1):
+    for _ in range(context_frames - 1):
         first_keys.append(explorer.act(world))
-        first.append(downsample(world.step(first_keys[-1]), k))
+        first.append(downsample(world.next_frame(first_keys[-1]), k))
     start = np.stack([f.cpu().numpy() for f in first], 1)
     start_keys = torch.stack([m.cpu() for m in first_keys], 1).numpy()
     sessions = [wm.new_session(world.prompts[i], seed=cfg.seed + 1000 + i, first_frames=start[i],
@@ -220,7 +230,7 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
     for t in tqdm(range(total), desc=f"drift ({wm.steps} steps)", unit="frame", leave=False):
         keys = explorer.act(world)
         world.move(keys)
-        frames = wm.step(sessions, keys.tolist())
+        frames = wm.next_frame(sessions, keys.tolist())
         if t % cfg.drift_every == 0 or t == total - 1:
             engine = downsample(world.render(), k).cpu().numpy()
             points.append({"frame": t + 1, "seconds": (t + 1) / wm.config.fps,
@@ -250,20 +260,21 @@ def evaluate_model(wm: WorldModel, clips: EngineClips, cfg: EvalConfig, idm: Eva
                    classifier: EvaluatorNet | None, device: torch.device) -> tuple[dict[str, Any], dict]:
     """Every metric for one model at its step count; also returns the frames for the videos."""
     started = time.perf_counter()
-    context = context_length(wm, cfg.context)
+    context_frames = context_length(wm, cfg.context_frames)
     horizon = max(cfg.horizons)
-    sessions, generated = rollout_from_engine(wm, clips, context, horizon, cfg.seed)
-    engine = clips.frames[:, context: context + horizon]
-    last = clips.frames[:, context - 1]
-    report: dict[str, Any] = {"steps": wm.steps, "context": context,
+    sessions, generated = rollout_from_engine(wm, clips, context_frames, horizon, cfg.seed)
+    engine = clips.frames[:, context_frames: context_frames + horizon]
+    last = clips.frames[:, context_frames - 1]
+    report: dict[str, Any] = {"steps": wm.steps, "context_frames": context_frames,
                               "horizons": horizon_metrics(generated, engine, last, cfg.horizons)}
-    report["keys"] = (idm_metrics(idm, generated, engine, last, clips.keys[:, context: context + horizon])
+    made_with = clips.keys[:, context_frames: context_frames + horizon]
+    report["keys"] = (idm_metrics(idm, generated, engine, last, made_with)
                       if idm is not None else {"skipped": "no inverse-dynamics model"})
-    report["prompt_switch"], after = prompt_switch(wm, sessions, classifier, clips, context + horizon,
+    report["prompt_switch"], after = prompt_switch(wm, sessions, classifier, clips, context_frames + horizon,
                                                    cfg.switch_frames, generated)
     for s in sessions:
         wm.close_session(s)
-    report["drift"], drift_video = drift(wm, classifier, cfg, context, device)
+    report["drift"], drift_video = drift(wm, classifier, cfg, context_frames, device)
     report["seconds"] = time.perf_counter() - started
     return report, {"generated": np.concatenate([generated, after], 1), "drift": drift_video}
 
@@ -301,10 +312,10 @@ def side_by_side(engine: np.ndarray, generated: np.ndarray, episodes: int = 4) -
             for j in range(t)]
 
 
-def save_videos(out: Path, clips: EngineClips, context: int, frames: dict[str, Any], fps: int,
+def save_videos(out: Path, clips: EngineClips, context_frames: int, frames: dict[str, Any], fps: int,
                 tag: str) -> None:
     generated = frames["generated"]
-    engine = clips.frames[:, context: context + generated.shape[1]]
+    engine = clips.frames[:, context_frames: context_frames + generated.shape[1]]
     write_video(out / f"rollout{tag}.mp4", side_by_side(engine, generated), fps)
     if frames["drift"]:
         write_video(out / f"drift{tag}.mp4", frames["drift"], max(1, min(fps, 10)))
@@ -324,9 +335,9 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
                                         context_sigma=cfg.context_sigma)
         prompt_encoder = wm.prompt_encoder
         idm, classifier, notes = load_helpers(idm_path, classifier_path, wm.frame_shape, device)
-        context = context_length(wm, cfg.context)
+        context_frames = context_length(wm, cfg.context_frames)
         size = wm.frame_shape
-        needed = context + max(cfg.horizons) + cfg.switch_frames
+        needed = context_frames + max(cfg.horizons) + cfg.switch_frames
         if size not in clips_by_size or clips_by_size[size].frames.shape[1] < needed:
             clips_by_size[size] = engine_clips(*size, cfg.episodes, needed, cfg.seed, device)
         result, frames = evaluate_model(wm, clips_by_size[size], cfg, idm, classifier, device)
@@ -338,10 +349,10 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
             autoencoders[str(path)] = autoencoder_section(wm.vae, out, f"_{len(autoencoders)}", cfg.seed)
         result["autoencoder"] = autoencoders[str(path)]
         report["runs"].append(result)
-        save_videos(out, clips_by_size[size], context, frames, wm.config.fps, tag)
+        save_videos(out, clips_by_size[size], context_frames, frames, wm.config.fps, tag)
     write_report(out, report)
     (out / "summary.md").write_text(summary_table(report))
-    from distill.eval_plots import plot_drift, plot_horizons
+    from worldloop.distill.eval.plots import plot_drift, plot_horizons
 
     plot_horizons(report, out / "horizons.png")
     plot_drift(report, out / "drift.png")
@@ -361,8 +372,8 @@ def autoencoder_section(vae: torch.nn.Module, out: Path, tag: str, seed: int = 0
 
 def run_autoencoder_eval(path: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     """``worldloop eval --autoencoder DIR``: the autoencoder of a model directory alone."""
-    from models import checkpoint
-    from models.vae import LatentAutoencoder
+    from worldloop.models import checkpoint
+    from worldloop.models.vae import LatentAutoencoder
 
     files = checkpoint.load_model(path, need_dit=False)
     vae = LatentAutoencoder(files.config)

@@ -12,16 +12,13 @@ small displacement (dx, dy), how well the next frame matches the previous one sh
 Turning shows as a uniform horizontal shift, walking as expansion, strafing as parallax; a plain CNN on the
 stacked frames instead memorised the training worlds' looks and stayed at chance on held-out seeds.
 Each trained helper is a directory with ``config.json`` (``EvaluatorConfig``) and ``weights.safetensors``;
-``worldloop train idm|classifier`` trains one (``train_evaluator``) and reports its accuracy on held-out
-seeds of the engine.
-
-Run: ``worldloop train idm --preset default --out runs/evaluators/idm``.
+``worldloop train idm|classifier`` trains one (``distill/stages/helpers.py``) and reports its accuracy on
+held-out seeds of the engine.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,13 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distill.data import ClipSource, WorldClips, make_clip_source
-from distill.run import JsonlLog, Progress, RunError, StopSignal
-from distill.train_common import Distributed, TrainConfig
-from distill.world.themes import THEMES
-from models.config import ModelConfig
-from models.keys import KEYS, NUM_KEYS
-from models.vae import to_unit
+from worldloop.models.checkpoint import CheckpointError
+from worldloop.models.keys import NUM_KEYS
+from worldloop.models.vae import to_unit
 
 Kind = Literal["idm", "classifier"]
 
@@ -148,7 +141,7 @@ def save_evaluator(model: EvaluatorNet, path: Path, metrics: dict[str, float] | 
 
 
 def load_evaluator(path: Path | str, kind: Kind, device: torch.device | str = "cpu") -> EvaluatorNet:
-    """Load a helper saved by ``save_evaluator``; one-line ``RunError`` naming the file and the problem."""
+    """Load a helper saved by ``save_evaluator``; a one-line ``CheckpointError`` names file and problem."""
     path = Path(path)
     try:
         info = json.loads((path / "config.json").read_text())
@@ -157,127 +150,14 @@ def load_evaluator(path: Path | str, kind: Kind, device: torch.device | str = "c
         config = EvaluatorConfig(**raw)
     except FileNotFoundError:
         hint = f"train one with `worldloop train {kind}`"
-        raise RunError(f"{path / 'config.json'}: no such file ({hint})") from None
+        raise CheckpointError(f"{path / 'config.json'}: no such file ({hint})") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise RunError(f"{path / 'config.json'}: not an evaluator config ({err})") from None
+        raise CheckpointError(f"{path / 'config.json'}: not an evaluator config ({err})") from None
     if config.kind != kind:
-        raise RunError(f"{path} holds a '{config.kind}' model, not '{kind}'")
+        raise CheckpointError(f"{path} holds a '{config.kind}' model, not '{kind}'")
     model = EvaluatorNet(config)
     try:
         model.load_state_dict(load_file(str(path / "weights.safetensors")))
     except (OSError, RuntimeError) as err:
-        raise RunError(f"{path / 'weights.safetensors'}: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{path / 'weights.safetensors'}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-
-def evaluator_batch(kind: Kind, clips: ClipSource, step: int, size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets for one step: every consecutive pair of each clip (idm) or every frame (classifier).
-
-    Targets: multi-hot keys (N, NUM_KEYS) float, or theme indices (N,) long.
-    """
-    batch = clips.batch(step, size)
-    b, f = batch.frames.shape[:2]
-    x = to_unit(batch.frames.flatten(0, 1)).view(b, f, 3, *batch.frames.shape[2:4])
-    if kind == "classifier":
-        return x.flatten(0, 1), batch.themes.repeat_interleave(f)
-    bits = (batch.keys[:, 1:].unsqueeze(-1) >> torch.arange(NUM_KEYS, device=batch.keys.device)) & 1
-    return idm_input(x[:, :-1].flatten(0, 1), x[:, 1:].flatten(0, 1)), bits.flatten(0, 1).float()
-
-
-def evaluator_loss(kind: Kind, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if kind == "idm":
-        return F.binary_cross_entropy_with_logits(logits.float(), target)
-    return F.cross_entropy(logits.float(), target)
-
-
-@torch.no_grad()
-def held_out_accuracy(model: EvaluatorNet, clips: ClipSource, batches: int, size: int) -> dict[str, float]:
-    """Accuracy on ``clips`` (a held-out source): key accuracies for the IDM, top-1 for the classifier."""
-    model.eval()
-    kind = model.config.kind
-    outs, targets = [], []
-    for i in range(batches):
-        x, y = evaluator_batch(kind, clips, i, size)
-        outs.append(model(x.to(_device(model))).float().cpu())
-        targets.append(y.cpu())
-    model.train()
-    logits, target = torch.cat(outs), torch.cat(targets)
-    if kind == "classifier":
-        top1 = (logits.argmax(-1) == target).float().mean().item()
-        return {"top1": top1, "chance": 1.0 / len(model.config.labels)}
-    masks = (target.long() << torch.arange(NUM_KEYS)).sum(-1)
-    return key_accuracy(torch.sigmoid(logits), masks)
-
-
-def train_evaluator(config: EvaluatorConfig, cfg: TrainConfig, train_clips: ClipSource, held_out: ClipSource,
-                    ddp: Distributed, eval_batches: int = 4, eval_batch_size: int = 8
-                    ) -> tuple[EvaluatorNet, dict[str, float]]:
-    """A plain loop: AdamW on BCE (idm) or cross-entropy (classifier); saves to ``cfg.out``.
-
-    Single process (the helpers are small); stops early and saves on SIGTERM/Ctrl-C.
-    """
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model = EvaluatorNet(config).to(ddp.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = JsonlLog(out / "log.jsonl")
-    frames_per_step = cfg.batch_size * (cfg.clip_frames - (config.kind == "idm"))
-    progress = Progress(0, cfg.steps, f"train {config.kind}")
-    with StopSignal() as stop:
-        for step in range(cfg.steps):
-            if stop.requested:
-                break
-            x, y = evaluator_batch(config.kind, train_clips, step, cfg.batch_size)
-            loss = evaluator_loss(config.kind, model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            progress.update(frames_per_step, loss=loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                log.write(step=step, loss=loss.item(), frames_per_s=progress.rate())
-                progress.reset_rate()
-    progress.close()
-    metrics = held_out_accuracy(model, held_out, eval_batches, eval_batch_size)
-    log.write(step=cfg.steps, held_out=metrics)
-    save_evaluator(model.cpu(), out, metrics)
-    return model, metrics
-
-
-def default_config(kind: Kind, height: int, width: int, labels: tuple[str, ...]) -> EvaluatorConfig:
-    """Sized to the frame. IDM: cost volume at ≤ 64 px, displacements covering a frame's turn (~6 % of the
-    width). Classifier: one stride-2 stage per factor of two down to ~8×8, at most four."""
-    if kind == "idm":
-        pool = max(1, min(height, width) // 64)
-        if height % pool or width % pool:
-            pool = 1
-        return EvaluatorConfig(kind, height, width, labels, pool=pool,
-                               shift_x=max(3, math.ceil(0.06 * width / pool)))
-    stages = max(1, min(4, (min(height, width) // 8).bit_length() - 1))
-    return EvaluatorConfig(kind, height, width, labels, channels=(32, 64, 128, 128)[:stages], hidden=256)
-
-
-def train_for_config(kind: Kind, config: ModelConfig, cfg: TrainConfig, ddp: Distributed,
-                     held_out_clips: int = 16) -> dict[str, float]:
-    """Train the ``kind`` helper at the frame size of ``config`` (one process); returns held-out accuracy.
-
-    The IDM trains on clips where half the frames carry random keys (so every key combination is seen, not
-    only the explorer's habits); both report accuracy on explorer clips of held-out seeds.
-    """
-    if ddp.enabled:
-        raise ValueError(f"`worldloop train {kind}` runs in one process; start it without torchrun")
-    labels = KEYS if kind == "idm" else THEMES
-    net_config = default_config(kind, config.height, config.width, labels)
-    train_clips = make_clip_source(cfg, config, ddp.device, 0, cfg.clip_frames,
-                                   random_keys=0.5 if kind == "idm" else 0.0)
-    per_batch = max(1, min(cfg.batch_size, held_out_clips))
-    held_out = WorldClips(config.height, config.width, cfg.clip_frames, ddp.device, seed=cfg.seed,
-                          held_out=True)
-    _, metrics = train_evaluator(net_config, cfg, train_clips, held_out, ddp,
-                                 eval_batches=max(1, held_out_clips // per_batch), eval_batch_size=per_batch)
-    return metrics

@@ -1,0 +1,225 @@
+"""Stage 1: train the teacher, a frame-wise autoregressive diffusion model (``worldloop train teacher``).
+
+Teacher forcing (DESIGN §6.1): a clip of F frames is encoded by the frozen autoencoder, every frame gets its
+own noise level, and the DiT runs the sequence [clean context | noisy frames] under the causal window+sink
+mask, so noisy frame i sees the clean frames before it — what the cached rollout sees at inference.
+
+1. Latents x0 (B, F, C, h, w) of the clip; keys (B, F) as multi-hot; prompt tokens from the prompt encoder.
+2. Noise levels σ (B, F): logit-normal, shifted (``losses.sample_sigmas``); x_σ = (1 − σ)·x0 + σ·ε.
+3. Context augmentation: the clean context is re-noised to σ_c ~ U(0, ``context_noise``) per frame (and
+   the DiT is told σ_c), so the model learns to tolerate the small errors of its own past frames.
+4. Condition dropout: keys per frame and the prompt per clip are replaced by the null condition with
+   probabilities ``key_dropout``/``prompt_dropout`` (for classifier-free guidance and a null condition).
+5. Loss: ``losses.flow_matching_loss(v, x0, ε)``, target v = ε − x0.
+
+A ``bidirectional`` DiT (config flag, ``--bidirectional``; a distillation teacher) has no clean context: the
+whole clip is noisy at per-frame σ under full attention.
+
+    worldloop train teacher --preset default --vae runs/vae/model --iterations 20000 --out runs/teacher
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
+from worldloop.distill.data.media import save_png_grid
+from worldloop.distill.stages import losses
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import RunDir, RunError, settings_dict
+from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult
+from worldloop.distill.stages.shared import clip_inputs, load_vae, make_clip_source
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT, drop_keys
+from worldloop.models.media import write_video
+from worldloop.models.sampling import add_noise
+from worldloop.models.text import PromptEmbedding, PromptEncoder
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
+
+STAGE = "teacher"
+
+
+@dataclass(frozen=True)
+class TeacherObjective:
+    shift: float = 3.0  # timestep shift of the training noise levels (the sampler's is config.sampling.shift)
+    sigma_mean: float = 0.0  # logit-normal location
+    sigma_std: float = 1.0  # logit-normal scale
+    context_noise: float = 0.1  # clean context is re-noised to σ_c ~ U(0, context_noise)
+    key_dropout: float = 0.1  # per frame
+    prompt_dropout: float = 0.1  # per clip
+    random_keys: float = 0.1  # data: fraction of frames whose keys are random instead of the explorer's
+
+    def __post_init__(self) -> None:
+        for name in ("context_noise", "key_dropout", "prompt_dropout", "random_keys"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.shift <= 0 or self.sigma_std <= 0:
+            raise ValueError("--shift and --sigma-std must be positive")
+
+
+@dataclass
+class TeacherDraws:
+    """Every random number of one teacher step, drawn eagerly so the loss module itself is deterministic
+    (friendly to ``torch.compile`` and DDP): σ and ε of the noisy frames (B, F) / (B, F, C, h, w), σ_c and
+    ε_c of the context augmentation, and the dropout masks of keys (B, F) and prompts (B,)."""
+
+    sigma: torch.Tensor
+    noise: torch.Tensor
+    context_sigma: torch.Tensor
+    context_eps: torch.Tensor
+    drop_keys: torch.Tensor
+    drop_prompt: torch.Tensor
+
+
+def draw(objective: TeacherObjective, shape: torch.Size, generator: torch.Generator,
+         device: torch.device) -> TeacherDraws:
+    """The random numbers of one step for latents of ``shape`` (B, F, C, h, w), in a fixed order."""
+    o, (b, f) = objective, shape[:2]
+    sigma = losses.sample_sigmas((b, f), shift=o.shift, mean=o.sigma_mean, std=o.sigma_std,
+                                 generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    drop_keys = losses.dropout_mask(b * f, o.key_dropout, generator=generator, device=device).view(b, f)
+    drop_prompt = losses.dropout_mask(b, o.prompt_dropout, generator=generator, device=device)
+    context_sigma = torch.rand((b, f), generator=generator, device=device) * o.context_noise
+    context_eps = torch.randn(shape, generator=generator, device=device)
+    return TeacherDraws(sigma, noise, context_sigma, context_eps, drop_keys, drop_prompt)
+
+
+class TeacherLoss(nn.Module):
+    """The teacher-forcing objective as a module (DDP hooks ``forward``); see the module docstring."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x0: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                d: TeacherDraws) -> torch.Tensor:
+        """x0 (B, F, C, h, w) latents, keys (B, F, K) multi-hot, prompt tokens (B, T, 384) and mask (B, T)."""
+        x_t = add_noise(x0, d.noise, d.sigma)
+        keys = drop_keys(keys, d.drop_keys)
+        prompt = self.dit.prompt_kv(tokens, mask & ~d.drop_prompt[:, None])
+        if self.dit.cfg.bidirectional:
+            v = self.dit(x_t, d.sigma, keys, prompt)
+        else:
+            context = add_noise(x0, d.context_eps, d.context_sigma)
+            v = self.dit(x_t, d.sigma, keys, prompt, context=context, context_sigma=d.context_sigma)
+        return losses.flow_matching_loss(v, x0, d.noise)
+
+
+class TeacherStage(Stage):
+    """The DiT (from scratch or ``--init-from``) on latents of the run's clips (frozen autoencoder)."""
+
+    name, title = STAGE, "train teacher"
+
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TeacherObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, vae: LatentAutoencoder, resume: bool, init_from: Path | None,
+                 prompt_encoder: PromptEncoder | None, clips: ClipSource | None) -> None:
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective, self.vae = config, objective, vae
+        torch.manual_seed(cfg.seed)
+        self.dit = DiT(config).to(ddp.device)
+        self.ema = self.trains("dit", self.dit)
+        previous = 0
+        if init_from is not None:  # a resumed run still counts the iterations of the model it started from
+            previous = iterations_of(init_from) if resume else init_weights(self.dit, self.ema, init_from)
+        self.meta = {"init_from": str(init_from) if init_from else None, "previous_steps": previous}
+        self.model = self.wrap(TeacherLoss(self.dit))
+        self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
+        self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
+                                               objective.random_keys)
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
+        return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
+
+    def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
+        x0, keys, prompt = batch
+        draws = draw(self.objective, x0.shape, self.generator(iteration), self.ddp.device)
+        with self.autocast():
+            loss = self.model(x0, keys, prompt.tokens, prompt.mask, draws)
+        grad_norm = self.update(loss, self.model, iteration)
+        shown = loss.item()
+        return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
+                                                        "lr": self.lr(iteration),
+                                                        "sigma_mean": draws.sigma.mean()})
+
+    def samples(self, iteration: int, batch: Any, run: RunDir) -> None:
+        self.export(iteration, run.model)  # the model the pictures show
+        write_samples(run.samples, self.config, self.ema.module, self.vae, self.encoder, iteration,
+                      self.ddp.device)
+
+    def export(self, iteration: int, out: Path) -> None:
+        export(out, self.config, self.dit, self.ema.module, self.vae, iteration, self.meta)
+
+
+def train_teacher(config: ModelConfig, cfg: TrainConfig, objective: TeacherObjective, ddp: Distributed, *,
+                  vae_from: Path | None, resume: bool = False, init_from: Path | None = None,
+                  prompt_encoder: PromptEncoder | None = None,
+                  clips: ClipSource | None = None) -> TrainResult:
+    """Train the DiT teacher and export a model directory. Stops early (and saves) on SIGTERM.
+
+    ``prompt_encoder`` shares a loaded encoder; ``clips`` replaces the run's data source (tests use fakes).
+    """
+    settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective)
+    run = prepare_run(cfg, settings, resume, ddp)
+    source = vae_from or init_from
+    if source is None:
+        raise RunError("the teacher needs an autoencoder: pass --vae MODEL_DIR (from `worldloop train vae`)")
+    vae = load_vae(config, source).to(ddp.device).eval().requires_grad_(False)
+    stage = TeacherStage(config, cfg, objective, ddp, settings, vae=vae, resume=resume, init_from=init_from,
+                         prompt_encoder=prompt_encoder, clips=clips)
+    return train(stage, cfg, ddp, run, resume=resume)
+
+
+def iterations_of(path: Path) -> int:
+    """Optimizer updates behind a model directory: its own and those of the model it was started from.
+
+    (Model directories record them as ``step`` and ``previous_steps``, the format's names.)"""
+    _, metadata = checkpoint.read_config(path)
+    return int(metadata.get("step", 0)) + int(metadata.get("previous_steps", 0))
+
+
+def init_weights(dit: DiT, ema: EMA, path: Path) -> int:
+    """--init-from: DiT and EMA weights (any dtype) from a model directory; returns its iterations."""
+    files = checkpoint.load_model(path)
+    checkpoint.load_into(dit, files.dit, path / checkpoint.DIT_FILE)
+    ema_state = files.dit_ema if files.dit_ema is not None else files.dit
+    checkpoint.load_into(ema.module, ema_state, path / checkpoint.EMA_FILE)
+    ema.updates = 10_000  # a warm average: use the full decay from the first update
+    return iterations_of(path)
+
+
+def export(out: Path, config: ModelConfig, dit: DiT, ema_dit: nn.Module, vae: LatentAutoencoder,
+           iteration: int, meta: dict[str, Any]) -> Path:
+    """The model directory: DiT (fp32), EMA (bf16, what ships and what --init-from carries), autoencoder."""
+    return checkpoint.save_model(out, config, dit, vae, dit_ema=ema_dit,
+                                 metadata={"stage": STAGE, "step": iteration, **meta})
+
+
+@torch.no_grad()
+def write_samples(folder: Path, config: ModelConfig, ema_dit: nn.Module, vae: LatentAutoencoder,
+                  encoder: PromptEncoder, iteration: int, device: torch.device, frames: int = 32) -> None:
+    """A held-out engine clip continued by the EMA model through ``WorldModel``: MP4 engine | model, PNGs."""
+    world = WorldClips(config.height, config.width, config.dit.sink + 2 + frames, device, held_out=True)
+    clip: ClipBatch = world.batch(0, 1)
+    wm = WorldModel(config, copy.deepcopy(ema_dit), copy.deepcopy(vae), encoder, device=device,
+                    max_sessions=1)
+    context_frames = config.dit.sink + 2
+    engine = clip.frames[0].cpu().numpy()
+    session = wm.new_session(clip.prompts[0], seed=iteration, first_frames=engine[:context_frames],
+                             first_keys=clip.keys[0, :context_frames].cpu().numpy())
+    generated = [wm.next_frame([session], [int(k)])[0] for k in clip.keys[0, context_frames:].tolist()]
+    side = [torch.cat([torch.from_numpy(e), torch.from_numpy(g)], 1).numpy()
+            for e, g in zip(engine[context_frames:], generated, strict=True)]
+    write_video(folder / f"teacher_{iteration:07d}.mp4", side, config.fps)
+    pick = list(range(0, frames, max(1, frames // 8)))[:8]
+    strips = [engine[context_frames:][pick], np.stack(generated)[pick]]
+    save_png_grid(folder / f"teacher_{iteration:07d}.png", strips)
