@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from abuse import load_fakes
 
 from worldloop.models.timing import cpu_seconds, hardware, load_average, percentile
 from worldloop.streaming.client import WorldloopClient
@@ -35,18 +35,11 @@ from worldloop.streaming.engine import Engine
 from worldloop.streaming.measure import key_latencies, sustained_fps
 from worldloop.streaming.server import ServerConfig, WorldloopServer
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def build_model(args: argparse.Namespace) -> Any:
     if args.fake:
-        spec = importlib.util.spec_from_file_location("worldloop_test_fakes", REPO / "tests" / "fakes.py")
-        assert spec is not None and spec.loader is not None
-        fakes = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = fakes  # dataclasses look their module up there
-        spec.loader.exec_module(fakes)
-        return fakes.FakeWorldModel(height=args.fake_size, width=args.fake_size,
-                                    step_delay=args.fake_step_ms / 1000)
+        return load_fakes().FakeWorldModel(height=args.fake_size, width=args.fake_size,
+                                           step_delay=args.fake_step_ms / 1000)
     from worldloop.app.loading import choose_model, load_model
 
     choice = choose_model(args.model, args.preset, fallback=True)

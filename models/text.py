@@ -81,13 +81,14 @@ def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
     """Check a prompt and return its canonical form; the empty string is the null condition.
 
     Canonical: surrounding whitespace stripped, Unicode NFC, inner whitespace runs collapsed to one space.
-    Raises ``ValueError`` for a non-string, more than ``max_chars`` characters (after stripping), a lone
+    Raises ``ValueError`` for a non-string, more than ``max_chars`` characters (after stripping, and again
+    in the canonical form, which Unicode normalisation can make longer), a lone
     surrogate, or a control character other than tab, newline and carriage return.
     """
     if not isinstance(text, str):
         raise ValueError(f"prompt must be a string, got {type(text).__name__}")
     text = text.strip()
-    if len(text) > max_chars:
+    if len(text) > max_chars:  # before normalising too: never normalise an arbitrarily long text
         raise ValueError(f"prompt is too long: {len(text)} characters (max {max_chars})")
     for position, char in enumerate(text):
         category = unicodedata.category(char)
@@ -96,7 +97,10 @@ def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
                              "send valid Unicode text")
         if category == "Cc" and char not in ALLOWED_CONTROL:
             raise ValueError(f"prompt contains control character U+{ord(char):04X} at position {position}")
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    canonical = " ".join(unicodedata.normalize("NFC", text).split())
+    if len(canonical) > max_chars:  # NFC can grow a text (U+0958 → 2 characters, U+FB2C → 3)
+        raise ValueError(f"prompt is too long once normalised: {len(canonical)} characters (max {max_chars})")
+    return canonical
 
 
 def _max_sequence_length(path: Path, max_positions: int) -> int:

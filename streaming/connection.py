@@ -1,9 +1,18 @@
 """One websocket connection: reads and validates client messages, drives its session, owns its sender.
 
 ``Connection.run`` is the whole lifetime of one socket. Messages are parsed by ``streaming.protocol`` before
-anything else happens; invalid ones get an `error` reply and the connection carries on. Frames reach the
-client through the connection's ``Outbox`` task, never through the shared event loop's other tasks. In
-``finally`` the session is detached for a later resume (abrupt disconnect) or ended (clean close).
+anything else happens; invalid ones get an `error` reply and the connection carries on. How it stays fair:
+
+1. Reading: before each message the connection waits until its message budget is out of debt
+   (``streaming.wire``) and there is room for a reply (``Outbox.room``), and it yields after each one, so a
+   burst already received neither overflows the reply queue nor holds the event loop.
+2. Replies come in request order from one reply task: `keys` and `ack` take effect at once, model commands
+   (`prompt`, `reset`, `snapshot`, `restore`, `record`) are rate-limited when read and carried out in order
+   by the reply task, so a slow command never stops the connection from reading acks.
+3. A connection that has not started a session within ``start_deadline_s`` is closed (1008).
+
+Frames reach the client through the connection's ``Outbox`` task, never through the shared event loop's other
+tasks. In ``finally`` the session is detached for a later resume (abrupt disconnect) or ended (clean close).
 """
 
 from __future__ import annotations
@@ -11,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from worldloop.streaming.config import ServerConfig
 from worldloop.streaming.engine import Engine
+from worldloop.streaming.limits import TokenBucket
 from worldloop.streaming.metrics import Metrics
 from worldloop.streaming.outbox import Outbox, OutgoingFrame, Stalled
 from worldloop.streaming.protocol import (
@@ -46,27 +54,13 @@ from worldloop.streaming.protocol import (
     parse_client_message,
 )
 from worldloop.streaming.registry import LiveSession, SessionRegistry
+from worldloop.streaming.replies import Dropped, Reply, ReplyQueue
 from worldloop.streaming.session import EngineFull, Frame, SessionClosed, SessionOptions, UnknownSnapshot
+from worldloop.streaming.wire import GuardedConnection
 
 log = logging.getLogger(__name__)
 CLEAN_CLOSE_CODES = (1000, 1001)  # the client meant to leave: end its session at once
-
-
-class TokenBucket:
-    """``rate`` events per second on average after a burst of ``burst``: ``take`` says whether one may go."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens, self.last = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+MAX_PENDING_COMMANDS = 4  # model commands waiting for the engine per connection; more are `rate_limited`
 
 
 class Host(Protocol):
@@ -80,7 +74,7 @@ class Host(Protocol):
 
 
 class Connection:
-    def __init__(self, ws: ServerConnection, server: Host) -> None:
+    def __init__(self, ws: GuardedConnection, server: Host) -> None:
         self.ws = ws
         self.server = server
         self.engine = server.engine
@@ -90,23 +84,57 @@ class Connection:
                              send_timeout=config.send_timeout_s, ack_timeout=config.ack_timeout_s)
         self.live: LiveSession | None = None
         self.commands = TokenBucket(config.command_rate, config.command_burst)
+        self._replies = ReplyQueue(max(1, self.outbox.max_control // 2))
+        self._pending_commands = 0
         self._loop = asyncio.get_running_loop()
         self._goodbye: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._start_timer: asyncio.TimerHandle | None = None
+        self._last_throttle_notice = -1e9
+        ws.on_throttled = self._throttled
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
+        replier = asyncio.create_task(self._reply_loop())
+        self._start_timer = self._loop.call_later(self.server.config.start_deadline_s, self._start_deadline)
         try:
             async for data in self.ws:
+                await self.ws.wait_for_budget()
+                await self.outbox.room()
                 await self._handle(data)
+                await asyncio.sleep(0)  # let other connections and the sender run between queued messages
         except ConnectionClosed:
             pass
         finally:
+            self._start_timer.cancel()
+            replier.cancel()
             self.outbox.stop()
             await asyncio.wait({sender}, timeout=self.server.config.send_timeout_s + 1.0)
             if not sender.done():
                 sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+            await asyncio.gather(sender, replier, return_exceptions=True)
+            if self.ws.stall_reason is not None:
+                log.info("dropped a client (%s)", self.ws.stall_reason)
+                self.metrics.dropped_clients.inc(self.ws.stall_reason)
             await self._release()
+
+    def _start_deadline(self) -> None:
+        if self.live is None and self.ws.state is State.OPEN:
+            self.metrics.dropped_clients.inc("start_deadline")
+            deadline = self.server.config.start_deadline_s
+            reason = f"no session started in {deadline:g} s"
+            self._closing = self._loop.create_task(self.ws.close(1008, reason))
+
+    def _throttled(self) -> None:
+        """The client overdrew its message budget (at most one notice a second)."""
+        self.metrics.throttled.inc()
+        now = time.monotonic()
+        if now - self._last_throttle_notice >= 1.0:
+            self._last_throttle_notice = now
+            c = self.server.config
+            self._error(ProtocolError("rate_limited", f"more than {c.message_rate:g} messages a second "
+                                      f"after a burst of {c.message_burst}: this connection is now read "
+                                      "more slowly"))
 
     async def say_goodbye(self, reason: str, code: int = 1001) -> None:
         """Send `bye` (waiting briefly for the client to take it) and close the socket."""
@@ -136,7 +164,8 @@ class Connection:
 
     def _on_frame(self, frame: Frame) -> None:
         """Called on the encoder pool: pack the message there, hand it to the loop."""
-        outgoing = OutgoingFrame(frame.seq, pack_frame(frame.header(), frame.payload), frame.started_at)
+        outgoing = OutgoingFrame(frame.seq, pack_frame(frame.header(), frame.payload), frame.started_at,
+                                 time.monotonic())
         try:
             self._loop.call_soon_threadsafe(self.outbox.offer, outgoing)
         except RuntimeError:  # the loop has closed
@@ -155,51 +184,84 @@ class Connection:
 
     # ---- receiving ----
     async def _handle(self, data: str | bytes) -> None:
+        reply: Reply
         try:
-            await self._dispatch(parse_client_message(data))
+            message = parse_client_message(data)
+            if isinstance(message, Start):
+                await self._replies.idle()  # earlier replies first, then `ready`, then frames
+                await self._start(message)
+                return
+            reply = self._dispatch(message)
         except ProtocolError as err:
-            self._error(err)
+            reply = err
+        if reply is not None:
+            await self._replies.put(reply)
 
-    async def _dispatch(self, message: ClientMessage) -> None:
+    def _dispatch(self, message: ClientMessage) -> Reply | None:
+        """Apply `ack` and `keys` now; return what answers the others (a command is carried out later)."""
         if isinstance(message, Ack):
             self.outbox.ack(message.frame)
-        elif isinstance(message, Start):
-            await self._start(message)
-        else:
-            live = self._require_session(message.type)
-            if isinstance(message, Keys):
-                live.handle.set_keys(message.keys, message.seq)
-            elif isinstance(message, StatsRequest):
-                self._post(self._stats(live))
+            return None
+        live = self._require_session(message.type)
+        if isinstance(message, Keys):
+            live.handle.set_keys(message.keys, message.seq)
+            return None
+        if isinstance(message, StatsRequest):
+            return lambda: self._stats(live)
+        if self._pending_commands >= MAX_PENDING_COMMANDS or not self.commands.take():
+            return Dropped(message.type)
+        self._pending_commands += 1
+        return lambda: self._command(live, message)
+
+    async def _reply_loop(self) -> None:
+        while True:
+            reply = await self._replies.take()
+            try:
+                if callable(reply):
+                    reply = await reply()
+            except ProtocolError as err:
+                reply = err
+            except Exception as err:  # a bug: say so, and keep answering
+                log.exception("answering a request failed")
+                reply = ProtocolError("internal", f"the request failed: {err}")
+            if isinstance(reply, Dropped):
+                c = self.server.config
+                what = f"this `{reply.request}` was" if reply.count == 1 else \
+                    f"{reply.count} `{reply.request}` commands in a row were"
+                reply = ProtocolError("rate_limited", f"at most {c.command_rate:g} commands a second after a "
+                                      f"burst of {c.command_burst}, {MAX_PENDING_COMMANDS} waiting; {what} "
+                                      "dropped", request=reply.request)
+            if isinstance(reply, ProtocolError):
+                self._error(reply)
             else:
-                if not self.commands.take():
-                    c = self.server.config
-                    raise ProtocolError("rate_limited", f"at most {c.command_rate:g} commands a second "
-                                        f"after a burst of {c.command_burst}; this `{message.type}` was "
-                                        "dropped", request=message.type)
-                await self._command(live, message)
+                self._post(reply)
+            await self._replies.done()
 
     def _require_session(self, request: str) -> LiveSession:
         if self.live is None:
             raise ProtocolError("no_session", "send `start` first", request=request)
         return self.live
 
-    async def _command(self, live: LiveSession, message: ClientMessage) -> None:
+    async def _command(self, live: LiveSession, message: ClientMessage) -> ServerMessage:
+        try:
+            return await self._carry_out(live, message)
+        finally:
+            self._pending_commands -= 1
+
+    async def _carry_out(self, live: LiveSession, message: ClientMessage) -> ServerMessage:
         handle = live.handle
         if isinstance(message, SetPrompt):
-            frame = await self._wait(handle.set_prompt(message.prompt), "prompt")
-            self._post(Done(request="prompt", frame=frame))
-        elif isinstance(message, Reset):
+            return Done(request="prompt", frame=await self._wait(handle.set_prompt(message.prompt), "prompt"))
+        if isinstance(message, Reset):
             frame = await self._wait(handle.reset(message.prompt, message.seed), "reset")
-            self._post(Done(request="reset", frame=frame))
-        elif isinstance(message, TakeSnapshot):
+            return Done(request="reset", frame=frame)
+        if isinstance(message, TakeSnapshot):
             snapshot_id, frame = await self._wait(handle.snapshot(), "snapshot")
-            self._post(Snapshot(id=snapshot_id, frame=frame))
-        elif isinstance(message, Restore):
-            frame = await self._wait(handle.restore(message.id), "restore")
-            self._post(Done(request="restore", frame=frame))
-        elif isinstance(message, Record):
-            await self._record(live, message)
+            return Snapshot(id=snapshot_id, frame=frame)
+        if isinstance(message, Restore):
+            return Done(request="restore", frame=await self._wait(handle.restore(message.id), "restore"))
+        assert isinstance(message, Record), message
+        return await self._record(live, message)
 
     async def _wait(self, future: Any, request: str) -> Any:
         """Await an engine command, turning its failures into protocol errors."""
@@ -213,17 +275,15 @@ class Connection:
             log.exception("%s failed", request)
             raise ProtocolError("internal", f"{request} failed: {err}", request=request) from None
 
-    async def _record(self, live: LiveSession, message: Record) -> None:
+    async def _record(self, live: LiveSession, message: Record) -> Recording:
         registry = self.server.registry
         if message.action == "start":
             name = await self._wait_record(registry.start_recording(live))
-            self._post(Recording(state="started", name=name, url=f"/recordings/{name}"))
-        else:
-            info = await self._wait_record(registry.stop_recording(live))
-            if info is None:
-                raise ProtocolError("bad_field", "this session is not being recorded", request="record")
-            self._post(Recording(state="stopped", name=info.name, url=f"/recordings/{info.name}",
-                                 frames=info.frames))
+            return Recording(state="started", name=name, url=f"/recordings/{name}")
+        info = await self._wait_record(registry.stop_recording(live))
+        if info is None:
+            raise ProtocolError("bad_field", "this session is not being recorded", request="record")
+        return Recording(state="stopped", name=info.name, url=f"/recordings/{info.name}", frames=info.frames)
 
     async def _wait_record(self, operation: Any) -> Any:
         try:
@@ -234,7 +294,7 @@ class Connection:
             log.exception("recording failed")
             raise ProtocolError("internal", f"recording failed: {err}", request="record") from None
 
-    def _stats(self, live: LiveSession) -> Stats:
+    async def _stats(self, live: LiveSession) -> Stats:
         s = live.handle.stats()
         return Stats(frame=s.frame, frames_generated=s.frames_generated,
                      frames_sent=self.outbox.sent, frames_dropped=self.outbox.dropped,
@@ -285,6 +345,9 @@ class Connection:
                          resumed=resumed, max_in_flight=self.outbox.max_in_flight,
                          trained=self.engine.trained))
         self.live = live
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+        self.outbox.max_frame_age = 1.0 / handle.fps
         self.outbox.clear_frames()
         self.outbox.on_backpressure = self._on_backpressure
         handle.on_frame = self._on_frame

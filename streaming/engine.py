@@ -5,10 +5,16 @@ Transport-free; the websocket server and the Gradio app both drive it in-process
 1. ``open_session`` admits a session (or raises ``EngineFull`` before any model state exists) and returns a
    ``SessionHandle`` (streaming/session.py); the model session is created on the generation thread
    (``handle.started``).
-2. The generation thread loops: create/close sessions, run queued commands (prompt, reset, snapshot,
-   restore, recording), then make one frame for every session that is due, batched into a single
-   ``model.next_frame`` call. Sessions are paced at their own FPS; one that runs late skips the missed
-   deadlines instead of bursting to catch up. A paused session makes no frames.
+2. The generation thread loops: create/close sessions, make one frame for every session that is due,
+   batched into a single ``model.next_frame`` call, then run queued commands (prompt, reset, snapshot,
+   restore, recording). Sessions are paced at their own FPS; one that runs late skips the missed deadlines
+   instead of bursting to catch up. A paused session makes no frames.
+   Commands are costed and scheduled: a session's commands run in a gap before the other sessions' next
+   frames as long as the moving average of command time. Without a gap they run only if the session has not
+   taken more than ``command_share`` (5%) of the time from the others: commands that took ``t`` s from them
+   hold its next ones back for ``t / command_share`` s. The session that sent them also pays with its own
+   stream: its next frame moves back by the time they took. A prompt change re-caches the whole window (tens
+   of ms on a CPU), so this keeps one client's prompt changes from taking other sessions' frames.
 3. Speculative frames: with time left before the next deadline, a session's next frame is made early with
    the keys held now (``next_frame(..., speculative=True)``). When it is due and the keys are unchanged it is
    committed and emitted at once. A key change discards it at once (so does any command), and the frame for
@@ -60,7 +66,7 @@ class Engine:
 
     def __init__(self, model: WorldModelLike, *, max_sessions: int = 4, fps: int | None = None,
                  speculative: bool = True, max_snapshots: int = 8, encode_workers: int = 2,
-                 metrics: Metrics | None = None, trained: bool = True) -> None:
+                 metrics: Metrics | None = None, trained: bool = True, command_share: float = 0.05) -> None:
         if max_sessions < 1 or max_snapshots < 1 or encode_workers < 1:
             raise ValueError("max_sessions, max_snapshots and encode_workers must be ≥ 1")
         self.model = model
@@ -69,6 +75,10 @@ class Engine:
         self.fps = int(fps or model.config.fps)
         self.speculative = speculative
         self.max_snapshots = max_snapshots
+        if not 0 < command_share <= 1:
+            raise ValueError(f"command_share must be in (0, 1], got {command_share}")
+        # A session's commands may take at most this share of the time of the other sessions' frames.
+        self.command_share = command_share
         self.metrics = metrics or Metrics()
         self.metrics.sessions.set(0)
         self._pool = ThreadPoolExecutor(encode_workers, thread_name_prefix="worldloop-encode")
@@ -80,6 +90,7 @@ class Engine:
         self._admitted = 0
         self._next_id = 1
         self._per_session_frame_s = 0.0  # moving average of frame time per session, for speculation
+        self._command_s = 0.0  # moving average of the time one session's queued commands take
         self._thread = threading.Thread(target=self._run, name="worldloop-engine", daemon=True)
 
     # ---- public API ----
@@ -165,9 +176,8 @@ class Engine:
                 self._admit()
                 for handle in [h for h in self._live if h.close_requested]:
                     self._end_session(handle, None)
-                for handle in self._live:
-                    handle.run_commands()
                 self._frames_due()
+                self._run_commands()
                 wait = self._speculate()
                 if wait > 0:
                     self._wake.wait(wait)
@@ -240,6 +250,27 @@ class Engine:
             handle.closed.set_result(None)
         for handle in list(self._live):
             self._end_session(handle, None)
+
+    def _run_commands(self) -> None:
+        """Run each session's queued commands when they fit before the other sessions' next frames, or when
+        the session has not taken more than its ``command_share`` of time from the others; the session also
+        pays for them with its own next frame."""
+        for handle in list(self._live):
+            if not handle.has_commands():
+                continue
+            now = time.monotonic()
+            others = [h.next_due for h in self._live if h is not handle and not h.paused]
+            room = min(others) - now if others else float("inf")
+            if room < self._command_s and now < handle.commands_after:
+                continue  # no gap now, and this session has taken its share of time from the others
+            handle.run_commands()
+            end = time.monotonic()
+            took = end - now
+            self._command_s = took if self._command_s == 0 else 0.8 * self._command_s + 0.2 * took
+            handle.next_due = max(handle.next_due, end) + took
+            stolen = took - max(room, 0.0)  # time taken from the other sessions' next frames
+            if stolen > 0:
+                handle.commands_after = end + stolen / self.command_share
 
     # ---- generation thread: frames ----
     def _frames_due(self) -> None:

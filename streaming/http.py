@@ -1,17 +1,19 @@
 """The plain-HTTP side of the server: access policy (Host, Origin, token) and the non-websocket routes.
 
 Pure functions over the request's headers and paths; ``streaming.server`` calls them from the websocket
-handshake hook. Routes: the web client's static files, ``/healthz``, ``/metrics`` and
-``/recordings/<name>``.
+handshake hook. Routes: the web client's static files, ``/healthz``, ``/metrics`` and ``/recordings/<name>``;
+``/ws`` takes GET only, every other route GET and HEAD (405 with ``Allow`` otherwise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import hmac
 import html
 import ipaddress
 import json
+import math
 import mimetypes
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ class AccessPolicy:
             return False
         if name in LOCAL_HOSTS or name == self.host or _is_ip(name):
             return True
-        extra = {_hostname(urlsplit(o).netloc) for o in self.allowed_origins if o != "*"}
+        extra = {_hostname(_netloc(o)) for o in self.allowed_origins if o != "*"}
         return name in extra or "*" in self.allowed_origins
 
     def origin_allowed(self, origin: str | None, host_header: str | None) -> bool:
@@ -58,7 +60,11 @@ class AccessPolicy:
             return True
         if "*" in self.allowed_origins or origin in self.allowed_origins:
             return True
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:  # e.g. "http://[": not an origin at all
+            return False
         if parts.scheme not in ("http", "https") or not parts.netloc:
             return False
         if parts.netloc == host_header:  # same origin as the page this server served
@@ -85,6 +91,13 @@ def offered_subprotocols(headers: Headers) -> list[str]:
         return [p for value in headers.get_all("Sec-WebSocket-Protocol") for p in parse_subprotocol(value)]
     except InvalidHeader:
         return []
+
+
+def _netloc(url: str) -> str:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return ""
 
 
 def _hostname(netloc: str) -> str | None:
@@ -126,6 +139,20 @@ def error_response(status: int, message: str) -> Response:
     return response(status, message + "\n")
 
 
+def method_not_allowed(allow: str) -> Response:
+    return response(405, f"method not allowed here; allowed: {allow}\n", extra=[("Allow", allow)])
+
+
+def too_many_requests(retry_after_s: float, message: str) -> Response:
+    seconds = max(1, math.ceil(retry_after_s))
+    return response(429, f"{message}; try again in {seconds} s\n", extra=[("Retry-After", str(seconds))])
+
+
+def head_only(answer: Response) -> Response:
+    """The answer to HEAD: the GET answer's status and headers (Content-Length included), no body."""
+    return dataclasses.replace(answer, body=b"")
+
+
 def unauthorized() -> Response:
     return response(401, "an access token is required: the header 'Authorization: Bearer <token>', or on the "
                          "websocket the subprotocol 'worldloop.token.<token>' next to 'worldloop.v1'\n",
@@ -147,7 +174,8 @@ def static_path(web_dir: Path, url_path: str) -> Path | None:
     return candidate
 
 
-def file_response(path: Path, download_name: str | None = None) -> Response:
+def file_response(path: Path, download_name: str | None = None, head: bool = False) -> Response:
+    """A file as a 200 answer; ``head``: its headers only (the file is not read)."""
     size = path.stat().st_size
     if size > MAX_DOWNLOAD_BYTES:
         return error_response(413, f"{path.name} is too large to serve")
@@ -155,6 +183,11 @@ def file_response(path: Path, download_name: str | None = None) -> Response:
     if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
         content_type += "; charset=utf-8"
     extra = [("Content-Disposition", f'attachment; filename="{download_name}"')] if download_name else []
+    if head:
+        answer = response(200, b"", content_type, extra)
+        del answer.headers["Content-Length"]
+        answer.headers["Content-Length"] = str(size)
+        return answer
     return response(200, path.read_bytes(), content_type, extra)
 
 

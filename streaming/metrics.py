@@ -51,6 +51,11 @@ class Counter:
         with self._lock:
             return self._values.get(labels, 0.0)
 
+    def by_label(self) -> dict[str, float]:
+        """Counts by the (single) label's value."""
+        with self._lock:
+            return {k[0]: v for k, v in sorted(self._values.items()) if len(k) == 1}
+
     def samples(self) -> list[str]:
         with self._lock:
             items = sorted(self._values.items())
@@ -75,6 +80,19 @@ class Gauge:
 
     def samples(self) -> list[str]:
         return [f"{self.name} {_number(self.value())}"]
+
+
+class Settings:
+    """Fixed numbers (limits, configuration) as one gauge labelled by ``name``."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self.values: dict[str, float] = {}
+
+    def samples(self) -> list[str]:
+        return [f'{self.name}{{name="{_escape(k)}"}} {_number(v)}' for k, v in sorted(self.values.items())]
 
 
 class Histogram:
@@ -161,7 +179,10 @@ class Metrics:
         self.frames_generated = Counter("worldloop_frames_generated_total", "Frames generated (committed).")
         self.frames_sent = Counter("worldloop_frames_sent_total", "Frames sent to clients.")
         self.frames_dropped = Counter("worldloop_frames_dropped_total",
-                                      "Frames generated but never sent (replaced by a newer frame).")
+                                      "Frames generated but never sent (replaced by a newer one, or stale).")
+        self.frames_stale = Counter("worldloop_frames_stale_total",
+                                    "Frames dropped because they waited over a frame interval for a slow "
+                                    "reader (a fresh one is made instead).")
         self.deadlines_missed = Counter("worldloop_deadlines_missed_total",
                                         "Frame deadlines skipped because generation ran late.")
         self.speculative = Counter("worldloop_speculative_frames_total",
@@ -171,11 +192,14 @@ class Metrics:
                                labels=("reason",))
         self.dropped_clients = Counter("worldloop_clients_dropped_total",
                                        "Connections aborted by the server, by reason.", labels=("reason",))
+        self.throttled = Counter("worldloop_connections_throttled_total",
+                                 "Times a connection overdrew its message budget and was read more slowly.")
+        self.limits = Settings("worldloop_limit", "The server's limits (connections, deadlines, rates).")
         self.protocol_errors = Counter("worldloop_protocol_errors_total", "Error replies sent, by code.",
                                        labels=("code",))
 
-    def instruments(self) -> list[Counter | Gauge | Histogram]:
-        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
+    def instruments(self) -> list[Counter | Gauge | Histogram | Settings]:
+        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram | Settings)]
 
     def render(self) -> str:
         lines: list[str] = []

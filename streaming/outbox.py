@@ -3,11 +3,15 @@
 Each connection runs ``Outbox.run`` as its own task, so a slow or stalled client only ever blocks its own
 sender, never the engine or other clients. Rules (docs/protocol.md, "Flow control"):
 
-- Control messages (replies, errors, `bye`) go first, in order; more than ``max_control`` waiting means the
-  client is not reading, and it is dropped.
+- Control messages (replies, errors, `bye`) go first, in order. The connection reads the client's next
+  request only when there is ``room`` (under half of ``max_control`` waiting), so a burst of requests is
+  answered at the pace the client reads the answers; more than ``max_control`` waiting still means the client
+  is not reading, and it is dropped.
 - Frames: at most ``max_in_flight`` sent and not yet acknowledged. A newer frame replaces an unsent one
   (latest frame wins; the replaced one counts as dropped). While a frame waits for the window to open,
-  ``on_backpressure(True)`` pauses the session's generation.
+  ``on_backpressure(True)`` pauses the session's generation. A waiting frame older than ``max_frame_age`` s
+  when the window opens is dropped (counted stale) and generation resumes, so a slow reader gets a fresh
+  frame rather than one that waited for it.
 - Deadlines: a send that does not complete within ``send_timeout`` s, or an unacknowledged frame older than
   ``ack_timeout`` s, raises ``Stalled``; the caller aborts the connection.
 """
@@ -36,6 +40,7 @@ class OutgoingFrame:
     seq: int
     data: bytes  # the whole binary message: header + image
     started_at: float  # time.monotonic() when the step that made it started
+    ready_at: float = 0.0  # time.monotonic() when it was encoded and offered
 
 
 class Outbox:
@@ -48,6 +53,7 @@ class Outbox:
         self.send_timeout = send_timeout
         self.ack_timeout = ack_timeout
         self.max_control = max_control
+        self.max_frame_age: float | None = None  # seconds; None: a waiting frame never goes stale
         self.on_backpressure: Callable[[bool], None] = lambda paused: None
         self._control: deque[str] = deque()
         self._frame: OutgoingFrame | None = None
@@ -55,6 +61,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._space = asyncio.Event()  # set whenever a control message has gone out
         self._overflow = False
         self._backpressure = False
         self.sent = self.dropped = 0  # frames, this connection
@@ -94,6 +101,13 @@ class Outbox:
         self._in_flight.clear()
         self._changed()
 
+    async def room(self) -> None:
+        """Wait while half of ``max_control`` replies or more are waiting to be sent (returns at once when the
+        sender has stopped)."""
+        while self._running and not self._stopped and len(self._control) >= self.max_control // 2:
+            self._space.clear()
+            await self._space.wait()
+
     async def drain(self, timeout: float) -> bool:
         """Wait until the control queue is empty; False on timeout or when the sender has stopped."""
         if not self._running:
@@ -116,7 +130,8 @@ class Outbox:
             await self._send_loop()
         finally:
             self._running = False
-            self._idle.set()  # nothing more will be sent: release drain() waiters
+            self._idle.set()  # nothing more will be sent: release drain() and room() waiters
+            self._space.set()
 
     async def _send_loop(self) -> None:
         # Stopped by a flag, not by cancellation: Python 3.11's wait_for can swallow a cancellation.
@@ -126,11 +141,15 @@ class Outbox:
                 raise Stalled("control_overflow")
             if self._control:
                 await self._send(self._control.popleft())
+                self._space.set()
                 if not self._control:
                     self._idle.set()
                 continue
             if self._frame is not None and len(self._in_flight) < self.max_in_flight:
                 frame, self._frame = self._frame, None
+                if self._stale(frame):
+                    self._changed()  # generation resumes and makes a fresh frame
+                    continue
                 await self._send(frame.data)
                 self._in_flight.append((frame.seq, time.monotonic()))
                 self.sent += 1
@@ -139,6 +158,14 @@ class Outbox:
                 self._changed()
                 continue
             await self._wait()
+
+    def _stale(self, frame: OutgoingFrame) -> bool:
+        if self.max_frame_age is None or time.monotonic() - frame.ready_at <= self.max_frame_age:
+            return False
+        self.dropped += 1
+        self.metrics.frames_dropped.inc()
+        self.metrics.frames_stale.inc()
+        return True
 
     async def _wait(self) -> None:
         timeout = None

@@ -52,8 +52,9 @@ ERROR_CODES: dict[str, str] = {
     "already_started": "this connection already has a session",
     "unknown_session": "the resume id is unknown or its grace period has expired",
     "unknown_snapshot": "the snapshot id is unknown or was evicted",
-    "rate_limited": "too many model commands (prompt, reset, snapshot, restore, record) too fast; this one "
-                    "was dropped",
+    "rate_limited": "too many model commands (prompt, reset, snapshot, restore, record) too fast, and this "
+                    "one was dropped; or, without `request`, too many messages: the connection is read "
+                    "more slowly",
     "server_full": "the server is at its session limit; the connection is then closed with code 1013",
     "internal": "the server failed to carry out a valid request",
 }

@@ -1,9 +1,10 @@
 """The worldloop server: HTTP routes and the websocket endpoint ``/ws`` around a running ``Engine``.
 
-The server only accepts and routes: access checks and plain-HTTP routes happen in the handshake hook
-(``streaming.http``); each websocket becomes a ``Connection`` (streaming/connection.py); sessions live in the
-``SessionRegistry``. ``run_server`` adds signal handling: on SIGTERM/SIGINT clients get `bye`, recordings are
-finished and the engine thread is stopped.
+The server only accepts and routes: access checks, connection limits (in all, per client address) and
+plain-HTTP routes happen in the handshake hook (``streaming.http``); each websocket is a ``GuardedConnection``
+(streaming/wire.py: message budget, write stalls) driven by a ``Connection`` (streaming/connection.py);
+sessions live in the ``SessionRegistry``. ``run_server`` adds signal handling: on SIGTERM/SIGINT clients
+get `bye`, recordings are finished and the engine thread is stopped.
 
     engine = Engine(model).start()
     asyncio.run(run_server(engine, ServerConfig(port=8765, web_dir=Path("app/web"))))
@@ -12,9 +13,11 @@ finished and the engine thread is stopped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -25,8 +28,10 @@ from worldloop.streaming import http
 from worldloop.streaming.config import ServerConfig
 from worldloop.streaming.connection import Connection
 from worldloop.streaming.engine import Engine
+from worldloop.streaming.limits import FailureBackoff
 from worldloop.streaming.protocol import PROTOCOL_VERSION, SUBPROTOCOL, check_access_token
 from worldloop.streaming.registry import SessionRegistry
+from worldloop.streaming.wire import GuardedConnection, WireLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ class WorldloopServer:
         self.metrics = engine.metrics
         self.registry = SessionRegistry(engine, grace_s=config.resume_grace_s, record_dir=config.record_dir)
         self.connections: set[Connection] = set()
+        self.per_address: Counter[str] = Counter()  # open connections by client address
+        self.guesses = FailureBackoff(config.token_guess_rate, config.token_guess_burst)
+        self.floods = FailureBackoff(1.0 / config.flood_backoff_s, 2)  # addresses whose clients flooded
+        self.metrics.limits.values.update(config.limits())
         self.stopping = False
         self.started_at = time.monotonic()
         self.policy = http.AccessPolicy(config.host, config.port, frozenset(config.allowed_origins),
@@ -59,10 +68,12 @@ class WorldloopServer:
 
     async def start(self) -> WorldloopServer:
         c = self.config
+        wire = WireLimits(c.message_rate, c.message_burst, c.send_timeout_s)
         self._server = await serve(
             self._handle, c.host, c.port, process_request=self._route, select_subprotocol=_select_subprotocol,
             compression=None, max_size=c.transport_max_bytes, ping_interval=c.ping_interval_s,
             ping_timeout=c.ping_interval_s, close_timeout=2.0, server_header="worldloop",
+            create_connection=functools.partial(GuardedConnection, limits=wire),  # type: ignore[arg-type]
         )
         self.policy = http.AccessPolicy(c.host, self.port, frozenset(c.allowed_origins), c.token)
         return self
@@ -87,17 +98,24 @@ class WorldloopServer:
             await self._server.wait_closed()
 
     # ---- websocket ----
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: GuardedConnection) -> None:
         if self.stopping:
             await ws.close(1001, "server shutting down")
             return
         connection = Connection(ws, self)
+        address = _address(ws)
         self.connections.add(connection)
+        self.per_address[address] += 1
         self.metrics.connections.set(len(self.connections))
         try:
             await connection.run()
         finally:
+            if ws.stall_reason == "flood":
+                self.floods.failed(address)
             self.connections.discard(connection)
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
             self.metrics.connections.set(len(self.connections))
 
     # ---- HTTP ----
@@ -107,41 +125,66 @@ class WorldloopServer:
         if not self.policy.host_allowed(headers.get("Host")):
             return self._refuse("host", 403, "this server does not answer to that Host name")
         if path == "/ws":
-            return self._admit(request)
+            if request.method != "GET":
+                return http.method_not_allowed("GET")
+            return self._admit(ws, request)
+        if request.method not in ("GET", "HEAD"):
+            return http.method_not_allowed("GET, HEAD")
+        answer = await self._answer(ws, path, request)
+        return http.head_only(answer) if request.method == "HEAD" else answer
+
+    async def _answer(self, ws: ServerConnection, path: str, request: Request) -> Response:
+        """GET (and HEAD) on everything but ``/ws``."""
         if path == "/healthz":
             return self._health()
-        if path == "/metrics":
-            if not self.policy.token_ok(headers.get("Authorization")):
-                return self._refuse_token()
-            return http.response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        if path.startswith("/recordings/"):
-            if not self.policy.token_ok(headers.get("Authorization")):
-                return self._refuse_token()
+        if path == "/metrics" or path.startswith("/recordings/"):
+            refused = self._check_token(ws, request.headers.get("Authorization"))
+            if refused is not None:
+                return refused
+            if path == "/metrics":
+                return http.response(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             found = http.recording_file(self.config.record_dir, path, self.registry.active_recordings())
             if found is None:
                 return http.error_response(404, "no such finished recording")
-            return await asyncio.to_thread(http.file_response, found, found.name)
-        return await self._static(path)
+            return await asyncio.to_thread(http.file_response, found, found.name, request.method == "HEAD")
+        return await self._static(path, request.method == "HEAD")
 
-    def _admit(self, request: Request) -> Response | None:
+    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
         headers = request.headers
         if not self.policy.origin_allowed(headers.get("Origin"), headers.get("Host")):
             return self._refuse("origin", 403, "origin not allowed (see --allow-origin)")
-        if not self.policy.token_ok(headers.get("Authorization"), http.offered_subprotocols(headers)):
-            return self._refuse_token()
+        refused = self._check_token(ws, headers.get("Authorization"), http.offered_subprotocols(headers))
+        if refused is not None:
+            return refused
         if self.stopping:
             return self._refuse("shutdown", 503, "the server is shutting down")
+        wait = self.floods.retry_after(_address(ws))
+        if wait > 0:
+            self.metrics.refused.inc("flood_backoff")
+            return http.too_many_requests(wait, "connections from your address flooded the server")
         if len(self.connections) >= self.config.max_connections:
             return self._refuse("connections", 503, "too many connections")
+        if self.per_address[_address(ws)] >= self.config.max_connections_per_ip:
+            return self._refuse("connections_per_ip", 503, "too many connections from your address")
         return None  # go on with the websocket handshake
+
+    def _check_token(self, ws: ServerConnection, authorization: str | None,
+                     subprotocols: Sequence[str] = ()) -> Response | None:
+        """None when the token is right (or none is needed); else 401, or 429 while the address backs off."""
+        address = _address(ws)
+        wait = self.guesses.retry_after(address)
+        if wait > 0:
+            self.metrics.refused.inc("token_backoff")
+            return http.too_many_requests(wait, "too many wrong access tokens from your address")
+        if self.policy.token_ok(authorization, subprotocols):
+            return None
+        self.guesses.failed(address)
+        self.metrics.refused.inc("token")
+        return http.unauthorized()
 
     def _refuse(self, reason: str, status: int, message: str) -> Response:
         self.metrics.refused.inc(reason)
         return http.error_response(status, message)
-
-    def _refuse_token(self) -> Response:
-        self.metrics.refused.inc("token")
-        return http.unauthorized()
 
     def _health(self) -> Response:
         healthy = self.engine.running and not self.stopping
@@ -155,9 +198,13 @@ class WorldloopServer:
             "max_sessions": self.engine.max_sessions,
             "connections": len(self.connections),
             "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "limits": self.config.limits(),
+            "dropped": self.metrics.dropped_clients.by_label(),
+            "refused": self.metrics.refused.by_label(),
+            "throttled": self.metrics.throttled.value(),
         })
 
-    async def _static(self, path: str) -> Response:
+    async def _static(self, path: str, head: bool = False) -> Response:
         web_dir = self.config.web_dir
         if web_dir is None or not web_dir.is_dir():
             if path in ("/", "/index.html"):
@@ -166,7 +213,13 @@ class WorldloopServer:
         found = http.static_path(web_dir, path)
         if found is None:
             return http.error_response(404, "not found")
-        return await asyncio.to_thread(http.file_response, found)
+        return await asyncio.to_thread(http.file_response, found, None, head)
+
+
+def _address(ws: ServerConnection) -> str:
+    """The client's IP address (the unit of the per-address limits)."""
+    peer = ws.remote_address
+    return str(peer[0]) if peer else "unknown"
 
 
 def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:

@@ -136,6 +136,7 @@ class SessionHandle:
         self._paused = False
         self._keys = (0, 0)  # (bitmask, seq), replaced as one tuple
         self._commands: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self.commands_after = 0.0  # time.monotonic() before which its commands wait for a gap (engine)
         self._lock = threading.Lock()
         self.close_requested = False
         # Generation-thread state.

@@ -3,18 +3,23 @@
 Frames are deterministic: each session carries a 64-bit state that every committed frame advances by
 hashing (state, keys, prompt, frame index); a frame is a 4×4 grid of flat colour blocks drawn from the new
 state, so JPEG keeps frames recognisable and any change of seed, keys, prompt or history changes them.
-``step_delay`` (seconds per step call) stands in for the model's compute. The fake checks its contract:
+``step_delay`` (seconds per step call) and ``prompt_delay`` (per ``set_prompt``) stand in for the model's
+compute. The fake checks its contract:
 one calling thread, no double speculation beyond the slack, no plain step over a pending speculative frame.
 
 ``serve_fake`` runs an engine and a server on a free loopback port; ``RawClient`` is a thin websocket client
-that sends anything (malformed messages included) and collects frames, acknowledging them.
+that sends anything (malformed messages included) and collects frames, acknowledging them;
+``raw_websocket`` is a bare socket after the handshake, for clients that misbehave below the library.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import Frame, Opcode
 
 from worldloop.models.config import preset
 from worldloop.streaming.engine import Engine
@@ -66,12 +72,13 @@ class FakeWorldModel:
     """Implements new_session/step/commit/discard/set_prompt/reset/snapshot/restore/close_session."""
 
     def __init__(self, height: int = 32, width: int = 32, fps: int = 30, step_delay: float = 0.0,
-                 max_sessions: int = 8, slack: int = 2) -> None:
+                 max_sessions: int = 8, slack: int = 2, prompt_delay: float = 0.0) -> None:
         self.config = preset("tiny").replace(name="fake", height=height, width=width, fps=fps)
         self.device = "cpu"
         self.steps = 1
         self.frame_shape = (height, width)
         self.step_delay = step_delay
+        self.prompt_delay = prompt_delay  # seconds per set_prompt: the window's re-caching
         self.max_sessions = max_sessions
         self.slack = slack
         self.calls: list[tuple[int, bool]] = []  # (batch size, speculative) per step call
@@ -133,6 +140,8 @@ class FakeWorldModel:
     def set_prompt(self, session: FakeSession, prompt: str) -> None:
         self._check_thread()
         assert not session.pending, "set_prompt with pending speculative frames"
+        if self.prompt_delay:
+            time.sleep(self.prompt_delay)
         session.prompt = prompt
 
     def reset(self, session: FakeSession, prompt: str | None = None, seed: int | None = None) -> None:
@@ -242,3 +251,29 @@ class RawClient:
             except asyncio.TimeoutError:
                 break
         return len(self.frames) - before
+
+
+def client_frame(opcode: Opcode, payload: bytes) -> bytes:
+    """One masked client-to-server websocket frame, as bytes on the wire."""
+    return Frame(opcode, payload).serialize(mask=True)
+
+
+@asynccontextmanager
+async def raw_websocket(port: int, receive_buffer: int = 4096) -> AsyncIterator[
+        tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A websocket to ``/ws`` on a bare socket with a small receive buffer: the test decides what is read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                 .encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    try:
+        yield reader, writer
+    finally:
+        writer.transport.abort()

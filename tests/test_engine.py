@@ -218,3 +218,22 @@ def test_the_real_tiny_world_model(tiny_world_model: Any) -> None:
         handle.paused = False
         plain_frames = plain.after(seq, 4)
         assert all(np.array_equal(x.rgb, y.rgb) for x, y in zip(first, plain_frames, strict=True))
+
+
+def test_commands_are_paid_for_by_the_session_that_sends_them() -> None:
+    """A session re-caching its prompt back to back loses its own frames, not the other session's."""
+    model = FakeWorldModel(prompt_delay=0.05)
+    with Engine(model, max_sessions=2, speculative=False) as engine:
+        canary, spammer = Collector(), Collector()
+        a = engine.open_session(SessionOptions("cave", fps=10, **RAW), on_frame=canary)
+        b = engine.open_session(SessionOptions("cave", fps=10, **RAW), on_frame=spammer)
+        a.started.result(10)
+        b.started.result(10)
+        end, i = time.monotonic() + 3.0, 0
+        while time.monotonic() < end:
+            b.set_prompt(f"cave {i}").result(10)
+            i += 1
+        counted = len(canary.frames), len(spammer.frames)
+        assert counted[1] < 0.8 * counted[0], counted
+        a.close().result(10)
+        b.close().result(10)

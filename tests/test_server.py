@@ -22,7 +22,6 @@ from worldloop.app import loading
 from worldloop.app.cli import build_parser, main
 from worldloop.app.commands import serve
 from worldloop.models.config import preset
-from worldloop.streaming.connection import TokenBucket
 from worldloop.streaming.encoding import decode_image
 from worldloop.streaming.metrics import Metrics
 from worldloop.streaming.outbox import Outbox, OutgoingFrame, Stalled
@@ -178,16 +177,6 @@ def test_invalid_messages_get_documented_errors_and_the_session_lives_on() -> No
             await client.frames_from(client.frames[-1].header.frame_seq + 1 if client.frames else 0, 3)
             assert server.metrics.protocol_errors.value("bad_json") >= 5
     run(scenario())
-
-
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
-    now = [0.0]
-    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
-    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
-    now[0] += 0.5  # one token back
-    assert [bucket.take() for _ in range(2)] == [True, False]
-    now[0] += 100.0  # never more than the burst
-    assert sum(bucket.take() for _ in range(10)) == 3
 
 
 def test_command_spam_is_rate_limited_and_the_session_lives_on() -> None:

@@ -150,6 +150,8 @@ def test_validate_prompt_canonical_form() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("x" * 301, "too long: 301 characters"),
+    ("\u0958" * 300, "too long once normalised: 600 characters"),  # NFC decomposes it: it grows
+    ("\ufb2c" * 300, "too long once normalised: 900 characters"),
     ("ice \ud800 cave", "lone surrogate U\\+D800 at position 4"),
     ("ice\x00cave", "control character U\\+0000 at position 3"),
     ("ice\x1b[31mcave", "control character U\\+001B"),

@@ -24,8 +24,9 @@ from worldloop.app.errors import UserError
 from worldloop.app.loading import ModelChoice, add_model_options, choose_model, load_model
 
 if TYPE_CHECKING:
+    from worldloop.streaming.config import ServerConfig
     from worldloop.streaming.engine import Engine
-    from worldloop.streaming.server import ServerConfig, WorldloopServer
+    from worldloop.streaming.server import WorldloopServer
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -52,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--web-dir", type=Path, default=WEB_DIR, help="static files of the browser client")
     p.add_argument("--resume-grace", type=float, default=10.0,
                    help="seconds a dropped connection's session waits to be resumed (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open websocket connections in all (default: %(default)s)")
+    p.add_argument("--max-connections-per-ip", type=int, default=16,
+                   help="open websocket connections from one client address (default: %(default)s)")
+    p.add_argument("--start-deadline", type=float, default=10.0,
+                   help="seconds a connection may stay open without a session (default: %(default)s)")
     p.add_argument("--no-speculative", action="store_true", help="do not generate frames ahead of time")
     p.set_defaults(func=run)
 
@@ -67,6 +74,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--fps must be in 1..60, got {args.fps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be ≥ 1, got {args.threads}")
+    if args.max_connections < 1 or args.max_connections_per_ip < 1:
+        raise UserError("--max-connections and --max-connections-per-ip must be ≥ 1")
+    if not args.start_deadline > 0:
+        raise UserError(f"--start-deadline must be > 0 seconds, got {args.start_deadline}")
     if args.token is not None:
         from worldloop.streaming.protocol import check_access_token
 
@@ -88,7 +99,6 @@ def _is_loopback(host: str) -> bool:
 def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     """Check the options and load the model: its choice, the engine on it (not started), the server config."""
     from worldloop.streaming.engine import Engine
-    from worldloop.streaming.server import ServerConfig
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
@@ -105,10 +115,19 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
                     trained=choice.trained)
-    config = ServerConfig(host=args.host, port=args.port, token=args.token,
-                          allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
-                          record_dir=args.record_dir, resume_grace_s=args.resume_grace)
-    return choice, engine, config
+    return choice, engine, server_config(args)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's settings from the command line (checked by ``_check_args``)."""
+    from worldloop.streaming.config import ServerConfig
+
+    return ServerConfig(host=args.host, port=args.port, token=args.token,
+                        allowed_origins=tuple(args.allow_origin), web_dir=args.web_dir,
+                        record_dir=args.record_dir, resume_grace_s=args.resume_grace,
+                        max_connections=args.max_connections,
+                        max_connections_per_ip=args.max_connections_per_ip,
+                        start_deadline_s=args.start_deadline)
 
 
 def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | None = None) -> int:
