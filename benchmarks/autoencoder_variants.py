@@ -1,8 +1,8 @@
 """Autoencoder variants side by side at equal CPU time: reconstruction quality against decode speed.
 
-Each variant trains from scratch on fresh built-in-world frames (128×128, the ``default`` preset's size) for
-the same budget of process CPU time (both threads counted, so other processes on the machine do not tilt the
-comparison), then is measured on held-out worlds (32 worlds × 4 frames, the ``worldloop eval`` seeds):
+Each variant trains from scratch with ``worldloop train vae`` (the one training loop and its pooled world
+frames, 128×128) until ``--cpu-minutes`` of process CPU time are spent (both threads counted), then its
+exported EMA autoencoder is measured on held-out worlds (32 worlds × 4 frames, the ``worldloop eval`` seeds):
 PSNR mean and worst frame, SSIM, the sharpness ratio (mean Laplacian variance of the reconstructions ÷ that
 of the engine frames; 1.0 = as sharp as the engine), per-theme PSNR, per-channel latent statistics, and the
 decoder's time per frame (bf16, channels_last, one thread, batch 1). One JSON line per variant.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,11 @@ import torch
 
 from worldloop.distill.data.media import save_png
 from worldloop.distill.eval.autoencoder import autoencoder_report
-from worldloop.distill.stages.runtime import TrainConfig
-from worldloop.distill.stages.shared import make_clip_source
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.vae import VAEObjective, train_vae
+from worldloop.models import checkpoint
 from worldloop.models.config import VAEConfig, preset
-from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
+from worldloop.models.vae import LatentAutoencoder
 
 
 @dataclass(frozen=True)
@@ -63,39 +64,24 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def train(variant: Variant, cpu_seconds: float, batch_clips: int,
-          seed: int) -> tuple[LatentAutoencoder, dict]:
+def train(variant: Variant, cpu_minutes: float, batch_clips: int, seed: int,
+          out: Path) -> tuple[LatentAutoencoder, dict]:
+    """`worldloop train vae` (the one training loop) on a CPU-time budget; the exported EMA autoencoder."""
     config = preset("default").replace(vae=variant.vae)
-    torch.manual_seed(seed)
+    cfg = TrainConfig(iterations=10**9, cpu_minutes=cpu_minutes, batch_size=batch_clips, lr=variant.lr,
+                      warmup=50, bf16=True, device="cpu", seed=seed, out=str(out), log_every=25,
+                      sample_every=0, checkpoint_every=10**9)
+    objective = VAEObjective(noise_std=variant.noise_std, kl_weight=variant.kl_weight,
+                             edge_weight=variant.edge_weight, spectrum_weight=variant.spectrum_weight)
+    started = time.perf_counter()
+    result = train_vae(config, cfg, objective, setup_distributed("cpu"))
+    wall = time.perf_counter() - started
+    files = checkpoint.load_model(result.model_dir, need_dit=False)
     vae = LatentAutoencoder(config)
-    opt = torch.optim.AdamW(vae.parameters(), lr=variant.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    # The data of `worldloop train vae` on the CPU: a pool of rendered clips, one chunk re-rendered in turn.
-    clips = make_clip_source(TrainConfig(seed=seed), config, torch.device("cpu"), 0, frames=2)
-    start_cpu, start_wall = time.process_time(), time.perf_counter()
-    iteration, frames, losses = 0, 0, []
-    while time.process_time() - start_cpu < cpu_seconds:
-        images = to_unit(clips.batch(iteration, batch_clips).frames.flatten(0, 1))
-        for group in opt.param_groups:
-            group["lr"] = variant.lr * min(1.0, (iteration + 1) / 50)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, parts = autoencoder_loss(vae, images, noise_std=variant.noise_std,
-                                           kl_weight=variant.kl_weight, edge_weight=variant.edge_weight,
-                                           spectrum_weight=variant.spectrum_weight,
-                                           generator=torch.Generator().manual_seed(seed + iteration))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        iteration += 1
-        frames += images.shape[0]
-        losses.append(loss.item())
-        if iteration % 25 == 0:
-            print(f"  iteration {iteration}  loss {statistics.mean(losses[-25:]):.4f}  "
-                  f"cpu {time.process_time() - start_cpu:.0f}/{cpu_seconds:.0f} s", flush=True)
-    wall = time.perf_counter() - start_wall
-    vae.calibrate_latent_scale(to_unit(clips.batch(10**6, 64).frames.flatten(0, 1)))
-    return vae, {"iterations": iteration, "frames": frames, "wall_s": round(wall, 1),
-                 "frames_per_cpu_s": round(frames / max(1e-9, time.process_time() - start_cpu), 2)}
+    checkpoint.load_into(vae, files.vae, result.model_dir / checkpoint.VAE_FILE)
+    frames = result.iteration * batch_clips * 2
+    return vae, {"iterations": result.iteration, "frames": frames, "wall_s": round(wall, 1),
+                 "frames_per_cpu_s": round(frames / (60 * cpu_minutes), 2)}
 
 
 def main() -> None:
@@ -118,7 +104,8 @@ def main() -> None:
             raise SystemExit(f"unknown variant {name!r}; --list shows them")
         variant = VARIANTS[name]
         print(f"{name}: {variant.note}", flush=True)
-        vae, stats = train(variant, args.cpu_minutes * 60, args.batch_clips, args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            vae, stats = train(variant, args.cpu_minutes, args.batch_clips, args.seed, Path(tmp) / name)
         report = autoencoder_report(vae, timing_threads=1)
         pictures = report.pop("pictures")
         row = {"variant": name, "cpu_minutes": args.cpu_minutes, **stats, **report,

@@ -233,3 +233,23 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
                       sample_every=0, checkpoint_every=100000, device="cpu")
     train_vae(TINY, cfg, VAEObjective(), setup_distributed("cpu"), resume=True, clips=FakeClips(32, 32, 2))
     assert _log(run)[-1]["iteration"] == done + 1
+
+
+def test_a_stage_without_its_step_or_export_cannot_be_built() -> None:
+    from worldloop.distill.stages.loop import Stage
+
+    class Half(Stage):
+        def batch(self, iteration: int) -> None:
+            return None
+
+    with pytest.raises(TypeError, match="export, step"):
+        Half(None, None, None)  # type: ignore[arg-type]
+
+
+def test_a_cpu_time_budget_stops_the_loop_and_exports(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "budget", iterations=10**6, cpu_minutes=0.002)  # 0.12 s of process CPU time
+    result = train_vae(TINY, cfg, VAEObjective(), setup_distributed("cpu"), clips=FakeClips(32, 32, 2))
+    assert 1 <= result.iteration < 10**6
+    assert checkpoint.load_model(result.model_dir, need_dit=False).metadata["step"] == result.iteration
+    with pytest.raises(ValueError, match="--cpu-minutes"):
+        TrainConfig(cpu_minutes=-1)

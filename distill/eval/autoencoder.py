@@ -21,7 +21,7 @@ import torch
 from worldloop.distill.data.clips import WorldClips
 from worldloop.distill.eval import metrics
 from worldloop.distill.world.themes import THEMES
-from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.vae import LatentAutoencoder, to_uint8, to_unit
 
 RECON_WORLDS, RECON_FRAMES = 32, 4  # held-out worlds × frames each (seed 0: the eval's worlds)
 
@@ -48,11 +48,9 @@ def reconstruct(vae: LatentAutoencoder, frames: np.ndarray,
     device = vae.latent_scale.device
     outs, latents = [], []
     for chunk in torch.from_numpy(frames).split(batch):
-        x = chunk.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        z = vae.encode(x)
+        z = vae.encode(to_unit(chunk).to(device))
         latents.append(z.cpu())
-        y = vae.decode(z)
-        outs.append(y.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        outs.append(to_uint8(vae.decode(z)).cpu())
     return torch.cat(outs).numpy(), torch.cat(latents)
 
 

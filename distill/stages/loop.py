@@ -30,6 +30,7 @@ resumed run continues with the numbers the uninterrupted run would have used (se
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ from worldloop.distill.stages.runtime import (
     step_generator,
     wrap_model,
 )
+from worldloop.models.timing import cpu_seconds
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Step:
     log_now: bool = False
 
 
-class Stage:
+class Stage(ABC):
     """A training stage. Its constructor calls ``Stage.__init__`` (config, process, settings — the run's
     ``train.json``, whose model/objective must match on resume) and ``trains(name, module)`` (EMA and
     optimizer, the checkpointed state), then builds the rest; it implements ``batch``, ``step`` and
@@ -121,23 +123,29 @@ class Stage:
             ema.update(self.modules[name])
         return grad_norm
 
+    @abstractmethod
     def batch(self, iteration: int) -> Any:
-        raise NotImplementedError
+        """The iteration's data (a pure function of the iteration, so a resumed run sees the same)."""
 
+    @abstractmethod
     def step(self, iteration: int, batch: Any) -> Step:
-        raise NotImplementedError
+        """One optimizer iteration on ``batch``: loss, backward, update (``self.update``); what to log."""
 
+    @abstractmethod
     def export(self, iteration: int, out: Path) -> None:
-        raise NotImplementedError
+        """Write the stage's model directory to ``out``."""
 
     def save_extra(self, run: RunDir) -> None:
         """State kept beside ``checkpoint.pt`` (rank 0, written just before it), e.g. a second optimizer."""
+        return  # optional hook: a stage without it does nothing here
 
     def load_extra(self, run: RunDir) -> None:
         """Read back what ``save_extra`` wrote (on resume, after ``checkpoint.pt``)."""
+        return  # optional hook: a stage without it does nothing here
 
     def samples(self, iteration: int, batch: Any, run: RunDir) -> None:
         """Sample pictures of the current EMA model under ``run.samples`` (rank 0, every ``sample_every``)."""
+        return  # optional hook: a stage without it does nothing here
 
 
 def prepare_run(cfg: TrainConfig, settings: dict[str, Any], resume: bool, ddp: Distributed) -> RunDir:
@@ -148,7 +156,8 @@ def prepare_run(cfg: TrainConfig, settings: dict[str, Any], resume: bool, ddp: D
 
 
 def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resume: bool) -> TrainResult:
-    """Run ``stage`` from its checkpoint (``resume``) or from iteration 0 up to ``cfg.iterations``."""
+    """Run ``stage`` from its checkpoint (``resume``) or from iteration 0 up to ``cfg.iterations``, or until
+    ``cfg.cpu_minutes`` of process CPU time are spent (then it saves and exports as on SIGTERM)."""
     state = {"modules": stage.modules, "emas": stage.emas, "optimizer": stage.optimizer}
     iteration = 0
     if resume:
@@ -165,8 +174,13 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             if stage.export_at_checkpoints:
                 stage.export(iteration, run.model)
 
+    cpu_start = cpu_seconds()
+
+    def out_of_cpu() -> bool:  # a CPU-time budget: recipes compared at equal CPU minutes, not iterations
+        return cfg.cpu_minutes > 0 and cpu_seconds() - cpu_start >= 60 * cfg.cpu_minutes
+
     with StopSignal() as stop:
-        while iteration < cfg.iterations and not any_rank(stop.requested, ddp):
+        while iteration < cfg.iterations and not any_rank(stop.requested or out_of_cpu(), ddp):
             started = time.perf_counter()
             batch = stage.batch(iteration)
             data_seconds = time.perf_counter() - started

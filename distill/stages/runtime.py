@@ -37,6 +37,7 @@ class TrainConfig:
     """Settings shared by every stage; parsed once by the CLI and saved in every checkpoint."""
 
     iterations: int = 1000  # total optimizer updates of the run (a resumed run continues up to this)
+    cpu_minutes: float = 0.0  # also stop after this much process CPU time (since the run (re)started); 0: off
     batch_size: int = 8  # global: split evenly over the DDP processes
     lr: float = 3e-4
     warmup: int = 100  # linear learning-rate warm-up iterations (again after --init-from)
@@ -58,7 +59,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "iterations": self.iterations >= 1, "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
+            "iterations": self.iterations >= 1, "cpu_minutes": self.cpu_minutes >= 0,
+            "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
             "warmup": self.warmup >= 0, "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "clip_frames": 2 <= self.clip_frames <= 1024,
