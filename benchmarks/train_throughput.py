@@ -103,14 +103,14 @@ def main() -> None:
 
     def iteration() -> None:
         with autocast(device, bf16):
-            loss = model(x0, keys, tokens, mask, draws)
+            loss = model(x0, keys, tokens, mask, draws).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     seconds = timed(iteration, device, args.iterations, warmup=2 if args.compile else 1)
     # eager, fp32: the count does not depend on precision or compilation
-    flops = iteration_flops(lambda: loss_module(x0, keys, tokens, mask, draws).backward())
+    flops = iteration_flops(lambda: loss_module(x0, keys, tokens, mask, draws).mean().backward())
     reference = matmul_tflops(device, bf16)
     achieved = flops / seconds / 1e12
     sequence = frames if config.dit.bidirectional else 2 * frames  # [clean | noisy] in teacher forcing

@@ -92,6 +92,10 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
     p.add_argument("--pool-refresh", type=int, default=25,
                    help="iterations between re-rendering a pool chunk")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="adamw, or muon: Muon on the transformer blocks' hidden matrices, AdamW on the rest")
+    p.add_argument("--snapshot-minutes", type=float, default=0.0,
+                   help="export the model to snapshots/ every this many process CPU minutes (0: never)")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
         p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
@@ -108,7 +112,22 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-dropout", type=float, default=0.1)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--random-keys", type=float, default=0.1,
-                   help="fraction of frames driven by random keys instead of the explorer")
+                   help="chance per frame of starting to hold random keys instead of the explorer's")
+    p.add_argument("--key-hold", type=int, default=1,
+                   help="random keys, once drawn, are held for 1..N frames")
+    p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal location of training σ")
+    p.add_argument("--sigma-std", type=float, default=1.0, help="logit-normal scale of training σ")
+    p.add_argument("--prediction", choices=["v", "x0"], default=None,
+                   help="what the DiT outputs: v (velocity) or x0 (the clean frame; σ²-weighted loss); "
+                        "default: the preset's")
+    p.add_argument("--depth-weight", type=float, default=0.0,
+                   help="auxiliary loss: log wall depth per token column, from the engine (adds aux heads)")
+    p.add_argument("--motion-weight", type=float, default=0.0,
+                   help="auxiliary loss: camera motion since the last frame, from the engine "
+                        "(adds aux heads)")
+    p.add_argument("--dit-depth", type=int, help="transformer layers (default: the preset's)")
+    p.add_argument("--dit-dim", type=int, help="transformer width (default: the preset's)")
+    p.add_argument("--dit-heads", type=int, help="attention heads (default: the preset's)")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -119,6 +138,14 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         config = checkpoint.with_autoencoder_of(config, source)
     if getattr(args, "bidirectional", False):
         config = config.replace(dit=dataclasses.replace(config.dit, bidirectional=True))
+    dit_overrides = {name: getattr(args, option, None) for name, option in
+                     (("prediction", "prediction"), ("depth", "dit_depth"), ("dim", "dit_dim"),
+                      ("heads", "dit_heads"))}
+    dit_overrides = {k: v for k, v in dit_overrides.items() if v is not None}
+    if getattr(args, "depth_weight", 0) > 0 or getattr(args, "motion_weight", 0) > 0:
+        dit_overrides["aux_heads"] = True
+    if dit_overrides:
+        config = config.replace(dit=dataclasses.replace(config.dit, **dit_overrides))
     if args.stage == "teacher":
         if not 1 <= args.sample_steps <= 1000:
             raise ValueError(f"--sample-steps {args.sample_steps} is out of range 1..1000")
@@ -140,7 +167,8 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
         seed=args.seed, device=str(ddp.device), bf16=bf16, compile=args.compile, out=str(args.out),
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
         episodes=str(args.episodes) if args.episodes else None, pool_clips=args.pool_clips,
-        pool_refresh=args.pool_refresh,
+        pool_refresh=args.pool_refresh, optimizer=getattr(args, "optimizer", "adamw"),
+        snapshot_minutes=getattr(args, "snapshot_minutes", 0.0),
     )
 
 
@@ -174,9 +202,11 @@ def _objective(args: argparse.Namespace) -> Any:
     if args.stage == "teacher":
         from worldloop.distill.stages.teacher import TeacherObjective
 
-        return TeacherObjective(shift=args.shift, context_noise=args.context_noise,
-                                key_dropout=args.key_dropout, prompt_dropout=args.prompt_dropout,
-                                random_keys=args.random_keys)
+        return TeacherObjective(shift=args.shift, sigma_mean=args.sigma_mean, sigma_std=args.sigma_std,
+                                context_noise=args.context_noise, key_dropout=args.key_dropout,
+                                prompt_dropout=args.prompt_dropout, random_keys=args.random_keys,
+                                key_hold=args.key_hold, depth_weight=args.depth_weight,
+                                motion_weight=args.motion_weight)
     return None
 
 
