@@ -64,7 +64,9 @@ class DiTConfig:
     slack: int = 2  # extra cache slots for speculative frames
     bidirectional: bool = False  # full attention inside a clip (distillation teacher only)
     rope_theta: float = 10_000.0
-    prediction: str = "v"  # what the final layer outputs: "v" (velocity ε − x0) or "x0" (the clean frame)
+    # What the final layer outputs: "v" (velocity ε − x0), "x0" (the clean frame), or "delta" (the clean frame
+    # minus the previous frame's latent: the model starts out copying the last frame and learns the change).
+    prediction: str = "v"
     aux_heads: bool = False  # training-only heads on the last hidden states: per-column depth, camera motion
 
     def __post_init__(self) -> None:
@@ -72,8 +74,10 @@ class DiTConfig:
             raise ValueError(f"dit.dim / dit.heads must be a multiple of 8, got {self.dim}/{self.heads}")
         if self.window < 1 or self.sink < 0 or self.slack < 0:
             raise ValueError("dit.window must be >= 1 and dit.sink, dit.slack >= 0")
-        if self.prediction not in ("v", "x0"):
-            raise ValueError(f"dit.prediction must be 'v' or 'x0', got {self.prediction!r}")
+        if self.prediction not in ("v", "x0", "delta"):
+            raise ValueError(f"dit.prediction must be 'v', 'x0' or 'delta', got {self.prediction!r}")
+        if self.prediction == "delta" and self.bidirectional:
+            raise ValueError("dit.prediction 'delta' needs a causal DiT (a previous frame to add to)")
 
     @property
     def head_dim(self) -> int:

@@ -79,10 +79,16 @@ AUX_MOTION = 3  # camera motion the auxiliary head predicts per frame: forward, 
 MIN_SIGMA = 1e-4  # x0 prediction → velocity divides by σ; training and sampling never go below this
 
 
-def velocity(out: Tensor, x: Tensor, sigma: Tensor, prediction: str) -> Tensor:
-    """The network's output (B, F, C, h, w) as a velocity: itself for ``"v"``, (x_σ − x0)/σ for ``"x0"``."""
+def velocity(out: Tensor, x: Tensor, sigma: Tensor, prediction: str, previous: Tensor | None = None
+             ) -> Tensor:
+    """The network's output (B, F, C, h, w) as a velocity: itself for ``"v"``; (x_σ − x0)/σ with x0 the output
+    (``"x0"``) or ``previous`` (B, F, C, h, w: each frame's previous frame) plus the output (``"delta"``)."""
     if prediction == "v":
         return out
+    if prediction == "delta":
+        if previous is None:
+            raise ValueError("a delta-predicting DiT needs the previous frames")
+        out = out + previous.float()
     s = sigma.float().clamp_min(MIN_SIGMA).reshape(*sigma.shape, 1, 1, 1)
     return (x.float() - out) / s
 
@@ -414,7 +420,11 @@ class DiT(nn.Module):
         """
         b, f = x.shape[:2]
         n = self.tokens
-        noisy_x, noisy_sigma = x, sigma
+        noisy_x, noisy_sigma, previous = x, sigma, None
+        if self.cfg.prediction == "delta":  # frame i adds to context frame i − 1 (nothing before frame 0)
+            if context is None:
+                raise ValueError("a delta-predicting DiT needs context frames (teacher forcing)")
+            previous = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
         if context is not None:
             if self.cfg.bidirectional:
                 raise ValueError("a bidirectional DiT takes no clean context frames")
@@ -437,7 +447,7 @@ class DiT(nn.Module):
         noisy = slice((g - f) * n, g * n)
         out = self.final(h[:, noisy], cond[:, g - f:], n)
         out = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
-        v = velocity(out, noisy_x, noisy_sigma, self.cfg.prediction)
+        v = velocity(out, noisy_x, noisy_sigma, self.cfg.prediction, previous)
         if not return_aux:
             return v
         if self.aux is None:
@@ -527,7 +537,16 @@ class DiT(nn.Module):
         if context < g:
             out = self.final(h, cond[:, context:], n)
             out_v = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
-            out_v = velocity(out_v, x[:, context:], sigma[:, context:], self.cfg.prediction)
+            previous = None
+            if self.cfg.prediction == "delta":  # the frame before the first noisy one: in this call, or cached
+                before = cache.previous.to(x.dtype)
+                if context:
+                    given = present[:, context - 1].view(-1, 1, 1, 1)
+                    before = torch.where(given, x[:, context - 1], before)
+                if g - context != 1:
+                    raise ValueError("a delta-predicting DiT makes one noisy frame per cached forward")
+                previous = before[:, None]
+            out_v = velocity(out_v, x[:, context:], sigma[:, context:], self.cfg.prediction, previous)
         if context == 0:
             return CachedOutput(out_v, None, None)
         return CachedOutput(out_v, torch.stack(new_k), torch.stack(new_v))

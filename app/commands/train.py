@@ -117,9 +117,9 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
                    help="random keys, once drawn, are held for 1..N frames")
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal location of training σ")
     p.add_argument("--sigma-std", type=float, default=1.0, help="logit-normal scale of training σ")
-    p.add_argument("--prediction", choices=["v", "x0"], default=None,
-                   help="what the DiT outputs: v (velocity) or x0 (the clean frame; σ²-weighted loss); "
-                        "default: the preset's")
+    p.add_argument("--prediction", choices=["v", "x0", "delta"], default=None,
+                   help="what the DiT outputs: v (velocity), x0 (the clean frame; σ²-weighted loss) or "
+                        "delta (the clean frame minus the previous one; x0 loss); default: the preset's")
     p.add_argument("--depth-weight", type=float, default=0.0,
                    help="auxiliary loss: log wall depth per token column, from the engine (adds aux heads)")
     p.add_argument("--motion-weight", type=float, default=0.0,

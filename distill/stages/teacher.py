@@ -164,7 +164,8 @@ class TeacherLoss(nn.Module):
         out = self.dit(x_t, d.sigma, given, prompt, context=context,
                        context_sigma=None if context is None else d.context_sigma, return_aux=aux is not None)
         v, predicted = out if aux is not None else (out, None)
-        frame_loss = losses.frame_losses(v, x0, d.noise, d.sigma, self.dit.cfg.prediction)
+        target = "v" if self.dit.cfg.prediction == "v" else "x0"  # x0 and delta DiTs: the clean frame's error
+        frame_loss = losses.frame_losses(v, x0, d.noise, d.sigma, target)
         if aux is None:
             return frame_loss
         return frame_loss, aux_loss(predicted, aux, self.objective)
