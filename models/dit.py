@@ -538,7 +538,7 @@ class DiT(nn.Module):
             out = self.final(h, cond[:, context:], n)
             out_v = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
             previous = None
-            if self.cfg.prediction == "delta":  # the frame before the first noisy one: in this call, or cached
+            if self.cfg.prediction == "delta":  # the frame before: in this call, or cached
                 before = cache.previous.to(x.dtype)
                 if context:
                     given = present[:, context - 1].view(-1, 1, 1, 1)

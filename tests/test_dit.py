@@ -89,7 +89,7 @@ def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool,
 def test_cached_rollout_equals_teacher_forcing_beyond_the_window(
     tiny_config: ModelConfig, fused: bool, prediction: str
 ) -> None:
-    """Also for x0 and delta outputs: a delta DiT adds to the frame before (in the call, or from the cache)."""
+    """Also for x0 and delta outputs: a delta DiT adds to the frame before (in the call or the cache)."""
     tiny_config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=prediction))
     model = perturbed(tiny_config)
     frames = tiny_config.dit.sink + tiny_config.dit.window + 4  # eviction is in effect for the last frames
