@@ -17,9 +17,11 @@ a recipe plus what it changes:
     python benchmarks/learning_speed.py --minutes 20 --name x0 -- --prediction x0
     python benchmarks/learning_speed.py --plot runs/learning/v1 runs/learning/default \
         --plot-out docs/training-recipe/curves.png
+    python benchmarks/learning_speed.py --table runs/learning/v1 runs/learning/x0   # markdown
 
 ``--curve-every M`` exports a snapshot every M CPU minutes and evaluates each afterwards (outside the budget):
-the learning curve (PSNR and key accuracy against CPU minutes). Results: ``ROOT/NAME/result.json``.
+the learning curve (PSNR and key accuracy against CPU minutes). Results: ``ROOT/NAME/result.json`` and
+``ROOT/NAME/frames.png`` (four held-out worlds, engine | model at horizons 1, 4 and 16).
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def training_figures(run: Path) -> dict[str, Any]:
     return out
 
 
-def evaluate(model: Path, args: argparse.Namespace, helpers: tuple[Any, Any]) -> dict[str, Any]:
-    return quick_eval(model, steps=args.eval_steps, idm=helpers[0], classifier=helpers[1],
-                      episodes=args.episodes, seed=args.eval_seed)
+def evaluate(model: Path, args: argparse.Namespace, helpers: tuple[Any, Any], picture: Path | None = None
+             ) -> dict[str, Any]:
+    return quick_eval(model, steps=args.eval_steps, idm=helpers[0], classifier=helpers[1], picture=picture,
+                      episodes=args.episodes, seed=args.eval_seed, context_sigma=args.eval_context_sigma)
 
 
 def snapshot_minutes(folder: Path) -> float:
@@ -116,9 +119,11 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     helpers = load_helpers(None if args.idm == Path("none") else args.idm,
                            None if args.classifier == Path("none") else args.classifier, frame,
                            torch.device("cpu"))
-    result: dict[str, Any] = {"name": args.name, "recipe": args.recipe, "flags": extra, "budget_minutes":
-                              args.minutes, "threads": args.threads, "seed": args.seed, "preset": args.preset,
-                              **training_figures(run), **evaluate(run / "model", args, helpers[:2])}
+    result: dict[str, Any] = {"name": args.name, "recipe": args.recipe, "flags": extra,
+                              "eval_context_sigma": args.eval_context_sigma, "budget_minutes": args.minutes,
+                              "threads": args.threads, "seed": args.seed, "preset": args.preset,
+                              **training_figures(run)}
+    result |= evaluate(run / "model", args, helpers[:2], folder / "frames.png")
     curve = []
     for snap in sorted((run / "snapshots").glob("cpu*")) if (run / "snapshots").is_dir() else []:
         point = evaluate(snap, args, helpers[:2])
@@ -159,6 +164,31 @@ def plot(runs: list[Path], out: Path) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+TABLE = (("iterations", "it", 0), ("frames_per_cpu_s", "frames/CPU-s", 1), ("psnr_h1", "PSNR h1", 2),
+         ("psnr_h4", "PSNR h4", 2), ("psnr_h16", "PSNR h16", 2), ("sharpness_h1", "sharp h1", 3),
+         ("sharpness_h4", "sharp h4", 3), ("key_per_key", "keys/key", 3), ("key_exact", "keys exact", 3),
+         ("prompt_adherence", "prompt", 2), ("loss_key_change", "loss after key change", 3),
+         ("loss_key_steady", "loss, keys steady", 3))
+
+
+def table(runs: list[Path]) -> str:
+    """A markdown table of finished runs (their result.json), with the baselines in the first row."""
+    results = [json.loads((r / "result.json").read_text()) for r in runs]
+    cells = [[str(r["name"]), " ".join(r.get("flags", [])) or "(recipe only)", str(r["seed"])]
+             + [_cell(r.get(key), digits) for key, _, digits in TABLE] for r in results]
+    first = results[0]
+    baseline = ["copy last frame / always no key", "", ""] + [
+        _cell(first.get(f"copy_last_{key}"), d) if key.startswith("psnr") else
+        _cell(first.get("no_key_rate_per_key"), d) if key == "key_per_key" else "" for key, _, d in TABLE]
+    head = ["run", "flags", "seed"] + [label for _, label, _ in TABLE]
+    rows = [head, ["---"] * len(head), baseline, *cells]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def _cell(value: Any, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -180,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="snapshot and evaluate every this many CPU minutes (0: the end only)")
     p.add_argument("--eval-steps", type=int, default=4, help="denoising steps of the evaluation")
     p.add_argument("--eval-seed", type=int, default=0, help="held-out worlds of the evaluation")
+    p.add_argument("--eval-context-sigma", type=float, default=None,
+                   help="σ generated frames are re-noised to in the cache (default: the model's own)")
     p.add_argument("--episodes", type=int, default=8, help="held-out worlds evaluated")
     p.add_argument("--idm", type=Path, default=shipped_asset("evaluators/idm"), help="'none' to skip")
     p.add_argument("--classifier", type=Path, default=shipped_asset("evaluators/classifier"),
@@ -188,9 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing run of this name")
     p.add_argument("--plot", type=Path, nargs="+", metavar="RUN", help="plot the curves of these runs")
     p.add_argument("--plot-out", type=Path, default=Path("runs/learning/curves.png"))
+    p.add_argument("--table", type=Path, nargs="+", metavar="RUN",
+                   help="print a markdown table of these finished runs")
     args = p.parse_args(argv)
     if args.plot:
         plot(args.plot, args.plot_out)
+        return 0
+    if args.table:
+        print(table(args.table), end="")
         return 0
     args.name = args.name or args.recipe
     result = benchmark(args, extra)

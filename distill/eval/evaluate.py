@@ -450,15 +450,15 @@ def _psnr_cell(h: dict[str, Any]) -> str:
 
 def quick_eval(path: Path, *, steps: int | None, idm: EvaluatorNet | None, classifier: EvaluatorNet | None,
                episodes: int = 8, horizons: tuple[int, ...] = (1, 4, 16), switch_frames: int = 16,
-               seed: int = 0, device: torch.device | str = "cpu",
-               prompt_encoder: PromptEncoder | None = None) -> dict[str, Any]:
+               seed: int = 0, device: torch.device | str = "cpu", context_sigma: float | None = None,
+               prompt_encoder: PromptEncoder | None = None, picture: Path | None = None) -> dict[str, Any]:
     """The fixed short evaluation of the learning-speed benchmark, as one flat dict: PSNR and sharpness ratio
     at each horizon with copy-last beside them, key accuracy (per key and exact) with the always-no-key and
     majority rates beside it, prompt adherence after a switch. The same held-out worlds as ``worldloop eval``
     (engine context, then the engine's keys), without the drift rollout."""
     device = torch.device(device)
     wm = WorldModel.from_pretrained(path, steps=steps, device=device, prompt_encoder=prompt_encoder,
-                                    max_sessions=episodes)
+                                    max_sessions=episodes, context_sigma=context_sigma)
     context_frames = context_length(wm, 0)
     horizon = max(horizons)
     clips = engine_clips(*wm.frame_shape, episodes, context_frames + horizon + switch_frames, seed, device)
@@ -469,6 +469,11 @@ def quick_eval(path: Path, *, steps: int | None, idm: EvaluatorNet | None, class
     for h, m in horizon_metrics(generated, engine, last, horizons).items():
         out |= {f"psnr_h{h}": m["psnr"], f"copy_last_psnr_h{h}": m["copy_last_psnr"],
                 f"sharpness_h{h}": m["sharpness_ratio"]}
+    if picture is not None:
+        shown = [h - 1 for h in horizons]
+        rows = [np.concatenate([np.concatenate([engine[i, t], generated[i, t]], 1) for t in shown], 1)
+                for i in range(min(4, episodes))]
+        save_png(picture, np.concatenate(rows, 0))
     made_with = clips.keys[:, context_frames: context_frames + horizon]
     bits = (torch.from_numpy(made_with).reshape(-1, 1).long() >> torch.arange(NUM_KEYS)) & 1
     out["no_key_rate_per_key"] = float(1 - bits.float().mean())
