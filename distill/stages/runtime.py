@@ -140,6 +140,17 @@ def local_batch_size(batch_size: int, ddp: Distributed) -> int:
     return batch_size // ddp.world_size
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively here: any CUDA device, or a CPU with AVX512-BF16 or AMX. On this
+    project's 2-core AVX512-BF16 CPU it trains the teacher about 1.6× faster per CPU second than fp32
+    (docs/training-recipe.md); without those instructions bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device.type == "cpu" and any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA or CPU when enabled; otherwise a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
