@@ -191,12 +191,12 @@ PRESETS: dict[str, ModelConfig] = {
     # f4 × 8 channels (32×32×8 latents, 4×4 patches → 64 tokens per frame): in equal CPU time it
     # reconstructed held-out frames 1.5–2.5 dB better than f8 × 8/16 (docs/autoencoder.md).
     # The DiT outputs the change from the previous frame ("delta") and plays with generated frames re-noised
-    # to σ 0.2 in the cache (it trains on context noise up to 0.5): docs/training-recipe.md.
+    # to σ 0.3 in the cache (it trains on context noise up to 0.7): docs/training-recipe.md.
     "default": ModelConfig(
         name="default",
         vae=VAEConfig(latent_channels=8, downsample=4, encoder_channels=(48, 96), decoder_channels=(96, 48)),
         dit=DiTConfig(patch_size=4, prediction="delta"),
-        sampling=SamplingConfig(context_sigma=0.2),
+        sampling=SamplingConfig(context_sigma=0.3),
     ),
     "large": ModelConfig(
         name="large",

@@ -110,7 +110,7 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=16,
                    help="denoising steps the exported teacher samples with (its config's sampling.steps)")
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift of training noise levels")
-    p.add_argument("--context-noise", type=float, default=0.5, help="max σ of the clean-context augmentation")
+    p.add_argument("--context-noise", type=float, default=0.7, help="max σ of the clean-context augmentation")
     p.add_argument("--key-dropout", type=float, default=0.1)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--random-keys", type=float, default=0.1,

@@ -57,7 +57,7 @@ class TeacherObjective:
     shift: float = 3.0  # timestep shift of the training noise levels (the sampler's is config.sampling.shift)
     sigma_mean: float = 0.0  # logit-normal location
     sigma_std: float = 1.0  # logit-normal scale
-    context_noise: float = 0.5  # clean context is re-noised to σ_c ~ U(0, context_noise)
+    context_noise: float = 0.7  # clean context is re-noised to σ_c ~ U(0, context_noise)
     key_dropout: float = 0.1  # per frame
     prompt_dropout: float = 0.1  # per clip
     random_keys: float = 0.1  # data: fraction of frames whose keys are random instead of the explorer's
