@@ -10,8 +10,9 @@ beside them, key accuracy of the shipped inverse-dynamics model per key and exac
 beside it, and prompt adherence after a switch to another theme (shipped classifier).
 
 A recipe is a named set of `worldloop train teacher` flags (``RECIPES``: ``v1`` is the recipe before the
-learning-speed work, ``default`` the command's defaults); flags after ``--`` are appended, so a variant is
-a recipe plus what it changes:
+learning-speed work (the command's old defaults), ``shipped`` the hand-tuned flags of the teacher in
+``assets/default``, ``default`` the command's defaults); flags after ``--`` are appended, so a variant is a
+recipe plus what it changes:
 
     python benchmarks/learning_speed.py --minutes 20 --recipe v1 --name v1 --curve-every 5
     python benchmarks/learning_speed.py --minutes 20 --name x0 -- --prediction x0
@@ -48,6 +49,11 @@ RECIPES: dict[str, list[str]] = {
     "v1": ["--batch-size", "16", "--lr", "3e-4", "--warmup", "500", "--no-bf16", "--shift", "3",
            "--context-noise", "0.1", "--random-keys", "0.1", "--key-hold", "1", "--prediction", "v",
            "--optimizer", "adamw", "--sigma-mean", "0", "--sigma-std", "1"],
+    # The hand-tuned flags that trained the teacher in assets/default (README, "Training on this CPU": its
+    # second and longest stage), on this benchmark's autoencoder; evaluate it with --eval-context-sigma 0.2.
+    "shipped": ["--batch-size", "4", "--clip-frames", "12", "--lr", "6e-4", "--warmup", "30", "--ema-decay",
+                "0.996", "--bf16", "--shift", "3", "--context-noise", "0.1", "--random-keys", "0.1",
+                "--key-hold", "1", "--prediction", "v", "--optimizer", "adamw"],
     "default": [],  # whatever `worldloop train teacher` does by default
 }
 FOREVER = str(10**9)  # iterations: the CPU budget is what stops the run
