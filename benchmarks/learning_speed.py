@@ -125,6 +125,9 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     helpers = load_helpers(None if args.idm == Path("none") else args.idm,
                            None if args.classifier == Path("none") else args.classifier, frame,
                            torch.device("cpu"))
+    if args.eval_only and (folder / "result.json").is_file():  # how it was trained stays on record
+        before = json.loads((folder / "result.json").read_text())
+        args.recipe, extra, args.seed = before["recipe"], before["flags"], before["seed"]
     result: dict[str, Any] = {"name": args.name, "recipe": args.recipe, "flags": extra,
                               "eval_context_sigma": args.eval_context_sigma, "budget_minutes": args.minutes,
                               "threads": args.threads, "seed": args.seed, "preset": args.preset,
@@ -180,13 +183,17 @@ TABLE = (("iterations", "it", 0), ("frames_per_cpu_s", "frames/CPU-s", 1), ("psn
 def table(runs: list[Path]) -> str:
     """A markdown table of finished runs (their result.json), with the baselines in the first row."""
     results = [json.loads((r / "result.json").read_text()) for r in runs]
-    cells = [[str(r["name"]), " ".join(r.get("flags", [])) or "(recipe only)", str(r["seed"])]
-             + [_cell(r.get(key), digits) for key, _, digits in TABLE] for r in results]
+    sigmas = [r.get("eval_context_sigma") for r in results]  # None: the model's own
+    sigmas = [checkpoint.read_config(run / "run" / "model")[0].sampling.context_sigma if s is None else s
+              for s, run in zip(sigmas, runs, strict=True)]
+    cells = [[str(r["name"]), f"{r['recipe']}: " + (" ".join(r.get("flags", [])) or "–"), str(r["seed"]),
+              _cell(sigma, 1), *(_cell(r.get(key), digits) for key, _, digits in TABLE)]
+             for r, sigma in zip(results, sigmas, strict=True)]
     first = results[0]
-    baseline = ["copy last frame / always no key", "", ""] + [
+    baseline = ["copy last frame / always no key", "", "", ""] + [
         _cell(first.get(f"copy_last_{key}"), d) if key.startswith("psnr") else
         _cell(first.get("no_key_rate_per_key"), d) if key == "key_per_key" else "" for key, _, d in TABLE]
-    head = ["run", "flags", "seed"] + [label for _, label, _ in TABLE]
+    head = ["run", "recipe: flags", "seed", "cache σ"] + [label for _, label, _ in TABLE]
     rows = [head, ["---"] * len(head), baseline, *cells]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
