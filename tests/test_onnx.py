@@ -170,8 +170,9 @@ def test_without_onnxruntime_the_backend_says_how_to_install_it(
     out = tmp_path / "x.mp4"
     assert main(["rollout", "--preset", "tiny", "--backend", "onnxruntime", "--frames", "2",
                  "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'worldloop[onnx]'" in err[0]
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
+    assert last.startswith("worldloop rollout: error:") and "pip install 'worldloop[onnx]'" in last
+    assert not out.exists()
 
 
 def test_the_backend_refuses_what_it_cannot_run(tiny_config: ModelConfig, prompt_encoder: PromptEncoder,
@@ -184,3 +185,16 @@ def test_the_backend_refuses_what_it_cannot_run(tiny_config: ModelConfig, prompt
         WorldModel.from_config(tiny_config, prompt_encoder=prompt_encoder, backend="tensorrt")
     assert main(["export", "nowhere", "--tensorrt"]) == 2
     assert "add --onnx" in capsys.readouterr().err
+
+
+def test_bench_compare_measures_both_backends_side_by_side(exported: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare.json"
+    argv = ["bench", "--compare", "--model", str(exported["model"]), "--threads", "1", "--frames", "3",
+            "--warmup", "0", "--trials", "2", "--serve-seconds", "0.2", "--json", str(out)]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["backend"], r["threads"], r["steps"]) for r in runs] == [
+        ("torch", 1, 1), ("torch", 1, 2), ("onnxruntime", 1, 1), ("onnxruntime", 1, 2)]
+    assert all(r["steady"]["fps"] > 0 and r["serving"]["key_to_frame_ms"]["trials"] == 2 for r in runs)
+    assert "FPS vs torch" in capsys.readouterr().out
