@@ -169,7 +169,7 @@ def test_without_onnxruntime_the_backend_says_how_to_install_it(
         WorldModel.from_config(tiny_config, prompt_encoder=prompt_encoder, backend="onnxruntime")
     out = tmp_path / "x.mp4"
     assert main(["rollout", "--preset", "tiny", "--backend", "onnxruntime", "--frames", "2",
-                 "--out", str(out), "--quiet"]) == 2
+                 "--prompt", "a cave", "--out", str(out), "--quiet"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
     assert last.startswith("worldloop rollout: error:") and "pip install 'worldloop[onnx]'" in last
     assert not out.exists()
