@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_probe=_pick(args.max_sessions_probe, GPU_PROBE if args.device != "cpu" else (0, 0), q),
         probe_seconds=_pick(args.probe_seconds, PROBE_SECONDS, q), encode_workers=args.encode_workers,
         seed=args.seed, backend=args.backend)
-    report = run_bench(choice, options, progress=lambda m: print(f"worldloop bench: {m}", file=sys.stderr,
-                                                                   flush=True))
-    report["options"]["quick"] = q
-    print_report(report)
+    return _finish(run_bench(choice, options, progress=_say), args, print_report)
+
+
+def _say(message: str) -> None:
+    print(f"worldloop bench: {message}", file=sys.stderr, flush=True)
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace, show: Callable[[dict[str, Any]], None]) -> int:
+    """Print the report and write it as JSON when asked."""
+    report["options"]["quick"] = args.quick
+    show(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -193,15 +201,8 @@ def run_compare(args: argparse.Namespace, choice: Any) -> int:
                            encode_workers=args.encode_workers, seed=args.seed)
     steps = (args.steps,) if args.steps else (1, 2)
     threads = (args.threads,) if args.threads else (1, 2)
-    report = compare_backends(choice, options, backends, steps, threads,
-                              progress=lambda m: print(f"worldloop bench: {m}", file=sys.stderr, flush=True))
-    report["options"]["quick"] = q
-    print_comparison(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report: {args.json}")
-    return 0
+    report = compare_backends(choice, options, backends, steps, threads, progress=_say)
+    return _finish(report, args, print_comparison)
 
 
 def print_comparison(report: dict[str, Any]) -> None:
