@@ -14,6 +14,9 @@ The measurement pieces it shares with ``benchmarks/`` live in ``models/timing.py
 5. Sessions held at the target FPS: the engine steps 1, 2, 4, … sessions in one batch until the slowest
    session's delivered FPS falls below the target, then bisects; encoding included, websockets not.
 
+``compare_backends`` runs phases 2 and 3 for every backend × thread count × step count in one process, one
+after another, so their ratios are measured under the same load (``worldloop bench --compare``).
+
 Timings are host wall clock. On CUDA the DiT time is mostly launch time and the decode time includes
 waiting for the GPU; the end-to-end figures are exact either way.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -58,12 +61,14 @@ class BenchOptions:
     probe_seconds: float = 2.0  # each probed batch size
     encode_workers: int = 2  # the engine's JPEG pool (worldloop serve uses 2)
     seed: int = 0
+    backend: str = "torch"  # what runs the DiT and the decoder (models/onnx_runtime.py)
 
 
 def first_frame(choice: ModelChoice, options: BenchOptions) -> tuple[WorldModel, Any, dict[str, float]]:
     """Load the model, open a session, make its first frame: the model, the session and the three times."""
     start = time.perf_counter()
-    wm = load_model(choice, device=options.device, steps=options.steps, seed=options.seed, max_sessions=1)
+    wm = load_model(choice, device=options.device, steps=options.steps, seed=options.seed, max_sessions=1,
+                    backend=options.backend)
     sync(wm.device)
     loaded = time.perf_counter()
     session = wm.new_session(PROMPT, seed=options.seed)
@@ -187,7 +192,8 @@ def sessions_at_target(wm: WorldModel, options: BenchOptions, fps: int, trained:
     precision = "bf16" if wm.dtype == torch.bfloat16 else "fp32"
     # The same modules with a cache pool large enough for the probe.
     pool = WorldModel(wm.config, wm.dit, wm.vae, wm.prompt_encoder, device=wm.device, max_sessions=limit,
-                      steps=wm.steps, precision=precision)
+                      steps=wm.steps, precision=precision, backend=wm.backend,
+                      onnx_dir=wm.executor.folder if wm.executor is not None else None)
     engine = Engine(pool, max_sessions=limit, fps=fps, encode_workers=options.encode_workers, trained=trained)
     engine.start()
     probes: list[dict[str, Any]] = []
@@ -215,7 +221,7 @@ def model_info(choice: ModelChoice, wm: WorldModel) -> dict[str, Any]:
             "params": dit_params + vae_params, "dit_params": dit_params, "vae_params": vae_params,
             "frame_size": list(wm.frame_shape), "tokens_per_frame": wm.config.tokens_per_frame,
             "steps": wm.steps, "first_frame_steps": wm.config.sampling.first_frame_steps,
-            "dtype": str(wm.dtype).removeprefix("torch."), "fps": wm.config.fps}
+            "dtype": str(wm.dtype).removeprefix("torch."), "fps": wm.config.fps, "backend": wm.backend}
 
 
 def run_bench(choice: ModelChoice, options: BenchOptions,
@@ -247,5 +253,39 @@ def run_bench(choice: ModelChoice, options: BenchOptions,
         report["concurrency"] = sessions_at_target(wm, options, fps, choice.trained)
     else:
         report["concurrency"] = {"probed": False, "target_fps": fps, "max_sessions_probe": 0}
+    report["load_average"]["after"] = load_average()
+    return report
+
+
+def compare_backends(choice: ModelChoice, options: BenchOptions, backends: Sequence[str],
+                     steps: Sequence[int], threads: Sequence[int],
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Steady state and serving for every thread count × backend × step count, one after another in this
+    process (one model load per thread count and backend): a side-by-side table measured under one load."""
+    say = progress or (lambda message: None)
+    report: dict[str, Any] = {"tool": "worldloop bench --compare", "version": 1,
+                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "hardware": hardware(options.device),
+                              "load_average": {"before": load_average()}, "options": asdict(options),
+                              "runs": []}
+    for count in threads:
+        torch.set_num_threads(count)
+        for backend in backends:
+            say(f"{backend}, {count} thread(s): loading")
+            start = time.perf_counter()
+            wm = load_model(choice, device=options.device, seed=options.seed, max_sessions=1,
+                            backend=backend)
+            load_s = time.perf_counter() - start
+            report.setdefault("model", model_info(choice, wm))
+            fps = options.target_fps or wm.config.fps
+            for n in steps:
+                say(f"{backend}, {count} thread(s), {n} step(s): {options.frames} frames, then serving")
+                wm.steps = n
+                session = wm.new_session(PROMPT, seed=options.seed)
+                steady = steady_state(wm, session, options)
+                wm.close_session(session)
+                served = serving(wm, options, fps, choice.trained)
+                report["runs"].append({"backend": backend, "threads": count, "steps": n,
+                                       "model_load_s": round(load_s, 2), "steady": steady, "serving": served})
     report["load_average"]["after"] = load_average()
     return report

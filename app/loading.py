@@ -44,6 +44,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_backend_option(parser)
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the DiT and the decoder: PyTorch, or ONNX Runtime on the CPU "
+                             "(float32; needs pip install 'worldloop[onnx]'; exports the model's graphs on "
+                             "first use) (default: %(default)s)")
 
 
 @dataclass(frozen=True)
@@ -90,11 +101,35 @@ def choose_model(model: str | Path | None, preset_name: str | None, *, fallback:
 
 
 def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = None, seed: int = 0,
-               max_sessions: int = 8) -> WorldModel:
-    """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``)."""
+               max_sessions: int = 8, backend: str = "torch") -> WorldModel:
+    """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend."""
     from worldloop.models.world_model import WorldModel
 
-    if choice.path is not None:
-        return WorldModel.from_pretrained(choice.path, steps=steps, device=device, max_sessions=max_sessions)
-    return WorldModel.from_config(choice.config, seed=seed, device=device, max_sessions=max_sessions,
-                                  steps=steps)
+    if backend != "torch":
+        device = check_backend(backend, device)
+    try:
+        if choice.path is not None:
+            return WorldModel.from_pretrained(choice.path, steps=steps, device=device,
+                                              max_sessions=max_sessions, backend=backend)
+        return WorldModel.from_config(choice.config, seed=seed, device=device, max_sessions=max_sessions,
+                                      steps=steps, backend=backend)
+    except ImportError as err:  # the backend's packages are missing: say how to install them
+        raise UserError(str(err)) from None
+
+
+def check_backend(backend: str, device: str) -> str:
+    """Fail before any model work when a backend cannot run here (its packages, its device); returns the
+    device it runs on (``auto`` means the CPU for onnxruntime)."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":
+        from worldloop.models.onnx_runtime import require_onnxruntime
+
+        if device not in ("cpu", "auto"):
+            raise UserError(f"--backend onnxruntime runs on the CPU, not {device}; use --device cpu")
+        try:
+            require_onnxruntime()
+        except ImportError as err:
+            raise UserError(str(err)) from None
+        return "cpu"
+    return device

@@ -206,13 +206,13 @@ class KVCache:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def view(self, slots: Sequence[int]) -> CacheView:
+    def view(self, slots: Sequence[int], compact: bool = True) -> CacheView:
         """The attention state of a batch of slots: a zero-copy slice when the slots are consecutive.
 
-        On the CPU, frame slots empty in every row are left out: ``runs`` lists the used stretches of the
-        buffer, read by the same concatenation that appends the new frames, so skipping costs no copy. (The
-        check reads the bookkeeping on the host; on CUDA that would cost a device sync, and the mask handles
-        empty slots there.)
+        On the CPU (and ``compact``), frame slots empty in every row are left out: ``runs`` lists the used
+        stretches of the buffer, read by the same concatenation that appends the new frames, so skipping costs
+        no copy. (The check reads the bookkeeping on the host; on CUDA that would cost a device sync, and the
+        mask handles empty slots there — as it does for graphs of fixed shape, which take ``compact=False``.)
         """
         slots = list(slots)
         if slots == list(range(slots[0], slots[0] + len(slots))):
@@ -227,7 +227,7 @@ class KVCache:
         prompt = PromptKV(self.prompt_k[:, sel], self.prompt_v[:, sel], self.prompt_mask[sel])
         sink = self._is_sink_slot.expand_as(frames)
         runs: tuple[slice, ...] = (slice(None),)
-        if self.device.type == "cpu":
+        if compact and self.device.type == "cpu":
             used = (frames >= 0).any(dim=0).tolist()
             if not all(used):
                 cols = [i for i, u in enumerate(used) if u]

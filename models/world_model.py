@@ -15,6 +15,10 @@ One frame for a batch of sessions (``generate``):
    forward.
 3. The x0 prediction becomes the session's pending frame; ``next_frame`` decodes it to uint8 RGB.
 
+Backends: ``backend="torch"`` runs the DiT and the decoder in PyTorch; ``backend="onnxruntime"`` hands every
+denoising step and every decode to ONNX Runtime sessions (``models/onnx_runtime.py``; float32, CPU) while
+this loop, the cache and the sampler stay the same.
+
 Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds
 the session (frame index, RNG) to before the first speculative frame. ``set_prompt`` re-caches the window: the
 stored latents of the window frames are run again in one forward under the new prompt (the sink is kept).
@@ -26,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,12 +38,15 @@ from torch import Tensor
 
 from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT
+from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
-from worldloop.models.kv_cache import CacheSnapshot, KVCache, PromptKV
+from worldloop.models.kv_cache import CacheSnapshot, CacheView, KVCache, PromptKV
 from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
 from worldloop.models.text import PromptEncoder
-from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.vae import LatentAutoencoder, to_uint8
+
+if TYPE_CHECKING:
+    from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
 
 
 @dataclass
@@ -92,9 +100,12 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 class WorldModel:
     def __init__(self, config: ModelConfig, dit: DiT, vae: LatentAutoencoder, prompt_encoder: PromptEncoder,
                  *, device: torch.device | str = "cpu", max_sessions: int = 8, steps: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", backend: str = "torch", onnx_dir: str | Path | None = None,
+                 model_dir: str | Path | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
+        self.backend = backend
+        precision = _backend_precision(backend, precision, self.device)
         self.dtype = resolve_dtype(precision, self.device)
         self.dit = dit.to(self.device, self.dtype).eval()
         self.vae = vae.to(self.device).optimize_for_inference(self.dtype)
@@ -110,30 +121,38 @@ class WorldModel:
         self._sessions: dict[int, Session] = {}
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
+        self.executor: OnnxRuntimeExecutor | None = None
+        if backend == "onnxruntime":
+            from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
+
+            self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir)
 
     # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
                     prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8, *,
-                    steps: int | None = None, precision: str = "auto") -> WorldModel:
+                    steps: int | None = None, precision: str = "auto", backend: str = "torch",
+                    onnx_dir: str | Path | None = None) -> WorldModel:
         """Random weights (seeded), for tests and speed measurements."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dit, vae = DiT(config), LatentAutoencoder(config)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         return cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
-                   precision=precision)
+                   precision=precision, backend=backend, onnx_dir=onnx_dir)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu",
                         *, prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8,
                         precision: str = "auto", ema: bool = True,
-                        context_sigma: float | None = None) -> WorldModel:
+                        context_sigma: float | None = None, backend: str = "torch",
+                        onnx_dir: str | Path | None = None) -> WorldModel:
         """Load a model directory (``models/checkpoint.py``), with its EMA weights if present and ``ema``.
 
         ``context_sigma`` overrides the model's ``sampling.context_sigma`` (the σ its generated frames are
-        re-noised to before they enter the cache)."""
+        re-noised to before they enter the cache). ``backend="onnxruntime"`` uses ``onnx_dir``, else the
+        graphs in ``path/onnx`` when they were exported from these weights, else the user cache."""
         files = load_model(path)
         config = files.config
         if context_sigma is not None:
@@ -145,7 +164,7 @@ class WorldModel:
         load_into(vae, files.vae, Path(path) / VAE_FILE)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         wm = cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
-                 precision=precision)
+                 precision=precision, backend=backend, onnx_dir=onnx_dir, model_dir=path)
         wm.metadata = files.metadata
         return wm
 
@@ -249,7 +268,7 @@ class WorldModel:
         with torch.no_grad():
             latents, timings = self._generate(sessions, keys, speculative)
             t0 = time.perf_counter()
-            frames = self.vae.decode_frames(latents).cpu().numpy()
+            frames = self._decode_frames(latents).cpu().numpy()
         timings.decode_ms = (time.perf_counter() - t0) * 1e3
         timings.total_ms = (time.perf_counter() - start) * 1e3
         self._report(timings)
@@ -394,6 +413,20 @@ class WorldModel:
             out = self.dit.forward_cached(x, s, k, f, len(frames), view.prompt, view)
             self.cache.append([session.slot], f, out.k, out.v_cache, x, k, s)
 
+    def _decode_frames(self, latents: Tensor) -> Tensor:
+        if self.executor is not None:
+            return to_uint8(self.executor.decode(latents)).contiguous()
+        return self.vae.decode_frames(latents)
+
+    def _forward_cached(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
+                        prompt: PromptKV, view: CacheView, present: Tensor | None = None) -> CachedOutput:
+        """``DiT.forward_cached``, on the backend when it takes these shapes (inference only)."""
+        if self.executor is not None and not torch.is_grad_enabled():
+            out = self.executor.frame_step(x, sigma, keys, frames, context, prompt, view, present)
+            if out is not None:
+                return out
+        return self.dit.forward_cached(x, sigma, keys, frames, context, prompt, view, present)
+
     def _report(self, timings: FrameTimings) -> None:
         self.last_timings = timings
         if self.on_timings is not None:
@@ -446,7 +479,7 @@ class _FrameForward:
     def __call__(self, x: Tensor, sigma: Tensor, prompt: PromptKV, cache: KVCache) -> Tensor:
         start = time.perf_counter()
         grad = self.grad_call is not None and self.calls >= self.grad_call
-        view = cache.view(self.slots)
+        view = cache.view(self.slots, compact=self.wm.executor is None)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if self.has_pending:
                 latents, keys, sig_c = self._pending_batch()
@@ -454,15 +487,28 @@ class _FrameForward:
                 present = torch.stack([self.present, torch.ones_like(self.present)], 1)
                 xs, sigmas = torch.stack([latents, x], 1), torch.stack([sig_c, sigma], 1)
                 both_keys = torch.stack([keys, self.keys], 1)
-                out = self.wm.dit.forward_cached(xs, sigmas, both_keys, frames, 1, prompt, view, present)
+                out = self.wm._forward_cached(xs, sigmas, both_keys, frames, 1, prompt, view, present)
                 self._append(frames[:, :1], out.k, out.v_cache, xs[:, :1], both_keys[:, :1], sigmas[:, :1])
             else:
-                out = self.wm.dit.forward_cached(x[:, None], sigma[:, None], self.keys[:, None],
-                                                 self.frames[:, None], 0, prompt, view)
+                out = self.wm._forward_cached(x[:, None], sigma[:, None], self.keys[:, None],
+                                              self.frames[:, None], 0, prompt, view)
         self.calls += 1
         self.timings.forwards += 1
         self.timings.dit_ms += (time.perf_counter() - start) * 1e3
         return out.v[:, 0]
+
+
+def _backend_precision(backend: str, precision: str, device: torch.device) -> str:
+    """The precision a backend runs at: the onnxruntime backend runs float32 on the CPU."""
+    if backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"backend must be torch or onnxruntime, got {backend!r}")
+    if backend == "torch":
+        return precision
+    if device.type != "cpu":
+        raise ValueError(f"the onnxruntime backend runs on the CPU, not {device}; use the torch backend")
+    if precision == "bf16":
+        raise ValueError("the onnxruntime backend runs in float32; bf16 is the torch backend's")
+    return "fp32"
 
 
 def _clone(t: Tensor | None) -> Tensor | None:

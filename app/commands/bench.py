@@ -4,6 +4,8 @@
     worldloop bench --threads 1 --steps 2 --json runs/bench.json
     worldloop bench --model runs/student/model --device cuda --max-sessions-probe 256
     worldloop bench --preset tiny --quick
+    worldloop bench --compare                         # PyTorch vs ONNX Runtime at 1/2 steps, 1/2 threads
+    worldloop bench --backend onnxruntime --threads 1
 
 Prints a table and (with --json) writes a JSON report naming the hardware, the date, the load average, the
 model (trained or random weights) and the options. What each figure means: app/bench.py.
@@ -14,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from worldloop.app.errors import UserError
-from worldloop.app.loading import choose_model
+from worldloop.app.loading import add_backend_option, check_backend, choose_model
 from worldloop.models.config import PRESETS
 
 # Full run, --quick run.
@@ -52,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="JPEG encoder threads of the engine (default: %(default)s, as in `worldloop serve`)")
     p.add_argument("--quality", type=int, default=80, help="JPEG quality (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sessions")
+    add_backend_option(p)
+    p.add_argument("--compare", action="store_true",
+                   help="PyTorch and ONNX Runtime side by side: steady state and serving at 1 and 2 steps "
+                        "and 1 and 2 threads (or the --steps/--threads given), one run, one table")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON report here")
     p.set_defaults(func=run)
 
@@ -93,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     choice = choose_model(args.model, args.preset, fallback=True)
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
+    if args.compare:
+        return run_compare(args, choice)
     q = args.quick
     options = BenchOptions(
         device=args.device, threads=args.threads, steps=args.steps, frames=_pick(args.frames, FRAMES, q),
@@ -101,11 +110,18 @@ def run(args: argparse.Namespace) -> int:
         target_fps=args.target_fps,
         max_sessions_probe=_pick(args.max_sessions_probe, GPU_PROBE if args.device != "cpu" else (0, 0), q),
         probe_seconds=_pick(args.probe_seconds, PROBE_SECONDS, q), encode_workers=args.encode_workers,
-        seed=args.seed)
-    report = run_bench(choice, options, progress=lambda m: print(f"worldloop bench: {m}", file=sys.stderr,
-                                                                   flush=True))
-    report["options"]["quick"] = q
-    print_report(report)
+        seed=args.seed, backend=args.backend)
+    return _finish(run_bench(choice, options, progress=_say), args, print_report)
+
+
+def _say(message: str) -> None:
+    print(f"worldloop bench: {message}", file=sys.stderr, flush=True)
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace, show: Callable[[dict[str, Any]], None]) -> int:
+    """Print the report and write it as JSON when asked."""
+    report["options"]["quick"] = args.quick
+    show(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -167,3 +183,50 @@ def print_report(report: dict[str, Any]) -> None:
     for name, value in _rows(report):
         table.add_row(name, value)
     Console().print(table)
+
+
+def run_compare(args: argparse.Namespace, choice: Any) -> int:
+    """``--compare``: every backend × threads × steps, one table (app/bench.py ``compare_backends``)."""
+    from worldloop.app.bench import BenchOptions, compare_backends
+
+    if args.device != "cpu":
+        raise UserError("--compare measures the CPU backends: use --device cpu")
+    backends = ("torch", "onnxruntime")
+    for backend in backends:
+        check_backend(backend, args.device)
+    q = args.quick
+    options = BenchOptions(frames=_pick(args.frames, FRAMES, q), warmup=_pick(args.warmup, WARMUP, q),
+                           quality=args.quality, serve_seconds=_pick(args.serve_seconds, SERVE_SECONDS, q),
+                           trials=_pick(args.trials, TRIALS, q), target_fps=args.target_fps,
+                           encode_workers=args.encode_workers, seed=args.seed)
+    steps = (args.steps,) if args.steps else (1, 2)
+    threads = (args.threads,) if args.threads else (1, 2)
+    report = compare_backends(choice, options, backends, steps, threads, progress=_say)
+    return _finish(report, args, print_comparison)
+
+
+def print_comparison(report: dict[str, Any]) -> None:
+    """One row per threads × steps × backend; the last column: FPS relative to PyTorch at the same setting."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m, hw = report["model"], report["hardware"]
+    loads = " → ".join(f"{report['load_average'][w][0]:.2f}" for w in ("before", "after"))
+    title = (f"worldloop bench --compare: {m['name']} ({m['path'] or 'preset ' + str(m['preset'])}, "
+             f"{'trained' if m['trained'] else 'RANDOM weights'}), {hw['cpu']}, load {loads}")
+    table = Table(title=title)
+    for name in ("threads", "steps", "backend", "FPS", "frame ms p50/p90", "CPU ms/frame", "DiT ms",
+                 "decode ms", "served FPS", "key→frame p50/p95", "FPS vs torch"):
+        table.add_column(name, justify="left" if name == "backend" else "right")
+    base = {(r["threads"], r["steps"]): r["steady"]["fps"] for r in report["runs"] if r["backend"] == "torch"}
+    for r in report["runs"]:
+        st, sv = r["steady"], r["serving"]
+        lat, ms = sv["key_to_frame_ms"], st["ms"]
+        torch_fps = base.get((r["threads"], r["steps"]))
+        table.add_row(str(r["threads"]), str(r["steps"]), r["backend"], f"{st['fps']:.1f}",
+                      f"{ms['frame']['median']:.1f} / {ms['frame']['p90']:.1f}",
+                      f"{st['cpu_ms_per_frame']:.1f}",
+                      f"{ms['dit']['median']:.1f}", f"{ms['decode']['median']:.1f}", f"{sv['fps']:.1f}",
+                      f"{lat['p50']:.0f} / {lat['p95']:.0f}",
+                      f"{st['fps'] / torch_fps:.2f}×" if torch_fps else "")
+    Console(width=200).print(table)

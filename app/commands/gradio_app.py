@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     choice = choose_model(args.model, args.preset, fallback=True)
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
-    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
+    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
+                       backend=args.backend)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, trained=choice.trained).start()
     demo = build_app(GradioWorld(engine))
     try:

@@ -75,6 +75,7 @@ def serve_args(args: argparse.Namespace, port: int, record_dir: Path) -> argpars
         argv += ["--preset", args.preset]
     if args.steps is not None:
         argv += ["--steps", str(args.steps)]
+    argv += ["--backend", args.backend]
     return parser.parse_args(argv)
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from worldloop.app.commands.world import read_key_script
 from worldloop.app.errors import UserError, user_input
-from worldloop.app.loading import choose_model, load_model
+from worldloop.app.loading import add_backend_option, choose_model, load_model
 from worldloop.app.rollout import (
     ProgressFn,
     RolloutPlan,
@@ -62,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     length.add_argument("--frames", type=int, help="number of frames")
     length.add_argument("--seconds", type=float, help="length in seconds of video")
     p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_backend_option(p)
     p.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge frames by pixel repetition (default: 1)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality, 0 (lossless) … 51 (default: 18)")
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
 
-    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=1)
+    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=1, backend=args.backend)
     height, width = model.frame_shape
     about = {"name": model.config.name, "source": choice.source, "trained": choice.trained,
              "steps": model.steps, "height": height, "width": width, "scale": args.scale}

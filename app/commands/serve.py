@@ -112,7 +112,8 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
         import torch
 
         torch.set_num_threads(threads)
-    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions)
+    model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
+                       backend=args.backend)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
                     trained=choice.trained)
     return choice, engine, server_config(args)

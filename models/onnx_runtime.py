@@ -1,0 +1,139 @@
+"""The ONNX Runtime backend: the DiT frame step and the decoder run as ONNX Runtime sessions on the CPU.
+
+``WorldModel(..., backend="onnxruntime")`` builds an ``OnnxRuntimeExecutor`` from the graphs of
+``models/onnx_export.py``; the rollout loop stays in ``WorldModel`` and hands its two hot calls to the
+executor: every denoising step (fused with the cache pass or not) and every decode. The rest — the cache
+bookkeeping, the sampler, the noise from each session's generator, prompt re-caching and context frames (a
+forward over many frames, rare) — stays in PyTorch float32, so frames match the PyTorch backend within
+rounding and are as deterministic per seed.
+
+Where the graphs come from (``graphs_for``): ``MODEL_DIR/onnx/`` when ``worldloop export MODEL --onnx`` wrote
+it for these very weights, else a folder under the user's cache (``$WORLDLOOP_CACHE``, default
+``~/.cache/worldloop``) named by the weights' digest, exported there on first use (tens of seconds; later
+loads reuse it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from worldloop.models.dit import CachedOutput, DiT
+from worldloop.models.kv_cache import CacheView, PromptKV
+from worldloop.models.onnx_export import (
+    DECODER,
+    STEP,
+    STEP_CONTEXT,
+    export_graphs,
+    read_manifest,
+    step_input_names,
+    weights_digest,
+)
+from worldloop.models.vae import LatentAutoencoder
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnxruntime")
+MISSING = ("the onnxruntime backend needs the onnx extra: pip install 'worldloop[onnx]' "
+           "(onnx, onnxruntime, onnxscript)")
+
+
+def require_onnxruntime() -> Any:
+    """Import onnxruntime (and check the exporter's packages), or raise ImportError with the install line."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{MISSING} ({err})") from None
+    return onnxruntime
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WORLDLOOP_CACHE") or Path.home() / ".cache" / "worldloop")
+
+
+def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
+               folder: str | Path | None = None) -> Path:
+    """A folder of graphs for exactly these weights: ``folder`` if given (exported there unless it already
+    holds them), else ``model_dir/onnx`` if it matches, else the user cache (exported on first use)."""
+    digest = weights_digest(dit, vae)
+    if folder is None and model_dir is not None and _matches(Path(model_dir) / "onnx", digest):
+        return Path(model_dir) / "onnx"
+    target = Path(folder) if folder is not None else cache_root() / "onnx" / digest[:24]
+    if not _matches(target, digest):
+        log.warning("exporting the model's ONNX graphs to %s (once for these weights; about a minute)",
+                    target)
+        export_graphs(dit, vae, target)
+    return target
+
+
+def _matches(folder: Path, digest: str) -> bool:
+    manifest = read_manifest(folder)
+    files = (STEP_CONTEXT, STEP, DECODER)
+    return (manifest is not None and manifest.get("weights_sha256") == digest
+            and all((folder / f).is_file() for f in files))
+
+
+class OnnxRuntimeExecutor:
+    """ONNX Runtime sessions for the frame step (with and without a context frame) and the decoder."""
+
+    def __init__(self, folder: str | Path, depth: int, threads: int | None = None) -> None:
+        ort = require_onnxruntime()
+        self.folder, self.depth = Path(folder), depth
+        self.threads = threads or torch.get_num_threads()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: constant folding notes are not the user's business
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            # As for torch's OpenMP threads (app/cli.py): no busy-waiting on a shared CPU.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        self.sessions = {name: ort.InferenceSession(str(self.folder / name), options, providers=providers)
+                         for name in (STEP_CONTEXT, STEP, DECODER)}
+        self.names = {STEP_CONTEXT: step_input_names(depth, 1), STEP: step_input_names(depth, 0)}
+
+    @classmethod
+    def for_model(cls, dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
+                  folder: str | Path | None = None, threads: int | None = None) -> OnnxRuntimeExecutor:
+        require_onnxruntime()
+        return cls(graphs_for(dit, vae, model_dir, folder), len(dit.blocks), threads)
+
+    def frame_step(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
+                   prompt: PromptKV, cache: CacheView, present: Tensor | None = None) -> CachedOutput | None:
+        """``DiT.forward_cached`` for the shapes the graphs have (one noisy frame, after at most one context
+        frame) over an uncompacted cache view (``KVCache.view(..., compact=False)``); None for anything else
+        (the caller runs PyTorch)."""
+        if x.shape[1] != context + 1 or context > 1 or cache.runs != (slice(None),):
+            return None
+        name = STEP_CONTEXT if context else STEP
+        present = torch.ones(frames.shape, dtype=torch.bool) if present is None else present
+        values = {"x": x, "sigma": sigma, "keys": keys, "frames": frames, "present": present,
+                  "cache_frames": cache.frames, "cache_valid": cache.valid, "cache_sink": cache.sink,
+                  "prompt_mask": prompt.mask}
+        for i in range(self.depth):
+            values |= {f"past_k.{i}": cache.k[i], f"past_v.{i}": cache.v[i],
+                       f"prompt_k.{i}": prompt.k[i], f"prompt_v.{i}": prompt.v[i]}
+        feed = {n: _array(values[n]) for n in self.names[name]}
+        out = [torch.from_numpy(a) for a in self.sessions[name].run(None, feed)]
+        return CachedOutput(*out) if context else CachedOutput(out[0], None, None)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1], float32."""
+        (image,) = self.sessions[DECODER].run(None, {"latent": _array(latents)})
+        return torch.from_numpy(image)
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A CPU tensor as a contiguous numpy array of the graph's dtype (a view when it already is one)."""
+    if t.is_floating_point() and t.dtype != torch.float32:
+        t = t.float()
+    return t.detach().contiguous().numpy()

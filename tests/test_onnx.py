@@ -1,0 +1,200 @@
+"""The ONNX export and the onnxruntime backend, on the ``tiny`` preset with random (perturbed) weights.
+
+Tolerances: every graph output within ``onnx_export.TOLERANCE`` (1e-3 absolute) of PyTorch float32 on the same
+inputs; a rollout's latents within the same 1e-3 of the torch backend (float32) and its decoded frames within
+1 grey level. Same seed and keys on the onnxruntime backend → identical frames.
+
+One export serves the module (through ``worldloop export MODEL --onnx --tensorrt``, about a minute on a loaded
+2-core CPU); ``WORLDLOOP_CACHE`` points into a temporary folder so nothing is written under the home folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldloop.app import tensorrt
+from worldloop.app.cli import main
+from worldloop.models.checkpoint import save_model
+from worldloop.models.config import ModelConfig
+from worldloop.models.dit import DiT
+from worldloop.models.onnx_export import MANIFEST, OPSET, STEP, STEP_CONTEXT, TOLERANCE
+from worldloop.models.text import PromptEncoder
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+KEYS = [1, 1, 16, 0, 5, 1, 32, 1, 1, 2, 4, 1]  # 12 frames: the tiny cache (1 + 4 + 2 slots) rolls over
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> dict:
+    """A tiny model directory and its graphs in MODEL/onnx, written by the CLI (with --tensorrt)."""
+    root = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
+    dit, vae = DiT(tiny_config), LatentAutoencoder(tiny_config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # make the zero-initialised layers non-zero so frames depend on everything
+        for p in dit.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model = save_model(root / "model", tiny_config, dit, vae, dit_ema=dit)
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setenv("WORLDLOOP_CACHE", str(root / "cache"))
+        status = main(["export", str(model), "--onnx", "--tensorrt", "--max-batch", "4"])
+    return {"model": model, "onnx": model / "onnx", "cache": root / "cache", "status": status,
+            "stderr": err.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def pair(exported: dict, prompt_encoder: PromptEncoder) -> tuple[WorldModel, WorldModel]:
+    """The same model on the torch backend (float32) and on the onnxruntime backend."""
+    common = {"prompt_encoder": prompt_encoder, "max_sessions": 4}
+    eager = WorldModel.from_pretrained(exported["model"], precision="fp32", **common)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLDLOOP_CACHE", str(exported["cache"]))
+        ort = WorldModel.from_pretrained(exported["model"], backend="onnxruntime", **common)
+    return eager, ort
+
+
+def test_export_writes_checked_graphs_and_trtexec_commands(exported: dict) -> None:
+    folder = exported["onnx"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["opset"] == OPSET and manifest["tolerance"] == TOLERANCE
+    assert set(manifest["graphs"]) == {STEP_CONTEXT, STEP, "decoder.onnx"}
+    for graph in manifest["graphs"].values():
+        assert all(0 <= d <= TOLERANCE for d in graph["max_abs_diff"].values())
+        assert all(spec["shape"][0] == "B" for spec in graph["inputs"].values())
+    fused = manifest["graphs"][STEP_CONTEXT]
+    depth = manifest["config"]["dit"]["depth"]
+    assert {f"past_k.{depth - 1}", "past_v.0", "prompt_k.0", "cache_valid"} <= set(fused["inputs"])
+    assert list(fused["outputs"]) == ["v", "new_k", "new_v"]
+    script = (folder / tensorrt.SCRIPT).read_text()
+    assert script.count("trtexec --onnx=") == 3 and "past_k.0:4x" in script  # --max-batch 4
+    if tensorrt.missing_reason() is None:  # a GPU with TensorRT: the engines are built
+        assert exported["status"] == 0 and (folder / STEP.replace(".onnx", ".engine")).is_file()
+    else:  # here: a clear one-line refusal after the ONNX files are written
+        assert exported["status"] == 2
+        line = exported["stderr"].strip().splitlines()[-1]
+        assert "cannot build TensorRT engines here" in line and tensorrt.SCRIPT in line
+
+
+def test_the_backend_finds_the_exported_graphs(exported: dict, pair: tuple[WorldModel, WorldModel]) -> None:
+    _, ort = pair
+    assert ort.executor is not None and ort.executor.folder == exported["onnx"]
+    assert not exported["cache"].exists()  # nothing exported again
+    assert ort.dtype == torch.float32 and ort.backend == "onnxruntime"
+
+
+def test_frame_step_graphs_match_pytorch_past_the_window(pair: tuple[WorldModel, WorldModel],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every denoising step of a 2-step rollout (fused with the cache pass or not), run by both."""
+    _, ort = pair
+    seen: dict[int, float] = {}
+
+    def both(x, sigma, keys, frames, context, prompt, view, present=None):  # noqa: ANN001, ANN202
+        got = ort.executor.frame_step(x, sigma, keys, frames, context, prompt, view, present)
+        want = ort.dit.forward_cached(x, sigma, keys, frames, context, prompt, view, present)
+        pairs = [(got.v, want.v)] + ([(got.k, want.k), (got.v_cache, want.v_cache)] if context else [])
+        diff = max(float((a - b).abs().max()) for a, b in pairs)
+        seen[context] = max(seen.get(context, 0.0), diff)
+        return got
+
+    monkeypatch.setattr(ort, "_forward_cached", both)
+    ort.steps = 2
+    s = ort.new_session("a stone dungeon", seed=3)
+    try:
+        for k in KEYS:
+            ort.next_frame([s], [k])
+        assert s.frame_index > ort.config.dit.cache_frames
+    finally:
+        ort.close_session(s)
+        ort.steps = 1
+    assert set(seen) == {0, 1}
+    assert max(seen.values()) <= TOLERANCE
+
+
+def test_decoder_graph_matches_pytorch(pair: tuple[WorldModel, WorldModel]) -> None:
+    _, ort = pair
+    latents = torch.randn(3, ort.config.latent_channels, *ort.config.latent_size,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ort.vae.decode(latents)
+    assert float((ort.executor.decode(latents) - want).abs().max()) <= TOLERANCE
+
+
+def _rollout(wm: WorldModel, steps: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Frames and pending latents of a rollout with a prompt switch half-way (re-cache: PyTorch on both)."""
+    wm.steps = steps
+    s = wm.new_session("a stone dungeon", seed=seed)
+    frames, latents = [], []
+    try:
+        for i, k in enumerate(KEYS):
+            if i == len(KEYS) // 2:
+                wm.set_prompt(s, "an ice cave")
+            frames.append(wm.next_frame([s], [k])[0])
+            latents.append(s.pending.clone())
+    finally:
+        wm.close_session(s)
+        wm.steps = 1
+    return np.stack(frames), torch.stack(latents)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_rollout_matches_the_torch_backend_and_is_deterministic(pair: tuple[WorldModel, WorldModel],
+                                                                 steps: int) -> None:
+    eager, ort = pair
+    want_frames, want_latents = _rollout(eager, steps, seed=5)
+    frames, latents = _rollout(ort, steps, seed=5)
+    assert float((latents - want_latents).abs().max()) <= TOLERANCE
+    assert int(np.abs(frames.astype(int) - want_frames.astype(int)).max()) <= 1
+    again, _ = _rollout(ort, steps, seed=5)
+    assert np.array_equal(frames, again)
+    other, _ = _rollout(ort, steps, seed=6)
+    assert not np.array_equal(frames, other)
+
+
+def test_without_onnxruntime_the_backend_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        tiny_config: ModelConfig, prompt_encoder: PromptEncoder) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime → ImportError
+    with pytest.raises(ImportError, match=r"pip install 'worldloop\[onnx\]'"):
+        WorldModel.from_config(tiny_config, prompt_encoder=prompt_encoder, backend="onnxruntime")
+    out = tmp_path / "x.mp4"
+    assert main(["rollout", "--preset", "tiny", "--backend", "onnxruntime", "--frames", "2",
+                 "--prompt", "a cave", "--out", str(out), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
+    assert last.startswith("worldloop rollout: error:") and "pip install 'worldloop[onnx]'" in last
+    assert not out.exists()
+
+
+def test_the_backend_refuses_what_it_cannot_run(tiny_config: ModelConfig, prompt_encoder: PromptEncoder,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    for kwargs, message in (({"precision": "bf16"}, "float32"), ({"device": "cuda"}, "on the CPU")):
+        with pytest.raises(ValueError, match=message):
+            WorldModel.from_config(tiny_config, prompt_encoder=prompt_encoder, backend="onnxruntime",
+                                   **kwargs)
+    with pytest.raises(ValueError, match="backend must be"):
+        WorldModel.from_config(tiny_config, prompt_encoder=prompt_encoder, backend="tensorrt")
+    assert main(["export", "nowhere", "--tensorrt"]) == 2
+    assert "add --onnx" in capsys.readouterr().err
+
+
+def test_bench_compare_measures_both_backends_side_by_side(exported: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare.json"
+    argv = ["bench", "--compare", "--model", str(exported["model"]), "--threads", "1", "--frames", "3",
+            "--warmup", "0", "--trials", "2", "--serve-seconds", "0.2", "--json", str(out)]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["backend"], r["threads"], r["steps"]) for r in runs] == [
+        ("torch", 1, 1), ("torch", 1, 2), ("onnxruntime", 1, 1), ("onnxruntime", 1, 2)]
+    assert all(r["steady"]["fps"] > 0 and r["serving"]["key_to_frame_ms"]["trials"] == 2 for r in runs)
+    assert "FPS vs torch" in capsys.readouterr().out
