@@ -137,7 +137,7 @@ def test_cuda_without_a_gpu_is_refused(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_bench_runs_the_model_as_play_does(tmp_path: Path, single_thread: None) -> None:
-    """No --threads: bench uses the torch threads `worldloop play` serves with, not torch's default (2 here)."""
+    """No --threads: bench uses the torch threads `worldloop play` serves with, not torch's default (2)."""
     from worldloop.app.commands import play, serve
     from worldloop.app.loading import CPU_THREADS
 

@@ -133,7 +133,8 @@ def test_rollout_writes_exactly_the_requested_frames_and_is_deterministic(
 def test_an_existing_video_is_replaced_only_with_force(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "old.mp4"
-    argv = ["rollout", "--preset", "tiny", "--prompt", "a dungeon", "--frames", "2", "--quiet", "--out", str(out)]
+    argv = ["rollout", "--preset", "tiny", "--prompt", "a dungeon", "--frames", "2", "--quiet",
+            "--out", str(out)]
     assert main(argv) == 0
     video, meta = out.read_bytes(), sidecar_path(out).read_text()
     capsys.readouterr()

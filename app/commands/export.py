@@ -1,7 +1,7 @@
 """``worldloop export``: the shipping form of a trained model directory (what ``assets/default`` holds).
 
-    worldloop export runs/dmd/model --out assets/default --steps 1
-    worldloop export runs/teacher/model --out /tmp/teacher-small --dtype fp32
+    worldloop export --model runs/dmd/model --out assets/default --steps 1 --report runs/eval/report.json
+    worldloop export --model runs/teacher/model --out /tmp/teacher-small --dtype fp32
 
 Keeps the config, the EMA weights (the raw weights when a run has no EMA) and the autoencoder; drops the raw
 fp32 DiT that only training needs. The result is checked against its config before it replaces ``--out``.
@@ -20,7 +20,10 @@ DTYPES = ("bf16", "fp16", "fp32")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write the shipping form of a model directory",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="a model directory from train or distill")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, metavar="DIR", help="a model directory from train or distill")
+    source.add_argument("model_positional", nargs="?", type=Path, metavar="DIR",
+                        help="the same, as a positional argument")
     p.add_argument("--out", type=Path, required=True, help="the directory to write (replaced when complete)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT weight type (default: %(default)s)")
     p.add_argument("--steps", type=int, help="denoising steps it plays with (default: the model's own)")
