@@ -97,6 +97,8 @@ def test_models_are_named_with_model_dir_everywhere() -> None:
     """Every command that loads a world model takes ``--model DIR``; eval and export also their positional."""
     named = {tuple(w) for w, p in commands() if "--model" in p._option_string_actions}
     assert named == {("play",), ("serve",), ("gradio",), ("rollout",), ("bench",), ("eval",), ("export",)}
+    metavars = {a.metavar for _, p in commands() for a in options(p)}  # one spelling of a model directory
+    assert "DIR" in metavars and not metavars & {"MODEL", "MODEL_DIR"}
     parser = build_parser(["export", "eval"])
     assert parser.parse_args(["export", "--model", "a", "--out", "b"]).model == Path("a")
     assert parser.parse_args(["export", "a", "--out", "b"]).model_positional == Path("a")

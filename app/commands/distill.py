@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    p.add_argument("--teacher", type=Path, required=True, metavar="MODEL_DIR",
+    p.add_argument("--teacher", type=Path, required=True, metavar="DIR",
                    help="the causal teacher (from `worldloop train teacher`)")
     p.add_argument("--student-steps", type=int, choices=(1, 2),
                    help="denoising steps of the student (default: 2, or the --student's)")
@@ -67,9 +67,9 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
 
 
 def _dmd_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", type=Path, metavar="MODEL_DIR", help="the student to start from (default: "
+    p.add_argument("--student", type=Path, metavar="DIR", help="the student to start from (default: "
                    "the teacher); usually the model directory of `distill cd`")
-    p.add_argument("--real", type=Path, metavar="MODEL_DIR",
+    p.add_argument("--real", type=Path, metavar="DIR",
                    help="real score instead of the teacher, e.g. a bidirectional teacher")
     p.add_argument("--critic-updates", type=int, default=5, help="critic updates per generator update")
     p.add_argument("--critic-lr", type=float, help="learning rate of the critic (default: --lr)")

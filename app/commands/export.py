@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or args.model_positional
     if args.out.resolve() == model.resolve():
-        raise UserError("--out must differ from MODEL_DIR")
+        raise UserError("--out must differ from --model")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

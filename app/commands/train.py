@@ -80,7 +80,7 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
                    help="export the model to snapshots/ every this many process CPU minutes (0: never)")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-        p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+        p.add_argument("--init-from", type=Path, metavar="DIR",
                        help="start from a model directory's weights (and EMA) with a fresh optimizer")
 
 
@@ -115,7 +115,7 @@ def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
 
 
 def _teacher_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vae", type=Path, metavar="MODEL_DIR", help="autoencoder from `worldloop train vae`")
+    p.add_argument("--vae", type=Path, metavar="DIR", help="autoencoder from `worldloop train vae`")
     p.add_argument("--bidirectional", action="store_true", help="full attention inside a clip (DMD teacher)")
     p.add_argument("--sample-steps", type=int, default=16,
                    help="denoising steps the exported teacher samples with (its config's sampling.steps)")
