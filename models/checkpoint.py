@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import re
 import shutil
 import uuid
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
-from worldloop.models.model_card import write_model_card
+from worldloop.models.model_card import CARD_FILE, eval_rows, model_card
 from worldloop.models.vae import LatentAutoencoder
 
 FORMAT = "worldloop-model"
@@ -417,6 +418,19 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
     tmp.replace(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def write_model_card(path: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """Write the model card ``README.md`` of the model directory ``path`` (``models/model_card.py``), with
+    this model's figures from a ``worldloop eval`` ``report`` when given; returns its path."""
+    path = Path(path)
+    config, metadata = read_config(path)
+    weights = {Path(name).stem: sum(math.prod(shape) for shape in shapes.values())
+               for name in (DIT_FILE, EMA_FILE, VAE_FILE) if (shapes := read_header_shapes(path / name))}
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != CARD_FILE}
+    evals = eval_rows(report, path, metadata) if report else []
+    (path / CARD_FILE).write_text(model_card(config, metadata, weights, files, evals))
+    return path / CARD_FILE
 
 
 def _check_shapes(files: ModelFiles, root: Path) -> None:

@@ -1,13 +1,14 @@
 """The model card of a model directory: ``README.md`` with YAML front matter, as model hubs read it.
 
-    write_model_card(Path("assets/default"), report=json.loads(Path("runs/eval/report.json").read_text()))
+    checkpoint.write_model_card(Path("assets/default"), report=json.loads(Path("report.json").read_text()))
 
 The front matter says what a program needs (licence, library, tags, what it was trained on and how, and the
 eval figures as a ``model-index``); the text under it says the same for a person, with how to play the model
 and the files it holds. Everything comes from the directory itself (``config.json``: the config and the
 training metadata; the weights' headers: parameter counts) and, when given, a ``worldloop eval`` report:
-the rows of this model (matched by its path or the run it was exported from). ``save_model`` and
-``export_model`` (``models/checkpoint.py``) write it; a card is regenerated from the same inputs unchanged.
+the rows of this model (matched by its path or the run it was exported from). ``write_model_card``,
+``save_model`` and ``export_model`` (``models/checkpoint.py``) write it; this module only makes the text, and
+the same inputs make the same card.
 """
 
 from __future__ import annotations
@@ -29,19 +30,6 @@ STAGES = {"vae": "the latent autoencoder, `worldloop train vae`",
           "teacher": "the causal teacher, flow matching with teacher forcing, `worldloop train teacher`",
           "cd": "causal consistency distillation of the teacher, `worldloop distill cd`",
           "dmd": "self-forcing distribution matching distillation, `worldloop distill dmd`"}
-
-
-def write_model_card(path: str | Path, report: dict[str, Any] | None = None) -> Path:
-    """Write ``README.md`` into the model directory ``path`` (after its config and weights); returns it."""
-    from worldloop.models.checkpoint import read_config
-
-    path = Path(path)
-    config, metadata = read_config(path)
-    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != CARD_FILE}
-    card = model_card(config, metadata, _weights(path), files,
-                      eval_rows(report, path, metadata) if report else [])
-    (path / CARD_FILE).write_text(card)
-    return path / CARD_FILE
 
 
 def model_card(config: ModelConfig, metadata: dict[str, Any], weights: dict[str, int], files: dict[str, int],
@@ -88,25 +76,6 @@ def _autoencoder_only(metadata: dict[str, Any]) -> bool:
 
 def _name(config: ModelConfig, metadata: dict[str, Any]) -> str:
     return f"{config.name} {'autoencoder' if _autoencoder_only(metadata) else metadata.get('stage', 'model')}"
-
-
-def _weights(path: Path) -> dict[str, int]:
-    """Weight file stem → parameters, from the safetensors headers (shards summed under their stem)."""
-    from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, read_header_shapes
-
-    out = {}
-    for name in (DIT_FILE, EMA_FILE, VAE_FILE):
-        shapes = read_header_shapes(path / name)
-        if shapes is not None:
-            out[Path(name).stem] = sum(_numel(s) for s in shapes.values())
-    return out
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _training(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,7 @@ from worldloop.app.loading import DEFAULT_MODEL_DIR, choose_model
 from worldloop.distill.eval import metrics
 from worldloop.distill.eval.evaluate import engine_clips
 from worldloop.distill.world.themes import THEMES
-from worldloop.models.checkpoint import load_model, read_state, shard_files
-from worldloop.models.model_card import write_model_card
+from worldloop.models.checkpoint import load_model, read_state, shard_files, write_model_card
 from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
