@@ -28,13 +28,19 @@ from worldloop.streaming.session import EngineFull, Frame, SessionHandle, Sessio
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 THEME_SEED = 0  # the world seed whose exact description each theme button uses
+# The world a newcomer sees first (the browser client's and this app's first prompt): the brightest theme
+# (mean luminance of its frames: ice cave 127, toxic lab 90, desert ruins 87, …, dungeon 51 of 255;
+# tests/test_web_client.py measures it), not the near-black dungeon.
+FIRST_THEME = "ice cave"
 FRAME_TIMEOUT_S = 5.0  # the stream gives up on a session that makes no frame for this long
 U32_MAX = 2**32 - 1
 
 
 def theme_presets() -> list[tuple[str, str]]:
-    """(theme, prompt) for every theme of the built-in world, worded exactly as the world words them."""
-    return [(theme, describe(sample_params(THEME_SEED, theme))) for theme in THEMES]
+    """(theme, prompt) for every theme of the built-in world, worded exactly as the world words them;
+    ``FIRST_THEME`` first, the others in the world's order."""
+    themes = sorted(THEMES, key=lambda theme: theme != FIRST_THEME)
+    return [(theme, describe(sample_params(THEME_SEED, theme))) for theme in themes]
 
 
 @dataclass(eq=False)

@@ -1,9 +1,10 @@
-"""Choosing and loading the world model for the app's commands (play, gradio, rollout).
+"""Choosing and loading the world model for the app's commands (play, serve, gradio, rollout, bench).
 
 A command names a model directory (``--model DIR``) or a preset with random weights (``--preset NAME``). With
 neither it uses the shipped model in ``assets/default/``; commands meant to work out of the box fall back to
 the ``default`` preset with random weights when that is not shipped, and say loudly that the weights are
-untrained.
+untrained. The options every command spells the same way (``--model``, ``--device``, ``--steps``) are added
+here; ``worldloop`` resolves ``--device`` (``app/cli.py``) before a command runs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worldloop.app.errors import UserError
-from worldloop.models.checkpoint import read_config
 from worldloop.models.config import PRESETS, ModelConfig, preset
 
 if TYPE_CHECKING:  # the model stack (torch, transformers) loads only when a command builds a model
     from worldloop.models.world_model import WorldModel
-
 
 
 def shipped_asset(name: str) -> Path:
@@ -35,6 +34,9 @@ def shipped_asset(name: str) -> Path:
 
 DEFAULT_MODEL_DIR = shipped_asset("default")
 FALLBACK_PRESET = "default"
+# torch CPU threads a served model runs with: measured fastest for the default model on a 2-core machine
+# (31 vs 22 FPS with 2). `serve`, `play` and `bench` use it alike, so bench measures what play runs.
+CPU_THREADS = 1
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    add_device_option(parser)
     parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
     add_backend_option(parser)
 
@@ -55,6 +57,19 @@ def add_backend_option(parser: argparse.ArgumentParser) -> None:
                         help="what runs the DiT and the decoder: PyTorch, or ONNX Runtime on the CPU "
                              "(float32; needs pip install 'worldloop[onnx]'; exports the model's graphs on "
                              "first use) (default: %(default)s)")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: auto)")
+
+
+def torch_threads(device: str, threads: int | None) -> int | None:
+    """The torch CPU threads a model serves with: ``threads``, else ``CPU_THREADS`` on the CPU (None: torch's
+    default, on a GPU)."""
+    if threads is not None:
+        return threads
+    return CPU_THREADS if device == "cpu" else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class ModelChoice:
 
 def choose_model(model: str | Path | None, preset_name: str | None, *, fallback: bool) -> ModelChoice:
     """Resolve ``--model``/``--preset``; ``fallback`` allows random weights when assets/default is missing."""
+    from worldloop.models.checkpoint import read_config
+
     if model is not None and preset_name is not None:
         raise UserError("give either --model DIR or --preset NAME, not both")
     if preset_name is not None:

@@ -7,6 +7,8 @@ in float32 (contiguous and channels_last) and bfloat16 channels_last, then times
     python benchmarks/decoder_speed.py                # all candidates
     python benchmarks/decoder_speed.py --quick        # fewer repetitions, no stock TAESD
 
+The AutoencoderTiny (TAESD) rows need diffusers: ``pip install 'worldloop[bench]'``.
+
 Other processes on a 2-core machine skew timings: threads are pinned (--threads), each number comes from the
 quietest of three rounds, and the header prints the load average; run it more than once.
 """
@@ -14,6 +16,7 @@ quietest of three rounds, and the header prints the load average; run it more th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -80,8 +83,11 @@ def candidates(latent: int, quick: bool) -> dict[str, Callable[[], nn.Module]]:
         "subpixel 128-64-32 ×2 blocks": ours((128, 64, 32), 2),
         "nearest 64-48-32-16": lambda: nearest_decoder(latent, (64, 48, 32, 16)),
         "nearest 128-64-32-16": lambda: nearest_decoder(latent, (128, 64, 32, 16)),
-        "AutoencoderTiny 32×4": lambda: tiny_autoencoder_decoder(latent, (32,) * 4, (1, 1, 1, 1)),
     }
+    if importlib.util.find_spec("diffusers") is None:
+        print("(no AutoencoderTiny rows: diffusers is not installed; pip install 'worldloop[bench]')")
+        return found
+    found["AutoencoderTiny 32×4"] = lambda: tiny_autoencoder_decoder(latent, (32,) * 4, (1, 1, 1, 1))
     if not quick:
         found["AutoencoderTiny stock (64×4, 3-3-3-1)"] = lambda: tiny_autoencoder_decoder(
             latent, (64,) * 4, (3, 3, 3, 1))

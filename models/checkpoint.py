@@ -4,6 +4,8 @@ A model directory (what ``WorldModel.from_pretrained`` reads):
 
     config.json           {"format": "worldloop-model", "version": 1, "config": ModelConfig.to_dict(),
                            "metadata": {"preset", "created", "step", ...training info}}
+    README.md             the model card (models/model_card.py): YAML front matter, then what it is,
+                          how it was trained, its eval figures
     dit.safetensors       DiT weights (optional when dit_ema.safetensors is there)
     dit_ema.safetensors   EMA of the DiT weights (optional; bfloat16 by default — what ships)
     vae.safetensors       autoencoder weights
@@ -13,7 +15,9 @@ autoencoder, about half the size of a training export.
 
 Training checkpoints use ``save_state``/``load_state``: one safetensors file per module, with string metadata
 in its header. A module over ``SHARD_BYTES`` is written as shards ``dit-00001-of-00003.safetensors``, … (each
-under the 16 MiB a file that a GPU session can carry back); readers take either form under the plain name.
+under the 16 MiB a file that a GPU session can carry back) with a shard index ``dit.safetensors.index.json``
+as Hugging Face writes it (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: shard file}}``);
+readers take either form under the plain name, and shards without an index (older directories) too.
 Every problem — a missing file, a truncated or garbage file, a config that does not parse, missing/unexpected
 tensors, a shape that does not match the config, incomplete or mixed shards — raises ``CheckpointError``
 naming the file and the problem.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import re
 import shutil
 import uuid
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
+from worldloop.models.model_card import CARD_FILE, eval_rows, model_card
 from worldloop.models.vae import LatentAutoencoder
 
 FORMAT = "worldloop-model"
@@ -45,6 +51,7 @@ VERSION = 1
 CONFIG_FILE, DIT_FILE, VAE_FILE = "config.json", "dit.safetensors", "vae.safetensors"
 EMA_FILE = "dit_ema.safetensors"
 SHARD_BYTES = 15 * 2**20  # the largest shard: files of at most 16 MiB travel back from the GPU machines
+INDEX_SUFFIX = ".index.json"
 
 
 class CheckpointError(ValueError):
@@ -92,7 +99,7 @@ def save_state(path: str | Path, state: nn.Module | dict[str, Tensor], metadata:
             size = 0
         groups[-1][name] = t
         size += nbytes
-    stale = [path, *shard_files(path)]
+    stale = [path, *shard_files(path), index_path(path)]
     header = {"metadata": json.dumps(metadata or {}, sort_keys=True)}
     if len(groups) == 1:
         written = [_write_atomic(path, groups[0], header)]
@@ -101,6 +108,7 @@ def save_state(path: str | Path, state: nn.Module | dict[str, Tensor], metadata:
         written = [_write_atomic(_shard_name(path, i + 1, len(groups)), group,
                                  header | {"shard_set": set_id})
                    for i, group in enumerate(groups)]
+        written.append(write_shard_index(path, written))
     for old in stale:
         if old not in written and old.exists():
             old.unlink()
@@ -112,6 +120,57 @@ def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)  # never leave a half-written file under the real name
     return path
+
+
+def index_path(path: str | Path) -> Path:
+    """``dit_ema.safetensors`` → ``dit_ema.safetensors.index.json``, the index of its shards."""
+    return Path(path).with_name(Path(path).name + INDEX_SUFFIX)
+
+
+def write_shard_index(path: str | Path, shards: list[Path] | None = None) -> Path:
+    """Write the shard index of ``path`` (its shards: ``shards``, else those on disk); returns its path.
+
+    ``total_size`` is the tensors' bytes, ``weight_map`` maps each tensor to its shard's file name."""
+    path = Path(path)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in shards if shards is not None else shard_files(path):
+        for name, nbytes in _tensor_bytes(shard).items():
+            weight_map[name] = shard.name
+            total += nbytes
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = index_path(path)
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(index)
+    return index
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    return {name: end - start for name, (_, (start, end)) in _header(path).items()}
+
+
+def _header(path: Path) -> dict[str, tuple[list[int], tuple[int, int]]]:
+    """Tensor name → (shape, data offsets), from a safetensors file's header alone (8-byte length, JSON)."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        return {name: ([int(d) for d in info["shape"]], (int(info["data_offsets"][0]),
+                                                          int(info["data_offsets"][1])))
+                for name, info in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def read_header_shapes(path: str | Path) -> dict[str, list[int]] | None:
+    """Tensor name → shape of a state written by ``save_state`` (whole or sharded), read from the headers
+    alone; None when it was not written."""
+    path = Path(path)
+    files = [path] if path.is_file() else shard_files(path)
+    if not files:
+        return None
+    return {name: shape for f in files for name, (shape, _) in _header(f).items()}
 
 
 def _shard_name(path: Path, index: int, count: int) -> Path:
@@ -141,7 +200,8 @@ def read_state(path: str | Path, device: torch.device | str = "cpu"
     if path.is_file():
         tensors, header = _read_file(path, device)
         return tensors, _metadata(path, header)
-    shards = shard_files(path)
+    index = _read_index(path)
+    shards = sorted({path.with_name(name) for name in index.values()}) if index else shard_files(path)
     if not shards:
         raise CheckpointError(f"{path}: file not found")
     pattern = _shard_pattern(path)
@@ -158,7 +218,29 @@ def read_state(path: str | Path, device: torch.device | str = "cpu"
         headers.append(header)
     if len({h.get("shard_set") for h in headers}) != 1:
         raise CheckpointError(f"{path}: its shards come from different writes (an interrupted save?)")
+    if index is not None and set(index) != set(tensors):
+        raise CheckpointError(f"{index_path(path)}: does not match its shards: missing "
+                              f"{_few(sorted(set(index) - set(tensors)))}, unlisted "
+                              f"{_few(sorted(set(tensors) - set(index)))}")
     return tensors, _metadata(shards[0], headers[0])
+
+
+def _read_index(path: Path) -> dict[str, str] | None:
+    """The weight map of ``path``'s shard index, None when there is none (shards found by their names)."""
+    file = index_path(path)
+    if not file.is_file():
+        return None
+    try:
+        weight_map = json.loads(file.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v
+                                                       for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{file}: not a readable shard index ({err})") from err
+    missing = sorted({name for name in weight_map.values() if not path.with_name(name).is_file()})
+    if missing:
+        raise CheckpointError(f"{file}: names shards that are missing: {_few(missing)}")
+    return weight_map
 
 
 def _read_file(path: Path, device: torch.device | str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -223,6 +305,7 @@ def save_model(path: str | Path, config: ModelConfig, dit: nn.Module | None, vae
         save_state(path / EMA_FILE, dit_ema, dtype=ema_dtype)
     save_state(path / VAE_FILE, vae)
     _write_config(path, config, meta)
+    write_model_card(path)
     return path
 
 
@@ -299,8 +382,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *, need_dit
 
 
 def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                 note: str | None = None, steps: int | None = None) -> Path:
-    """The shipping form of a model directory: config, EMA weights (else the raw ones) in ``dtype``, VAE.
+                 note: str | None = None, steps: int | None = None, report: dict[str, Any] | None = None
+                 ) -> Path:
+    """The shipping form of a model directory: config, EMA weights (else the raw ones) in ``dtype``, VAE,
+    and its model card (with this model's figures from the ``worldloop eval`` ``report``, if given).
 
     ``steps`` sets the denoising steps it plays with (its first frame keeps at least as many).
 
@@ -326,12 +411,26 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
                                        first_frame_steps=max(steps, config.sampling.first_frame_steps))
         config = config.replace(sampling=sampling)
     _write_config(tmp, config, meta)
+    write_model_card(tmp, report)
     _check_shapes(load_model(tmp), tmp)
     if out.exists():
         out.replace(old)
     tmp.replace(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def write_model_card(path: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """Write the model card ``README.md`` of the model directory ``path`` (``models/model_card.py``), with
+    this model's figures from a ``worldloop eval`` ``report`` when given; returns its path."""
+    path = Path(path)
+    config, metadata = read_config(path)
+    weights = {Path(name).stem: sum(math.prod(shape) for shape in shapes.values())
+               for name in (DIT_FILE, EMA_FILE, VAE_FILE) if (shapes := read_header_shapes(path / name))}
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != CARD_FILE}
+    evals = eval_rows(report, path, metadata) if report else []
+    (path / CARD_FILE).write_text(model_card(config, metadata, weights, files, evals))
+    return path / CARD_FILE
 
 
 def _check_shapes(files: ModelFiles, root: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,26 +158,59 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build a config from ``to_dict`` output; unknown keys are an error, missing keys take defaults."""
+        """Build a config from ``to_dict`` output (e.g. a model directory's config.json), checking the type of
+        every value: unknown keys and mistyped values (``"depth": "6"``) are errors naming the field; missing
+        keys take defaults."""
         sections = {"vae": VAEConfig, "dit": DiTConfig, "sampling": SamplingConfig}
+        if not isinstance(data, dict):
+            raise ValueError(f"the model config must be an object, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
-                kwargs[key] = _build(sections[key], value)
-            elif key in {f.name for f in dataclasses.fields(cls)}:
-                kwargs[key] = value
+                kwargs[key] = _build(sections[key], value, key)
+            elif key in _hints(cls):
+                kwargs[key] = _checked(key, value, _hints(cls)[key])
             else:
                 raise ValueError(f"unknown model config field {key!r}")
         return cls(**kwargs)
 
 
-def _build(kind: type, value: dict[str, Any]) -> Any:
-    names = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = set(value) - set(names)
+def _hints(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _build(kind: type, value: Any, section: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{section} must be an object of fields, got {type(value).__name__} {value!r}")
+    hints = _hints(kind)
+    unknown = set(value) - set(hints)
     if unknown:
-        raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    return kind(**fixed)
+        raise ValueError(f"unknown {section} fields: {sorted(unknown)}")
+    return kind(**{k: _checked(f"{section}.{k}", v, hints[k]) for k, v in value.items()})
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type (a JSON list as a tuple, an integer as a float), or a ValueError naming
+    the field."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)) and all(_is(v, item) for v in value):
+            return tuple(value)
+        raise ValueError(f"{name} must be a list, each item {_TYPE_NAMES[item]}, got {value!r}")
+    if not _is(value, hint):
+        raise ValueError(f"{name} must be {_TYPE_NAMES[hint]}, got {type(value).__name__} {value!r}")
+    return float(value) if hint is float else value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 PRESETS: dict[str, ModelConfig] = {

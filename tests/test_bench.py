@@ -12,7 +12,7 @@ import torch
 
 from tests.train_fakes import random_model_dir
 from worldloop.app.bench import largest_passing
-from worldloop.app.cli import main
+from worldloop.app.cli import build_parser, main
 from worldloop.models.config import preset
 from worldloop.models.timing import percentile, summary
 
@@ -134,3 +134,23 @@ def test_bad_options_are_one_line_exit_2(argv: list[str], message: str,
 def test_cuda_without_a_gpu_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--preset", "tiny", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_runs_the_model_as_play_does(tmp_path: Path, single_thread: None) -> None:
+    """No --threads: bench uses the torch threads `worldloop play` serves with, not torch's default (2)."""
+    from worldloop.app.commands import play, serve
+    from worldloop.app.loading import CPU_THREADS
+
+    torch.set_num_threads(2)
+    out = tmp_path / "bench.json"
+    quick = [QUICK[0], *QUICK[3:]]  # QUICK without "--threads 1"
+    assert main(["bench", "--preset", "tiny", *quick, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["options"]["threads"] == r["hardware"]["torch_threads"] == CPU_THREADS
+
+    torch.set_num_threads(2)
+    parser = build_parser(["play"])
+    args = play.serve_args(parser.parse_args(["play", "--preset", "tiny", "--device", "cpu"]), 0, tmp_path)
+    _, engine, _ = serve.build(args)
+    assert torch.get_num_threads() == r["hardware"]["torch_threads"]
+    engine.close()

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from worldloop.models.checkpoint import (
     CheckpointError,
     export_model,
+    index_path,
     load_model,
     load_state,
     read_config,
@@ -92,7 +95,8 @@ def test_export_keeps_the_ema_only_and_plays_the_same(
     model_dir: Path, tmp_path: Path, prompt_encoder: PromptEncoder
 ) -> None:
     out = export_model(model_dir, tmp_path / "shipped")
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "dit_ema.safetensors", "vae.safetensors"]
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "dit_ema.safetensors",
+                                                     "vae.safetensors"]
     files = load_model(out)
     assert files.metadata["step"] == 1200 and files.metadata["weights"] == "ema"
     assert files.metadata["exported_from"] == str(model_dir)
@@ -140,6 +144,29 @@ def test_mismatched_config_and_bad_json(
     (model_dir / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: invalid model config"):
         read_config(model_dir)
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("dit", "depth", "6", "dit.depth must be an integer, got str '6'"),
+    ("dit", "depth", 6.5, "dit.depth must be an integer, got float 6.5"),
+    ("dit", "bidirectional", 1, "dit.bidirectional must be true or false, got int 1"),
+    ("sampling", "shift", "5", "sampling.shift must be a number, got str '5'"),
+    ("vae", "encoder_channels", [16, "32"], "vae.encoder_channels must be a list, each item an integer"),
+    (None, "height", None, "height must be an integer, got NoneType None"),
+    (None, "dit", [64], "dit must be an object of fields, got list [64]"),
+])
+def test_config_values_are_type_checked_on_load(model_dir: Path, section: str | None, field: str,
+                                                value: object, message: str) -> None:
+    file = model_dir / "config.json"
+    doc = json.loads(file.read_text())
+    doc["config"]["sampling"]["shift"] = 5  # an integer where a float is expected is fine
+    file.write_text(json.dumps(doc))
+    assert read_config(model_dir)[0].sampling.shift == 5.0
+    (doc["config"][section] if section else doc["config"])[field] = value
+    file.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError) as caught:
+        read_config(model_dir)
+    assert str(caught.value).startswith(f"{file}: invalid model config ({message}")
 
 
 def test_save_and_load_state(tmp_path: Path, tiny_config: ModelConfig) -> None:
@@ -215,6 +242,88 @@ def test_missing_or_mixed_shards_are_clear_errors(tmp_path: Path, tiny_config: M
     first[0].write_bytes(kept)  # one shard of the old write among the new ones
     with pytest.raises(CheckpointError, match="shards come from different writes"):
         read_state(path)
+    index_path(path).unlink()  # shards found by their names, as in directories written before the index
     first[-1].unlink()
     with pytest.raises(CheckpointError, match="incomplete or mixed shards"):
         read_state(path)
+
+
+def test_shards_come_with_a_hugging_face_shard_index(tmp_path: Path, tiny_config: ModelConfig) -> None:
+    dit, _ = random_modules(tiny_config, 0)
+    path = tmp_path / "dit_ema.safetensors"
+    state = {n: t.bfloat16() for n, t in dit.state_dict().items()}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    save_state(path, state, shard_bytes=size // 3)
+    index = json.loads((tmp_path / "dit_ema.safetensors.index.json").read_text())
+    assert set(index) == {"metadata", "weight_map"} and index["metadata"] == {"total_size": size}
+    for shard in shard_files(path):
+        with safe_open(str(shard), framework="pt") as f:
+            assert {n for n, file in index["weight_map"].items() if file == shard.name} == set(f.keys())
+    assert set(index["weight_map"]) == set(state)
+    # the index decides which files are read: a stray file with the shards' name pattern is ignored
+    stray = tmp_path / "dit_ema-00001-of-00009.safetensors"
+    save_file({"x": torch.zeros(1)}, str(stray))
+    assert set(read_state(path)[0]) == set(state)
+    stray.unlink()
+    # an index that does not match the shards is a clear error
+    doc = json.loads(index_path(path).read_text())
+    doc["weight_map"]["extra.weight"] = shard_files(path)[0].name
+    index_path(path).write_text(json.dumps(doc))
+    mismatch = r"index\.json: does not match its shards: missing extra\.weight"
+    with pytest.raises(CheckpointError, match=mismatch):
+        read_state(path)
+    doc["weight_map"]["extra.weight"] = "dit_ema-00007-of-00009.safetensors"
+    index_path(path).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"index\.json: names shards that are missing"):
+        read_state(path)
+    save_state(path, state)  # written whole: shards and index go
+    assert path.is_file() and not index_path(path).exists() and shard_files(path) == []
+
+
+def eval_report(model: Path) -> dict[str, object]:
+    """A `worldloop eval` report with one run of ``model`` (the fields the model card reads)."""
+    horizon = {"psnr": 25.071, "ssim": 0.6642, "copy_last_psnr": 22.4485, "copy_last_ssim": 0.6031}
+    run = {"model": str(model), "steps": 1, "horizons": {"1": horizon, "4": horizon},
+           "keys": {"model": {"per_key": 0.8005}}, "prompt_switch": {"adherence": 0.5703}}
+    return {"config": {"episodes": 8}, "runs": [run, {**run, "model": "runs/other"}]}
+
+
+def front_matter(card: Path) -> dict[str, object]:
+    yaml = pytest.importorskip("yaml")
+    text = card.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_every_model_directory_has_a_model_card(model_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from worldloop.app.cli import main
+
+    meta = front_matter(model_dir / "README.md")  # save_model (every training stage's export) writes it
+    assert meta["license"] == "mit" and meta["library_name"] == "worldloop" and "world-model" in meta["tags"]
+    assert "built-in world" in meta["training_data"]
+    assert meta["training"]["stage"] == "dmd" and meta["training"]["iterations"] == 1200
+    assert "model-index" not in meta  # no eval report: no figures
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(eval_report(model_dir)))
+    out = tmp_path / "shipped"
+    assert main(["export", "--model", str(model_dir), "--out", str(out), "--report", str(report)]) == 0
+    meta = front_matter(out / "README.md")
+    assert meta["training"]["exported_from"] == str(model_dir)
+    (result,) = meta["model-index"][0]["results"]  # the report's row of this model only
+    assert result["dataset"]["name"] == "the built-in world, 8 held-out worlds"
+    values = {m["name"]: m["value"] for m in result["metrics"]}
+    assert values["PSNR at horizon 1, 1 step"] == 25.071 and values["SSIM at horizon 4, 1 step"] == 0.6642
+    assert values["key accuracy through the IDM (per key), 1 step"] == 0.8005
+    body = (out / "README.md").read_text()
+    assert "| copy the last frame | – | 22.45 | 22.45 | 0.603 | 0.603 | | |" in body
+    assert "| this model | 1 | 25.07 | 25.07 | 0.664 | 0.664 | 0.800 | 0.570 |" in body
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": [{"model": "runs/other"}]}))
+    capsys.readouterr()
+    argv = ["export", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--report", str(other)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"worldloop export: error: the eval report has no rows of {model_dir} (it has: runs/other)"

@@ -60,7 +60,11 @@ def test_the_installed_package_imports_from_site_packages(installed: Path, tmp_p
             "print(dit.__file__, loading.DEFAULT_MODEL_DIR)")
     out = _run([str(installed / "python"), "-c", code], cwd=tmp_path).stdout.split()
     assert all(str(REPO) not in line for line in out), out
-    assert Path(out[1]).name == "default" and (Path(out[1]) / "config.json").is_file()
+    shipped = Path(out[1])
+    assert shipped.name == "default" and (shipped / "config.json").is_file()
+    # the model card and the shard index travel with the weights
+    assert (shipped / "README.md").is_file() and (shipped / "dit_ema.safetensors.index.json").is_file()
+    assert (shipped.parent / "autoencoder" / "README.md").is_file()
 
 
 def test_play_help_and_a_rollout_of_the_shipped_model(installed: Path, tmp_path: Path) -> None:

@@ -130,6 +130,24 @@ def test_rollout_writes_exactly_the_requested_frames_and_is_deterministic(
     assert other.digest.hexdigest() != meta["frames_sha256"]
 
 
+def test_an_existing_video_is_replaced_only_with_force(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "old.mp4"
+    argv = ["rollout", "--preset", "tiny", "--prompt", "a dungeon", "--frames", "2", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0
+    video, meta = out.read_bytes(), sidecar_path(out).read_text()
+    capsys.readouterr()
+    assert main([*argv, "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"worldloop rollout: error: {out} exists; pass --force to replace it"
+    assert out.read_bytes() == video and sidecar_path(out).read_text() == meta  # untouched
+    out.unlink()  # a sidecar left alone is somebody's rollout too
+    assert main([*argv, "--seed", "7"]) == 2
+    assert main([*argv, "--seed", "7", "--force"]) == 0
+    assert json.loads(sidecar_path(out).read_text())["seed"] == 7
+
+
 def _start_long_rollout(out: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "worldloop.app.cli", "rollout", "--preset", "tiny", "--prompt", "a dungeon",
             "--frames", "100000", "--fps", "4", "--quiet", "--out", str(out)]

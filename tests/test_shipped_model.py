@@ -7,6 +7,10 @@ prompt must steer the colours of the world it makes.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +19,7 @@ from worldloop.app.loading import DEFAULT_MODEL_DIR, choose_model
 from worldloop.distill.eval import metrics
 from worldloop.distill.eval.evaluate import engine_clips
 from worldloop.distill.world.themes import THEMES
-from worldloop.models.checkpoint import load_model
+from worldloop.models.checkpoint import load_model, read_state, shard_files, write_model_card
 from worldloop.models.world_model import WorldModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,6 +40,32 @@ def test_the_default_model_ships_and_is_what_play_uses() -> None:
     assert all(size < MAX_FILE_BYTES for size in sizes.values()), sizes
     choice = choose_model(None, None, fallback=True)
     assert choice.trained and choice.path == DEFAULT_MODEL_DIR and choice.warning() is None
+
+
+# The eval reports the shipped models' cards were written from (README: Results).
+CARD_REPORTS = {"default": "docs/eval-cpu/distill/report.json",
+                "autoencoder": "docs/eval-cpu/autoencoder/assets/report.json"}
+
+
+@pytest.mark.parametrize("name", sorted(CARD_REPORTS))
+def test_the_shipped_models_carry_their_card_and_shard_index(name: str, tmp_path: Path) -> None:
+    folder = DEFAULT_MODEL_DIR.parent / name
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlicense: \"mit\"\n") and "training_data:" in card
+    # the card is what write_model_card makes of the folder and its report today (regenerate it if not)
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    report = json.loads((Path(__file__).resolve().parents[1] / CARD_REPORTS[name]).read_text())
+    for row in report.get("autoencoder_only", []):  # measured as assets/autoencoder: the copy stands in
+        row["model"] = str(copy)
+    write_model_card(copy, report)
+    assert (copy / "README.md").read_text() == card
+    if name == "default":
+        assert "model-index:" in card and "| this model | 1 | 25.07 |" in card
+        index = json.loads((folder / "dit_ema.safetensors.index.json").read_text())
+        shards = shard_files(folder / "dit_ema.safetensors")
+        assert sorted(set(index["weight_map"].values())) == [f.name for f in shards] and len(shards) == 2
+        assert set(index["weight_map"]) == set(read_state(folder / "dit_ema.safetensors")[0])
 
 
 def _next_frames(wm: WorldModel, frames: np.ndarray, keys: np.ndarray, prompts: list[str],

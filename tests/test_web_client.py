@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from tests.fakes import FakeWorldModel
-from worldloop.app.gradio_app import theme_presets
+from worldloop.app.gradio_app import FIRST_THEME, THEME_SEED, theme_presets
 from worldloop.streaming.engine import Engine
 from worldloop.streaming.server import ServerConfig, WorldloopServer
 
@@ -33,6 +34,19 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
 pytestmark = pytest.mark.timeout(120)
+
+def test_a_newcomer_starts_in_the_brightest_theme() -> None:
+    """The first preset (the page's first prompt) is the theme whose frames are brightest, not the dungeon:
+    mean luminance of the first frame of two worlds per theme."""
+    from worldloop.distill.world.engine import World
+    from worldloop.distill.world.themes import THEMES, sample_params
+
+    world = World([sample_params(THEME_SEED + i, theme) for theme in THEMES for i in range(2)], 64, 64)
+    frames = world.render().cpu().numpy().reshape(len(THEMES), -1, 3)
+    luminance = dict(zip(THEMES, (frames @ np.array([0.2126, 0.7152, 0.0722])).mean(1), strict=True))
+    assert theme_presets()[0][0] == FIRST_THEME == max(luminance, key=luminance.__getitem__)
+    assert luminance[FIRST_THEME] > 2 * luminance["dungeon"]
+
 
 def test_theme_presets_are_the_worlds_own_prompts() -> None:
     shipped = json.loads((WEB_DIR / "themes.json").read_text())
@@ -155,6 +169,20 @@ class TestBrowserClient:
         page.wait_for_function(f"window.worldloop.confirmed.frame > {first}", timeout=TIMEOUT_MS)
         assert page.input_value("#prompt") == prompt and state(page, "prompt") == prompt
         assert page.locator("#themes button.active").text_content() == name
+
+    def test_the_first_world_is_the_first_preset_and_typing_replaces_the_prompt(self, page) -> None:  # noqa: ANN001
+        first = theme_presets()[0][1]
+        assert state(page, "prompt") == first and page.input_value("#prompt") == first
+        box = page.locator("#prompt").bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + 10)  # into the middle of the old prompt
+        page.keyboard.type("a frozen cavern")
+        assert page.input_value("#prompt") == "a frozen cavern"
+        page.mouse.click(box["x"] + box["width"] - 4, box["y"] + box["height"] - 4)  # now focused: edits
+        page.keyboard.press("End")
+        page.keyboard.type(" of ice")
+        page.keyboard.press("Enter")
+        page.wait_for_function("window.worldloop.confirmed?.request === 'prompt'", timeout=TIMEOUT_MS)
+        assert state(page, "prompt") == "a frozen cavern of ice"
 
     def test_new_world_reset_snapshot_and_rewind(self, page) -> None:  # noqa: ANN001
         seed = state(page, "seed")

@@ -1,6 +1,6 @@
 """``worldloop bench``: how fast a model plays on this machine — first frame, FPS, latency, memory, sessions.
 
-    worldloop bench                                   # what `worldloop play` uses, on the CPU
+    worldloop bench                                   # what `worldloop play` runs, as play runs it
     worldloop bench --threads 1 --steps 2 --json runs/bench.json
     worldloop bench --model runs/student/model --device cuda --max-sessions-probe 256
     worldloop bench --preset tiny --quick
@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from worldloop.app.errors import UserError
-from worldloop.app.loading import add_backend_option, check_backend, choose_model
-from worldloop.models.config import PRESETS
+from worldloop.app.loading import (
+    CPU_THREADS,
+    add_model_options,
+    check_backend,
+    choose_model,
+    torch_threads,
+)
 
 # Full run, --quick run.
 FRAMES, WARMUP, TRIALS, SERVE_SECONDS, PROBE_SECONDS = (150, 30), (10, 3), (40, 12), (5.0, 2.0), (2.0, 1.0)
@@ -32,13 +37,9 @@ GPU_PROBE = (512, 64)  # largest batch of sessions probed on a GPU (none on a CP
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="measure speed, latency and memory of a model on this machine",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR",
-                        help="model directory (default: what `worldloop play` uses)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
+    add_model_options(p)
+    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: as `worldloop play`: "
+                                               f"{CPU_THREADS} on the CPU, torch's on a GPU)")
     p.add_argument("--quick", action="store_true", help="a short run: fewer frames, trials and seconds")
     p.add_argument("--frames", type=int, help=f"timed steady-state frames (default: {FRAMES[0]}, quick "
                                               f"{FRAMES[1]})")
@@ -55,7 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="JPEG encoder threads of the engine (default: %(default)s, as in `worldloop serve`)")
     p.add_argument("--quality", type=int, default=80, help="JPEG quality (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sessions")
-    add_backend_option(p)
     p.add_argument("--compare", action="store_true",
                    help="PyTorch and ONNX Runtime side by side: steady state and serving at 1 and 2 steps "
                         "and 1 and 2 threads (or the --steps/--threads given), one run, one table")
@@ -67,17 +67,7 @@ def _pick(value: Any, defaults: tuple[Any, Any], quick: bool) -> Any:
     return defaults[1 if quick else 0] if value is None else value
 
 
-def _check_device(device: str) -> str:
-    from worldloop.models.device import resolve_device
-
-    try:
-        return str(resolve_device(device))
-    except ValueError as err:
-        raise UserError(str(err)) from None
-
-
 def _check(args: argparse.Namespace) -> None:
-    args.device = _check_device(args.device)
     limits = [("--threads", args.threads, 1, None), ("--steps", args.steps, 1, 8),
               ("--frames", args.frames, 1, None), ("--warmup", args.warmup, 0, None),
               ("--trials", args.trials, 1, None), ("--target-fps", args.target_fps, 1, 120),
@@ -104,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return run_compare(args, choice)
     q = args.quick
     options = BenchOptions(
-        device=args.device, threads=args.threads, steps=args.steps, frames=_pick(args.frames, FRAMES, q),
+        device=args.device, threads=torch_threads(args.device, args.threads), steps=args.steps,
+        frames=_pick(args.frames, FRAMES, q),
         warmup=_pick(args.warmup, WARMUP, q), quality=args.quality,
         serve_seconds=_pick(args.serve_seconds, SERVE_SECONDS, q), trials=_pick(args.trials, TRIALS, q),
         target_fps=args.target_fps,

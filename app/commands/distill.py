@@ -15,13 +15,12 @@ every fifth) because an over-trained DMD student loses motion. These are startin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from worldloop.app.commands.train import train_config
+from worldloop.app.commands.train import add_run_options, train_config
 from worldloop.app.errors import user_input
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models import checkpoint
@@ -40,65 +39,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "dmd": "short self-forcing distribution-matching distillation (after cd)"}
     for stage, text in helps.items():
         p = stages.add_parser(stage, help=text, description=f"Run {text}.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _common_options(p, STAGE_DEFAULTS[stage])
         if stage == "cd":
             p.add_argument("--grid-steps", type=int, default=48,
-                           help="levels of the teacher's trajectory grid")
+                           help="denoising steps of the teacher's trajectory grid")
         else:
             _dmd_options(p)
         p.set_defaults(func=run, sample_every=0)
 
 
 def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | defaults
-    p.add_argument("--teacher", type=Path, required=True, metavar="MODEL_DIR",
+    p.add_argument("--teacher", type=Path, required=True, metavar="DIR",
                    help="the causal teacher (from `worldloop train teacher`)")
     p.add_argument("--student-steps", type=int, choices=(1, 2),
                    help="denoising steps of the student (default: 2, or the --student's)")
     p.add_argument("--first-frame-steps", type=int,
-                   help="steps of a stream's first frame (default: 4, or the --student's)")
+                   help="denoising steps of a stream's first frame (default: 4, or the --student's)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance of the teacher (default: its own)")
     p.add_argument("--shift", type=float, help="timestep shift of the noise levels (default: the teacher's)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--iterations", type=int, default=d["iterations"], help="total iterations")
-    p.add_argument("--cpu-minutes", type=float, default=0.0,
-                   help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
-    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the student")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
-    p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
     p.add_argument("--clip-frames", type=int, help="frames per clip / rollout (default: window + sink + 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (cd)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="iterations between checkpoints and exports")
-    p.add_argument("--episodes", type=Path, help="clips from recorded episode folders under this path")
-    p.add_argument("--pool-clips", type=int, default=-1,
-                   help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
-    p.add_argument("--pool-refresh", type=int, default=25,
-                   help="iterations between re-rendering a pool chunk")
+    add_run_options(p, defaults)
 
 
 def _dmd_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", type=Path, metavar="MODEL_DIR", help="the student to start from (default: "
+    p.add_argument("--student", type=Path, metavar="DIR", help="the student to start from (default: "
                    "the teacher); usually the model directory of `distill cd`")
-    p.add_argument("--real", type=Path, metavar="MODEL_DIR",
+    p.add_argument("--real", type=Path, metavar="DIR",
                    help="real score instead of the teacher, e.g. a bidirectional teacher")
-    p.add_argument("--critic-steps", type=int, default=5, help="critic updates per generator update")
+    p.add_argument("--critic-updates", type=int, default=5, help="critic updates per generator update")
     p.add_argument("--critic-lr", type=float, help="learning rate of the critic (default: --lr)")
     p.add_argument("--grad-frames", type=int, default=2, help="newest rollout frames the gradient reaches")
-    p.add_argument("--min-sigma", type=float, default=0.02, help="re-noising range, before the shift")
-    p.add_argument("--max-sigma", type=float, default=0.98)
+    p.add_argument("--min-sigma", type=float, default=0.02,
+                   help="lower end of the re-noising range (before the shift)")
+    p.add_argument("--max-sigma", type=float, default=0.98,
+                   help="upper end of the re-noising range (before the shift)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -146,7 +125,7 @@ def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
         return CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
     from worldloop.distill.stages.dmd import DMDObjective
 
-    return DMDObjective(guidance=guidance, critic_steps=args.critic_steps,
+    return DMDObjective(guidance=guidance, critic_steps=args.critic_updates,
                         critic_lr=args.critic_lr or args.lr, grad_frames=args.grad_frames,
                         min_sigma=args.min_sigma, max_sigma=args.max_sigma, shift=shift)
 

@@ -1,13 +1,15 @@
-"""``worldloop eval MODEL [MODEL ...]``: world models against the built-in world's engine (held-out seeds).
+"""``worldloop eval --model DIR[@STEPS] …``: world models against the built-in world's engine (held-out
+seeds).
 
-    worldloop eval runs/teacher/model --steps 16 --out runs/eval
-    worldloop eval runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm \
+    worldloop eval --model runs/teacher/model --steps 16 --out runs/eval
+    worldloop eval --model runs/student/model --steps 1,2 --drift-seconds 60 --idm runs/idm \
         --classifier runs/classifier
-    worldloop eval runs/teacher/model@16 runs/dmd/model@2,1 --out runs/eval   # side by side
-    worldloop eval runs/teacher/model@16 --context-sigma 0.2   # re-noise generated frames in the cache
+    worldloop eval --model runs/teacher/model@16 --model runs/dmd/model@2,1 --out runs/eval   # side by side
+    worldloop eval --model runs/teacher/model@16 --context-sigma 0.2   # re-noise frames in the cache
     worldloop eval --autoencoder runs/vae/model                # the autoencoder alone (its ceiling)
 
-MODEL@STEPS picks the step counts of one model (--steps, or the model's own, for the others). Writes
+``--model`` is repeatable (``worldloop eval DIR[@STEPS] …``, the models as positional arguments, works too).
+DIR@STEPS picks the step counts of one model (--steps, or the model's own, for the others). Writes
 report.json, summary.md (the runs side by side, copy-last-frame baseline first, then each model's autoencoder
 alone: encode → decode of held-out frames), rollout/drift MP4s, plots and autoencoder*.png (engine |
 reconstruction, one row per theme).
@@ -19,15 +21,16 @@ import argparse
 from pathlib import Path
 
 from worldloop.app.errors import UserError, user_input
-from worldloop.app.loading import shipped_asset
+from worldloop.app.loading import add_device_option, shipped_asset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate models against the engine (PSNR, keys, prompts, drift)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="model directories, each optionally @STEPS[,STEPS]")
-    p.add_argument("--autoencoder", type=Path, metavar="MODEL_DIR",
+                              description=__doc__)
+    p.add_argument("--model", action="append", default=[], metavar="DIR[@STEPS]", dest="model_options",
+                   help="a model directory, optionally @STEPS[,STEPS] (its denoising steps); repeatable")
+    p.add_argument("models", nargs="*", metavar="DIR[@STEPS]", help="more models, as --model")
+    p.add_argument("--autoencoder", type=Path, metavar="DIR",
                    help="measure only this model directory's autoencoder "
                         "(encode → decode of held-out frames)")
     p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
@@ -42,13 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="engine frames given as context (0: sink + window)")
     p.add_argument("--switch-frames", type=int, default=48, help="frames generated after the prompt switch")
     p.add_argument("--drift-seconds", type=float, default=600.0, help="length of the drift rollout")
-    p.add_argument("--drift-sessions", type=int, default=2)
+    p.add_argument("--drift-sessions", type=int, default=2, help="sessions rolled out for the drift")
     p.add_argument("--drift-every", type=int, default=30, help="frames between drift measurements")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out worlds and the sessions")
     p.add_argument("--context-sigma", type=float, default=None,
                    help="σ generated frames are re-noised to before they enter the cache, for every model "
                         "(default: each model's own sampling.context_sigma)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -62,13 +65,28 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
-def run(args: argparse.Namespace) -> int:
-    from worldloop.distill.eval.evaluate import EvalConfig, run_autoencoder_eval, run_eval
-    from worldloop.models.device import resolve_device
+def eval_plan(models: list[str], steps_option: str) -> list[tuple[Path, int | None]]:
+    """``DIR[@STEPS]`` specs and ``--steps`` → (model directory, denoising steps or None: its own) runs."""
+    steps: list[int | None] = list(_ints(steps_option, "steps")) or [None]
+    plan: list[tuple[Path, int | None]] = []
+    for spec in models:
+        text, at, own = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        path = Path(text)
+        if not path.is_dir():
+            raise UserError(f"{path}: not a model directory")
+        plan += [(path, n) for n in (_ints(own, "steps") if at else steps)]
+    return plan
 
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from worldloop.distill.eval.evaluate import EvalConfig, run_autoencoder_eval, run_eval
+
+    models = [*args.model_options, *args.models]
     if args.autoencoder is not None:
-        if args.models:
-            raise UserError("--autoencoder measures one autoencoder alone; drop the MODEL arguments")
+        if models:
+            raise UserError("--autoencoder measures one autoencoder alone; drop the models")
         if not args.autoencoder.is_dir():
             raise UserError(f"{args.autoencoder}: not a model directory")
         row = run_autoencoder_eval(args.autoencoder, args.out, seed=args.seed)["autoencoder_only"][0]
@@ -77,16 +95,9 @@ def run(args: argparse.Namespace) -> int:
               f"decode {row['decode_ms']:.2f} ms")
         print(f"report: {args.out / 'report.json'}; picture: {args.out / row['picture']}")
         return 0
-    if not args.models:
-        raise UserError("give at least one MODEL directory (or --autoencoder MODEL_DIR)")
-    steps: list[int | None] = list(_ints(args.steps, "steps")) or [None]
-    plan: list[tuple[Path, int | None]] = []
-    for spec in args.models:
-        text, at, own = spec.rpartition("@") if "@" in spec else (spec, "", "")
-        path = Path(text)
-        if not path.is_dir():
-            raise UserError(f"{path}: not a model directory")
-        plan += [(path, n) for n in (_ints(own, "steps") if at else steps)]
+    if not models:
+        raise UserError("give at least one --model DIR (or --autoencoder DIR)")
+    plan = eval_plan(models, args.steps)
     horizons = _ints(args.horizons, "horizons")
     if not horizons:
         raise UserError("--horizons needs at least one value")
@@ -95,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
                          switch_frames=args.switch_frames, drift_seconds=args.drift_seconds,
                          drift_sessions=args.drift_sessions, drift_every=args.drift_every, seed=args.seed,
                          context_sigma=args.context_sigma)
-        device = resolve_device(args.device)
-    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier, device=device)
+    report = run_eval(plan, cfg, args.out, idm_path=args.idm, classifier_path=args.classifier,
+                      device=torch.device(args.device))
     for r in report["runs"]:
         h = r["horizons"]
         psnr = ", ".join(f"h{k} {v['psnr']:.2f} (copy {v['copy_last_psnr']:.2f})" for k, v in h.items())

@@ -1,14 +1,15 @@
 """``worldloop export``: the shipping form of a trained model directory (what ``assets/default`` holds), or
 its ONNX graphs.
 
-    worldloop export runs/dmd/model --out assets/default --steps 1
-    worldloop export runs/teacher/model --out /tmp/teacher-small --dtype fp32
-    worldloop export assets/default --onnx --out /tmp/default-onnx      # the graphs of --backend onnxruntime
-    worldloop export assets/default --onnx --tensorrt --out /tmp/trt    # + TensorRT engines (GPU + tensorrt)
+    worldloop export --model runs/dmd/model --out assets/default --steps 1 --report runs/eval/report.json
+    worldloop export --model runs/teacher/model --out /tmp/teacher-small --dtype fp32
+    worldloop export --model assets/default --onnx --out /tmp/onnx   # the graphs of --backend onnxruntime
+    worldloop export --model assets/default --onnx --tensorrt --out /tmp/trt   # + TensorRT (GPU, tensorrt)
 
 The shipping form keeps the config, the EMA weights (the raw weights when a run has no EMA) and the
-autoencoder; it drops the raw fp32 DiT that only training needs. The result is checked against its config
-before it replaces ``--out``.
+autoencoder; drops the raw fp32 DiT that only training needs; writes the model card (README.md: what it is,
+how it was trained, and with ``--report`` its eval figures) and the shard index of sharded weights. The result
+is checked against its config before it replaces ``--out``.
 
 ``--onnx`` writes the cached DiT frame step (with and without the fused cache pass) and the decoder as ONNX
 (opset 18, float32, the KV cache as explicit inputs and outputs; docs/onnx.md), each checked against PyTorch
@@ -19,9 +20,10 @@ Without ``--out`` they go to MODEL_DIR/onnx, where ``--backend onnxruntime`` fin
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from worldloop.app.errors import UserError
+from worldloop.app.errors import UserError, user_input
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -29,13 +31,18 @@ DTYPES = ("bf16", "fp16", "fp32")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write the shipping form of a model directory, or ONNX",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, metavar="MODEL_DIR", help="a model directory from train or distill")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, metavar="DIR", help="a model directory from train or distill")
+    source.add_argument("model_positional", nargs="?", type=Path, metavar="DIR",
+                        help="the same, as a positional argument")
     p.add_argument("--out", type=Path,
                    help="the directory to write (replaced when complete); required unless --onnx, whose "
-                        "default is MODEL_DIR/onnx")
+                        "default is DIR/onnx")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT weight type (default: %(default)s)")
     p.add_argument("--steps", type=int, help="denoising steps it plays with (default: the model's own)")
     p.add_argument("--note", help="a line stored in the metadata (e.g. how the model was trained)")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="a `worldloop eval` report.json whose figures of this model go into its model card")
     p.add_argument("--onnx", action="store_true",
                    help="write the ONNX graphs (DiT frame step, decoder) instead, checked against PyTorch")
     p.add_argument("--tensorrt", action="store_true",
@@ -46,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.model = args.model or args.model_positional
     if args.tensorrt and not args.onnx:
         raise UserError("--tensorrt builds engines from the ONNX graphs: add --onnx")
     if args.onnx:
@@ -55,19 +63,28 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from worldloop.models.checkpoint import CheckpointError, export_model
+    from worldloop.models.model_card import eval_rows
 
-    if args.out.resolve() == args.model.resolve():
-        raise UserError("--out must differ from MODEL_DIR")
+    model = args.model
+    if args.out.resolve() == model.resolve():
+        raise UserError("--out must differ from --model")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    report = None
+    if args.report is not None:
+        with user_input():
+            report = json.loads(args.report.read_text())
+            if not isinstance(report, dict):
+                raise ValueError(f"{args.report}: not a `worldloop eval` report")
+            eval_rows(report, model, {})  # the report must hold this model
     try:
-        out = export_model(args.model, args.out, dtype=dtype, note=args.note, steps=args.steps)
+        out = export_model(model, args.out, dtype=dtype, note=args.note, steps=args.steps, report=report)
     except CheckpointError as err:
         raise UserError(str(err)) from err
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
     total = sum(sizes.values())
-    print(f"exported {args.model} → {out} ({total / 2**20:.1f} MiB: "
+    print(f"exported {model} → {out} ({total / 2**20:.1f} MiB: "
           + ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in sizes.items()) + ")")
     return 0
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from worldloop.app.commands.world import read_key_script
 from worldloop.app.errors import UserError, user_input
-from worldloop.app.loading import add_backend_option, choose_model, load_model
+from worldloop.app.loading import add_model_options, choose_model, load_model
 from worldloop.app.rollout import (
     ProgressFn,
     RolloutPlan,
@@ -39,16 +39,12 @@ from worldloop.app.rollout import (
     sidecar_path,
     write_sidecar,
 )
-from worldloop.models.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("rollout", help="roll the model out offline into an MP4 video",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="model directory (default: assets/default)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a preset with RANDOM weights")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed: same seed, prompts and keys → same video")
     p.add_argument("--prompt", help="the prompt from frame 0")
     p.add_argument("--prompt-at", action="append", default=[], metavar="FRAME:PROMPT",
@@ -61,23 +57,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--frames", type=int, help="number of frames")
     length.add_argument("--seconds", type=float, help="length in seconds of video")
-    p.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's)")
-    add_backend_option(p)
     p.add_argument("--fps", type=int, help="video frame rate (default: the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge frames by pixel repetition (default: 1)")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality, 0 (lossless) … 51 (default: 18)")
     p.add_argument("--out", type=Path, default=Path("rollout.mp4"), help="video file (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out video and its sidecar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _check_output(path: Path) -> None:
-    """Fail before loading anything if the video cannot be written."""
+def _check_output(path: Path, force: bool) -> None:
+    """Fail before loading anything if the video cannot be written, or would replace one without --force."""
     if path.suffix.lower() != ".mp4":
         raise UserError(f"--out must end in .mp4, got {path}")
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UserError(f"--out {path} is a directory")
+    if not force and (path.exists() or sidecar_path(path).exists()):
+        raise UserError(f"{path} exists; pass --force to replace it")
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     with user_input():  # every option, schedule and script is checked before the model loads
         _check_numbers(args)
-        _check_output(args.out)
+        _check_output(args.out, args.force)
         choice = choose_model(args.model, args.preset, fallback=False)
         fps = args.fps or choice.config.fps
         frames = frames_for(args.seconds, args.frames, fps)

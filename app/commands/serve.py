@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -21,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worldloop.app.errors import UserError
-from worldloop.app.loading import ModelChoice, add_model_options, choose_model, load_model
+from worldloop.app.loading import (
+    CPU_THREADS,
+    ModelChoice,
+    add_model_options,
+    choose_model,
+    load_model,
+    torch_threads,
+)
 
 if TYPE_CHECKING:
     from worldloop.streaming.config import ServerConfig
@@ -40,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
     p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default on CPU: 1, measured fastest for the default model on a "
-                        "2-core machine: 31 vs 22 FPS with 2)")
+                   help=f"torch CPU threads (default on the CPU: {CPU_THREADS}, measured fastest for the "
+                        "default model on a 2-core machine: 31 vs 22 FPS with 2; on a GPU: torch's)")
     p.add_argument("--token", default=os.environ.get("WORLDLOOP_TOKEN"),
                    help="require this access token: 'Authorization: Bearer TOKEN' from programs, typed into "
                         "the page by browsers; 8+ characters from A-Z a-z 0-9 !#$%%&'*+-.^_`|~ (default: "
@@ -107,7 +113,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     if not _is_loopback(args.host) and args.token is None:
         print(f"worldloop serve: warning: listening on {args.host} without a token; anyone who can reach "
               "this port can use the model (set WORLDLOOP_TOKEN)", file=sys.stderr, flush=True)
-    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
+    threads = torch_threads(args.device, args.threads)
     if threads is not None:
         import torch
 
@@ -135,7 +141,6 @@ def run(args: argparse.Namespace, on_ready: Callable[[WorldloopServer], None] | 
     """Serve until SIGTERM/Ctrl-C; ``on_ready`` runs once listening (``worldloop play`` opens a browser)."""
     from worldloop.streaming.server import run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     choice, engine, config = build(args)
 
     def ready(server: WorldloopServer) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from worldloop.app.errors import user_input
+from worldloop.app.loading import add_device_option
 from worldloop.distill.stages.runtime import (
     Distributed,
     TrainConfig,
@@ -45,11 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "classifier": "the theme classifier (frame → theme) used by `worldloop eval`"}
     for stage, text in helps.items():
         p = stages.add_parser(stage, help=text, description=f"Train {text}.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _common_options(p, stage)
         if stage == "vae":
             p.add_argument("--noise-std", type=float, default=0.1, help="latent noise σ (fixed-variance VAE)")
-            p.add_argument("--kl-weight", type=float, default=1e-3)
+            p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
             p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the image-gradient L1")
             p.add_argument("--spectrum-weight", type=float, default=0.0,
                            help="weight of the log-amplitude spectrum L1 (models.vae.spectrum_distance)")
@@ -65,54 +66,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
-    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | STAGE_DEFAULTS[stage]
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="model config preset")
     p.add_argument("--out", type=Path, default=Path("runs") / stage, help="run directory")
-    p.add_argument("--iterations", type=int, default=d["iterations"], help="total optimizer updates")
-    p.add_argument("--cpu-minutes", type=float, default=0.0,
-                   help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
-    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
-    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="0 disables clipping")
-    p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
-    p.add_argument("--clip-frames", type=int, default=d["clip_frames"],
+    p.add_argument("--clip-frames", type=int, default=STAGE_DEFAULTS[stage]["clip_frames"],
                    help="frames per training clip (default for the teacher: window + sink + 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
-    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--sample-every", type=int, default=500,
                    help="iterations between sample PNG/MP4s (0: never)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--episodes", type=Path, help="train on recorded episode folders under this path")
-    p.add_argument("--pool-clips", type=int, default=-1,
-                   help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
-    p.add_argument("--pool-refresh", type=int, default=25,
-                   help="iterations between re-rendering a pool chunk")
+    add_run_options(p, STAGE_DEFAULTS[stage])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="adamw, or muon: Muon on the transformer blocks' hidden matrices, AdamW on the rest")
     p.add_argument("--snapshot-minutes", type=float, default=0.0,
                    help="export the model to snapshots/ every this many process CPU minutes (0: never)")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-        p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+        p.add_argument("--init-from", type=Path, metavar="DIR",
                        help="start from a model directory's weights (and EMA) with a fresh optimizer")
 
 
+def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The options every training and distillation stage shares: length, optimizer, device, logging, data."""
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | defaults
+    p.add_argument("--iterations", type=int, default=d["iterations"], help="optimizer updates in all")
+    p.add_argument("--cpu-minutes", type=float, default=0.0,
+                   help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
+    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="optimizer weight decay")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
+                   help="largest gradient norm (0: no clipping)")
+    p.add_argument("--ema-decay", type=float, default=d["ema_decay"],
+                   help="decay of the weights' moving average (the EMA weights are what an export plays)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the training worlds")
+    add_device_option(p)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=d["log_every"], help="iterations between log lines")
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                   help="iterations between checkpoints (and model directory exports)")
+    p.add_argument("--episodes", type=Path,
+                   help="train on clips of the recorded episode folders under this path")
+    p.add_argument("--pool-clips", type=int, default=-1,
+                   help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
+    p.add_argument("--pool-refresh", type=int, default=25,
+                   help="iterations between re-rendering a pool chunk")
+
+
 def _teacher_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vae", type=Path, metavar="MODEL_DIR", help="autoencoder from `worldloop train vae`")
+    p.add_argument("--vae", type=Path, metavar="DIR", help="autoencoder from `worldloop train vae`")
     p.add_argument("--bidirectional", action="store_true", help="full attention inside a clip (DMD teacher)")
     p.add_argument("--sample-steps", type=int, default=16,
                    help="denoising steps the exported teacher samples with (its config's sampling.steps)")
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift of training noise levels")
     p.add_argument("--context-noise", type=float, default=0.7, help="max σ of the clean-context augmentation")
-    p.add_argument("--key-dropout", type=float, default=0.1)
-    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--key-dropout", type=float, default=0.1,
+                   help="fraction of frames trained without their keys (the null condition)")
+    p.add_argument("--prompt-dropout", type=float, default=0.1,
+                   help="fraction of clips trained without their prompt (for classifier-free guidance)")
     p.add_argument("--random-keys", type=float, default=0.1,
                    help="chance per frame of starting to hold random keys instead of the explorer's")
     p.add_argument("--key-hold", type=int, default=1,

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from worldloop.app.errors import UserError, user_input
+from worldloop.app.loading import add_device_option
 from worldloop.distill.data.episodes import EpisodeMeta, EpisodeWriter
 from worldloop.distill.world.engine import World, check_size
 from worldloop.distill.world.explorer import Explorer
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rec.add_argument("--keys", type=Path, metavar="FILE", help="key script (see above); default: explorer")
     rec.add_argument("--lossless", action="store_true", help="also store the exact frames (frames.npy)")
     rec.add_argument("--force", action="store_true", help="replace an existing episode folder")
-    rec.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_option(rec)
     rec.set_defaults(func=record)
     themes = commands.add_parser("themes", help="list the themes with a sample prompt each")
     themes.add_argument("--seed", type=int, default=0, help="seed of the sample worlds (default 0)")

@@ -15,7 +15,8 @@ const TOKEN_CHARS = /^[0-9A-Za-z!#$%&'*+.^_`|~-]{8,256}$/; // a websocket subpro
 // Theme presets: one prompt per theme of the built-in world, worded exactly as the world describes itself
 // (themes.json is checked against distill/world/themes.py by tests/test_web_client.py).
 const THEMES = await fetch("themes.json").then((r) => r.json()).catch(() => []);
-const DEFAULT_PROMPT = THEMES[0]?.prompt ?? "a softly lit dungeon of mossy grey brick walls";
+// The first preset is the world a newcomer sees: a bright theme (FIRST_THEME in app/gradio_app.py).
+const DEFAULT_PROMPT = THEMES[0]?.prompt ?? "a softly lit ice cave of rough blue rock walls";
 
 const params = new URLSearchParams(location.search);
 const randomSeed = () => Math.floor(Math.random() * 2 ** 31);
@@ -287,7 +288,18 @@ function setupControls() {
     setPrompt(document.getElementById("prompt").value);
     document.getElementById("stage").focus();
   });
-  document.getElementById("prompt").addEventListener("keydown", (e) => {
+  // The box shows the current prompt. Focusing it selects all of it, so what the player types replaces the
+  // prompt instead of landing in the middle of it; the mouseup of the click that focused the box would
+  // otherwise drop the selection where the caret lands. Clicks into an already focused box edit as usual.
+  const box = document.getElementById("prompt");
+  let focusingClick = false;
+  box.addEventListener("mousedown", () => { focusingClick = document.activeElement !== box; });
+  box.addEventListener("focus", () => box.select());
+  box.addEventListener("mouseup", (e) => {
+    if (focusingClick) e.preventDefault();
+    focusingClick = false;
+  });
+  box.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) {
       e.preventDefault();
       form.requestSubmit();
