@@ -26,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "worldloop.app.commands.distill",
     "worldloop.app.commands.eval",
     "worldloop.app.commands.export",
+    "worldloop.app.commands.speedrun",
+    "worldloop.app.commands.gpu_check",
     "worldloop.app.commands.bench",
 )
 

@@ -66,6 +66,8 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--iterations", type=int, default=d["iterations"], help="total iterations")
     p.add_argument("--cpu-minutes", type=float, default=0.0,
                    help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="also stop (saving and exporting) after this much wall-clock time; 0: no limit")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of the student")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")

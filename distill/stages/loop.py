@@ -157,7 +157,8 @@ def prepare_run(cfg: TrainConfig, settings: dict[str, Any], resume: bool, ddp: D
 
 def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resume: bool) -> TrainResult:
     """Run ``stage`` from its checkpoint (``resume``) or from iteration 0 up to ``cfg.iterations``, or until
-    ``cfg.cpu_minutes`` of process CPU time are spent (then it saves and exports as on SIGTERM)."""
+    ``cfg.cpu_minutes`` of process CPU time or ``cfg.minutes`` of wall-clock time are spent (then it saves and
+    exports as on SIGTERM); ``TrainResult.stopped`` says which."""
     state = {"modules": stage.modules, "emas": stage.emas, "optimizer": stage.optimizer}
     iteration = 0
     if resume:
@@ -174,13 +175,24 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             if stage.export_at_checkpoints:
                 stage.export(iteration, run.model)
 
-    cpu_start = cpu_seconds()
+    cpu_start, wall_start = cpu_seconds(), time.monotonic()
 
-    def out_of_cpu() -> bool:  # a CPU-time budget: recipes compared at equal CPU minutes, not iterations
-        return cfg.cpu_minutes > 0 and cpu_seconds() - cpu_start >= 60 * cfg.cpu_minutes
+    def stop_reason() -> str | None:
+        if stop.requested:
+            return "signal"
+        if cfg.cpu_minutes > 0 and cpu_seconds() - cpu_start >= 60 * cfg.cpu_minutes:
+            return "cpu_minutes"  # recipes compared at equal CPU minutes, not iterations
+        if cfg.minutes > 0 and time.monotonic() - wall_start >= 60 * cfg.minutes:
+            return "minutes"  # a wall-clock budget: a GPU lease, a speedrun's share
+        return None
 
+    stopped: str | None = None
     with StopSignal() as stop:
-        while iteration < cfg.iterations and not any_rank(stop.requested or out_of_cpu(), ddp):
+        while iteration < cfg.iterations:
+            stopped = stop_reason()
+            if any_rank(stopped is not None, ddp):
+                stopped = stopped or "signal"  # another rank stopped: it was told to
+                break
             started = time.perf_counter()
             batch = stage.batch(iteration)
             data_seconds = time.perf_counter() - started
@@ -190,6 +202,7 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations or done.log_now:
                 record = {k: float(v) for k, v in done.record.items()}
                 log.write(iteration=iteration, **record, frames_per_s=progress.rate(),
+                          seconds_per_iteration=progress.seconds_per_iteration(),
                           data_share=progress.data_share())
                 progress.reset_rate()
             if iteration % cfg.checkpoint_every == 0:
@@ -200,4 +213,4 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
     save()
     if ddp.is_main and not stage.export_at_checkpoints:
         stage.export(iteration, run.model)
-    return TrainResult(run.model, iteration, stage.trained)
+    return TrainResult(run.model, iteration, stage.trained, stopped)
