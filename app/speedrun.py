@@ -121,6 +121,7 @@ class SpeedrunOptions:
     seed: int = 0
     bf16: bool = False
     compile: bool = False
+    pool_clips: int = -1  # rendered clips reused per stage (-1: 256 on CPU, 4096 on CUDA; TrainConfig)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -144,9 +145,7 @@ def split_budget(budget_s: float, stages: tuple[str, ...], measured: dict[str, t
     ``measured[stage]`` = (seconds per iteration, fixed cost in seconds); ``fixed`` overrides iterations;
     helpers run ``helper_iterations`` (their command's default) unless fixed, cut at their share's time.
     """
-    if budget_s <= 0:
-        raise SpeedrunError("the budget is spent before training starts (the probe took all of it); "
-                            "give a larger --budget")
+    budget_s = max(budget_s, 0.0)  # the probe took it all: one iteration each (the caller warns)
     trained = [s for s in stages if s in TRAINED]
     weights = {s: TIME_WEIGHTS[s] for s in trained}
     training_s = budget_s * (1 - EVAL_SHARE - HELPER_SHARE * sum(s in HELPERS for s in stages))
@@ -160,7 +159,7 @@ def split_budget(budget_s: float, stages: tuple[str, ...], measured: dict[str, t
             elif per_it is None:
                 raise SpeedrunError(f"no measured throughput for stage {stage!r}")
             else:
-                iterations = max(1, math.floor((seconds - overhead) / per_it))
+                iterations = max(1, math.floor(max(0.0, seconds - overhead) / per_it))
             plan[stage] = StagePlan(seconds, iterations, per_it, overhead)
         elif stage in HELPERS:
             plan[stage] = StagePlan(budget_s * HELPER_SHARE, fixed.get(stage, helper_iterations[stage]))
@@ -237,9 +236,9 @@ class Pipeline:
     def train_config(self, stage: str, root: Path, iterations: int, minutes: float,
                      log_every: int = 10) -> TrainConfig:
         device = "cuda" if self.ddp.device.type == "cuda" else "cpu"
-        d = ({f.name: f.default for f in dataclasses.fields(TrainConfig)}
-             | (TRAIN_DEFAULTS | DISTILL_DEFAULTS)[stage] | RECIPE[stage])
-        frames = d["clip_frames"] or self.config.dit.window + self.config.dit.sink + 1
+        stage_defaults = (TRAIN_DEFAULTS | DISTILL_DEFAULTS)[stage] | RECIPE[stage]
+        d = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | stage_defaults
+        frames = stage_defaults.get("clip_frames") or self.config.dit.window + self.config.dit.sink + 1
         helper = stage in HELPERS
         return TrainConfig(
             iterations=iterations, minutes=minutes, batch_size=BATCH[device][stage], lr=d["lr"],
@@ -248,7 +247,7 @@ class Pipeline:
             device=str(self.ddp.device), bf16=self.options.bf16 and not helper,
             compile=self.options.compile and not helper, out=str(root / stage), log_every=log_every,
             sample_every=0, checkpoint_every=max(50, iterations // 4),
-            episodes=None if helper else self.options.episodes)
+            episodes=None if helper else self.options.episodes, pool_clips=self.options.pool_clips)
 
     def vae_dir(self, root: Path) -> Path:
         return Path(self.options.vae) if self.options.vae is not None else root / "vae" / "model"
@@ -362,7 +361,11 @@ class Speedrun:
         to_probe = tuple(s for s in o.stages if s in TRAINED and s not in o.iterations)
         measured = measure(self.pipeline, self.out / "probe", to_probe, self.say) if to_probe else {}
         helper_iterations = {s: TRAIN_DEFAULTS[s]["iterations"] for s in HELPERS}
-        plan = split_budget(o.budget_s - self.elapsed, o.stages, measured, o.iterations, helper_iterations)
+        left = o.budget_s - self.elapsed
+        if left <= 0:
+            self.say(f"speedrun: WARNING measuring throughput took the whole budget ({self.elapsed:.0f} s); "
+                     f"every stage runs one iteration")
+        plan = split_budget(left, o.stages, measured, o.iterations, helper_iterations)
         self.state["plan"] = {k: asdict(v) for k, v in plan.items()}
         self.state["probe_s"] = self.elapsed
         self.save()

