@@ -294,8 +294,10 @@ def measure(pipeline: Pipeline, root: Path, stages: tuple[str, ...], say: Callab
     for stage in stages:
         say(f"probe: {stage} ({PROBE_ITERATIONS} iterations)")
         started = time.monotonic()
-        pipeline.run(stage, root, pipeline.train_config(stage, root, PROBE_ITERATIONS, 0.0, log_every=1),
-                     resume=False)
+        result = pipeline.run(stage, root, pipeline.train_config(stage, root, PROBE_ITERATIONS, 0.0,
+                                                                 log_every=1), resume=False)
+        if isinstance(result, TrainResult) and result.stopped == "signal":
+            raise KeyboardInterrupt  # stopped while measuring: `--resume` measures again
         total = time.monotonic() - started
         lines = [json.loads(x) for x in (root / stage / "log.jsonl").read_text().splitlines()]
         seconds = [x["seconds_per_iteration"] for x in lines if "seconds_per_iteration" in x]
@@ -371,7 +373,8 @@ class Speedrun:
         self.save()
 
     def run(self) -> SpeedrunResult:
-        o, plan = self.options, None
+        o = self.options
+        self.save()  # from now on `--resume` finds the run, also if it stops while measuring throughput
         if "plan" not in self.state:
             self.make_plan()
         plan = self.plan()

@@ -1,4 +1,6 @@
-"""``worldloop gpu-check``: the CUDA checks, then a speedrun on the time left, all results in one folder.
+"""``worldloop gpu-check``: the CUDA checks (flex-attention, bf16, compile, batched sessions, NCCL, the
+``wan`` preset's frame time, bench's sessions at 30 FPS), then ``worldloop speedrun`` on the time left; writes
+gpu_check.json, report.md, curves.png and model/ to --out. Without CUDA the checks are recorded as skipped.
 
     scripts/gpu_check.sh $OUT 9                                        # on a GPU machine (what it runs)
     worldloop gpu-check --out runs/gpu --minutes 9
@@ -19,16 +21,13 @@ from worldloop.models.config import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "gpu-check", help="CUDA checks, then a speedrun, in one bounded call (scripts/gpu_check.sh)",
-        description="The CUDA checks (flex-attention, bf16, compile, batched sessions, NCCL, the wan "
-                    "preset's frame time, bench's sessions at 30 FPS), then `worldloop speedrun` on the "
-                    "time left; writes gpu_check.json, report.md, curves.png and model/ to --out. "
-                    "Without CUDA the checks are recorded as skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("gpu-check", description=__doc__,
+                              help="CUDA checks, then a speedrun, in one bounded call (scripts/gpu_check.sh)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the folder that receives the results")
-    p.add_argument("--minutes", type=float, default=9.0, help="the whole call's wall-clock time")
-    p.add_argument("--checks-minutes", type=float, default=2.0, help="at most this long for the checks")
+    p.add_argument("--minutes", type=float, default=9.0, help="the whole call's wall-clock time (default 9)")
+    p.add_argument("--checks-minutes", type=float, default=2.0,
+                   help="at most this long for the checks (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="the speedrun's preset")
     p.add_argument("--work", type=Path, help="the speedrun's folder (default: under the temp directory)")
