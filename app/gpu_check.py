@@ -298,7 +298,7 @@ def collect(work: Path, out: Path) -> list[dict[str, Any]]:
 
 
 def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.device, preset_name: str,
-              work: Path, speedrun_iterations: dict[str, int] | None = None,
+              work: Path, speedrun_iterations: dict[str, int] | None = None, pool_clips: int = -1,
               say: Callable[[str], None] = print) -> dict[str, Any]:
     """The checks, then a speedrun on the time left; returns (and writes) ``out/gpu_check.json``."""
     from worldloop.app import speedrun
@@ -318,7 +318,7 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
         options = speedrun.SpeedrunOptions(
             budget_s=budget, out=str(work), preset=preset_name, device=str(device),
             vae=speedrun.default_vae(preset_name), iterations=speedrun_iterations or {},
-            bf16=device.type == "cuda", compile=False)
+            bf16=device.type == "cuda", compile=False, pool_clips=pool_clips)
         entry["compile_checked"] = compiled
         result = speedrun.start(options, resume=False, say=say)
         entry.update(ok=result.stopped_in is None, state=result.state)

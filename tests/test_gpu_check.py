@@ -94,7 +94,8 @@ def _bare_env(tmp_path: Path, pack: Path) -> dict[str, str]:
 def test_the_script_dry_runs_on_cpu_and_brings_back_a_playable_model(tmp_path: Path, pack: Path) -> None:
     out = tmp_path / "out"
     done = _run_script(out, "1", _bare_env(tmp_path, pack), "--device", "cpu", "--preset", "tiny",
-                       "--checks-minutes", "0.2", "--work", str(tmp_path / "work"), "--speedrun-iterations",
+                       "--checks-minutes", "0.2", "--work", str(tmp_path / "work"), "--pool-clips", "16",
+                       "--speedrun-iterations",
                        "vae=2,teacher=2,cd=2,dmd=2,idm=2,classifier=2")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     data = json.loads((out / "gpu_check.json").read_text())

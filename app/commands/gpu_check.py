@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, help="the speedrun's folder (default: under the temp directory)")
     p.add_argument("--speedrun-iterations", metavar="STAGE=N,…",
                    help="fixed iterations for some speedrun stages (as `speedrun --iterations`)")
+    p.add_argument("--pool-clips", type=int, default=-1,
+                   help="the speedrun's pool of rendered clips (-1: 256 on CPU, 4096 on CUDA)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
                         f"{args.checks_minutes}")
     work = args.work or Path(tempfile.gettempdir()) / "worldloop-gpu-check"
     data = gpu_check(args.out, args.minutes, args.checks_minutes, device, args.preset, work,
-                     speedrun_iterations=iterations, say=lambda m: print(m, file=sys.stderr, flush=True))
+                     speedrun_iterations=iterations, pool_clips=args.pool_clips,
+                     say=lambda m: print(m, file=sys.stderr, flush=True))
     for c in data["checks"]:
         verdict = "skipped: " + c["skipped"] if c.get("skipped") else ("ok" if c["ok"] else "FAILED")
         print(f"{c['name']}: {verdict}" + (f" ({c['error']})" if c.get("error") else ""))

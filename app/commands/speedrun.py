@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained models")
+    p.add_argument("--pool-clips", type=int, default=-1,
+                   help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -70,6 +72,8 @@ def options_from(args: argparse.Namespace) -> object:
         vae = None if args.train_vae else (str(args.vae) if args.vae else default_vae(args.preset))
         if vae is not None:  # a clear error now rather than in the teacher stage
             checkpoint.with_autoencoder_of(preset(args.preset), vae)
+        if args.pool_clips < -1:
+            raise SpeedrunError(f"--pool-clips {args.pool_clips} is out of range")
         if args.episodes is not None and not args.episodes.is_dir():
             raise SpeedrunError(f"--episodes {args.episodes}: not a directory")
         return SpeedrunOptions(
@@ -77,7 +81,7 @@ def options_from(args: argparse.Namespace) -> object:
             episodes=str(args.episodes) if args.episodes else None,
             iterations=parse_iterations(args.iterations),
             seed=args.seed, bf16=device.type == "cuda" if args.bf16 is None else args.bf16,
-            compile=args.compile)
+            compile=args.compile, pool_clips=args.pool_clips)
     except (ValueError, OSError) as err:
         raise UserError(str(err)) from None
 
