@@ -315,8 +315,17 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
     run_checks(device, 60 * checks_minutes, results.add_check, say)
     budget = 60 * minutes - (time.monotonic() - started) - COPY_MARGIN_S
     compiled = any(c["name"] == "compile_matches_eager" and c["ok"] for c in results.data["checks"])
-    entry: dict[str, Any] = {"budget_s": round(budget, 1), "preset": preset_name, "work": str(work)}
+    entry: dict[str, Any] = {"budget_s": round(budget, 1), "preset": preset_name, "work": str(work),
+                             "ok": None, "progress": []}
     results.data["speedrun"] = entry
+    results.write()
+
+    def progress(message: str) -> None:  # each stage's start is on record, should the call be cut short
+        say(message)
+        if message.startswith(("speedrun", "probe")):
+            entry["progress"].append(f"{time.monotonic() - started:.0f} s: {message.splitlines()[0]}")
+            results.write()
+
     try:
         shutil.rmtree(work, ignore_errors=True)
         options = speedrun.SpeedrunOptions(
@@ -324,7 +333,7 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
             vae=speedrun.default_vae(preset_name), iterations=speedrun_iterations or {},
             bf16=device.type == "cuda", compile=False, pool_clips=pool_clips)
         entry["compile_checked"] = compiled
-        result = speedrun.start(options, resume=False, say=say)
+        result = speedrun.start(options, resume=False, say=progress)
         entry.update(ok=result.stopped_in is None, state=result.state)
     except Exception as err:  # recorded, and the checks' results still come back
         entry.update(ok=False, error=f"{type(err).__name__}: {err}".splitlines()[0],
