@@ -23,17 +23,17 @@ if TYPE_CHECKING:  # the model stack (torch, transformers) loads only when a com
 
 
 
-def _shipped_model_dir() -> Path:
-    """``assets/default``: the package data of ``worldloop.assets`` when installed, the repository's folder
+def shipped_asset(name: str) -> Path:
+    """``assets/NAME``: the package data of ``worldloop.assets`` when installed, the repository's folder
     in an editable install (``pyproject.toml`` maps ``worldloop.assets`` to ``assets/``)."""
     spec = importlib.util.find_spec("worldloop.assets")
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / "default").is_dir():
-            return Path(folder) / "default"
-    return Path(__file__).resolve().parent.parent / "assets" / "default"  # the same place, by layout
+        if (Path(folder) / name).is_dir():
+            return Path(folder) / name
+    return Path(__file__).resolve().parent.parent / "assets" / name  # the same place, by layout
 
 
-DEFAULT_MODEL_DIR = _shipped_model_dir()
+DEFAULT_MODEL_DIR = shipped_asset("default")
 FALLBACK_PRESET = "default"
 
 

@@ -4,7 +4,8 @@ Reports frames/s and tokens/s of the training iteration, its FLOPs (counted with
 on one iteration: matmuls, convolutions and attention) and the model FLOP utilisation against the matmul
 throughput measured on the same device (and against ``--peak-tflops`` when given). Separately: the
 autoencoder encode of the clips, the prompt encoder, and the built-in world's clip generation (frames/s),
-so it is visible which of them bounds a run.
+so it is visible which of them bounds a run. ``frames_per_cpu_s`` divides by process CPU time (all threads;
+the warm-up iterations included), the currency of the training loop's ``--cpu-minutes`` budget.
 
     python benchmarks/train_throughput.py                        # CPU, default preset
     python benchmarks/train_throughput.py --threads 1 --batch-size 4
@@ -103,14 +104,17 @@ def main() -> None:
 
     def iteration() -> None:
         with autocast(device, bf16):
-            loss = model(x0, keys, tokens, mask, draws)
+            loss = model(x0, keys, tokens, mask, draws).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    cpu_start = time.process_time()
     seconds = timed(iteration, device, args.iterations, warmup=2 if args.compile else 1)
+    warm = 2 if args.compile else 1
+    cpu_per_iteration = (time.process_time() - cpu_start) / (args.iterations + warm)  # warm-up included
     # eager, fp32: the count does not depend on precision or compilation
-    flops = iteration_flops(lambda: loss_module(x0, keys, tokens, mask, draws).backward())
+    flops = iteration_flops(lambda: loss_module(x0, keys, tokens, mask, draws).mean().backward())
     reference = matmul_tflops(device, bf16)
     achieved = flops / seconds / 1e12
     sequence = frames if config.dit.bidirectional else 2 * frames  # [clean | noisy] in teacher forcing
@@ -121,6 +125,8 @@ def main() -> None:
         "bf16": bf16, "compile": args.compile,
         "dit_parameters_m": sum(q.numel() for q in dit.parameters()) / 1e6,
         "iteration_ms": seconds * 1e3, "frames_per_s": b * frames / seconds,
+        # process CPU time: what a --cpu-minutes budget pays; steady under a busy machine, unlike wall time
+        "frames_per_cpu_s": b * frames / cpu_per_iteration,
         "tokens_per_s": b * sequence * config.tokens_per_frame / seconds,
         "iteration_gflop": flops / 1e9, "achieved_tflops": achieved, "matmul_tflops_measured": reference,
         "mfu_vs_measured_matmul": achieved / reference,

@@ -64,12 +64,20 @@ class DiTConfig:
     slack: int = 2  # extra cache slots for speculative frames
     bidirectional: bool = False  # full attention inside a clip (distillation teacher only)
     rope_theta: float = 10_000.0
+    # What the final layer outputs: "v" (velocity ε − x0), "x0" (the clean frame), or "delta" (the clean frame
+    # minus the previous frame's latent: the model starts out copying the last frame and learns the change).
+    prediction: str = "v"
+    aux_heads: bool = False  # training-only heads on the last hidden states: per-column depth, camera motion
 
     def __post_init__(self) -> None:
         if self.dim % self.heads or (self.dim // self.heads) % 8:
             raise ValueError(f"dit.dim / dit.heads must be a multiple of 8, got {self.dim}/{self.heads}")
         if self.window < 1 or self.sink < 0 or self.slack < 0:
             raise ValueError("dit.window must be >= 1 and dit.sink, dit.slack >= 0")
+        if self.prediction not in ("v", "x0", "delta"):
+            raise ValueError(f"dit.prediction must be 'v', 'x0' or 'delta', got {self.prediction!r}")
+        if self.prediction == "delta" and self.bidirectional:
+            raise ValueError("dit.prediction 'delta' needs a causal DiT (a previous frame to add to)")
 
     @property
     def head_dim(self) -> int:
@@ -182,10 +190,13 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # f4 × 8 channels (32×32×8 latents, 4×4 patches → 64 tokens per frame): in equal CPU time it
     # reconstructed held-out frames 1.5–2.5 dB better than f8 × 8/16 (docs/autoencoder.md).
+    # The DiT outputs the change from the previous frame ("delta") and plays with generated frames re-noised
+    # to σ 0.3 in the cache (it trains on context noise up to 0.7): docs/training-recipe.md.
     "default": ModelConfig(
         name="default",
         vae=VAEConfig(latent_channels=8, downsample=4, encoder_channels=(48, 96), decoder_channels=(96, 48)),
-        dit=DiTConfig(patch_size=4),
+        dit=DiTConfig(patch_size=4, prediction="delta"),
+        sampling=SamplingConfig(context_sigma=0.3),
     ),
     "large": ModelConfig(
         name="large",

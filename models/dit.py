@@ -27,7 +27,9 @@ Architectural choices, in the order the code below follows them:
    so it computes exactly what the cached rollout computes. ``bidirectional`` configs (a distillation teacher)
    use full attention inside a clip. Training masks are built once per shape: SDPA with a boolean mask on CPU,
    flex-attention block masks on CUDA.
-6. Final layer: adaLN + a zero-initialised linear map back to patches; the output is the velocity v = ε - x0.
+6. Final layer: adaLN + a zero-initialised linear map back to patches. It outputs the velocity v = ε - x0, or
+   with ``prediction = "x0"`` the clean frame, which ``velocity`` turns into v = (x_σ - x0)/σ: callers always
+   get v.
 7. Inference (``forward_cached``) runs only new frames against a ``KVCache`` view, with a small additive mask
    from the same rule. One forward can carry the previous frame (clean; its K/V are returned for the cache)
    and the new noisy frame: the cache pass fused into the next frame's forward. The last layer computes
@@ -71,6 +73,24 @@ def unpatchify(x: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
     b = x.shape[0]
     x = x.reshape(b, -1, h // p, w // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, F, C, h/p, p, w/p, p)
     return x.reshape(b, -1, c, h, w)
+
+
+AUX_MOTION = 3  # camera motion the auxiliary head predicts per frame: forward, strafe, turn
+MIN_SIGMA = 1e-4  # x0 prediction → velocity divides by σ; training and sampling never go below this
+
+
+def velocity(out: Tensor, x: Tensor, sigma: Tensor, prediction: str, previous: Tensor | None = None
+             ) -> Tensor:
+    """The network's output (B, F, C, h, w) as a velocity: itself for ``"v"``; (x_σ − x0)/σ with x0 the output
+    (``"x0"``) or ``previous`` (B, F, C, h, w: each frame's previous frame) plus the output (``"delta"``)."""
+    if prediction == "v":
+        return out
+    if prediction == "delta":
+        if previous is None:
+            raise ValueError("a delta-predicting DiT needs the previous frames")
+        out = out + previous.float()
+    s = sigma.float().clamp_min(MIN_SIGMA).reshape(*sigma.shape, 1, 1, 1)
+    return (x.float() - out) / s
 
 
 def sinusoid(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -286,6 +306,14 @@ class FinalLayer(nn.Module):
 
 
 @dataclass
+class Aux:
+    """Auxiliary predictions per noisy frame: log depth per token column (B, F, w/p), motion (B, F, 3)."""
+
+    depth: Tensor
+    motion: Tensor
+
+
+@dataclass
 class CachedOutput:
     """Result of ``DiT.forward_cached``: v for the noisy frames (B, Fn, C, h, w) and, for the context frames,
     the per-layer K/V to write into the cache, (depth, B, H, Fc·N, Dh) each (None when there are no context
@@ -316,6 +344,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.dim, self.latent_channels * p * p)
         grid = (self.latent_size[0] // p, self.latent_size[1] // p)
+        # Training-only auxiliary heads (``aux_heads``): per token, log depth and camera motion (3), read out
+        # as per-column depth and per-frame motion; inference never runs them.
+        self.aux = nn.Linear(cfg.dim, 1 + AUX_MOTION) if cfg.aux_heads else None
         self.rotary = Rotary(cfg.head_dim, grid, cfg.rope_theta)
         # Training attention kernel: None = flex-attention block masks on CUDA, SDPA + boolean mask elsewhere.
         self.attention_kernel: str | None = None
@@ -379,15 +410,21 @@ class DiT(nn.Module):
     # -- training / full-clip forward ----------------------------------------------------------------------
 
     def forward(self, x: Tensor, sigma: Tensor, keys: Tensor, prompt: PromptKV, context: Tensor | None = None,
-                context_sigma: Tensor | None = None) -> Tensor:
+                context_sigma: Tensor | None = None, return_aux: bool = False) -> Tensor | tuple[Tensor, Aux]:
         """Velocity prediction for a clip of noisy frames x (B, F, C, h, w) at per-frame σ (B, F).
 
         Teacher forcing: ``context`` holds the clean frames (B, F, C, h, w) (at ``context_sigma``, default 0);
         the sequence is [context | x] with the causal window+sink mask. Without context a causal model attends
         block-causally among the given frames (diffusion forcing); a bidirectional model attends fully.
+        ``return_aux`` (a DiT with ``aux_heads``) also returns the auxiliary predictions of the noisy frames.
         """
         b, f = x.shape[:2]
         n = self.tokens
+        noisy_x, noisy_sigma, previous = x, sigma, None
+        if self.cfg.prediction == "delta":  # frame i adds to context frame i − 1 (nothing before frame 0)
+            if context is None:
+                raise ValueError("a delta-predicting DiT needs context frames (teacher forcing)")
+            previous = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
         if context is not None:
             if self.cfg.bidirectional:
                 raise ValueError("a bidirectional DiT takes no clean context frames")
@@ -409,7 +446,15 @@ class DiT(nn.Module):
             h = blk(h, mod, (prompt.k[i], prompt.v[i], pbias), rope, attend, n)
         noisy = slice((g - f) * n, g * n)
         out = self.final(h[:, noisy], cond[:, g - f:], n)
-        return unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
+        out = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
+        v = velocity(out, noisy_x, noisy_sigma, self.cfg.prediction, previous)
+        if not return_aux:
+            return v
+        if self.aux is None:
+            raise ValueError("this DiT has no auxiliary heads (dit.aux_heads is off)")
+        p = self.cfg.patch_size
+        a = self.aux(h[:, noisy]).float().view(b, f, self.latent_size[0] // p, self.latent_size[1] // p, -1)
+        return v, Aux(depth=a[..., 0].mean(2), motion=a[..., 1:].mean((2, 3)))
 
     def _training_attention(self, frames: int, has_context: bool, device: torch.device) -> AttentionFn:
         """Attention for the full sequence; the mask is built once per (frames, context, device)."""
@@ -492,6 +537,16 @@ class DiT(nn.Module):
         if context < g:
             out = self.final(h, cond[:, context:], n)
             out_v = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
+            previous = None
+            if self.cfg.prediction == "delta":  # the frame before: in this call, or cached
+                before = cache.previous.to(x.dtype)
+                if context:
+                    given = present[:, context - 1].view(-1, 1, 1, 1)
+                    before = torch.where(given, x[:, context - 1], before)
+                if g - context != 1:
+                    raise ValueError("a delta-predicting DiT makes one noisy frame per cached forward")
+                previous = before[:, None]
+            out_v = velocity(out_v, x[:, context:], sigma[:, context:], self.cfg.prediction, previous)
         if context == 0:
             return CachedOutput(out_v, None, None)
         return CachedOutput(out_v, torch.stack(new_k), torch.stack(new_v))

@@ -48,6 +48,7 @@ class CacheView:
     valid: Tensor
     sink: Tensor
     prompt: PromptKV
+    previous: Tensor
 
     def layer(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
         """Layer i's cached k and v as lists of (B, H, L, Dh) pieces, to concatenate with new ones."""
@@ -219,6 +220,9 @@ class KVCache:
         else:
             sel = torch.as_tensor(slots, device=self.device)
         frames = self.frames[sel].clone()  # bookkeeping as of now; k/v are live views of the buffers
+        newest = frames.argmax(dim=1)
+        rows = torch.arange(len(frames), device=self.device)
+        previous = self.latents[sel][rows, newest] * (frames.max(dim=1).values >= 0).view(-1, 1, 1, 1)
         k, v = self.k[:, sel], self.v[:, sel]
         prompt = PromptKV(self.prompt_k[:, sel], self.prompt_v[:, sel], self.prompt_mask[sel])
         sink = self._is_sink_slot.expand_as(frames)
@@ -233,7 +237,7 @@ class KVCache:
                 runs = tuple(slice(a * n, b * n) for a, b in zip(starts, ends, strict=True))
                 frames, sink = frames[:, cols], sink[:, cols]
         valid = frames >= 0
-        return CacheView(k, v, runs, frames, valid, valid & sink, prompt)
+        return CacheView(k, v, runs, frames, valid, valid & sink, prompt, previous)
 
     def stored_frames(self, slot: int, speculative: bool | None = None) -> list[int]:
         """A slot's stored frame indices, oldest first (only speculative / only committed ones if given)."""

@@ -6,6 +6,8 @@ order and in applying spatial and temporal rotary phase in one or two rotations)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -82,10 +84,13 @@ def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool,
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("fused", "prediction"), [(True, "v"), (False, "v"), (True, "x0"), (True, "delta"),
+                                                    (False, "delta")])
 def test_cached_rollout_equals_teacher_forcing_beyond_the_window(
-    tiny_config: ModelConfig, fused: bool
+    tiny_config: ModelConfig, fused: bool, prediction: str
 ) -> None:
+    """Also for x0 and delta outputs: a delta DiT adds to the frame before (in the call or the cache)."""
+    tiny_config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=prediction))
     model = perturbed(tiny_config)
     frames = tiny_config.dit.sink + tiny_config.dit.window + 4  # eviction is in effect for the last frames
     data = clip(tiny_config, batch=2, frames=frames)

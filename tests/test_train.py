@@ -92,7 +92,9 @@ def test_bidirectional_teacher_loss_trains() -> None:
     keys = torch.randint(0, 2, (2, 3, 6)).float()
     tokens, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.bool)
     draws = draw(TeacherObjective(), x0.shape, torch.Generator().manual_seed(0), torch.device("cpu"))
-    loss = loss_module(x0, keys, tokens, mask, draws)
+    frame_loss = loss_module(x0, keys, tokens, mask, draws)
+    assert frame_loss.shape == (2, 3)
+    loss = frame_loss.mean()
     loss.backward()
     assert math.isfinite(loss.item()) and loss_module.dit.final.linear.weight.grad.abs().sum() > 0
 

@@ -6,6 +6,8 @@ another order). Same-session reproductions (seed, snapshot/restore) are exact.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -28,9 +30,12 @@ def make_model(config: ModelConfig, encoder: PromptEncoder, **kwargs: object) ->
     return wm
 
 
-@pytest.fixture(scope="module")
-def wm(prompt_encoder: PromptEncoder, tiny_config: ModelConfig) -> WorldModel:
-    return make_model(tiny_config, prompt_encoder, max_sessions=8)
+@pytest.fixture(scope="module", params=["v", "delta"])
+def wm(request: pytest.FixtureRequest, prompt_encoder: PromptEncoder, tiny_config: ModelConfig) -> WorldModel:
+    """Every test runs on a velocity DiT and on a delta DiT (x0 = the previous frame + its output), whose
+    previous frame comes from the fused call or from the cache."""
+    config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=request.param))
+    return make_model(config, prompt_encoder, max_sessions=8)
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def _common_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off for CPU)")
+                   help="bf16 autocast (default: on for CUDA and for CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (cd)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--log-every", type=int, default=10)

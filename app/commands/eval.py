@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from worldloop.app.errors import UserError, user_input
+from worldloop.app.loading import shipped_asset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,8 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(encode → decode of held-out frames)")
     p.add_argument("--steps", default="", help="denoising steps, comma-separated (default: each model's own)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
-    p.add_argument("--idm", type=Path, default=Path("runs/idm"), help="inverse-dynamics model directory")
-    p.add_argument("--classifier", type=Path, default=Path("runs/classifier"), help="theme classifier")
+    p.add_argument("--idm", type=Path, default=shipped_asset("evaluators/idm"),
+                   help="inverse-dynamics model directory (default: the shipped one, 128×128 frames)")
+    p.add_argument("--classifier", type=Path, default=shipped_asset("evaluators/classifier"),
+                   help="theme classifier directory (default: the shipped one, 128×128 frames)")
     p.add_argument("--episodes", type=int, default=8, help="held-out worlds")
     p.add_argument("--horizons", default="1,4,16,64", help="frames after the context, comma-separated")
     p.add_argument("--context-frames", type=int, default=0,

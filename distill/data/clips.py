@@ -48,9 +48,15 @@ class ClipBatch:
     keys: torch.Tensor  # long (B, F) key bitmasks; keys[:, i] produced frame i
     prompts: list[str]  # (B,) one prompt per clip
     themes: torch.Tensor  # long (B,) index into distill.world.themes.THEMES
+    poses: torch.Tensor | None = None  # float (B, F, 3) camera x, y (tiles), heading (radians) per frame
+    depths: torch.Tensor | None = None  # float (B, F, D) wall distance through D screen columns per frame
 
     def to(self, device: torch.device) -> ClipBatch:
-        return ClipBatch(self.frames.to(device), self.keys.to(device), self.prompts, self.themes.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return ClipBatch(self.frames.to(device), self.keys.to(device), self.prompts, self.themes.to(device),
+                         move(self.poses), move(self.depths))
 
 
 class ClipSource(Protocol):
@@ -82,16 +88,20 @@ class WorldClips:
     """Clips of fresh built-in worlds, generated on ``device``; see the module docstring."""
 
     def __init__(self, height: int, width: int, frames: int, device: torch.device | str = "cpu", *,
-                 seed: int = 0, rank: int = 0, held_out: bool = False, random_keys: float = 0.0) -> None:
+                 seed: int = 0, rank: int = 0, held_out: bool = False, random_keys: float = 0.0,
+                 key_hold: int = 1, depth_columns: int = 0) -> None:
         if frames < 1:
             raise ValueError(f"clips need at least one frame, got {frames}")
         if not 0.0 <= random_keys <= 1.0:
             raise ValueError(f"random_keys must be a probability, got {random_keys}")
+        if key_hold < 1:
+            raise ValueError(f"key_hold must be at least 1, got {key_hold}")
         self.scale = render_scale(height, width)
         self.height, self.width, self.frames = height, width, frames
         self.device = torch.device(device)
         self.seed, self.rank, self.held_out = seed, rank, held_out
-        self.random_keys = random_keys
+        self.random_keys, self.key_hold = random_keys, key_hold
+        self.depth_columns = depth_columns  # > 0: clips carry poses and per-column depths (auxiliary targets)
 
     def seeds(self, step: int, size: int) -> torch.Tensor:
         """World seeds of a step's clips (B,): hashed below HELD_OUT_SEED_START, or consecutive held-out."""
@@ -109,21 +119,36 @@ class WorldClips:
         explorer = Explorer(world.seeds)
         keys = torch.zeros(size, dtype=torch.long, device=self.device)
         frames, clip_keys = [world.render()], [keys]
-        for _ in range(self.frames - 1):
-            keys = self._perturb(explorer.act(world), g)
+        poses, depths = [], []
+        held, left = torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.long)
+        for i in range(self.frames):
+            if self.depth_columns:
+                poses.append(world.poses.float())
+                depths.append(world.column_depths(self.depth_columns).float())
+            if i == self.frames - 1:
+                break
+            keys, held, left = self._perturb(explorer.act(world), held, left, g)
             frames.append(world.next_frame(keys))
             clip_keys.append(keys)
         video = downsample(torch.stack(frames, 1).flatten(0, 1), self.scale)
         themes = torch.tensor([THEMES.index(p.theme) for p in world.params], device=self.device)
         return ClipBatch(video.view(size, self.frames, self.height, self.width, 3), torch.stack(clip_keys, 1),
-                         list(world.prompts), themes)
+                         list(world.prompts), themes, torch.stack(poses, 1) if poses else None,
+                         torch.stack(depths, 1) if depths else None)
 
-    def _perturb(self, keys: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """With probability ``random_keys`` per clip and frame, hold a random key state instead."""
+    def _perturb(self, keys: torch.Tensor, held: torch.Tensor, left: torch.Tensor, g: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per clip and frame, with probability ``random_keys`` start holding a random key state for 1 to
+        ``key_hold`` frames (uniform); while one is held it replaces the explorer's keys. ``held``/``left``
+        (B,) carry the held state and frames left between calls; returns (keys, held, left)."""
         if self.random_keys == 0.0:
-            return keys
-        swap = (torch.rand(keys.shape, generator=g) < self.random_keys).to(keys.device)
-        return torch.where(swap, sample_keys(keys.shape[0], g).to(keys.device), keys)
+            return keys, held, left
+        n = keys.shape[0]
+        start = (torch.rand(n, generator=g) < self.random_keys) & (left == 0)
+        held = torch.where(start, sample_keys(n, g), held)
+        left = torch.where(start, torch.randint(1, self.key_hold + 1, (n,), generator=g), left)
+        use = (left > 0).to(keys.device)
+        return torch.where(use, held.to(keys.device), keys), held, (left - 1).clamp_min(0)
 
 
 def sample_keys(n: int, g: torch.Generator) -> torch.Tensor:
@@ -199,11 +224,18 @@ class ClipPool:
         g = torch.Generator().manual_seed(int(hash32(torch.tensor(self.seed), self.rank, step, 11)))
         picks = torch.randint(0, self.chunks * self.chunk, (size,), generator=g).tolist()
         starts = torch.randint(0, self.source.frames - self.frames + 1, (size,), generator=g).tolist()
-        out = [(pool[i // self.chunk], i % self.chunk, s) for i, s in zip(picks, starts, strict=True)]
-        window = [slice(s, s + self.frames) for _, _, s in out]
-        return ClipBatch(torch.stack([c.frames[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
-                         torch.stack([c.keys[i, w] for (c, i, _), w in zip(out, window, strict=True)]),
-                         [c.prompts[i] for c, i, _ in out], torch.stack([c.themes[i] for c, i, _ in out]))
+        out = [(pool[i // self.chunk], i % self.chunk, slice(s, s + self.frames))
+               for i, s in zip(picks, starts, strict=True)]
+
+        def windows(field: str) -> torch.Tensor | None:
+            if getattr(out[0][0], field) is None:
+                return None
+            return torch.stack([getattr(c, field)[i, w] for c, i, w in out])
+
+        frames, keys = windows("frames"), windows("keys")
+        assert frames is not None and keys is not None
+        return ClipBatch(frames, keys, [c.prompts[i] for c, i, _ in out],
+                         torch.stack([c.themes[i] for c, i, _ in out]), windows("poses"), windows("depths"))
 
 
 class EpisodeClips:

@@ -43,6 +43,7 @@ from worldloop.distill.eval.evaluators import (
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.themes import THEMES, describe, sample_params
+from worldloop.models.keys import NUM_KEYS
 from worldloop.models.media import write_video
 from worldloop.models.text import PromptEncoder
 from worldloop.models.world_model import Session, WorldModel
@@ -447,3 +448,45 @@ def _psnr_cell(h: dict[str, Any]) -> str:
         return f"{h['psnr']:.2f}"
     se = "" if h.get("psnr_gain_se") is None else f" ± {h['psnr_gain_se']:.2f}"
     return f"{h['psnr']:.2f} ({h['psnr_gain']:+.2f}{se})"
+
+
+def quick_eval(path: Path, *, steps: int | None, idm: EvaluatorNet | None, classifier: EvaluatorNet | None,
+               episodes: int = 8, horizons: tuple[int, ...] = (1, 4, 16), switch_frames: int = 16,
+               seed: int = 0, device: torch.device | str = "cpu", context_sigma: float | None = None,
+               prompt_encoder: PromptEncoder | None = None, picture: Path | None = None) -> dict[str, Any]:
+    """The fixed short evaluation of the learning-speed benchmark, as one flat dict: PSNR and sharpness ratio
+    at each horizon with copy-last beside them, key accuracy (per key and exact) with the always-no-key and
+    majority rates beside it, prompt adherence after a switch. The same held-out worlds as ``worldloop eval``
+    (engine context, then the engine's keys), without the drift rollout."""
+    device = torch.device(device)
+    wm = WorldModel.from_pretrained(path, steps=steps, device=device, prompt_encoder=prompt_encoder,
+                                    max_sessions=episodes, context_sigma=context_sigma)
+    context_frames = context_length(wm, 0)
+    horizon = max(horizons)
+    clips = engine_clips(*wm.frame_shape, episodes, context_frames + horizon + switch_frames, seed, device)
+    sessions, generated = rollout_from_engine(wm, clips, context_frames, horizon, seed)
+    engine = clips.frames[:, context_frames: context_frames + horizon]
+    last = clips.frames[:, context_frames - 1]
+    out: dict[str, Any] = {"steps": wm.steps}
+    for h, m in horizon_metrics(generated, engine, last, horizons).items():
+        out |= {f"psnr_h{h}": m["psnr"], f"copy_last_psnr_h{h}": m["copy_last_psnr"],
+                f"sharpness_h{h}": m["sharpness_ratio"]}
+    if picture is not None:
+        shown = [h - 1 for h in horizons]
+        rows = [np.concatenate([np.concatenate([engine[i, t], generated[i, t]], 1) for t in shown], 1)
+                for i in range(min(4, episodes))]
+        save_png(picture, np.concatenate(rows, 0))
+    made_with = clips.keys[:, context_frames: context_frames + horizon]
+    bits = (torch.from_numpy(made_with).reshape(-1, 1).long() >> torch.arange(NUM_KEYS)) & 1
+    out["no_key_rate_per_key"] = float(1 - bits.float().mean())
+    if idm is not None:
+        keys = idm_metrics(idm, generated, engine, last, made_with)
+        out |= {"key_per_key": keys["model"]["per_key"], "key_exact": keys["model"]["exact"],
+                "key_chance_per_key": keys["model"]["chance_per_key"],
+                "engine_key_per_key": keys["engine"]["per_key"], "engine_key_exact": keys["engine"]["exact"]}
+    switch, _ = prompt_switch(wm, sessions, classifier, clips, context_frames + horizon, switch_frames,
+                              generated)
+    out["prompt_adherence"] = switch.get("adherence")
+    for s in sessions:
+        wm.close_session(s)
+    return out

@@ -155,6 +155,11 @@ def prepare_run(cfg: TrainConfig, settings: dict[str, Any], resume: bool, ddp: D
     return run
 
 
+def snapshot_dir(run: RunDir, minutes: float) -> Path:
+    """Where the snapshot taken after ``minutes`` of process CPU time goes: ``snapshots/cpu0010.000``."""
+    return run.root / "snapshots" / f"cpu{minutes:08.3f}"
+
+
 def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resume: bool) -> TrainResult:
     """Run ``stage`` from its checkpoint (``resume``) or from iteration 0 up to ``cfg.iterations``, or until
     ``cfg.cpu_minutes`` of process CPU time or ``cfg.minutes`` of wall-clock time are spent (then it saves and
@@ -177,14 +182,19 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
 
     cpu_start, wall_start = cpu_seconds(), time.monotonic()
 
+    def cpu_minutes() -> float:  # process CPU time since the run (re)started
+        return (cpu_seconds() - cpu_start) / 60
+
     def stop_reason() -> str | None:
         if stop.requested:
             return "signal"
-        if cfg.cpu_minutes > 0 and cpu_seconds() - cpu_start >= 60 * cfg.cpu_minutes:
+        if cfg.cpu_minutes > 0 and cpu_minutes() >= cfg.cpu_minutes:
             return "cpu_minutes"  # recipes compared at equal CPU minutes, not iterations
         if cfg.minutes > 0 and time.monotonic() - wall_start >= 60 * cfg.minutes:
             return "minutes"  # a wall-clock budget: a GPU lease, a speedrun's share
         return None
+
+    snapshots = 0  # model snapshots every cfg.snapshot_minutes of CPU time (learning curves per CPU minute)
 
     stopped: str | None = None
     with StopSignal() as stop:
@@ -203,14 +213,20 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
                 record = {k: float(v) for k, v in done.record.items()}
                 log.write(iteration=iteration, **record, frames_per_s=progress.rate(),
                           seconds_per_iteration=progress.seconds_per_iteration(),
-                          data_share=progress.data_share())
+                          data_share=progress.data_share(), cpu_minutes=round(cpu_minutes(), 3))
                 progress.reset_rate()
             if iteration % cfg.checkpoint_every == 0:
                 save()
             if ddp.is_main and cfg.sample_every and iteration % cfg.sample_every == 0:
                 stage.samples(iteration, batch, run)
+            due = cfg.snapshot_minutes and cpu_minutes() >= (snapshots + 1) * cfg.snapshot_minutes
+            if ddp.is_main and due:
+                snapshots += 1
+                stage.export(iteration, snapshot_dir(run, snapshots * cfg.snapshot_minutes))
     progress.close()
     save()
+    if ddp.is_main and cfg.snapshot_minutes and cpu_minutes() > snapshots * cfg.snapshot_minutes:
+        stage.export(iteration, snapshot_dir(run, cpu_minutes()))  # the end point of the learning curve
     if ddp.is_main and not stage.export_at_checkpoints:
         stage.export(iteration, run.model)
     return TrainResult(run.model, iteration, stage.trained, stopped)

@@ -64,6 +64,32 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tens
     return (per_frame * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def frame_losses(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                 target: str = "v") -> torch.Tensor:
+    """Per-frame mean squared error (B, F) in float32, of the velocity (``target="v"``) or of the clean frame
+    it implies (``"x0"``: x̂0 = x_σ − σ·v, so the error is σ·(v − v*) and the loss σ²·‖v − v*‖²)."""
+    err = (v_pred.float() - velocity_target(x0.float(), noise.float())).square().flatten(2).mean(-1)
+    if target == "v":
+        return err
+    if target == "x0":
+        return err * sigma.float().square()
+    raise ValueError(f"unknown loss target {target!r} (v or x0)")
+
+
+def key_change_split(frame_loss: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-frame loss (B, F) over frames whose keys (B, F, K) differ from the frame before, and over
+    frames whose keys stayed the same (the first frame of a clip has no before and counts in neither);
+    NaN where no frame falls in a group. Where the model ignores the keys and extrapolates motion, the first
+    group's loss stays above the second's."""
+    changed = (keys[:, 1:] != keys[:, :-1]).any(-1)
+    later = frame_loss[:, 1:].detach()
+
+    def mean(mask: torch.Tensor) -> torch.Tensor:
+        return later[mask].mean() if bool(mask.any()) else torch.tensor(float("nan"))
+
+    return mean(changed), mean(~changed)
+
+
 def dropout_mask(batch: int, p: float, *, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (batch,): True where a sample's condition is dropped (replaced by the null condition)."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from worldloop.distill.data.clips import ClipPool, ClipSource, EpisodeClips, WorldClips
+from worldloop.distill.data.clips import ClipBatch, ClipPool, ClipSource, EpisodeClips, WorldClips
 from worldloop.distill.stages.run import RunError
 from worldloop.distill.stages.runtime import TrainConfig
 from worldloop.models import checkpoint
@@ -26,7 +26,7 @@ from worldloop.models.vae import LatentAutoencoder, to_unit
 
 
 def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,
-                     random_keys: float = 0.0) -> ClipSource:
+                     random_keys: float = 0.0, key_hold: int = 1, depth_columns: int = 0) -> ClipSource:
     """The training data of a run: recorded episodes (``cfg.episodes``), else the built-in world.
 
     World clips are pooled (``cfg.pool_clips``, default 256 on the CPU, 4096 on a GPU): building a world
@@ -37,9 +37,10 @@ def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device
     pool = cfg.pool_clips if cfg.pool_clips >= 0 else (256 if device.type == "cpu" else 4096)
     if pool == 0:
         return WorldClips(config.height, config.width, frames, device, seed=cfg.seed, rank=rank,
-                          random_keys=random_keys)
+                          random_keys=random_keys, key_hold=key_hold,
+                          depth_columns=depth_columns)
     source = WorldClips(config.height, config.width, max(2 * frames, 16), device, seed=cfg.seed, rank=rank,
-                        random_keys=random_keys)
+                        random_keys=random_keys, key_hold=key_hold, depth_columns=depth_columns)
     return ClipPool(source, pool, frames, chunk=max(32, pool // 8), refresh_every=cfg.pool_refresh,
                     seed=cfg.seed, rank=rank)
 
@@ -47,7 +48,12 @@ def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device
 def clip_inputs(clips: ClipSource, vae: LatentAutoencoder, encoder: PromptEncoder, iteration: int, size: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
     """An iteration's clips as latents (B, F, C, h, w), multi-hot keys (B, F, K) and prompt embeddings."""
-    batch = clips.batch(iteration, size).to(device)
+    return batch_inputs(clips.batch(iteration, size).to(device), vae, encoder, device)
+
+
+def batch_inputs(batch: ClipBatch, vae: LatentAutoencoder, encoder: PromptEncoder, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
+    """A batch of clips as latents (B, F, C, h, w), multi-hot keys (B, F, K) and prompt embeddings."""
     prompt = encoder.encode(batch.prompts).to(device)
     return encode_clips(vae, batch.frames), keys_to_tensor(batch.keys, device=device), prompt
 

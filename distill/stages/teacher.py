@@ -10,7 +10,9 @@ mask, so noisy frame i sees the clean frames before it — what the cached rollo
    the DiT is told σ_c), so the model learns to tolerate the small errors of its own past frames.
 4. Condition dropout: keys per frame and the prompt per clip are replaced by the null condition with
    probabilities ``key_dropout``/``prompt_dropout`` (for classifier-free guidance and a null condition).
-5. Loss: ``losses.flow_matching_loss(v, x0, ε)``, target v = ε − x0.
+5. Loss: the per-frame flow-matching error (``losses.frame_losses``), target v = ε − x0; for an x0-predicting
+   DiT (``dit.prediction = "x0"``) the error of the clean frame it implies (σ²-weighted). The log splits it
+   into frames right after a key change and the rest (``loss_key_change`` / ``loss_key_steady``).
 
 A ``bidirectional`` DiT (config flag, ``--bidirectional``; a distillation teacher) has no clean context: the
 whole clip is noisy at per-frame σ under full attention.
@@ -21,6 +23,7 @@ whole clip is noisy at per-frame σ under full attention.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +38,11 @@ from worldloop.distill.stages import losses
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult
-from worldloop.distill.stages.shared import clip_inputs, load_vae, make_clip_source
+from worldloop.distill.stages.shared import batch_inputs, load_vae, make_clip_source
+from worldloop.distill.world.engine import WorldConfig
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT, drop_keys
+from worldloop.models.dit import Aux, DiT, drop_keys
 from worldloop.models.media import write_video
 from worldloop.models.sampling import add_noise
 from worldloop.models.text import PromptEmbedding, PromptEncoder
@@ -53,12 +57,23 @@ class TeacherObjective:
     shift: float = 3.0  # timestep shift of the training noise levels (the sampler's is config.sampling.shift)
     sigma_mean: float = 0.0  # logit-normal location
     sigma_std: float = 1.0  # logit-normal scale
-    context_noise: float = 0.1  # clean context is re-noised to σ_c ~ U(0, context_noise)
+    context_noise: float = 0.7  # clean context is re-noised to σ_c ~ U(0, context_noise)
     key_dropout: float = 0.1  # per frame
     prompt_dropout: float = 0.1  # per clip
     random_keys: float = 0.1  # data: fraction of frames whose keys are random instead of the explorer's
+    key_hold: int = 1  # data: a random key state, once drawn, is held for 1..key_hold frames
+    depth_weight: float = 0.0  # auxiliary loss: log depth per token column, from the engine (needs aux_heads)
+    motion_weight: float = 0.0  # auxiliary loss: camera motion since the last frame, from the engine's poses
+
+    @property
+    def auxiliary(self) -> bool:
+        return self.depth_weight > 0 or self.motion_weight > 0
 
     def __post_init__(self) -> None:
+        if self.key_hold < 1:
+            raise ValueError(f"--key-hold must be at least 1, got {self.key_hold}")
+        if self.depth_weight < 0 or self.motion_weight < 0:
+            raise ValueError("--depth-weight and --motion-weight must be ≥ 0")
         for name in ("context_noise", "key_dropout", "prompt_dropout", "random_keys"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -94,25 +109,77 @@ def draw(objective: TeacherObjective, shape: torch.Size, generator: torch.Genera
     return TeacherDraws(sigma, noise, context_sigma, context_eps, drop_keys, drop_prompt)
 
 
+@dataclass
+class AuxTargets:
+    """The engine's truth for the auxiliary heads: log depth per token column (B, F, w/p); camera motion
+    (B, F, 3) from the frame before, in its camera frame and in units of one frame's full move/turn; and
+    ``valid`` (B, F), False for the first frame of a clip (no frame before it)."""
+
+    depth: torch.Tensor
+    motion: torch.Tensor
+    valid: torch.Tensor
+
+
+def aux_targets(poses: torch.Tensor, depths: torch.Tensor) -> AuxTargets:
+    """Targets from a clip's poses (B, F, 3: x, y, heading) and column depths (B, F, D)."""
+    world = WorldConfig()
+    step = poses[:, 1:, :2] - poses[:, :-1, :2]
+    heading = poses[:, :-1, 2]
+    cos, sin = torch.cos(heading), torch.sin(heading)
+    forward = (step[..., 0] * cos + step[..., 1] * sin) / world.move_speed
+    strafe = (-step[..., 0] * sin + step[..., 1] * cos) / world.move_speed
+    turn = torch.remainder(poses[:, 1:, 2] - heading + math.pi, 2 * math.pi) - math.pi
+    motion = torch.stack([forward, strafe, turn / world.turn_rate], -1)
+    motion = torch.cat([torch.zeros_like(motion[:, :1]), motion], 1)
+    valid = torch.ones(poses.shape[:2], dtype=torch.bool, device=poses.device)
+    valid[:, 0] = False
+    return AuxTargets(depths.clamp_min(1e-2).log(), motion, valid)
+
+
+def aux_loss(aux: Aux, target: AuxTargets, objective: TeacherObjective) -> torch.Tensor:
+    """Weighted mean squared errors of the auxiliary heads (depth on every frame, motion where valid)."""
+    depth = (aux.depth - target.depth).square().mean()
+    motion = (aux.motion - target.motion).square().mean(-1)
+    motion = (motion * target.valid).sum() / target.valid.sum().clamp_min(1)
+    return objective.depth_weight * depth + objective.motion_weight * motion
+
+
 class TeacherLoss(nn.Module):
     """The teacher-forcing objective as a module (DDP hooks ``forward``); see the module docstring."""
 
-    def __init__(self, dit: DiT) -> None:
+    def __init__(self, dit: DiT, objective: TeacherObjective | None = None) -> None:
         super().__init__()
         self.dit = dit
+        self.objective = objective or TeacherObjective()
 
     def forward(self, x0: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                d: TeacherDraws) -> torch.Tensor:
-        """x0 (B, F, C, h, w) latents, keys (B, F, K) multi-hot, prompt tokens (B, T, 384) and mask (B, T)."""
+                d: TeacherDraws, aux: AuxTargets | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x0 (B, F, C, h, w) latents, keys (B, F, K) multi-hot, prompt tokens (B, T, 384) and mask (B, T);
+        returns the per-frame losses (B, F), and with ``aux`` targets also the auxiliary loss."""
         x_t = add_noise(x0, d.noise, d.sigma)
-        keys = drop_keys(keys, d.drop_keys)
+        given = drop_keys(keys, d.drop_keys)
         prompt = self.dit.prompt_kv(tokens, mask & ~d.drop_prompt[:, None])
-        if self.dit.cfg.bidirectional:
-            v = self.dit(x_t, d.sigma, keys, prompt)
-        else:
-            context = add_noise(x0, d.context_eps, d.context_sigma)
-            v = self.dit(x_t, d.sigma, keys, prompt, context=context, context_sigma=d.context_sigma)
-        return losses.flow_matching_loss(v, x0, d.noise)
+        context = None if self.dit.cfg.bidirectional else add_noise(x0, d.context_eps, d.context_sigma)
+        out = self.dit(x_t, d.sigma, given, prompt, context=context,
+                       context_sigma=None if context is None else d.context_sigma, return_aux=aux is not None)
+        v, predicted = out if aux is not None else (out, None)
+        target = "v" if self.dit.cfg.prediction == "v" else "x0"  # x0 and delta DiTs: the clean frame's error
+        frame_loss = losses.frame_losses(v, x0, d.noise, d.sigma, target)
+        if aux is None:
+            return frame_loss
+        return frame_loss, aux_loss(predicted, aux, self.objective)
+
+
+@dataclass
+class TeacherBatch:
+    """An iteration's inputs: latents (B, F, C, h, w), multi-hot keys (B, F, K), the prompts' embedding and,
+    with auxiliary heads, their targets."""
+
+    latents: torch.Tensor
+    keys: torch.Tensor
+    prompt: PromptEmbedding
+    aux: AuxTargets | None
 
 
 class TeacherStage(Stage):
@@ -132,24 +199,44 @@ class TeacherStage(Stage):
         if init_from is not None:  # a resumed run still counts the iterations of the model it started from
             previous = iterations_of(init_from) if resume else init_weights(self.dit, self.ema, init_from)
         self.meta = {"init_from": str(init_from) if init_from else None, "previous_steps": previous}
-        self.model = self.wrap(TeacherLoss(self.dit))
+        if objective.auxiliary and not config.dit.aux_heads:
+            raise RunError("--depth-weight/--motion-weight need a DiT with auxiliary heads (dit.aux_heads)")
+        self.model = self.wrap(TeacherLoss(self.dit, objective))
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=ddp.device)
+        columns = config.latent_size[1] // config.dit.patch_size if objective.auxiliary else 0
         self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
-                                               objective.random_keys)
+                                               objective.random_keys, objective.key_hold, columns)
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, PromptEmbedding]:
-        return clip_inputs(self.clips, self.vae, self.encoder, iteration, self.batch_size, self.ddp.device)
+    def batch(self, iteration: int) -> TeacherBatch:
+        clip = self.clips.batch(iteration, self.batch_size).to(self.ddp.device)
+        x0, keys, prompt = batch_inputs(clip, self.vae, self.encoder, self.ddp.device)
+        aux = None
+        if self.objective.auxiliary:
+            if clip.poses is None or clip.depths is None:
+                raise RunError("the auxiliary heads need the built-in world's poses and depths "
+                               "(not recorded episodes)")
+            aux = aux_targets(clip.poses, clip.depths)
+        return TeacherBatch(x0, keys, prompt, aux)
 
-    def step(self, iteration: int, batch: tuple[torch.Tensor, torch.Tensor, PromptEmbedding]) -> Step:
-        x0, keys, prompt = batch
+    def step(self, iteration: int, batch: TeacherBatch) -> Step:
+        x0, keys, prompt = batch.latents, batch.keys, batch.prompt
         draws = draw(self.objective, x0.shape, self.generator(iteration), self.ddp.device)
+        record: dict[str, float | torch.Tensor] = {}
         with self.autocast():
-            loss = self.model(x0, keys, prompt.tokens, prompt.mask, draws)
+            out = self.model(x0, keys, prompt.tokens, prompt.mask, draws, batch.aux)
+        frame_loss, aux = out if batch.aux is not None else (out, None)
+        loss = frame_loss.mean()
+        if aux is not None:
+            record["aux_loss"] = aux.detach()
+            loss = loss + aux
         grad_norm = self.update(loss, self.model, iteration)
-        shown = loss.item()
+        shown = frame_loss.mean().item()
+        after_change, steady = losses.key_change_split(frame_loss, keys)
         return Step(x0.shape[0] * x0.shape[1], shown, {"loss": shown, "grad_norm": grad_norm,
                                                         "lr": self.lr(iteration),
-                                                        "sigma_mean": draws.sigma.mean()})
+                                                        "sigma_mean": draws.sigma.mean(),
+                                                        "loss_key_change": after_change,
+                                                        "loss_key_steady": steady, **record})
 
     def samples(self, iteration: int, batch: Any, run: RunDir) -> None:
         self.export(iteration, run.model)  # the model the pictures show

@@ -23,7 +23,7 @@ import torch
 
 from worldloop.distill.world import maze
 from worldloop.distill.world.hashing import uniform
-from worldloop.distill.world.raycast import Scene, View, cast, render
+from worldloop.distill.world.raycast import Scene, View, cast, column_rays, render
 from worldloop.distill.world.skies import SKIES
 from worldloop.distill.world.textures import PATTERNS, Pattern, bake
 from worldloop.distill.world.themes import WorldParams, describe, sample_params
@@ -174,6 +174,12 @@ class World:
         offsets = offsets.to(self.device)
         a = self.angle[:, None] + (offsets.view(1, -1) if offsets.dim() == 1 else offsets)
         rays = torch.stack([torch.cos(a), torch.sin(a)], dim=-1)
+        return cast(self.scene.grid, self.scene.size, self.pos, rays).dist
+
+    def column_depths(self, columns: int) -> torch.Tensor:
+        """Perpendicular distance (tiles) to the wall seen through ``columns`` evenly spaced screen columns
+        (their centres, across the field of view) → (B, columns): the depth of a frame, column by column."""
+        rays = column_rays(self.angle, View(1, columns, self.view.fov))
         return cast(self.scene.grid, self.scene.size, self.pos, rays).dist
 
     def move(self, keys: torch.Tensor) -> None:
