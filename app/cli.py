@@ -35,7 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("worldloop.app.commands.distill", "distil the teacher into a 1–2-step student"),
     "eval": ("worldloop.app.commands.eval",
              "evaluate models against the engine (PSNR, keys, prompts, drift)"),
-    "export": ("worldloop.app.commands.export", "write the shipping form of a model directory"),
+    "export": ("worldloop.app.commands.export", "write the shipping form of a model directory, or ONNX"),
+    "speedrun": ("worldloop.app.commands.speedrun", "train a playable model end to end within a time budget"),
+    "gpu-check": ("worldloop.app.commands.gpu_check",
+                  "CUDA checks, then a speedrun, in one bounded call (scripts/gpu_check.sh)"),
     "bench": ("worldloop.app.commands.bench", "measure speed, latency and memory of a model on this machine"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")

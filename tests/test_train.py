@@ -255,3 +255,16 @@ def test_a_cpu_time_budget_stops_the_loop_and_exports(tmp_path: Path) -> None:
     assert checkpoint.load_model(result.model_dir, need_dit=False).metadata["step"] == result.iteration
     with pytest.raises(ValueError, match="--cpu-minutes"):
         TrainConfig(cpu_minutes=-1)
+
+
+def test_a_wall_clock_budget_stops_the_loop_and_says_why(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "wall", iterations=10**6, minutes=0.002)  # 0.12 s of wall-clock time
+    result = train_vae(TINY, cfg, VAEObjective(), setup_distributed("cpu"), clips=FakeClips(32, 32, 2))
+    assert 1 <= result.iteration < 10**6 and result.stopped == "minutes"
+    assert checkpoint.load_model(result.model_dir, need_dit=False).metadata["step"] == result.iteration
+    assert _log(tmp_path / "wall")[-1]["seconds_per_iteration"] > 0
+    done = train_vae(TINY, _cfg(tmp_path / "all"), VAEObjective(), setup_distributed("cpu"),
+                     clips=FakeClips(32, 32, 2))
+    assert done.iteration == 2 and done.stopped is None
+    with pytest.raises(ValueError, match="--minutes"):
+        TrainConfig(minutes=-1)

@@ -90,6 +90,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--iterations", type=int, default=d["iterations"], help="optimizer updates in all")
     p.add_argument("--cpu-minutes", type=float, default=0.0,
                    help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="also stop (saving and exporting) after this much wall-clock time; 0: no limit")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
@@ -163,13 +165,17 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if dit_overrides:
         config = config.replace(dit=dataclasses.replace(config.dit, **dit_overrides))
     if args.stage == "teacher":
-        if not 1 <= args.sample_steps <= 1000:
-            raise ValueError(f"--sample-steps {args.sample_steps} is out of range 1..1000")
-        steps = args.sample_steps
-        sampling = dataclasses.replace(config.sampling, steps=steps,
-                                       first_frame_steps=max(steps, config.sampling.first_frame_steps))
-        config = config.replace(sampling=sampling)
+        config = teacher_sampling(config, args.sample_steps)
     return config
+
+
+def teacher_sampling(config: ModelConfig, steps: int) -> ModelConfig:
+    """``config`` sampling with ``steps`` denoising steps, as the teacher is exported (``--sample-steps``)."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--sample-steps {steps} is out of range 1..1000")
+    sampling = dataclasses.replace(config.sampling, steps=steps,
+                                   first_frame_steps=max(steps, config.sampling.first_frame_steps))
+    return config.replace(sampling=sampling)
 
 
 def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed) -> TrainConfig:
@@ -177,8 +183,8 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
     bf16 = fast_bf16(ddp.device) if args.bf16 is None else args.bf16
     local_batch_size(args.batch_size, ddp)  # divisible by the processes, checked here at the edge
     return TrainConfig(
-        iterations=args.iterations, cpu_minutes=args.cpu_minutes, batch_size=args.batch_size, lr=args.lr,
-        warmup=args.warmup,
+        iterations=args.iterations, cpu_minutes=args.cpu_minutes, minutes=args.minutes,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, clip_frames=clip,
         seed=args.seed, device=str(ddp.device), bf16=bf16, compile=args.compile, out=str(args.out),
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
 from worldloop.models.keys import ALL_KEYS_MASK, KEYS
-from worldloop.models.media import VideoWriter
+from worldloop.models.media import VideoWriter, import_av
 
 FORMAT, VERSION = "worldloop-episode", 1
 VIDEO, KEYS_FILE, PROMPTS_FILE, META_FILE, FRAMES_FILE = (
@@ -89,6 +88,7 @@ class Episode:
             yield from np.load(self.path / FRAMES_FILE, mmap_mode="r")
             return
         video, count = self.path / VIDEO, 0
+        av = import_av()
         try:
             with av.open(str(video)) as container:
                 for frame in container.decode(video=0):
@@ -328,6 +328,7 @@ def _check_schedule(schedule: list[PromptChange], n: int | None, where: Path) ->
 def _check_video(file: Path, width: int, height: int, n: int) -> None:
     if not file.is_file():
         raise EpisodeError(f"{file}: missing")
+    av = import_av()
     try:
         with av.open(str(file)) as container:
             if not container.streams.video:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import av
+import cv2
 import numpy as np
 import torch
 
@@ -30,14 +30,8 @@ def image_grid(rows: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
 def save_png(path: Path, image: np.ndarray) -> None:
     """Write a uint8 (H, W, 3) image as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-    with av.open(str(path), "w", format="image2") as out:
-        stream = out.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1])):  # OpenCV writes BGR
+        raise OSError(f"cannot write {path}")
 
 
 def save_png_grid(path: Path, rows: Sequence[torch.Tensor | np.ndarray]) -> None:

@@ -60,6 +60,7 @@ class EvalConfig:
     drift_every: int = 30  # frames between drift measurements
     seed: int = 0
     context_sigma: float | None = None  # overrides each model's sampling.context_sigma (None: its own)
+    videos: bool = True  # write rollout/drift MP4s (needs PyAV)
 
     def __post_init__(self) -> None:
         if self.context_sigma is not None and not 0.0 <= self.context_sigma < 1.0:
@@ -350,7 +351,8 @@ def run_eval(plan: list[tuple[Path, int | None]], cfg: EvalConfig, out: Path, *,
             autoencoders[str(path)] = autoencoder_section(wm.vae, out, f"_{len(autoencoders)}", cfg.seed)
         result["autoencoder"] = autoencoders[str(path)]
         report["runs"].append(result)
-        save_videos(out, clips_by_size[size], context_frames, frames, wm.config.fps, tag)
+        if cfg.videos:
+            save_videos(out, clips_by_size[size], context_frames, frames, wm.config.fps, tag)
     write_report(out, report)
     (out / "summary.md").write_text(summary_table(report))
     from worldloop.distill.eval.plots import plot_drift, plot_horizons

@@ -10,6 +10,7 @@ accuracy on held-out seeds of the engine, saved with the weights.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -79,7 +80,8 @@ def train_evaluator(config: EvaluatorConfig, cfg: TrainConfig, train_clips: Clip
                     ) -> tuple[EvaluatorNet, dict[str, float]]:
     """A plain loop: AdamW on BCE (idm) or cross-entropy (classifier); saves to ``cfg.out``.
 
-    Single process (the helpers are small); stops early and saves on SIGTERM/Ctrl-C.
+    Single process (the helpers are small); stops early and saves on SIGTERM/Ctrl-C or after ``cfg.minutes``
+    (the last line of ``log.jsonl`` says how many iterations ran and why it stopped).
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,22 +91,28 @@ def train_evaluator(config: EvaluatorConfig, cfg: TrainConfig, train_clips: Clip
     log = JsonlLog(out / "log.jsonl")
     frames_per_iteration = cfg.batch_size * (cfg.clip_frames - (config.kind == "idm"))
     progress = Progress(0, cfg.iterations, f"train {config.kind}")
+    started, done, stopped = time.monotonic(), 0, None
     with StopSignal() as stop:
         for iteration in range(cfg.iterations):
             if stop.requested:
+                stopped = "signal"
+            elif cfg.minutes > 0 and time.monotonic() - started >= 60 * cfg.minutes:
+                stopped = "minutes"
+            if stopped:
                 break
             x, y = evaluator_batch(config.kind, train_clips, iteration, cfg.batch_size)
             loss = evaluator_loss(config.kind, model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done = iteration + 1
             progress.update(frames_per_iteration, loss=loss.item())
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
                 log.write(iteration=iteration, loss=loss.item(), frames_per_s=progress.rate())
                 progress.reset_rate()
     progress.close()
     metrics = held_out_accuracy(model, held_out, eval_batches, eval_batch_size)
-    log.write(iteration=cfg.iterations, held_out=metrics)
+    log.write(iteration=done, held_out=metrics, stopped=stopped)  # stopped: None, "signal" or "minutes"
     save_evaluator(model.cpu(), out, metrics)
     return model, metrics
 

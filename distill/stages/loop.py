@@ -162,7 +162,8 @@ def snapshot_dir(run: RunDir, minutes: float) -> Path:
 
 def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resume: bool) -> TrainResult:
     """Run ``stage`` from its checkpoint (``resume``) or from iteration 0 up to ``cfg.iterations``, or until
-    ``cfg.cpu_minutes`` of process CPU time are spent (then it saves and exports as on SIGTERM)."""
+    ``cfg.cpu_minutes`` of process CPU time or ``cfg.minutes`` of wall-clock time are spent (then it saves and
+    exports as on SIGTERM); ``TrainResult.stopped`` says which."""
     state = {"modules": stage.modules, "emas": stage.emas, "optimizer": stage.optimizer}
     iteration = 0
     if resume:
@@ -179,18 +180,29 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             if stage.export_at_checkpoints:
                 stage.export(iteration, run.model)
 
-    cpu_start = cpu_seconds()
+    cpu_start, wall_start = cpu_seconds(), time.monotonic()
 
     def cpu_minutes() -> float:  # process CPU time since the run (re)started
         return (cpu_seconds() - cpu_start) / 60
 
-    def out_of_cpu() -> bool:  # a CPU-time budget: recipes compared at equal CPU minutes, not iterations
-        return cfg.cpu_minutes > 0 and cpu_minutes() >= cfg.cpu_minutes
+    def stop_reason() -> str | None:
+        if stop.requested:
+            return "signal"
+        if cfg.cpu_minutes > 0 and cpu_minutes() >= cfg.cpu_minutes:
+            return "cpu_minutes"  # recipes compared at equal CPU minutes, not iterations
+        if cfg.minutes > 0 and time.monotonic() - wall_start >= 60 * cfg.minutes:
+            return "minutes"  # a wall-clock budget: a GPU lease, a speedrun's share
+        return None
 
     snapshots = 0  # model snapshots every cfg.snapshot_minutes of CPU time (learning curves per CPU minute)
 
+    stopped: str | None = None
     with StopSignal() as stop:
-        while iteration < cfg.iterations and not any_rank(stop.requested or out_of_cpu(), ddp):
+        while iteration < cfg.iterations:
+            stopped = stop_reason()
+            if any_rank(stopped is not None, ddp):
+                stopped = stopped or "signal"  # another rank stopped: it was told to
+                break
             started = time.perf_counter()
             batch = stage.batch(iteration)
             data_seconds = time.perf_counter() - started
@@ -200,6 +212,7 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations or done.log_now:
                 record = {k: float(v) for k, v in done.record.items()}
                 log.write(iteration=iteration, **record, frames_per_s=progress.rate(),
+                          seconds_per_iteration=progress.seconds_per_iteration(),
                           data_share=progress.data_share(), cpu_minutes=round(cpu_minutes(), 3))
                 progress.reset_rate()
             if iteration % cfg.checkpoint_every == 0:
@@ -216,4 +229,4 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
         stage.export(iteration, snapshot_dir(run, cpu_minutes()))  # the end point of the learning curve
     if ddp.is_main and not stage.export_at_checkpoints:
         stage.export(iteration, run.model)
-    return TrainResult(run.model, iteration, stage.trained)
+    return TrainResult(run.model, iteration, stage.trained, stopped)

@@ -176,6 +176,7 @@ class Progress:
 
     def update(self, frames: int, data_seconds: float = 0.0, **shown: float) -> None:
         self._frames += frames
+        self._iterations += 1
         self._data += data_seconds
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()} | {"fps": f"{self.rate():.0f}"},
                              refresh=False)
@@ -185,12 +186,16 @@ class Progress:
         """Frames per second since the last ``reset_rate``."""
         return self._frames / max(time.perf_counter() - self._t, 1e-9)
 
+    def seconds_per_iteration(self) -> float:
+        """Wall-clock seconds per iteration since the last ``reset_rate`` (data, step and logging)."""
+        return (time.perf_counter() - self._t) / max(self._iterations, 1)
+
     def data_share(self) -> float:
         """Fraction of the time since the last ``reset_rate`` spent getting data."""
         return self._data / max(time.perf_counter() - self._t, 1e-9)
 
     def reset_rate(self) -> None:
-        self._t, self._frames, self._data = time.perf_counter(), 0, 0.0
+        self._t, self._frames, self._data, self._iterations = time.perf_counter(), 0, 0.0, 0
 
     def close(self) -> None:
         self.bar.close()

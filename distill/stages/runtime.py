@@ -38,6 +38,7 @@ class TrainConfig:
 
     iterations: int = 1000  # total optimizer updates of the run (a resumed run continues up to this)
     cpu_minutes: float = 0.0  # also stop after this much process CPU time (since the run (re)started); 0: off
+    minutes: float = 0.0  # also stop after this much wall-clock time (since the run (re)started); 0: off
     batch_size: int = 8  # global: split evenly over the DDP processes
     lr: float = 3e-4
     warmup: int = 100  # linear learning-rate warm-up iterations (again after --init-from)
@@ -62,6 +63,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {
             "iterations": self.iterations >= 1, "cpu_minutes": self.cpu_minutes >= 0,
+            "minutes": self.minutes >= 0,
             "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
             "warmup": self.warmup >= 0, "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip >= 0,
@@ -166,11 +168,16 @@ def step_generator(seed: int, iteration: int, rank: int, device: torch.device, s
 
 @dataclass
 class TrainResult:
-    """What a training stage returns: the exported model directory, the last iteration, the trained module."""
+    """What a training stage returns: the exported model directory, the last iteration, the trained module,
+    and why it stopped before ``cfg.iterations`` (``STOPPED_BY``), None when it reached them."""
 
     model_dir: Path
     iteration: int
     model: nn.Module
+    stopped: str | None = None
+
+
+STOPPED_BY = ("signal", "cpu_minutes", "minutes")  # SIGTERM/Ctrl-C, the CPU-time or the wall-clock budget
 
 
 # ----------------------------------------------------------------------------------------------------------

