@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue the speedrun in --out in the stage it stopped in (its own options)")
     p.add_argument("--episodes", type=Path, help="train on recorded episode folders under this path")
     vae = p.add_mutually_exclusive_group()
-    vae.add_argument("--vae", type=Path, metavar="MODEL_DIR",
+    vae.add_argument("--vae", type=Path, metavar="DIR",
                      help="reuse this autoencoder (default: assets/autoencoder when its shape is the "
                           "preset's)")
     vae.add_argument("--train-vae", action="store_true", help="train the autoencoder from scratch")
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-clips", type=int, default=-1,
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.set_defaults(func=run)
 
 
