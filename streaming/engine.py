@@ -133,6 +133,8 @@ class Engine:
 
     def start(self) -> Engine:
         self._thread.start()
+        if self.starts.world is not None:  # the first world start pays one-off costs (imports): pay them now
+            self._starter.submit(self.starts.world, "", 0)
         return self
 
     def __enter__(self) -> Engine:

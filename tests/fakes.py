@@ -91,6 +91,7 @@ class FakeWorldModel:
         self.slack = slack
         self.calls: list[tuple[int, bool]] = []  # (batch size, speculative) per step call
         self.sessions_created = 0
+        self.sessions: list[FakeSession] = []  # every session opened, in order
         self._slots: set[int] = set()
         self._thread: int | None = None
         self._lock = threading.Lock()
@@ -112,7 +113,8 @@ class FakeWorldModel:
         self._slots.add(free[0])
         self.sessions_created += 1
         keys = None if first_keys is None else [int(k) for k in first_keys]
-        return FakeSession(free[0], prompt, seed, context=first_frames, context_keys=keys)
+        self.sessions.append(FakeSession(free[0], prompt, seed, context=first_frames, context_keys=keys))
+        return self.sessions[-1]
 
     def _check_context(self, frames: np.ndarray | None, keys: Sequence[int] | None) -> None:
         """As ``WorldModel``: uint8 (T, H, W, 3) at the frame size, one key state per frame."""

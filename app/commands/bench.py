@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="JPEG encoder threads of the engine (default: %(default)s, as in `worldloop serve`)")
     p.add_argument("--quality", type=int, default=80, help="JPEG quality (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the sessions")
+    p.add_argument("--start", choices=("world", "prompt"), default="world",
+                   help="what sessions start from, as in `worldloop play` (default: %(default)s)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON report here")
     p.set_defaults(func=run)
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         target_fps=args.target_fps,
         max_sessions_probe=_pick(args.max_sessions_probe, GPU_PROBE if args.device != "cpu" else (0, 0), q),
         probe_seconds=_pick(args.probe_seconds, PROBE_SECONDS, q), encode_workers=args.encode_workers,
-        seed=args.seed)
+        seed=args.seed, start=args.start)
     report = run_bench(choice, options, progress=lambda m: print(f"worldloop bench: {m}", file=sys.stderr,
                                                                    flush=True))
     report["options"]["quick"] = q
@@ -132,7 +134,8 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                   f"{m['dtype']}, {weights}"),
         ("device / steps", f"{hw['device']} / {m['steps']} (first frame {m['first_frame_steps']})"),
         ("model load", f"{ff['model_load_s']:.2f} s"),
-        ("new session / first frame", f"{ff['new_session_ms']:.1f} ms / {ff['first_frame_ms']:.1f} ms"),
+        (f"start ({ff['start']}) / new session / first frame",
+         f"{ff['world_start_ms']:.1f} ms / {ff['new_session_ms']:.1f} ms / {ff['first_frame_ms']:.1f} ms"),
         (f"steady FPS ({st['frames']} frames, end to end)", f"{st['fps']:.1f}"),
     ]
     rows += [(f"  {name} ms (median / p90)", _ms(st["ms"][name]))
