@@ -317,6 +317,8 @@ class Connection:
             raise ProtocolError("unsupported", f"this server makes every frame in {self.engine.steps} "
                                 "denoising step(s); leave `steps` out or send that number", request="start")
         registry = self.server.registry
+        if self._start_timer is not None:  # the deadline is the client's: preparing a world start takes ours
+            self._start_timer.cancel()
         if message.session is not None:
             live = registry.attach(message.session, self)
             resumed = True
