@@ -192,7 +192,13 @@ class Connection:
             message = parse_client_message(data)
             if isinstance(message, Start):
                 await self._replies.idle()  # earlier replies first, then `ready`, then frames
-                await self._start(message)
+                try:
+                    await self._start(message)
+                except ProtocolError:
+                    if self.live is None:  # refused: the client's start deadline runs again
+                        self._start_timer = self._loop.call_later(self.server.config.start_deadline_s,
+                                                                  self._start_deadline)
+                    raise
                 return
             reply = self._dispatch(message)
         except ProtocolError as err:
