@@ -3,8 +3,10 @@
 The measurement pieces it shares with ``benchmarks/`` live in ``models/timing.py`` and
 ``streaming/measure.py``. Phases of ``run_bench``, in order, on one loaded model:
 
-1. Time to first frame: model load (weights and prompt encoder), a new session, its first frame (the
-   first-frame steps, decode and JPEG encode), each timed separately.
+1. Time to first frame: model load (weights and prompt encoder), the start's world frames (``--start
+   world``, as ``worldloop play``: a fresh built-in world rendered), a new session (encoding those frames
+   into its cache), its first frame (decode and JPEG encode; the first-frame steps when it starts from the
+   prompt alone), each timed separately.
 2. Steady state: after a warm-up that fills the window, N frames of one session, each stepped, decoded and
    JPEG-encoded; end-to-end FPS and per-part milliseconds (DiT with the fused cache pass, decode, encode).
 3. Serving: an ``Engine`` and a ``WorldloopServer`` in this process on 127.0.0.1 (a free port) and a real
@@ -34,13 +36,14 @@ from typing import Any
 import torch
 
 from worldloop.app.loading import ModelChoice, load_model
+from worldloop.app.starts import WorldStart, context_frames
 from worldloop.models.timing import hardware, load_average, memory, percentile, summary, sync
 from worldloop.models.world_model import FrameTimings, WorldModel
 from worldloop.streaming.client import WorldloopClient
 from worldloop.streaming.engine import Engine
 from worldloop.streaming.measure import key_latencies, run_frames, sustained_fps
 from worldloop.streaming.server import ServerConfig, WorldloopServer
-from worldloop.streaming.session import Frame, SessionOptions
+from worldloop.streaming.session import Frame, SessionOptions, Starts, start_kwargs
 
 PROMPT = "a dark stone dungeon with torch-lit walls"
 HOLD_TOLERANCE = 0.05  # a session "holds" the target at ≥ 95% of it: window edges cost a frame or two
@@ -62,23 +65,34 @@ class BenchOptions:
     encode_workers: int = 2  # the engine's JPEG pool (worldloop serve uses 2)
     seed: int = 0
     backend: str = "torch"  # what runs the DiT and the decoder (models/onnx_runtime.py)
+    start: str = "world"  # sessions start from a fresh built-in world's frames, or "prompt" (none)
 
 
 def first_frame(choice: ModelChoice, options: BenchOptions) -> tuple[WorldModel, Any, dict[str, float]]:
-    """Load the model, open a session, make its first frame: the model, the session and the three times."""
+    """Load the model, open a session (rendering its world start first, unless it starts from the prompt),
+    make its first frame: the model, the session and the times."""
     start = time.perf_counter()
     wm = load_model(choice, device=options.device, steps=options.steps, seed=options.seed, max_sessions=1,
                     backend=options.backend)
     sync(wm.device)
     loaded = time.perf_counter()
-    session = wm.new_session(PROMPT, seed=options.seed)
+    frames = _starts(wm, options).frames(options.start, PROMPT, options.seed, None)  # type: ignore[arg-type]
+    rendered = time.perf_counter()
+    session = wm.new_session(PROMPT, seed=options.seed, **start_kwargs(frames))
     sync(wm.device)
     opened = time.perf_counter()
     samples = run_frames(wm, [session], 1, quality=options.quality)
-    return wm, session, {"model_load_s": round(loaded - start, 3),
-                         "new_session_ms": round((opened - loaded) * 1e3, 2),
+    return wm, session, {"model_load_s": round(loaded - start, 3), "start": options.start,
+                         "world_start_ms": round((rendered - loaded) * 1e3, 2),
+                         "new_session_ms": round((opened - rendered) * 1e3, 2),
                          "first_frame_ms": round(samples.wall_ms[0], 2),
                          "total_s": round(time.perf_counter() - start, 3)}
+
+
+def _starts(wm: WorldModel, options: BenchOptions) -> Starts:
+    """Where the bench's sessions start, as in ``worldloop play``."""
+    world = WorldStart(*wm.frame_shape, context_frames(wm.config))
+    return Starts(world, default=options.start)  # type: ignore[arg-type]
 
 
 def steady_state(wm: WorldModel, session: Any, options: BenchOptions) -> dict[str, Any]:
@@ -124,7 +138,8 @@ async def _served(engine: Engine, options: BenchOptions, fps: int, warmup_s: flo
 
 def serving(wm: WorldModel, options: BenchOptions, fps: int, trained: bool) -> dict[str, Any]:
     """One session through a real server and websocket client, in this process."""
-    engine = Engine(wm, max_sessions=1, fps=fps, encode_workers=options.encode_workers, trained=trained)
+    engine = Engine(wm, max_sessions=1, fps=fps, encode_workers=options.encode_workers, trained=trained,
+                    starts=_starts(wm, options))
     engine.start()
     try:
         return asyncio.run(_served(engine, options, fps, _warmup_seconds(wm, fps)))

@@ -124,7 +124,8 @@ class GradioWorld:
         self._player(request).handle.reset().result(timeout=30)
 
     def new_world(self, prompt: str, request: gr.Request) -> None:
-        """Restart with a fresh seed and the prompt in the box (the view's HUD shows the seed)."""
+        """Restart with a fresh seed and the prompt in the box: the session starts again the way it started,
+        so from a fresh built-in world of that prompt's theme by default (the view's HUD shows the seed)."""
         prompt = _checked_prompt(prompt)
         player = self._player(request)
         player.seed, player.prompt = random.randrange(U32_MAX), prompt

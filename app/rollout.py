@@ -28,7 +28,7 @@ import numpy as np
 
 from worldloop.models.keys import KEYS, parse_keys
 from worldloop.models.text import validate_prompt
-from worldloop.streaming.session import FrameWriter
+from worldloop.streaming.session import FrameWriter, StartFrames, StartFrom, start_kwargs
 
 if TYPE_CHECKING:
     from worldloop.models.world_model import WorldModel
@@ -156,6 +156,9 @@ class RolloutPlan:
     fps: int
     schedule: PromptSchedule
     key_source: str  # for the sidecar, e.g. "script walk.txt" or "explorer (seed 3)"
+    start_from: StartFrom = "prompt"
+    start: StartFrames | None = None  # the context frames the session starts from (None: the prompt alone)
+    picture: str | None = None  # for the sidecar: the picture file of a start from a picture
 
 
 @dataclass
@@ -198,7 +201,7 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
     session = None
     start = time.perf_counter()
     try:
-        session = model.new_session(plan.schedule.first, seed=plan.seed)
+        session = model.new_session(plan.schedule.first, seed=plan.seed, **start_kwargs(plan.start))
         for index in range(plan.frames):
             mask = next(keys)
             t0 = time.perf_counter()
@@ -236,6 +239,8 @@ def sidecar(plan: RolloutPlan, result: RolloutResult, model: dict[str, Any]) -> 
         "frames": result.frames,
         "completed": result.completed,
         "prompts": plan.schedule.to_json(),
+        "start": {"from": plan.start_from, "context_frames": len(plan.start.frames) if plan.start else 0,
+                  **({"picture": plan.picture} if plan.picture else {})},
         "key_source": plan.key_source,
         "key_names": list(KEYS),
         "frames_sha256": result.digest.hexdigest(),

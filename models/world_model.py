@@ -178,21 +178,13 @@ class WorldModel:
         them the context frames carry no keys.
         """
         prompt_kv = self._encode_prompt(prompt)  # validates before any state changes
-        latents = self._encode_frames(first_frames) if first_frames is not None else None
-        context_keys = self._context_keys(first_keys, 0 if latents is None else len(latents))
+        context = self._first_context(first_frames, first_keys)
         free = [i for i in range(self.max_sessions) if i not in self._sessions]
         if not free:
             raise RuntimeError(f"all {self.max_sessions} sessions of the model are in use")
         session = Session(free[0], prompt, seed, torch.Generator().manual_seed(seed))
         self._sessions[session.slot] = session
-        self.cache.reset(session.slot)
-        self.cache.set_prompt([session.slot], prompt_kv)
-        if latents is not None:
-            # Given frames are real, so they enter the cache clean (σ 0, which the model is trained on);
-            # only generated frames are re-noised to ``context_sigma`` to hide the model's own errors.
-            frames = torch.arange(len(latents), device=self.device)
-            self._write_context(session, latents, context_keys, frames, torch.zeros(len(frames)))
-            session.frame_index = len(latents)
+        self._start(session, prompt_kv, context)
         return session
 
     def close_session(self, session: Session) -> None:
@@ -201,17 +193,42 @@ class WorldModel:
         del self._sessions[session.slot]
         session.closed = True
 
-    def reset(self, session: Session, prompt: str | None = None, seed: int | None = None) -> None:
-        """Start the session's stream again (optionally with a new prompt and seed)."""
+    def reset(self, session: Session, prompt: str | None = None, seed: int | None = None,
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | np.ndarray | None = None
+              ) -> None:
+        """Start the session's stream again (optionally with a new prompt and seed, and from context frames
+        as in ``new_session``)."""
         self._check(session)
         new_prompt = session.prompt if prompt is None else prompt
         prompt_kv = self._encode_prompt(new_prompt)
-        self.cache.reset(session.slot)
-        self.cache.set_prompt([session.slot], prompt_kv)
+        context = self._first_context(first_frames, first_keys)
         session.prompt, session.seed = new_prompt, session.seed if seed is None else seed
         session.generator.manual_seed(session.seed)
         session.frame_index, session.pending, session.pending_keys = 0, None, None
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
+        self._start(session, prompt_kv, context)
+
+    def _first_context(self, first_frames: np.ndarray | None, first_keys: Sequence[int] | np.ndarray | None
+                       ) -> tuple[Tensor, Tensor] | None:
+        """Checked context frames as (latents (T, C, h, w), keys (T, num_keys)), or None without frames."""
+        if first_frames is None:
+            if first_keys is not None:
+                raise ValueError("first_keys without first_frames")
+            return None
+        latents = self._encode_frames(first_frames)
+        return latents, self._context_keys(first_keys, len(latents))
+
+    def _start(self, session: Session, prompt_kv: PromptKV, context: tuple[Tensor, Tensor] | None) -> None:
+        """An empty cache slot under the prompt, then the context frames (if any)."""
+        self.cache.reset(session.slot)
+        self.cache.set_prompt([session.slot], prompt_kv)
+        if context is not None:
+            # Given frames are real, so they enter the cache clean (σ 0, which the model is trained on);
+            # only generated frames are re-noised to ``context_sigma`` to hide the model's own errors.
+            latents, keys = context
+            frames = torch.arange(len(latents), device=self.device)
+            self._write_context(session, latents, keys, frames, torch.zeros(len(frames)))
+            session.frame_index = len(latents)
 
     def set_prompt(self, session: Session, prompt: str) -> None:
         """Switch the prompt: new prompt K/V and a re-cache of the window under it (the sink is kept)."""

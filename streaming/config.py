@@ -22,7 +22,8 @@ class ServerConfig:
     ack_timeout_s: float = 5.0  # a frame unacknowledged for this long drops the client
     resume_grace_s: float = 10.0  # how long a dropped connection's session waits to be resumed
     ping_interval_s: float | None = 10.0
-    transport_max_bytes: int = 64 * 1024  # larger messages close the socket (1009); protocol limit is 4 KiB
+    # Larger messages close the socket (1009); the protocol's limits are 4 KiB, 96 KiB with a first frame.
+    transport_max_bytes: int = 128 * 1024
     command_rate: float = 5.0  # model commands (prompt, reset, snapshot, restore, record) per second…
     command_burst: int = 10  # …after a burst of this many; more are answered `rate_limited`
     message_rate: float = 200.0  # inbound websocket frames of any kind per second per connection…

@@ -22,9 +22,11 @@ import logging
 import time
 from typing import Any, Protocol
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from worldloop.models.images import read_picture
 from worldloop.streaming.config import ServerConfig
 from worldloop.streaming.engine import Engine
 from worldloop.streaming.limits import TokenBucket
@@ -52,6 +54,7 @@ from worldloop.streaming.protocol import (
     encode_message,
     pack_frame,
     parse_client_message,
+    picture_bytes,
 )
 from worldloop.streaming.registry import LiveSession, SessionRegistry
 from worldloop.streaming.replies import Dropped, Reply, ReplyQueue
@@ -189,7 +192,13 @@ class Connection:
             message = parse_client_message(data)
             if isinstance(message, Start):
                 await self._replies.idle()  # earlier replies first, then `ready`, then frames
-                await self._start(message)
+                try:
+                    await self._start(message)
+                except ProtocolError:
+                    if self.live is None:  # refused: the client's start deadline runs again
+                        self._start_timer = self._loop.call_later(self.server.config.start_deadline_s,
+                                                                  self._start_deadline)
+                    raise
                 return
             reply = self._dispatch(message)
         except ProtocolError as err:
@@ -253,8 +262,12 @@ class Connection:
         if isinstance(message, SetPrompt):
             return Done(request="prompt", frame=await self._wait(handle.set_prompt(message.prompt), "prompt"))
         if isinstance(message, Reset):
-            frame = await self._wait(handle.reset(message.prompt, message.seed), "reset")
-            return Done(request="reset", frame=frame)
+            picture = await self._picture(message.first_frame, "reset")
+            try:
+                reset = handle.reset(message.prompt, message.seed, message.start_from, picture)
+            except ValueError as err:
+                raise ProtocolError("unsupported", str(err), request="reset") from None
+            return Done(request="reset", frame=await self._wait(reset, "reset"))
         if isinstance(message, TakeSnapshot):
             snapshot_id, frame = await self._wait(handle.snapshot(), "snapshot")
             return Snapshot(id=snapshot_id, frame=frame)
@@ -310,17 +323,22 @@ class Connection:
             raise ProtocolError("unsupported", f"this server makes every frame in {self.engine.steps} "
                                 "denoising step(s); leave `steps` out or send that number", request="start")
         registry = self.server.registry
+        if self._start_timer is not None:  # the deadline is the client's: preparing a world start takes ours
+            self._start_timer.cancel()
         if message.session is not None:
             live = registry.attach(message.session, self)
             resumed = True
         else:
+            picture = await self._picture(message.first_frame, "start")
             options = SessionOptions(message.prompt, message.seed, message.fps, message.format,
-                                     message.quality)
+                                     message.quality, start_from=message.start_from, picture=picture)
             try:
                 handle = self.engine.open_session(options, paused=True)
             except EngineFull as err:
                 await self._refuse_full(str(err))
                 return
+            except ValueError as err:  # a start this server cannot make
+                raise ProtocolError("unsupported", str(err), request="start") from None
             try:
                 await asyncio.wrap_future(handle.started)
             except Exception as err:
@@ -329,6 +347,16 @@ class Connection:
             live = registry.add(handle, options, self)
             resumed = False
         self._attach(live, resumed)
+
+    async def _picture(self, first_frame: str | None, request: str) -> np.ndarray | None:
+        """A `first_frame` field as a picture at the model's frame size (decoded off the event loop)."""
+        if first_frame is None:
+            return None
+        height, width = self.engine.frame_shape
+        try:
+            return await asyncio.to_thread(read_picture, picture_bytes(first_frame), height, width)
+        except ValueError as err:
+            raise ProtocolError("bad_image", str(err), request=request) from None
 
     async def _refuse_full(self, reason: str) -> None:
         self.metrics.refused.inc("full")
@@ -343,7 +371,7 @@ class Connection:
                          width=width, height=height, fps=handle.fps, steps=self.engine.steps,
                          format=live.options.image_format, prompt=handle.prompt, seed=handle.seed,  # type: ignore
                          resumed=resumed, max_in_flight=self.outbox.max_in_flight,
-                         trained=self.engine.trained))
+                         trained=self.engine.trained, start_from=handle.start_from))
         self.live = live
         if self._start_timer is not None:
             self._start_timer.cancel()

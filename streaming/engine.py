@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -55,7 +55,11 @@ from worldloop.streaming.session import (
     SessionHandle,
     SessionOptions,
     Speculative,
+    StartFrames,
+    Starts,
     WorldModelLike,
+    check_picture,
+    start_kwargs,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,8 @@ class Engine:
 
     def __init__(self, model: WorldModelLike, *, max_sessions: int = 4, fps: int | None = None,
                  speculative: bool = True, max_snapshots: int = 8, encode_workers: int = 2,
-                 metrics: Metrics | None = None, trained: bool = True, command_share: float = 0.05) -> None:
+                 metrics: Metrics | None = None, trained: bool = True, command_share: float = 0.05,
+                 starts: Starts | None = None) -> None:
         if max_sessions < 1 or max_snapshots < 1 or encode_workers < 1:
             raise ValueError("max_sessions, max_snapshots and encode_workers must be ≥ 1")
         self.model = model
@@ -81,7 +86,12 @@ class Engine:
         self.command_share = command_share
         self.metrics = metrics or Metrics()
         self.metrics.sessions.set(0)
+        self.starts = starts or Starts()  # where sessions start: the built-in world, a picture or the prompt
+        if self.starts.picture is not None:
+            check_picture(self.starts.picture, self.frame_shape)
         self._pool = ThreadPoolExecutor(encode_workers, thread_name_prefix="worldloop-encode")
+        # World starts are rendered here, so a session starting never holds up the others' frames.
+        self._starter = ThreadPoolExecutor(1, thread_name_prefix="worldloop-start")
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -123,6 +133,8 @@ class Engine:
 
     def start(self) -> Engine:
         self._thread.start()
+        if self.starts.world is not None:  # the first world start pays one-off costs (imports): pay them now
+            self._starter.submit(self.starts.world, "", 0)
         return self
 
     def __enter__(self) -> Engine:
@@ -142,6 +154,9 @@ class Engine:
             raise ValueError(f"fps must be in 1..120, got {options.fps}")
         if options.image_format not in ("jpeg", "webp", "raw") or not 1 <= options.quality <= 100:
             raise ValueError(f"bad image options: {options.image_format!r}, quality {options.quality}")
+        if options.picture is not None:
+            check_picture(options.picture, self.frame_shape)
+        self.starts.resolve(options.start_from, options.picture)  # ValueError before anything is admitted
         with self._lock:
             if self._stopping.is_set():
                 raise EngineFull("the server is shutting down")
@@ -150,13 +165,31 @@ class Engine:
             self._admitted += 1
             handle = SessionHandle(self._next_id, options, options.fps or self.fps, model=self.model,
                                    metrics=self.metrics, pool=self._pool, wake=self._wake,
-                                   max_snapshots=self.max_snapshots, on_frame=on_frame)
+                                   max_snapshots=self.max_snapshots, on_frame=on_frame, starts=self.starts,
+                                   starter=self._starter)
             handle.paused = paused
             self._next_id += 1
-            self._incoming.append(handle)
         self.metrics.sessions.set(self.session_count)
-        self._wake.set()
+        # The start's frames first (a world is rendered on the starter thread), then the engine thread
+        # creates the model session from them.
+        prepared = handle.prepare_start(handle.start_from, options.prompt, options.seed, handle.picture)
+        prepared.add_done_callback(functools.partial(self._prepared, handle))
         return handle
+
+    def _prepared(self, handle: SessionHandle, start: Future[StartFrames | None]) -> None:
+        """A session's start frames are ready (or failed): hand it to the engine thread."""
+        error = start.exception()
+        with self._lock:
+            queued = error is None and not self._stopping.is_set()
+            if queued:
+                handle.start_frames = start.result()
+                self._incoming.append(handle)
+        if queued:
+            self._wake.set()
+            return
+        self._release()
+        handle.started.set_exception(error or SessionClosed("the engine stopped"))
+        handle.closed.set_result(None)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the generation thread, close every session (finishing writers), then the encoder pool."""
@@ -166,6 +199,7 @@ class Engine:
             self._thread.join(timeout)
         elif self._thread.ident is None:
             self._close_all()
+        self._starter.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     # ---- generation thread: the loop and session lifetimes ----
@@ -196,7 +230,9 @@ class Engine:
                 handle.closed.set_result(None)
                 continue
             try:
-                handle.model_session = self.model.new_session(handle.options.prompt, handle.options.seed)
+                handle.model_session = self.model.new_session(handle.options.prompt, handle.options.seed,
+                                                              **start_kwargs(handle.start_frames))
+                handle.start_frames = None
             except Exception as err:
                 log.warning("could not start session %d: %s", handle.id, err)
                 self._release()
@@ -393,3 +429,4 @@ class Engine:
         self._observe_step(time.monotonic() - started, len(batch))
         for i, handle in enumerate(batch):
             handle.spec = Speculative(np.ascontiguousarray(rgb[i]), masks[i], started)
+

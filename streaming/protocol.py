@@ -9,6 +9,8 @@ message or raises ``ProtocolError(code, message)``. Frames travel as binary mess
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import math
@@ -18,17 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from worldloop.models.images import MAX_PICTURE_BYTES, picture_format
 from worldloop.models.keys import ALL_KEYS_MASK, parse_keys
 from worldloop.models.text import MAX_PROMPT_CHARS, validate_prompt
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 4096  # client text messages above this are answered with `too_large`
+MAX_MESSAGE_BYTES = 4096  # client text messages above this are answered with `too_large`…
+# …except `start` and `reset` carrying a `first_frame` picture (base64: 4/3 of MAX_PICTURE_BYTES, plus fields)
+MAX_PICTURE_MESSAGE_BYTES = 96 * 1024
 U32_MAX = 2**32 - 1
 MAX_FPS = 60
 MAX_STEPS = 8
 FRAME_MAGIC = b"WLF1"
 FRAME_HEADER = struct.Struct("<4sIIHHd")  # magic, frame_seq, key_seq_applied, width, height, server_time_ms
 ImageFormat = Literal["jpeg", "webp"]
+StartFrom = Literal["world", "prompt"]  # a start from a picture is asked for by sending `first_frame`
 SUBPROTOCOL = "worldloop.v1"  # the websocket subprotocol a server selects when the client offers it
 # Browsers cannot set headers on a websocket, so they offer the access token as a second subprotocol,
 # "worldloop.token.<token>", which the server checks and never selects.
@@ -39,15 +45,19 @@ _ACCESS_TOKEN = re.compile(r"[0-9A-Za-z!#$%&'*+.^_`|~-]{8,256}")
 # Every error code a server may send, with its meaning (docs/protocol.md lists the same table).
 ERROR_CODES: dict[str, str] = {
     "bad_json": "not a JSON object (bad syntax, NaN/Infinity, a duplicate field, an over-long number)",
-    "too_large": f"the text message is over {MAX_MESSAGE_BYTES} bytes",
+    "too_large": f"the text message is over {MAX_MESSAGE_BYTES} bytes ({MAX_PICTURE_MESSAGE_BYTES} with a "
+                 "`first_frame`)",
     "binary_not_allowed": "clients send text messages only",
     "unknown_type": "the `type` field is missing or names no client message",
     "bad_field": "a field is missing, unknown, of the wrong type or out of range",
     "bad_prompt": f"the prompt is over {MAX_PROMPT_CHARS} characters or has control characters or lone "
                   "surrogates",
     "bad_keys": "a key name is unknown or a key bitmask is out of range",
+    "bad_image": f"`first_frame` is not base64 of a PNG, JPEG or WebP picture of at most {MAX_PICTURE_BYTES} "
+                 "bytes and 8 to 4096 pixels a side, or it cannot be decoded",
     "unsupported_protocol": "the client asked for a protocol version this server does not speak",
-    "unsupported": "valid, but this server cannot do it (another `steps`; `record` without a record dir)",
+    "unsupported": "valid, but this server cannot do it (another `steps`; `record` without a record dir; "
+                   "`start_from` \"world\" without a built-in world)",
     "no_session": "the message needs a session: send `start` first",
     "already_started": "this connection already has a session",
     "unknown_session": "the resume id is unknown or its grace period has expired",
@@ -95,6 +105,8 @@ class Start:
     quality: int = 80
     session: str | None = None  # a resume id from an earlier `ready`
     protocol: int = PROTOCOL_VERSION
+    start_from: StartFrom | None = None  # None: the server's default ("world" unless it was told otherwise)
+    first_frame: str | None = None  # base64 PNG/JPEG/WebP: start from this picture
     type: Literal["start"] = "start"
 
 
@@ -115,6 +127,8 @@ class SetPrompt:
 class Reset:
     prompt: str | None = None
     seed: int | None = None
+    start_from: StartFrom | None = None  # None: the way the session started
+    first_frame: str | None = None  # base64 PNG/JPEG/WebP: start again from this picture
     type: Literal["reset"] = "reset"
 
 
@@ -166,6 +180,7 @@ class Ready:
     max_in_flight: int = 2
     trained: bool = True  # False: the model has random, untrained weights (its pictures are noise)
     protocol: int = PROTOCOL_VERSION
+    start_from: Literal["world", "prompt", "picture"] = "prompt"  # what the stream started from
     type: Literal["ready"] = "ready"
 
 
@@ -278,6 +293,34 @@ def _keys(name: str, value: Any) -> int:
         raise ProtocolError("bad_keys", str(err)) from None
 
 
+_DATA_URL = re.compile(r"data:image/[a-z]+;base64,")
+
+
+def _picture(name: str, value: Any) -> str:
+    """Base64 (optionally a ``data:image/…;base64,`` URL) of a PNG, JPEG or WebP picture; decoded, resized
+    and fully checked by the server (``models.images.read_picture``)."""
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"`{name}` must be a base64 string")
+    prefix = _DATA_URL.match(value[:40])
+    try:
+        data = base64.b64decode(value[prefix.end() if prefix else 0:], validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("bad_image", f"`{name}` is not valid base64") from None
+    if len(data) > MAX_PICTURE_BYTES:
+        raise ProtocolError("bad_image", f"`{name}` is {len(data)} bytes; at most {MAX_PICTURE_BYTES}")
+    try:
+        picture_format(data)
+    except ValueError as err:
+        raise ProtocolError("bad_image", f"`{name}`: {err}") from None
+    return value
+
+
+def picture_bytes(value: str) -> bytes:
+    """The picture of a validated `first_frame` field."""
+    prefix = _DATA_URL.match(value[:40])
+    return base64.b64decode(value[prefix.end() if prefix else 0:])
+
+
 _RESUME_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
@@ -301,10 +344,12 @@ _CLIENT_SCHEMAS: dict[str, tuple[type, dict[str, tuple[Validator, bool]]]] = {
         "fps": (_integer(1, MAX_FPS), False), "steps": (_integer(1, MAX_STEPS), False),
         "format": (_choice("jpeg", "webp"), False), "quality": (_integer(1, 100), False),
         "session": (_resume_id, False), "protocol": (_protocol, False),
+        "start_from": (_choice("world", "prompt"), False), "first_frame": (_picture, False),
     }),
     "keys": (Keys, {"keys": (_keys, True), "seq": (_SEQ, True)}),
     "prompt": (SetPrompt, {"prompt": (_prompt, True)}),
-    "reset": (Reset, {"prompt": (_prompt, False), "seed": (_integer(0, U32_MAX), False)}),
+    "reset": (Reset, {"prompt": (_prompt, False), "seed": (_integer(0, U32_MAX), False),
+                      "start_from": (_choice("world", "prompt"), False), "first_frame": (_picture, False)}),
     "snapshot": (TakeSnapshot, {}),
     "restore": (Restore, {"id": (_integer(0, U32_MAX), True)}),
     "ack": (Ack, {"frame": (_integer(0, U32_MAX), True)}),
@@ -357,11 +402,16 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
     """Validate one websocket message from a client; return its typed message or raise ``ProtocolError``."""
     if not isinstance(data, str):
         raise ProtocolError("binary_not_allowed", "binary messages are not accepted; send JSON text")
-    if len(data) > MAX_MESSAGE_BYTES or len(data.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes")
+    size = len(data.encode("utf-8", "surrogatepass")) if len(data) <= MAX_PICTURE_MESSAGE_BYTES else len(data)
+    if size > MAX_MESSAGE_BYTES and (size > MAX_PICTURE_MESSAGE_BYTES or '"first_frame"' not in data):
+        limit = f"{MAX_MESSAGE_BYTES} bytes ({MAX_PICTURE_MESSAGE_BYTES} with a `first_frame` picture)"
+        raise ProtocolError("too_large", f"the message is {size} bytes; messages are limited to {limit}")
     obj = _load_json(data)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", "a message must be a JSON object")
+    if size > MAX_MESSAGE_BYTES and not (obj.get("type") in ("start", "reset") and "first_frame" in obj):
+        raise ProtocolError("too_large", "messages without a `first_frame` are limited to "
+                            f"{MAX_MESSAGE_BYTES} bytes")
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in _CLIENT_SCHEMAS:
         shown = kind[:40] if isinstance(kind, str) else kind
@@ -378,6 +428,9 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
                 values[name] = check(name, obj[name])
             elif required:
                 raise ProtocolError("bad_field", f"`{kind}` needs the field `{name}`")
+        if "start_from" in values and "first_frame" in values:
+            raise ProtocolError("bad_field", "give either `start_from` or `first_frame` (a start from that "
+                                "picture), not both")
     except ProtocolError as err:
         raise ProtocolError(err.code, err.message, request=kind) from None
     return cls(**values)

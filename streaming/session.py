@@ -24,6 +24,8 @@ from worldloop.streaming.metrics import Metrics, RateMeter
 from worldloop.streaming.protocol import FrameHeader
 
 OutputFormat = Literal["jpeg", "webp", "raw"]
+StartFrom = Literal["world", "prompt", "picture"]
+START_FROM: tuple[StartFrom, ...] = ("world", "prompt", "picture")
 
 
 class WorldModelLike(Protocol):
@@ -34,13 +36,15 @@ class WorldModelLike(Protocol):
 
     @property
     def frame_shape(self) -> tuple[int, int]: ...
-    def new_session(self, prompt: str, seed: int) -> Any: ...
+    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
+                    first_keys: Sequence[int] | None = None) -> Any: ...
     def next_frame(self, sessions: Sequence[Any], keys: Sequence[int],
                    speculative: bool = False) -> np.ndarray: ...
     def commit(self, session: Any) -> None: ...
     def discard(self, session: Any) -> None: ...
     def set_prompt(self, session: Any, prompt: str) -> None: ...
-    def reset(self, session: Any, prompt: str | None = None, seed: int | None = None) -> None: ...
+    def reset(self, session: Any, prompt: str | None = None, seed: int | None = None,
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None) -> None: ...
     def snapshot(self, session: Any) -> Any: ...
     def restore(self, session: Any, snapshot: Any) -> None: ...
     def close_session(self, session: Any) -> None: ...
@@ -65,13 +69,79 @@ class SessionClosed(Exception):
     """The session was closed before the command ran."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class StartFrames:
+    """The context a stream starts from: real frames uint8 (N, H, W, 3) and the key bitmask each was made
+    with (``keys[0]`` led to the first)."""
+
+    frames: np.ndarray
+    keys: tuple[int, ...]
+
+
+# (prompt, seed) → the first frames of a fresh built-in world for the prompt's theme. The app injects it
+# (``app/starts.py``): the streaming layer knows nothing of the built-in world.
+WorldStart = Callable[[str, int], StartFrames]
+
+
+class Starts:
+    """Where sessions start: ``"world"`` (frames of a fresh built-in world from the ``world`` provider, the
+    way playable world models start from a real frame), ``"picture"`` (a user's picture, already at the
+    model's frame size: uint8 (H, W, 3)) or ``"prompt"`` (no context: the first frame is drawn from the
+    prompt alone). ``default`` is the start of sessions that do not ask for one."""
+
+    def __init__(self, world: WorldStart | None = None, default: StartFrom | None = None,
+                 picture: np.ndarray | None = None) -> None:
+        self.world, self.picture = world, picture
+        self.default: StartFrom = default or ("world" if world is not None else "prompt")
+        self.check(self.default, picture)
+
+    def check(self, start_from: StartFrom, picture: np.ndarray | None) -> None:
+        """ValueError for a start this engine cannot make."""
+        if start_from not in START_FROM:
+            raise ValueError(f"start_from must be one of {', '.join(START_FROM)}, got {start_from!r}")
+        if start_from == "world" and self.world is None:
+            raise ValueError("this engine has no built-in world to start sessions from")
+        if start_from == "picture" and picture is None:
+            raise ValueError("a start from a picture needs the picture")
+        if picture is not None and (picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3):
+            raise ValueError(f"a start picture must be uint8 (H, W, 3), got {picture.dtype} {picture.shape}")
+
+    def resolve(self, start_from: StartFrom | None, picture: np.ndarray | None
+                ) -> tuple[StartFrom, np.ndarray | None]:
+        """The start a session asked for (None: the default; a picture alone means "picture") and its
+        picture (the engine's own when it asked for none); ValueError when it cannot be made."""
+        if start_from is None:
+            start_from = "picture" if picture is not None else self.default
+        if start_from == "picture":
+            picture = self.picture if picture is None else picture
+        elif picture is not None:
+            raise ValueError(f"a picture was given for a start from the {start_from}")
+        self.check(start_from, picture)
+        return start_from, picture
+
+    def frames(self, start_from: StartFrom, prompt: str, seed: int, picture: np.ndarray | None
+               ) -> StartFrames | None:
+        """The context frames of a start (None: from the prompt alone). A picture is one frame made with no
+        keys, as the first frame of every training clip; a world start renders the world (slow: milliseconds
+        to tenths of a second, so the engine calls this off its generation thread)."""
+        if start_from == "prompt":
+            return None
+        if start_from == "picture":
+            assert picture is not None
+            return StartFrames(picture[None], (0,))
+        assert self.world is not None
+        return self.world(prompt, seed)
+
+
+@dataclass(frozen=True, eq=False)
 class SessionOptions:
     prompt: str
     seed: int = 0
     fps: int | None = None  # None: the engine's FPS (the model's configured FPS by default)
     image_format: OutputFormat = "jpeg"  # "raw": no encoding, for in-process consumers
     quality: int = 80
+    start_from: StartFrom | None = None  # None: the engine's default (``Starts.default``)
+    picture: np.ndarray | None = None  # uint8 (H, W, 3) at the model's frame size, for "picture"
 
 
 @dataclass(frozen=True)
@@ -119,17 +189,40 @@ def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
         future.set_exception(err)
 
 
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    """When ``source`` is done, settle ``target`` the same way."""
+    def copy(done: Future[Any]) -> None:
+        error = done.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+
+
+def start_kwargs(start: StartFrames | None) -> dict[str, Any]:
+    """``new_session``/``reset`` keyword arguments for a start (none for a start from the prompt)."""
+    return {} if start is None else {"first_frames": start.frames, "first_keys": list(start.keys)}
+
+
 class SessionHandle:
     """One session in the engine; created by ``Engine.open_session``."""
 
     def __init__(self, session_id: int, options: SessionOptions, fps: int, *, model: WorldModelLike,
                  metrics: Metrics, pool: Executor, wake: threading.Event, max_snapshots: int,
-                 on_frame: Callable[[Frame], None] | None) -> None:
+                 on_frame: Callable[[Frame], None] | None, starts: Starts | None = None,
+                 starter: Executor | None = None) -> None:
         self.id = session_id
         self.options = options
         self.fps = fps
         self.on_frame = on_frame  # swapped by whoever consumes the frames; None drops them
         self.prompt, self.seed = options.prompt, options.seed  # now: `prompt`, `reset`, `restore` change them
+        self._starts = starts or Starts()
+        self._starter = starter or pool  # where world starts are rendered, off the generation thread
+        # How the stream (re)starts: `reset` keeps it unless told otherwise.
+        self.start_from, self.picture = self._starts.resolve(options.start_from, options.picture)
+        self.start_frames: StartFrames | None = None  # the context of the first start (engine thread)
         self.started: Future[None] = Future()  # the model session exists (or the error that stopped it)
         self.closed: Future[None] = Future()  # result None, or the error that ended the session
         self._wake = wake
@@ -181,9 +274,36 @@ class SessionHandle:
         """Switch the prompt; resolves to the seq of the first frame made under it."""
         return self._submit(functools.partial(self._run_set_prompt, prompt))
 
-    def reset(self, prompt: str | None = None, seed: int | None = None) -> Future[int]:
-        """Start the stream again; resolves to the seq of the first frame of the new stream."""
-        return self._submit(functools.partial(self._run_reset, prompt, seed))
+    def reset(self, prompt: str | None = None, seed: int | None = None, start_from: StartFrom | None = None,
+              picture: np.ndarray | None = None) -> Future[int]:
+        """Start the stream again, the way it started unless ``start_from``/``picture`` say otherwise (a world
+        start renders a fresh world for the new prompt and seed); resolves to the seq of the first frame of
+        the new stream. A start that cannot be made raises ValueError here."""
+        if start_from is None and picture is None:
+            start_from, picture = self.start_from, self.picture
+        if picture is not None:
+            check_picture(picture, tuple(self._model.frame_shape))
+        start_from, picture = self._starts.resolve(start_from, picture)
+        prompt_now = self.prompt if prompt is None else prompt  # the world's theme comes from this prompt
+        seed_now = self.seed if seed is None else seed
+        result: Future[int] = Future()
+
+        def prepared(frames: StartFrames | None) -> None:
+            command = functools.partial(self._run_reset, prompt, seed, start_from, picture, frames)
+            _chain(self._submit(command), result)
+
+        self.prepare_start(start_from, prompt_now, seed_now, picture).add_done_callback(
+            lambda f: _chain(f, result) if f.exception() else prepared(f.result()))
+        return result
+
+    def prepare_start(self, start_from: StartFrom, prompt: str, seed: int, picture: np.ndarray | None
+                      ) -> Future[StartFrames | None]:
+        """The start's context frames, rendered on the starter pool when they come from the world."""
+        if start_from != "world":
+            done: Future[StartFrames | None] = Future()
+            _settle(done, lambda: self._starts.frames(start_from, prompt, seed, picture))
+            return done
+        return self._starter.submit(self._starts.frames, start_from, prompt, seed, picture)
 
     def snapshot(self) -> Future[tuple[int, int]]:
         """Resolves to (snapshot id, seq of the next frame); the oldest snapshots beyond the limit go."""
@@ -266,11 +386,13 @@ class SessionHandle:
         self.prompt = prompt
         return self.next_seq
 
-    def _run_reset(self, prompt: str | None, seed: int | None) -> int:
+    def _run_reset(self, prompt: str | None, seed: int | None, start_from: StartFrom,
+                   picture: np.ndarray | None, start: StartFrames | None) -> int:
         self.drop_speculation()
-        self._model.reset(self.model_session, prompt=prompt, seed=seed)
+        self._model.reset(self.model_session, prompt=prompt, seed=seed, **start_kwargs(start))
         self.prompt = self.prompt if prompt is None else prompt
         self.seed = self.seed if seed is None else seed
+        self.start_from, self.picture = start_from, picture
         return self.next_seq
 
     def _run_snapshot(self) -> tuple[int, int]:
@@ -294,3 +416,10 @@ class SessionHandle:
         if self.writer is not None:
             raise RuntimeError(f"session {self.id} is already being recorded")
         self.writer = writer
+
+
+def check_picture(picture: np.ndarray, frame_shape: tuple[int, int]) -> None:
+    """A start picture is uint8 RGB at the model's frame size (``models.images.read_picture`` makes one)."""
+    if picture.dtype != np.uint8 or picture.shape != (*frame_shape, 3):
+        h, w = frame_shape
+        raise ValueError(f"a start picture must be uint8 ({h}, {w}, 3), got {picture.dtype} {picture.shape}")

@@ -35,6 +35,7 @@ from worldloop.models.config import preset
 from worldloop.streaming.engine import Engine
 from worldloop.streaming.protocol import FrameHeader, unpack_frame
 from worldloop.streaming.server import ServerConfig, WorldloopServer
+from worldloop.streaming.session import Starts
 
 
 def _mix(*parts: object) -> int:
@@ -56,9 +57,16 @@ class FakeSession:
     state: int = 0
     frame_index: int = 0
     pending: list[tuple[int, int]] = field(default_factory=list)  # speculative (state, frame_index)
+    context: np.ndarray | None = None  # the first frames it started from (None: from the prompt)
+    context_keys: list[int] | None = None
 
     def __post_init__(self) -> None:
-        self.state = _mix("start", self.seed, self.prompt)
+        self.start()
+
+    def start(self) -> None:
+        """The stream's first state: from the seed, the prompt and the context frames (if any)."""
+        frames = None if self.context is None else hashlib.blake2b(self.context.tobytes()).hexdigest()
+        self.state, self.frame_index = _mix("start", self.seed, self.prompt, frames, self.context_keys), 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class FakeWorldModel:
         self.slack = slack
         self.calls: list[tuple[int, bool]] = []  # (batch size, speculative) per step call
         self.sessions_created = 0
+        self.sessions: list[FakeSession] = []  # every session opened, in order
         self._slots: set[int] = set()
         self._thread: int | None = None
         self._lock = threading.Lock()
@@ -94,14 +103,28 @@ class FakeWorldModel:
                 self._thread = me
         assert self._thread == me, "the model was called from two threads"
 
-    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None) -> FakeSession:
+    def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
+                    first_keys: Sequence[int] | None = None) -> FakeSession:
         self._check_thread()
+        self._check_context(first_frames, first_keys)
         free = [i for i in range(self.max_sessions) if i not in self._slots]
         if not free:
             raise RuntimeError(f"all {self.max_sessions} cache slots are in use")
         self._slots.add(free[0])
         self.sessions_created += 1
-        return FakeSession(free[0], prompt, seed)
+        keys = None if first_keys is None else [int(k) for k in first_keys]
+        self.sessions.append(FakeSession(free[0], prompt, seed, context=first_frames, context_keys=keys))
+        return self.sessions[-1]
+
+    def _check_context(self, frames: np.ndarray | None, keys: Sequence[int] | None) -> None:
+        """As ``WorldModel``: uint8 (T, H, W, 3) at the frame size, one key state per frame."""
+        if frames is None:
+            assert keys is None, "first_keys without first_frames"
+            return
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*self.frame_shape, 3):
+            raise ValueError(f"first_frames must be uint8 (T, {self.frame_shape}, 3), got {frames.shape}")
+        if keys is not None and len(keys) != len(frames):
+            raise ValueError("first_keys must give one key state per first frame")
 
     def next_frame(self, sessions: Sequence[FakeSession], keys: Sequence[int],
              speculative: bool = False) -> np.ndarray:
@@ -144,12 +167,16 @@ class FakeWorldModel:
             time.sleep(self.prompt_delay)
         session.prompt = prompt
 
-    def reset(self, session: FakeSession, prompt: str | None = None, seed: int | None = None) -> None:
+    def reset(self, session: FakeSession, prompt: str | None = None, seed: int | None = None,
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None) -> None:
         self._check_thread()
+        self._check_context(first_frames, first_keys)
         session.pending.clear()
         session.prompt = session.prompt if prompt is None else prompt
         session.seed = session.seed if seed is None else seed
-        session.state, session.frame_index = _mix("start", session.seed, session.prompt), 0
+        session.context = first_frames
+        session.context_keys = None if first_keys is None else [int(k) for k in first_keys]
+        session.start()
 
     def snapshot(self, session: FakeSession) -> FakeSnapshot:
         self._check_thread()
@@ -169,9 +196,10 @@ class FakeWorldModel:
 
 @asynccontextmanager
 async def serve_fake(model: FakeWorldModel | None = None, *, max_sessions: int = 4, speculative: bool = True,
-                     **config: Any) -> AsyncIterator[WorldloopServer]:
+                     starts: Starts | None = None, **config: Any) -> AsyncIterator[WorldloopServer]:
     """An engine on ``model`` (default: a fake) and a server on 127.0.0.1 at a free port."""
-    engine = Engine(model or FakeWorldModel(), max_sessions=max_sessions, speculative=speculative).start()
+    engine = Engine(model or FakeWorldModel(), max_sessions=max_sessions, speculative=speculative,
+                    starts=starts).start()
     server = WorldloopServer(engine, ServerConfig(**{"port": 0, **config}))
     try:
         await server.start()

@@ -65,6 +65,9 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
             assert h["psnr_gain"] == pytest.approx(h["psnr"] - h["copy_last_psnr"], abs=1e-4)
             assert h["psnr_gain_se"] >= 0
         assert set(run["keys"]) == {"model", "engine"} and 0 <= run["keys"]["model"]["per_key"] <= 1
+        start = run["prompt_start"]  # the same rollout from the prompt alone
+        assert start["context_frames"] == 0 and set(start["horizons"]) == {"1", "2", "4"}
+        assert 0 <= start["theme_accuracy"] <= 1 and 0 < start["horizons"]["4"]["psnr"] < 100
         switch = run["prompt_switch"]
         assert 0 <= switch["adherence"] <= 1 and 0 <= switch["engine_theme_accuracy"] <= 1
         drift = run["drift"]
@@ -80,7 +83,8 @@ def test_eval_reports_every_metric(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0
     summary = (out / "summary.md").read_text()
     table = [line for line in summary.split("Autoencoder only")[0].splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 1 + 2 and table[2].startswith("| copy last frame | – | ")
+    assert len(table) == 2 + 1 + 2 * 2 and table[2].startswith("| copy last frame | – | ")
+    assert table[4].startswith("| … from the prompt alone (no context frames; theme accuracy")
     assert "sharpness h4" in table[0]
     ceiling_rows = [ln for ln in summary.split("Autoencoder only")[1].splitlines() if ln.startswith("|")]
     assert len(ceiling_rows) == 3 and f"{report['runs'][0]['autoencoder']['psnr']:.2f}" in ceiling_rows[2]

@@ -205,7 +205,7 @@ def test_messages_over_the_transport_limit_close_the_socket() -> None:
     async def scenario() -> None:
         async with serve_fake() as server, RawClient.connect(server) as client:
             await client.start()
-            await client.send("x" * 100_000)
+            await client.send("x" * 200_000)
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     await client.receive()

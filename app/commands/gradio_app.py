@@ -13,6 +13,7 @@ import sys
 
 from worldloop.app.errors import UserError
 from worldloop.app.loading import add_model_options, choose_model, load_model
+from worldloop.app.starts import add_start_options, starts_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
+    add_start_options(p)
     p.set_defaults(func=run)
 
 
@@ -44,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
+    starts = starts_from_args(args, choice.config)
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
                        backend=args.backend)
-    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, trained=choice.trained).start()
+    engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, trained=choice.trained,
+                    starts=starts).start()
     demo = build_app(GradioWorld(engine))
     try:
         _, url = launch(demo, host=args.host, port=args.port or None, share=args.share, block=False)

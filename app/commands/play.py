@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from worldloop.app.commands import serve
 from worldloop.app.loading import add_model_options, choose_model
+from worldloop.app.starts import add_start_options
 
 if TYPE_CHECKING:
     from worldloop.streaming.server import WorldloopServer
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--record-dir", type=Path, metavar="DIR",
                    help="where the page's Record button saves videos (default: a new temporary directory)")
+    add_start_options(p)
     p.set_defaults(func=run)
 
 
@@ -76,6 +78,10 @@ def serve_args(args: argparse.Namespace, port: int, record_dir: Path) -> argpars
     if args.steps is not None:
         argv += ["--steps", str(args.steps)]
     argv += ["--backend", args.backend]
+    if args.start is not None:
+        argv += ["--start", args.start]
+    if args.first_frame is not None:
+        argv += ["--first-frame", str(args.first_frame)]
     return parser.parse_args(argv)
 
 

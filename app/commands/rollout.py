@@ -3,12 +3,17 @@
     worldloop rollout --prompt "ice cave" --seconds 60 --out ice.mp4
     worldloop rollout --prompt "a dungeon" --prompt-at 600:"a neon city" --frames 1200 --keys walk.txt
     worldloop rollout --preset default --schedule prompts.json --seconds 3600 --out hour.mp4  # random
+    worldloop rollout --prompt "a dungeon" --first-frame photo.jpg --seconds 10 --out mine.mp4
 
 Keys come from a key script (``--keys FILE``: one line per frame as for ``worldloop world record``, e.g.
 ``30*w``, ``w+a``, ``none``; it must cover every frame) or, by default, from the rollout explorer: a
 seeded, sticky, forward-biased random key policy (a model rollout has no map, so unlike the built-in
 world's explorer it cannot steer around walls). Ctrl-C or SIGTERM stops the rollout and closes the video
 cleanly; even a killed run leaves a playable file up to its last one-second fragment.
+
+The rollout starts from the first frames of a fresh built-in world of the prompt's theme, seeded by
+``--seed`` (``--start world``, the default), from a picture (``--first-frame IMAGE``, fitted to the model's
+frame size) or from the prompt alone (``--start prompt``); the video holds the model's frames only.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from worldloop.app.rollout import (
     sidecar_path,
     write_sidecar,
 )
+from worldloop.app.starts import add_start_options, starts_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("rollout.mp4"), help="video file (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing --out video and its sidecar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_start_options(p, what="the rollout")
     p.set_defaults(func=run)
 
 
@@ -127,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
             keys, source = scripted_keys(read_key_script(args.keys), frames), f"script {args.keys}"
         else:
             keys, source = explorer_keys(args.seed, fps), f"explorer (seed {args.seed})"
-        plan = RolloutPlan(args.seed, frames, fps, schedule, source)
+        starts = starts_from_args(args, choice.config)
+        start = starts.frames(starts.default, schedule.first, args.seed, starts.picture)
+        plan = RolloutPlan(args.seed, frames, fps, schedule, source, starts.default, start,
+                           None if args.first_frame is None else str(args.first_frame))
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
 

@@ -28,6 +28,7 @@ from worldloop.app.loading import (
     load_model,
     torch_threads,
 )
+from worldloop.app.starts import add_start_options, starts_from_args
 
 if TYPE_CHECKING:
     from worldloop.streaming.config import ServerConfig
@@ -66,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start-deadline", type=float, default=10.0,
                    help="seconds a connection may stay open without a session (default: %(default)s)")
     p.add_argument("--no-speculative", action="store_true", help="do not generate frames ahead of time")
+    add_start_options(p, what="a session that asks for no start")
     p.set_defaults(func=run)
 
 
@@ -108,6 +110,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
 
     _check_args(args)
     choice = choose_model(args.model, args.preset, fallback=True)
+    starts = starts_from_args(args, choice.config)  # a bad --first-frame fails before the model loads
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     if not _is_loopback(args.host) and args.token is None:
@@ -121,7 +124,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
                        backend=args.backend)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
-                    trained=choice.trained)
+                    trained=choice.trained, starts=starts)
     return choice, engine, server_config(args)
 
 

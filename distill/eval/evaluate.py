@@ -6,6 +6,9 @@ context, keys and prompts and measures what comes out. For each model and step c
 1. Horizons: ``episodes`` held-out worlds; the engine's first ``context_frames`` frames become the session's
    context (``new_session(first_frames=...)``), then the model steps with the engine's keys. PSNR and SSIM
    against the engine at each horizon, beside the copy-last-frame baseline (the last context frame).
+   The same rollout from the prompt alone (no context frames: the other start ``worldloop play`` offers) is
+   reported beside it (``prompt_start``): the same frames, keys and metrics, and the theme classifier's
+   accuracy on its frames, so both starts are measured.
 2. Key accuracy: the inverse-dynamics model on consecutive generated frames vs the keys given (and on the
    engine's frames, for reference).
 3. Prompt adherence: after the horizon frames each session switches (``set_prompt``) to a prompt of another
@@ -108,10 +111,35 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context_frames: int,
     sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context_frames],
                                first_keys=clips.keys[i, :context_frames])
                 for i, p in enumerate(clips.prompts)]
+    return sessions, _roll(wm, sessions, clips, context_frames, frames)
+
+
+def _roll(wm: WorldModel, sessions: list[Session], clips: EngineClips, start: int, frames: int) -> np.ndarray:
+    """``frames`` frames made with the engine's keys from clip frame ``start`` on → (E, frames, H, W, 3)."""
     out = [wm.next_frame(sessions, clips.keys[:, t].tolist())
-           for t in tqdm(range(context_frames, context_frames + frames), desc="rollout", unit="frame",
-                         leave=False)]
-    return sessions, np.stack(out, 1)
+           for t in tqdm(range(start, start + frames), desc="rollout", unit="frame", leave=False)]
+    return np.stack(out, 1)
+
+
+def prompt_start(wm: WorldModel, clips: EngineClips, classifier: EvaluatorNet | None, cfg: EvalConfig,
+                 context_frames: int) -> dict[str, Any]:
+    """The horizon rollout again from the prompt alone: sessions without context frames make the frames the
+    engine shows after its context, with the same keys. Metrics as for the start from engine frames (the
+    copy-last baseline stays the last engine context frame, which this start never saw)."""
+    sessions = [wm.new_session(p, seed=cfg.seed + i) for i, p in enumerate(clips.prompts)]
+    horizon = max(cfg.horizons)
+    generated = _roll(wm, sessions, clips, context_frames, horizon)
+    for s in sessions:
+        wm.close_session(s)
+    engine = clips.frames[:, context_frames: context_frames + horizon]
+    report: dict[str, Any] = {
+        "context_frames": 0,
+        "horizons": horizon_metrics(generated, engine, clips.frames[:, context_frames - 1], cfg.horizons)}
+    if classifier is not None:
+        flat = torch.from_numpy(generated.reshape(-1, *generated.shape[2:]))
+        predicted = predict_themes(classifier, flat).cpu().argmax(-1).view(generated.shape[:2])
+        report["theme_accuracy"] = float((predicted == torch.tensor(clips.themes)[:, None]).float().mean())
+    return report
 
 
 def horizon_metrics(generated: np.ndarray, engine: np.ndarray, last_context: np.ndarray,
@@ -276,6 +304,7 @@ def evaluate_model(wm: WorldModel, clips: EngineClips, cfg: EvalConfig, idm: Eva
                                                    cfg.switch_frames, generated)
     for s in sessions:
         wm.close_session(s)
+    report["prompt_start"] = prompt_start(wm, clips, classifier, cfg, context_frames)
     report["drift"], drift_video = drift(wm, classifier, cfg, context_frames, device)
     report["seconds"] = time.perf_counter() - started
     return report, {"generated": np.concatenate([generated, after], 1), "drift": drift_video}
@@ -426,9 +455,16 @@ def summary_table(report: dict[str, Any]) -> str:
                     + [_number(r["horizons"][h].get("sharpness_ratio"), 3) for h in horizons]
                     + [keys_text, adherence_text,
                        "–" if first is None else f"{first:.2f} → {last:.2f} ({r['drift']['frames']} frames)"])
-    notes = ("\nPSNR cells: mean over the episodes (gain over copy-last ± its standard error over the "
-             "episodes). Sharpness: the model frames' mean Laplacian variance ÷ the engine frames' (1 = as "
-             "sharp as the engine).\n")
+        if r.get("prompt_start"):  # the same rollout started from the prompt alone
+            p = r["prompt_start"]["horizons"]
+            rows.append([f"… from the prompt alone (no context frames; theme accuracy "
+                         f"{_number(r['prompt_start'].get('theme_accuracy'), 3)})", str(r["steps"])]
+                        + [_psnr_cell(p[h]) for h in horizons] + [f"{p[h]['ssim']:.3f}" for h in horizons]
+                        + [_number(p[h].get("sharpness_ratio"), 3) for h in horizons] + ["", "", ""])
+    notes = ("\nEach model row starts from the engine's first frames (context); the row below it "
+             "starts the same rollout from the prompt alone.\nPSNR cells: mean over the episodes (gain over "
+             "copy-last ± its standard error over the episodes). Sharpness: the model frames' mean Laplacian "
+             "variance ÷ the engine frames' (1 = as sharp as the engine).\n")
     ceiling = [{"model": r["model"], **r["autoencoder"]} for r in runs if r.get("autoencoder")]
     unique = list({r["model"]: r for r in ceiling}.values())
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n" + notes
