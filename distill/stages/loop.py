@@ -225,7 +225,7 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
                 stage.export(iteration, snapshot_dir(run, snapshots * cfg.snapshot_minutes))
     progress.close()
     save()
-    if ddp.is_main and cfg.snapshot_minutes and cpu_minutes() > snapshots * cfg.snapshot_minutes:
+    if ddp.is_main and cfg.snapshot_minutes and cpu_minutes() > (snapshots + 0.1) * cfg.snapshot_minutes:
         stage.export(iteration, snapshot_dir(run, cpu_minutes()))  # the end point of the learning curve
     if ddp.is_main and not stage.export_at_checkpoints:
         stage.export(iteration, run.model)
