@@ -88,25 +88,13 @@ def full_forward(dit: Any, data: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def cached_forward(dit: Any, config: ModelConfig, data: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Frame by frame against a KV cache: each noisy frame, then its clean frame written as context."""
-    from worldloop.models.kv_cache import KVCache
+    """Frame by frame against a KV cache (``models.consistency.cached_rollout``)."""
+    from worldloop.models.consistency import cached_rollout
 
-    b, f = data["noisy"].shape[:2]
-    device = data["noisy"].device
+    b, device = data["noisy"].shape[0], data["noisy"].device
     prompt = dit.prompt_kv(data["tokens"], torch.ones(b, data["tokens"].shape[1], dtype=torch.bool,
                                                       device=device))
-    cache = KVCache.for_model(config, max_sessions=b, device=device)
-    slots = list(range(b))
-    cache.set_prompt(slots, prompt)
-    zeros, outs = torch.zeros(b, 1, device=device), []
-    for i in range(f):
-        frame, keys = torch.full((b, 1), i, device=device), data["keys"][:, i: i + 1]
-        view = cache.view(slots)
-        outs.append(dit.forward_cached(data["noisy"][:, i: i + 1], data["sigma"][:, i: i + 1], keys, frame, 0,
-                                       view.prompt, view).v)
-        ctx = dit.forward_cached(data["clean"][:, i: i + 1], zeros, keys, frame, 1, view.prompt, view)
-        cache.append(slots, frame, ctx.k, ctx.v_cache, data["clean"][:, i: i + 1], keys, zeros)
-    return torch.cat(outs, 1)
+    return cached_rollout(dit, config, data["noisy"], data["sigma"], data["keys"], data["clean"], prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------
