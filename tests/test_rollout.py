@@ -108,7 +108,7 @@ def test_rollout_writes_exactly_the_requested_frames_and_is_deterministic(
     script.write_text("# walk, turn, walk diagonally\n3*w\n2*q\nw+a\n-\n10*e\n")
     argv = ["rollout", "--preset", "tiny", "--seed", "5", "--prompt", "an ice cave", "--prompt-at",
             "6:a neon city", "--keys", str(script), "--frames", "14", "--fps", "12", "--scale", "2",
-            "--quiet", "--out", str(out)]
+            "--quiet", "--start", "prompt", "--out", str(out)]  # world starts: tests/test_starts.py
     assert main(argv) == 0
     frames, rate = decode(out)
     assert len(frames) == 14 and rate == 12 and frames[0].shape == (64, 64, 3)
