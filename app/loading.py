@@ -120,8 +120,10 @@ def choose_model(model: str | Path | None, preset_name: str | None, *, fallback:
 def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = None, seed: int = 0,
                max_sessions: int = 8, backend: str = "torch") -> WorldModel:
     """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend."""
+    from worldloop.models.device import resolve_device
     from worldloop.models.world_model import WorldModel
 
+    device = str(resolve_device(device))  # "auto" from callers that bypass the CLI's own resolution
     if backend != "torch":
         device = check_backend(backend, device)
     try:
