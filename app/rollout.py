@@ -188,13 +188,13 @@ ProgressFn = Callable[[int, RolloutResult], None]
 
 
 def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: FrameWriter, *, scale: int = 1,
-            on_frame: ProgressFn | None = None) -> RolloutResult:
+            on_frame: ProgressFn | None = None, stop: Callable[[], bool] | None = None) -> RolloutResult:
     """Generate ``plan.frames`` frames with ``model`` and write each as it comes; one session, one by one.
 
     Keys and prompt switches apply from the frame they are scheduled at. ``scale`` enlarges the written
-    frames by pixel repetition (the digest covers the model's own frames). On any exception (Ctrl-C, or
-    SIGTERM turned into ``KeyboardInterrupt`` by the caller) the result so far is attached to it as
-    ``err.rollout_result``.
+    frames by pixel repetition (the digest covers the model's own frames). ``stop`` is asked before every
+    frame (the command's SIGTERM handler sets it): a stop lands between frames, so the video and the count
+    always agree. On any exception (Ctrl-C) the result so far is attached to it as ``err.rollout_result``.
     """
     result = RolloutResult()
     switches = plan.schedule.switches()
@@ -203,6 +203,8 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
     try:
         session = model.new_session(plan.schedule.first, seed=plan.seed, **start_kwargs(plan.start))
         for index in range(plan.frames):
+            if stop is not None and stop():
+                return result
             mask = next(keys)
             t0 = time.perf_counter()
             if index in switches:

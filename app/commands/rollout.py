@@ -98,12 +98,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so a terminated rollout unwinds and closes its video."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+def _sigterm_stops(stopped: list[bool]) -> Iterator[None]:
+    """SIGTERM sets ``stopped[0]``: the rollout ends before its next frame and the video is closed."""
+    def stop(signum: int, frame: object) -> None:
+        stopped[0] = True
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
@@ -150,9 +150,12 @@ def run(args: argparse.Namespace) -> int:
     update, close_bar = _progress(frames, args.quiet)
     status = 0
     try:
-        with _sigterm_as_interrupt():
+        stopped = [False]
+        with _sigterm_stops(stopped):
             try:
-                result = rollout(model, plan, keys, recorder, scale=args.scale, on_frame=update)
+                result = rollout(model, plan, keys, recorder, scale=args.scale, on_frame=update,
+                                 stop=lambda: stopped[0])
+                status = 130 if stopped[0] and not result.completed else 0
             except KeyboardInterrupt as err:
                 result, status = getattr(err, "rollout_result", RolloutResult()), 130
     finally:
