@@ -11,9 +11,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from worldloop.models import consistency
 from worldloop.models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
 from worldloop.models.dit import NULL_KEY, DiT, attention, drop_keys, frame_mask
-from worldloop.models.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
@@ -44,44 +44,9 @@ def clip(config: ModelConfig, batch: int, frames: int, seed: int = 1) -> dict[st
 def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Frame by frame against a KV cache (slots 1 and 3 of 4), writing each clean frame's K/V."""
-    b, f = data["noisy"].shape[:2]
-    prompt = model.prompt_kv(data["tokens"], torch.ones(b, 5, dtype=torch.bool))
-    cache = KVCache.for_model(config, max_sessions=4, dtype=dtype)
-    slots = [1, 3]
-    cache.set_prompt(slots, prompt)
-    zeros = torch.zeros(b)
-    outs = []
-    for i in range(f):
-        clean, keys = data["clean"][:, i : i + 1], data["keys"][:, i : i + 1]
-        noisy, nkeys, nsig = (
-            data["noisy"][:, i : i + 1],
-            data["keys"][:, i : i + 1],
-            data["sigma"][:, i : i + 1],
-        )
-        frame = torch.full((b, 1), i)
-        if fused and i > 0:  # [clean i-1 | noisy i] in one forward
-            prev, pkeys = data["clean"][:, i - 1 : i], data["keys"][:, i - 1 : i]
-            out = model.forward_cached(
-                torch.cat([prev, noisy], 1),
-                torch.stack([zeros, nsig[:, 0]], 1),
-                torch.cat([pkeys, nkeys], 1),
-                torch.cat([frame - 1, frame], 1),
-                1,
-                cache.view(slots).prompt,
-                cache.view(slots),
-            )
-            cache.append(slots, frame - 1, out.k, out.v_cache, prev, pkeys, zeros[:, None])
-        else:
-            out = model.forward_cached(
-                noisy, nsig, nkeys, frame, 0, cache.view(slots).prompt, cache.view(slots)
-            )
-        outs.append(out.v)
-        if not fused:  # the simple path: a cache pass of its own
-            ctx = model.forward_cached(
-                clean, zeros[:, None], keys, frame, 1, cache.view(slots).prompt, cache.view(slots)
-            )
-            cache.append(slots, frame, ctx.k, ctx.v_cache, clean, keys, zeros[:, None])
-    return torch.cat(outs, 1)
+    prompt = model.prompt_kv(data["tokens"], torch.ones(data["noisy"].shape[0], 5, dtype=torch.bool))
+    return consistency.cached_rollout(model, config, data["noisy"], data["sigma"], data["keys"],
+                                      data["clean"], prompt, fused=fused, slots=[1, 3], dtype=dtype)
 
 
 @pytest.mark.parametrize(("fused", "prediction"), [(True, "v"), (False, "v"), (True, "x0"), (True, "delta"),
