@@ -1,11 +1,14 @@
-"""``worldloop distill cd|dmd``: distil the teacher into a 1–2-step student, one subcommand per stage.
+"""``worldloop distill cd|dmd|truth``: distil the teacher into a 1–2-step student, one subcommand per stage.
 
 ``cd`` (causal consistency distillation, ``distill/stages/cd.py``) starts the student from the teacher;
 ``dmd`` (self-forcing distribution matching, ``distill/stages/dmd.py``) continues from a CD student (or the
-teacher). Both export a model directory that ``worldloop play``/``serve``/``rollout`` load as they are.
+teacher); ``truth`` (self-forcing against the engine, ``distill/stages/truth.py``) trains the student, and
+optionally the decoder, on its own rollouts against the engine's frames under the same keys. Each exports a
+model directory that ``worldloop play``/``serve``/``rollout`` load as they are.
 
     worldloop distill cd --teacher runs/teacher/model --student-steps 2 --out runs/cd
     worldloop distill dmd --teacher runs/teacher/model --student runs/cd/model --out runs/dmd
+    worldloop distill truth --teacher runs/teacher/model --student-steps 1 --out runs/truth
 
 Learning rates: the student starts from trained weights, so both stages fine-tune below the teacher's 3e-4;
 DMD is kept short and gentle (2e-5, 300 iterations, a critic update every iteration and a generator update
@@ -15,6 +18,7 @@ every fifth) because an over-trained DMD student loses motion. These are startin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from worldloop.models.config import ModelConfig
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cd": {"iterations": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
     "dmd": {"iterations": 300, "batch_size": 8, "lr": 2e-5, "warmup": 0, "ema_decay": 0.99},
+    "truth": {"iterations": 3000, "batch_size": 4, "lr": 1e-4, "warmup": 20, "ema_decay": 0.99},
 }
 
 
@@ -36,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     distill = subparsers.add_parser("distill", help="distil the teacher into a 1–2-step student")
     stages = distill.add_subparsers(dest="stage", metavar="STAGE", required=True)
     helps = {"cd": "causal consistency distillation from the teacher",
-             "dmd": "short self-forcing distribution-matching distillation (after cd)"}
+             "dmd": "short self-forcing distribution-matching distillation (after cd)",
+             "truth": "self-forcing against the engine: rollouts regressed onto the engine's frames"}
     for stage, text in helps.items():
         p = stages.add_parser(stage, help=text, description=f"Run {text}.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if stage == "cd":
             p.add_argument("--grid-steps", type=int, default=48,
                            help="denoising steps of the teacher's trajectory grid")
-        else:
+        elif stage == "dmd":
             _dmd_options(p)
+        else:
+            _truth_options(p)
         p.set_defaults(func=run, sample_every=0)
 
 
@@ -80,6 +88,38 @@ def _dmd_options(p: argparse.ArgumentParser) -> None:
                    help="upper end of the re-noising range (before the shift)")
 
 
+def _truth_options(p: argparse.ArgumentParser) -> None:
+    from worldloop.distill.stages.truth import TRAINS, TruthObjective
+
+    d = TruthObjective()
+    p.add_argument("--student", type=Path, metavar="DIR",
+                   help="the student to start from (default: the teacher), e.g. an earlier truth run's model")
+    p.add_argument("--train", choices=TRAINS, default=d.train,
+                   help="what learns: the DiT, the decoder (on generated latents) or both")
+    p.add_argument("--max-context", type=int, default=d.max_context,
+                   help="engine frames a stream starts from (1..N, drawn per iteration)")
+    p.add_argument("--rollout-frames", type=int, default=d.rollout_frames,
+                   help="frames the student generates per stream and iteration")
+    p.add_argument("--grad-frames", type=int, default=d.grad_frames,
+                   help="newest rollout frames the gradient reaches (0: all)")
+    p.add_argument("--decoder-frames", type=int, default=d.decoder_frames,
+                   help="generated frames per iteration the decoder trains on")
+    p.add_argument("--decoder-lr-scale", type=float, default=d.decoder_lr_scale,
+                   help="the decoder's learning rate as a multiple of --lr")
+    p.add_argument("--edge-weight", type=float, default=d.edge_weight, help="decoder loss: gradient L1")
+    p.add_argument("--spectrum-weight", type=float, default=d.spectrum_weight,
+                   help="decoder loss: log-spectrum distance")
+    p.add_argument("--random-keys", type=float, default=d.random_keys,
+                   help="chance per frame that held random keys take over from the explorer")
+    p.add_argument("--key-hold", type=int, default=d.key_hold, help="frames a random key state is held")
+    p.add_argument("--switch-every", type=int, default=d.switch_every,
+                   help="every n-th iteration the prompt switches inside the rollout (0: never)")
+    p.add_argument("--switch-reuse", type=int, default=d.switch_reuse,
+                   help="switch iterations that share one rendered switch batch")
+    p.add_argument("--context-sigma", type=float,
+                   help="σ generated frames get in the cache, baked into the student (default: the start's)")
+
+
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
     """The student's config (from --student, else the teacher's) and the teacher's."""
     from worldloop.distill.stages.shared import student_config
@@ -89,7 +129,13 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
     base = checkpoint.read_config(source)[0] if source else teacher
     steps = args.student_steps or (base.sampling.steps if source else 2)
     first = args.first_frame_steps or (base.sampling.first_frame_steps if source else 4)
-    return student_config(base, steps, first), teacher
+    config = student_config(base, steps, first)
+    context_sigma = getattr(args, "context_sigma", None)
+    if context_sigma is not None:
+        if not 0.0 <= context_sigma < 1.0:
+            raise ValueError(f"--context-sigma must be in [0, 1), got {context_sigma}")
+        config = config.replace(sampling=dataclasses.replace(config.sampling, context_sigma=context_sigma))
+    return config, teacher
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with user_input():
             cfg = train_config(args, config, ddp)
+            if args.stage == "truth":
+                cfg = dataclasses.replace(cfg, clip_frames=objective.clip_frames)
             if args.stage == "dmd" and objective.grad_frames > cfg.clip_frames:
                 raise ValueError(f"--grad-frames {objective.grad_frames} exceeds --clip-frames "
                                  f"{cfg.clip_frames}")
@@ -123,6 +171,15 @@ def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
         from worldloop.distill.stages.cd import CDObjective
 
         return CDObjective(grid_steps=args.grid_steps, guidance=guidance, shift=shift)
+    if args.stage == "truth":
+        from worldloop.distill.stages.truth import TruthObjective
+
+        return TruthObjective(max_context=args.max_context, rollout_frames=args.rollout_frames,
+                              grad_frames=args.grad_frames, train=args.train,
+                              decoder_frames=args.decoder_frames, decoder_lr_scale=args.decoder_lr_scale,
+                              edge_weight=args.edge_weight, spectrum_weight=args.spectrum_weight,
+                              random_keys=args.random_keys, key_hold=args.key_hold,
+                              switch_every=args.switch_every, switch_reuse=args.switch_reuse)
     from worldloop.distill.stages.dmd import DMDObjective
 
     return DMDObjective(guidance=guidance, critic_steps=args.critic_updates,
@@ -136,6 +193,11 @@ def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, 
         from worldloop.distill.stages.cd import train_cd
 
         return train_cd(config, cfg, objective, ddp, teacher_dir=args.teacher, resume=args.resume)
+    if args.stage == "truth":
+        from worldloop.distill.stages.truth import train_truth
+
+        return train_truth(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,
+                           resume=args.resume)
     from worldloop.distill.stages.dmd import train_dmd
 
     return train_dmd(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,

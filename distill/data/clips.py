@@ -14,12 +14,18 @@ scripted explorer (optionally with random keys mixed in) and rendered on the tra
 seeds lie below ``HELD_OUT_SEED_START``; evaluation uses seeds from there on (``held_out=True``). Frames
 smaller than the engine's minimum (64 px) are rendered at an integer multiple and area-downsampled.
 
+With ``switch_at`` > 0, every ``WorldClips`` clip switches prompt at that frame: from it on, the frames are
+the same maze at the same camera poses rendered in another theme (the layout parameters are kept, the look
+is the other theme's), and the batch carries the new prompts. That is the engine's truth for "the player
+typed a new prompt here".
+
 ``EpisodeClips``: random windows of the episodes under a folder, read once with ``read_episode`` (what
 ``worldloop world record`` writes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +38,7 @@ from worldloop.distill.data.episodes import EpisodeError, read_episode
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.hashing import hash32
-from worldloop.distill.world.themes import THEMES, theme_from_prompt
+from worldloop.distill.world.themes import THEMES, sample_params, theme_from_prompt
 from worldloop.models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
@@ -50,13 +56,17 @@ class ClipBatch:
     themes: torch.Tensor  # long (B,) index into distill.world.themes.THEMES
     poses: torch.Tensor | None = None  # float (B, F, 3) camera x, y (tiles), heading (radians) per frame
     depths: torch.Tensor | None = None  # float (B, F, D) wall distance through D screen columns per frame
+    switch_at: int = 0  # > 0: frames from this index on show the world in switch_themes under switch_prompts
+    switch_prompts: list[str] | None = None
+    switch_themes: torch.Tensor | None = None  # long (B,)
 
     def to(self, device: torch.device) -> ClipBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return ClipBatch(self.frames.to(device), self.keys.to(device), self.prompts, self.themes.to(device),
-                         move(self.poses), move(self.depths))
+                         move(self.poses), move(self.depths), self.switch_at, self.switch_prompts,
+                         move(self.switch_themes))
 
 
 class ClipSource(Protocol):
@@ -89,9 +99,11 @@ class WorldClips:
 
     def __init__(self, height: int, width: int, frames: int, device: torch.device | str = "cpu", *,
                  seed: int = 0, rank: int = 0, held_out: bool = False, random_keys: float = 0.0,
-                 key_hold: int = 1, depth_columns: int = 0) -> None:
+                 key_hold: int = 1, depth_columns: int = 0, switch_at: int = 0) -> None:
         if frames < 1:
             raise ValueError(f"clips need at least one frame, got {frames}")
+        if not 0 <= switch_at < frames:
+            raise ValueError(f"switch_at must be in 0..{frames - 1} (0: no switch), got {switch_at}")
         if not 0.0 <= random_keys <= 1.0:
             raise ValueError(f"random_keys must be a probability, got {random_keys}")
         if key_hold < 1:
@@ -102,6 +114,7 @@ class WorldClips:
         self.seed, self.rank, self.held_out = seed, rank, held_out
         self.random_keys, self.key_hold = random_keys, key_hold
         self.depth_columns = depth_columns  # > 0: clips carry poses and per-column depths (auxiliary targets)
+        self.switch_at = switch_at
 
     def seeds(self, step: int, size: int) -> torch.Tensor:
         """World seeds of a step's clips (B,): hashed below HELD_OUT_SEED_START, or consecutive held-out."""
@@ -118,6 +131,10 @@ class WorldClips:
         world.set_poses(open_headings(world, g))
         explorer = Explorer(world.seeds)
         keys = torch.zeros(size, dtype=torch.long, device=self.device)
+        other = None
+        if self.switch_at:  # its own random numbers: the frames before the switch are the unswitched clip's
+            other = self._switched_world(world, torch.Generator().manual_seed(
+                int(hash32(torch.tensor(self.seed), self.rank, step, 11))))
         frames, clip_keys = [world.render()], [keys]
         poses, depths = [], []
         held, left = torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.long)
@@ -128,13 +145,32 @@ class WorldClips:
             if i == self.frames - 1:
                 break
             keys, held, left = self._perturb(explorer.act(world), held, left, g)
-            frames.append(world.next_frame(keys))
+            frame = world.next_frame(keys)
+            if other is not None and i + 1 >= self.switch_at:
+                other.set_poses(world.poses)
+                frame = other.render()
+            frames.append(frame)
             clip_keys.append(keys)
         video = downsample(torch.stack(frames, 1).flatten(0, 1), self.scale)
-        themes = torch.tensor([THEMES.index(p.theme) for p in world.params], device=self.device)
+
+        def theme_indices(w: World) -> torch.Tensor:
+            return torch.tensor([THEMES.index(p.theme) for p in w.params], device=self.device)
+
         return ClipBatch(video.view(size, self.frames, self.height, self.width, 3), torch.stack(clip_keys, 1),
-                         list(world.prompts), themes, torch.stack(poses, 1) if poses else None,
-                         torch.stack(depths, 1) if depths else None)
+                         list(world.prompts), theme_indices(world), torch.stack(poses, 1) if poses else None,
+                         torch.stack(depths, 1) if depths else None, self.switch_at,
+                         None if other is None else list(other.prompts),
+                         None if other is None else theme_indices(other))
+
+    def _switched_world(self, world: World, g: torch.Generator) -> World:
+        """The same mazes in other themes: each world's layout parameters, a random other theme's look."""
+        params = []
+        for p in world.params:
+            own = THEMES.index(p.theme)
+            target = THEMES[(own + 1 + int(torch.randint(len(THEMES) - 1, (1,), generator=g))) % len(THEMES)]
+            look = sample_params(p.seed, target)
+            params.append(dataclasses.replace(look, rooms=p.rooms, loops=p.loops, accent_rate=p.accent_rate))
+        return World(params, world.height, world.width, self.device)
 
     def _perturb(self, keys: torch.Tensor, held: torch.Tensor, left: torch.Tensor, g: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

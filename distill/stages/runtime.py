@@ -281,9 +281,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float,
                    grad_clip: float) -> float:
-    """Backward, clip, optimizer update; returns the gradient norm before clipping."""
+    """Backward, clip, optimizer update; returns the gradient norm before clipping. A parameter group with
+    an ``lr_scale`` entry steps at that multiple of ``lr``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]

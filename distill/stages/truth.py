@@ -1,0 +1,305 @@
+"""Stage: self-forcing against the engine's truth (``worldloop distill truth``).
+
+The built-in world renders the exact frame for every key, so a student can be trained on its own rollouts
+against the frames the engine shows under the same keys — no teacher score is needed for that part of the
+signal. One iteration:
+
+1. B engine clips of ``max_context + rollout_frames`` frames (keys, prompts; the explorer drives, with
+   ``--random-keys`` of the keys replaced by held random ones); their latents through the frozen encoder.
+2. The iteration draws a context length c ∈ 1..max_context. Each stream restarts from the clip's c engine
+   frames before the rollout (clean in the cache, as ``play --start world`` starts) with its prompt and a
+   fresh seed, and the student rolls out ``rollout_frames`` frames with the clip's keys through
+   ``WorldModel.rollout_latents``, the one rollout loop, with the inference cache policy (window, sink,
+   generated frames re-noised to ``sampling.context_sigma``). Every frame stops at an exit step
+   k ∈ 1..S of the student's S steps (one k per iteration).
+3. DiT loss: MSE between the generated latents and the engine's latents. The newest ``grad_frames`` frames
+   (default: all) carry gradients through their last denoising step; earlier steps and every cache write
+   do not (gradients stop at the cache, as in ``distill dmd``).
+   Every ``switch_every``-th iteration the clips switch prompt inside the rollout
+   (``WorldClips(switch_at=…)``: the same maze at the same poses in another theme from that frame on); the
+   streams get the new prompt there (``WorldModel.set_prompt``, as a player typing it), so the student
+   learns to follow a switch
+   against the engine's frames of the new theme. A switch batch renders two worlds without the clip pool,
+   so it is reused for ``switch_reuse`` switch iterations (each with its own context length and seeds).
+4. Decoder loss (``--train decoder|both``): the frozen-encoder autoencoder's decoder, given
+   ``decoder_frames`` of the generated latents (detached), is trained to draw the engine's frames
+   (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms). It learns to clean up
+   what the DiT actually produces rather than what the encoder produces.
+
+``--train dit`` (the default) trains the DiT only, ``decoder`` the decoder only (the rollouts then run
+without gradients), ``both`` the two at once (the decoder at ``decoder_lr_scale`` × the learning rate).
+The exported model plays with the student's S steps and the EMA weights of what was trained.
+
+    worldloop distill truth --teacher runs/teacher/model --student-steps 1 --out runs/truth
+    worldloop distill truth --teacher runs/teacher/model --student runs/truth/model --train decoder \\
+        --out runs/truth-decoder
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
+from worldloop.distill.stages import shared
+from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
+from worldloop.distill.stages.run import RunError, settings_dict
+from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult, autocast
+from worldloop.models.config import ModelConfig
+from worldloop.models.keys import keys_to_tensor
+from worldloop.models.text import PromptEncoder
+from worldloop.models.vae import LatentAutoencoder, reconstruction_loss, to_unit
+from worldloop.models.world_model import Session, WorldModel
+
+STAGE = "truth"
+TRAINS = ("dit", "decoder", "both")
+
+
+@dataclass(frozen=True)
+class TruthObjective:
+    max_context: int = 3  # engine frames a stream starts from: 1..max_context, drawn per iteration
+    rollout_frames: int = 8  # frames the student generates per stream and iteration
+    grad_frames: int = 0  # newest rollout frames that carry the DiT's gradient (0: all)
+    train: str = "dit"  # dit | decoder | both
+    decoder_frames: int = 8  # generated frames per iteration the decoder trains on
+    decoder_lr_scale: float = 0.2  # the decoder's learning rate relative to --lr
+    edge_weight: float = 0.5  # decoder loss: image-gradient L1 weight
+    spectrum_weight: float = 8.0  # decoder loss: log-spectrum weight (keeps texture energy)
+    random_keys: float = 0.1  # chance per frame that held random keys take over from the explorer
+    key_hold: int = 4  # frames a random key state is held
+    switch_every: int = 4  # every n-th iteration the prompt switches inside the rollout (0: never)
+    switch_reuse: int = 4  # switch iterations that share one rendered switch batch
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAINS:
+            raise ValueError(f"--train must be one of {', '.join(TRAINS)}, got {self.train!r}")
+        if self.max_context < 1 or self.rollout_frames < 1:
+            raise ValueError("--max-context and --rollout-frames must be >= 1")
+        if not 0 <= self.grad_frames <= self.rollout_frames:
+            raise ValueError(f"--grad-frames must be in 0..--rollout-frames ({self.rollout_frames})")
+        if self.decoder_frames < 1 or self.decoder_lr_scale <= 0:
+            raise ValueError("--decoder-frames must be >= 1 and --decoder-lr-scale > 0")
+        if min(self.edge_weight, self.spectrum_weight) < 0 or not 0 <= self.random_keys <= 1:
+            raise ValueError("decoder loss weights must be >= 0 and --random-keys in [0, 1]")
+        if self.key_hold < 1:
+            raise ValueError("--key-hold must be >= 1")
+        if self.switch_every < 0 or self.switch_reuse < 1:
+            raise ValueError("--switch-every must be >= 0 and --switch-reuse >= 1")
+        if self.switch_every and self.rollout_frames < 2:
+            raise ValueError("prompt switches need --rollout-frames >= 2 (a frame before and after it)")
+
+    @property
+    def clip_frames(self) -> int:
+        return self.max_context + self.rollout_frames
+
+    @property
+    def trains_dit(self) -> bool:
+        return self.train in ("dit", "both")
+
+    @property
+    def trains_decoder(self) -> bool:
+        return self.train in ("decoder", "both")
+
+
+@dataclass
+class TruthDraws:
+    """An iteration's random numbers: context length, exit step, each stream's seed, decoder frame picks."""
+
+    context: int
+    exit_steps: int
+    seeds: list[int]
+    decoder_frames: torch.Tensor  # (decoder_frames,) flat indices into the (B × rollout_frames) frames
+
+
+def draw(objective: TruthObjective, student_steps: int, batch: int, generator: torch.Generator
+         ) -> TruthDraws:
+    o = objective
+    context = int(torch.randint(1, o.max_context + 1, (1,), generator=generator))
+    exit_steps = int(torch.randint(1, student_steps + 1, (1,), generator=generator))
+    seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator).tolist()
+    total = batch * o.rollout_frames
+    picks = torch.randperm(total, generator=generator)[: min(o.decoder_frames, total)]
+    return TruthDraws(context, exit_steps, seeds, picks)
+
+
+def start_streams(wm: WorldModel, sessions: list[Session], clips: ClipBatch, context: int,
+                  first: int, seeds: list[int]) -> None:
+    """Restart every stream from the clip's ``context`` engine frames ending just before frame ``first``."""
+    frames = clips.frames[:, first - context: first].cpu().numpy()
+    keys = clips.keys[:, first - context: first].cpu().numpy()
+    for i, (session, prompt, seed) in enumerate(zip(sessions, clips.prompts, seeds, strict=True)):
+        wm.reset(session, prompt=prompt, seed=seed, first_frames=frames[i], first_keys=keys[i])
+
+
+def roll(wm: WorldModel, sessions: list[Session], clips: ClipBatch, encoder: PromptEncoder, first: int,
+         grad_frames: int, device: torch.device) -> torch.Tensor:
+    """The streams rolled out over the clip's frames from ``first`` on → latents (B, F, C, h, w); with a
+    prompt switch in the clip, the streams take the new prompts at its frame. ``grad_frames`` of the newest
+    frames carry gradients (0: none); their prompt K/V is computed with gradients."""
+    keys = keys_to_tensor(clips.keys[:, first:], device=device)
+    total = keys.shape[1]
+    cut = clips.switch_at - first if clips.switch_at else total
+    parts = []
+    for lo, hi, prompts in ((0, cut, clips.prompts), (cut, total, clips.switch_prompts)):
+        if hi <= lo:
+            continue
+        if lo:
+            for session, prompt in zip(sessions, prompts or [], strict=True):
+                wm.set_prompt(session, prompt)
+        grad = max(0, min(hi - lo, grad_frames - (total - hi)))
+        prompt_kv = None
+        if grad:
+            embedding = encoder.encode(list(prompts or [])).to(device)
+            prompt_kv = wm.dit.prompt_kv(embedding.tokens, embedding.mask)
+        parts.append(wm.rollout_latents(sessions, keys[:, lo:hi], grad_frames=grad, prompt=prompt_kv))
+    return torch.cat(parts, dim=1)
+
+
+def rollout_loss(generated: torch.Tensor, truth: torch.Tensor, grad_frames: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE of the frames with gradients (the newest ``grad_frames``; 0: all) and the per-frame MSE (F,)."""
+    per_frame = (generated.float() - truth).square().mean(dim=(0, 2, 3, 4))
+    g = grad_frames or generated.shape[1]
+    return F.mse_loss(generated[:, -g:].float(), truth[:, -g:]), per_frame.detach()
+
+
+SwitchSource = Callable[[int, int, int, int], ClipBatch]  # (index, size, frames, switch_at) → switch clips
+
+
+def world_switch_clips(config: ModelConfig, cfg: TrainConfig, device: torch.device) -> SwitchSource:
+    """Switch batches from the built-in world (seeds apart from the run's other clips)."""
+
+    def make(index: int, size: int, frames: int, switch_at: int) -> ClipBatch:
+        source = WorldClips(config.height, config.width, frames, device, seed=cfg.seed + 7_919,
+                            switch_at=switch_at)
+        return source.batch(index, size)
+
+    return make
+
+
+class TruthStage(Stage):
+    """The student rolled out through its ``WorldModel`` from engine frames, regressed onto the engine."""
+
+    name, title = STAGE, "distill truth"
+    export_at_checkpoints = True
+
+    def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TruthObjective, ddp: Distributed,
+                 settings: dict[str, Any], *, start_dir: Path, prompt_encoder: PromptEncoder | None,
+                 clips: ClipSource | None, switch_clips: SwitchSource | None = None) -> None:
+        super().__init__(cfg, ddp, settings)
+        self.config, self.objective = config, objective
+        self.device = device = ddp.device
+        source_config, student = shared.load_dit(start_dir, device)
+        shared.check_compatible(config, source_config, start_dir, same_dit=True)
+        vae = shared.load_vae(config, start_dir).to(device)
+        self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
+        self.wm = WorldModel(config, student, vae, self.encoder, device=device, max_sessions=cfg.batch_size,
+                             steps=config.sampling.steps, precision="fp32")
+        self.vae: LatentAutoencoder = self.wm.vae
+        self.vae.requires_grad_(False)
+        self.sessions = [self.wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
+        self.modules, self.emas = {}, {}
+        groups: list[dict[str, Any]] = []
+        if objective.trains_dit:
+            student.requires_grad_(True)
+            self._add("student", student, groups, 1.0)
+        else:
+            student.requires_grad_(False)
+        if objective.trains_decoder:
+            self.vae.decoder.requires_grad_(True)
+            self._add("decoder", self.vae.decoder, groups, objective.decoder_lr_scale)
+        self.trained = student
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99),
+                                           fused=device.type == "cuda")
+        self.clips = clips or shared.make_clip_source(cfg, config, device, 0, objective.clip_frames,
+                                                      random_keys=objective.random_keys,
+                                                      key_hold=objective.key_hold)
+        self.switch_clips = switch_clips
+        self._switch_cache: tuple[int, ClipBatch] | None = None
+        if self.clips.frames < objective.clip_frames:
+            raise RunError(f"clips of {self.clips.frames} frames; the stage needs {objective.clip_frames}")
+        self.meta = {"started_from": str(start_dir), "train": objective.train,
+                     "context_sigma": config.sampling.context_sigma}
+
+    def _add(self, name: str, module: nn.Module, groups: list[dict[str, Any]], lr_scale: float) -> None:
+        self.modules[name], self.emas[name] = module, EMA(module, self.cfg.ema_decay)
+        decay = [p for p in module.parameters() if p.ndim >= 2]
+        rest = [p for p in module.parameters() if p.ndim < 2]
+        groups += [{"params": decay, "weight_decay": self.cfg.weight_decay, "lr_scale": lr_scale},
+                   {"params": rest, "weight_decay": 0.0, "lr_scale": lr_scale}]
+
+    def batch(self, iteration: int) -> ClipBatch:
+        o, size = self.objective, self.cfg.batch_size
+        if not (o.switch_every and iteration % o.switch_every == o.switch_every - 1):
+            return self.clips.batch(iteration, size).to(self.device)
+        index = iteration // (o.switch_every * o.switch_reuse)  # the switch batch this iteration uses
+        if self._switch_cache is None or self._switch_cache[0] != index:
+            g = self.generator(index)  # the switch frame: at least one rollout frame before and after it
+            at = int(torch.randint(o.max_context + 1, o.clip_frames, (1,), generator=g))
+            make = self.switch_clips or world_switch_clips(self.config, self.cfg, self.device)
+            self._switch_cache = (index, make(index, size, o.clip_frames, at).to(self.device))
+        return self._switch_cache[1]
+
+    def step(self, iteration: int, batch: ClipBatch) -> Step:
+        o, cfg = self.objective, self.cfg
+        d = draw(o, self.config.sampling.steps, cfg.batch_size, self.generator(iteration))
+        truth = shared.encode_clips(self.vae, batch.frames[:, o.max_context:])
+        start_streams(self.wm, self.sessions, batch, d.context, o.max_context, d.seeds)
+        self.wm.steps = d.exit_steps
+        grad_frames = (o.grad_frames or o.rollout_frames) if o.trains_dit else 0
+        with autocast(self.device, cfg.bf16):
+            generated = roll(self.wm, self.sessions, batch, self.encoder, o.max_context, grad_frames,
+                             self.device)
+            dit_loss, per_frame = rollout_loss(generated, truth, o.grad_frames)
+        loss = dit_loss if o.trains_dit else torch.zeros((), device=self.device)
+        record: dict[str, Any] = {"latent_mse": dit_loss.detach(), "latent_mse_first": per_frame[0],
+                                  "latent_mse_last": per_frame[-1], "context": d.context,
+                                  "exit_steps": d.exit_steps}
+        if batch.switch_at:
+            record["switch_latent_mse"] = record["latent_mse"]
+        if o.trains_decoder:
+            latents = generated.detach().flatten(0, 1)[d.decoder_frames]
+            target = to_unit(batch.frames[:, o.max_context:].flatten(0, 1)[d.decoder_frames])
+            with autocast(self.device, cfg.bf16):
+                z = (latents / self.vae.latent_scale).contiguous(memory_format=torch.channels_last)
+                recon = self.vae.decoder(z)
+            decoder_loss, parts = reconstruction_loss(recon.float(), target.to(self.device), o.edge_weight,
+                                                      o.spectrum_weight)
+            loss = loss + decoder_loss
+            record |= {"decoder_loss": decoder_loss.detach(), "decoder_mse": parts["mse"]}
+        record["grad_norm"] = self.update(loss, nn.ModuleList(list(self.modules.values())), iteration)
+        record["lr"] = self.lr(iteration)
+        return Step(cfg.batch_size * o.rollout_frames, loss.item(), record)
+
+    def export(self, iteration: int, out: Path) -> None:
+        vae = self.vae
+        if "decoder" in self.emas:
+            vae = copy.deepcopy(self.vae)
+            vae.decoder.load_state_dict(self.emas["decoder"].module.state_dict())
+        dit = self.wm.dit
+        ema = self.emas["student"].module if "student" in self.emas else dit
+        shared.export_student(out, self.config, dit, ema, vae.float(), stage=STAGE, iteration=iteration,
+                              meta=self.meta)
+
+
+def train_truth(config: ModelConfig, cfg: TrainConfig, objective: TruthObjective, ddp: Distributed, *,
+                teacher_dir: Path, student_dir: Path | None = None, resume: bool = False,
+                prompt_encoder: PromptEncoder | None = None, clips: ClipSource | None = None,
+                switch_clips: SwitchSource | None = None) -> TrainResult:
+    """Train a student with ``config`` (``shared.student_config``), started from ``student_dir`` (default:
+    the teacher), on its own rollouts against the engine; export it to ``<out>/model``. One process."""
+    if ddp.enabled:
+        raise RunError("distill truth runs in one process (its self-forcing rollout is not data-parallel)")
+    settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective,
+                             teacher=str(teacher_dir), student=str(student_dir or teacher_dir))
+    run = prepare_run(cfg, settings, resume, ddp)
+    stage = TruthStage(config, cfg, objective, ddp, settings, start_dir=student_dir or teacher_dir,
+                       prompt_encoder=prompt_encoder, clips=clips, switch_clips=switch_clips)
+    return train(stage, cfg, ddp, run, resume=resume)

@@ -1,0 +1,240 @@
+"""Self-forcing against the engine (``distill truth``) on the tiny preset: streams start from engine frames,
+the student's own rollout is regressed onto the engine's latents and learns, the decoder fine-tunes on
+generated latents, resume is exact, and the CLI runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.train_fakes import FakeClips, FakePromptEncoder
+from worldloop.app.cli import main
+from worldloop.distill.stages import truth as truth_stage
+from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.shared import student_config
+from worldloop.distill.stages.truth import TruthObjective, train_truth
+from worldloop.models import checkpoint
+from worldloop.models.config import ModelConfig, SamplingConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
+
+TEACHER = preset("tiny").replace(sampling=SamplingConfig(steps=4, first_frame_steps=4, context_sigma=0.2))
+STUDENT = student_config(TEACHER, steps=2, first_frame_steps=2)
+ENCODER = FakePromptEncoder(TEACHER.dit.max_prompt_tokens)
+OBJECTIVE = TruthObjective(max_context=2, rollout_frames=3, decoder_frames=2, spectrum_weight=1.0,
+                           switch_every=0)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _random_model(config: ModelConfig, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    dit = DiT(config)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    return checkpoint.save_model(path, config, dit, LatentAutoencoder(config), metadata={"stage": "test"})
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _random_model(TEACHER, tmp_path_factory.mktemp("teacher"), seed=0)
+
+
+def _cfg(out: Path, **kw: Any) -> TrainConfig:
+    base = TrainConfig(iterations=1, batch_size=2, lr=1e-3, warmup=0, clip_frames=OBJECTIVE.clip_frames,
+                       out=str(out), log_every=1, sample_every=0, checkpoint_every=100, device="cpu",
+                       pool_clips=0, ema_decay=0.5, bf16=False)
+    return replace(base, **kw)
+
+
+def _truth(out: Path, start: Path, resume: bool = False, objective: TruthObjective = OBJECTIVE,
+           clips: Any = None, **kw: Any) -> Path:
+    result = train_truth(STUDENT, _cfg(out, **kw), objective, setup_distributed("cpu"), teacher_dir=start,
+                         resume=resume, prompt_encoder=ENCODER,
+                         clips=clips or FakeClips(32, 32, objective.clip_frames))
+    return result.model_dir
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+
+
+class OneBatch(FakeClips):
+    """The same clips every iteration, so a few steps must lower the loss on them."""
+
+    def batch(self, step: int, size: int) -> Any:
+        return super().batch(0, size)
+
+
+def test_truth_step_starts_from_engine_frames_and_trains_the_dit_through_the_rollout(
+        teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    resets: list[dict[str, Any]] = []
+    rollouts: list[dict[str, Any]] = []
+    reset, rollout = WorldModel.reset, WorldModel.rollout_latents
+
+    def spy_reset(self: WorldModel, session: Any, **kw: Any) -> None:
+        resets.append({"frames": None if kw.get("first_frames") is None else kw["first_frames"].shape,
+                       "keys": kw.get("first_keys")})
+        reset(self, session, **kw)
+
+    def spy_rollout(self: WorldModel, sessions: Any, keys: torch.Tensor, **kw: Any) -> torch.Tensor:
+        prompt = kw.get("prompt")
+        rollouts.append({"frames": keys.shape[1], "grad_frames": kw.get("grad_frames"), "steps": self.steps,
+                         "prompt_with_grad": prompt is not None and prompt.k.requires_grad,
+                         "frame_index": [s.frame_index for s in sessions]})
+        return rollout(self, sessions, keys, **kw)
+
+    monkeypatch.setattr(WorldModel, "reset", spy_reset)
+    monkeypatch.setattr(WorldModel, "rollout_latents", spy_rollout)
+    out = _truth(tmp_path / "truth", teacher)
+    record = _log(tmp_path / "truth")[0]
+    context = int(record["context"])
+    assert 1 <= context <= OBJECTIVE.max_context
+    assert len(resets) == 2 and all(r["frames"] == (context, 32, 32, 3) and len(r["keys"]) == context
+                                    for r in resets)
+    assert rollouts == [{"frames": 3, "grad_frames": 3, "steps": record["exit_steps"],
+                         "prompt_with_grad": True, "frame_index": [context, context]}]
+    assert math.isfinite(record["latent_mse"]) and record["latent_mse"] > 0 and "decoder_loss" not in record
+    files = checkpoint.load_model(out)
+    start = checkpoint.load_model(teacher)
+    changed = _changed(start.dit, files.dit)
+    assert {"blocks.0.qkv.weight", "final.linear.weight", "text_proj.weight"} <= changed
+    assert not _changed(start.vae, files.vae)  # --train dit leaves the autoencoder alone
+    assert files.config.sampling.steps == 2 and files.metadata["stage"] == "truth"
+
+
+def test_truth_lowers_the_rollout_error_on_the_engine_frames(teacher: Path, tmp_path: Path) -> None:
+    objective = replace(OBJECTIVE, max_context=1)
+    _truth(tmp_path / "learn", teacher, objective=objective, clips=OneBatch(32, 32, objective.clip_frames),
+           iterations=12, lr=3e-3, seed=3)
+    losses = [r["latent_mse"] for r in _log(tmp_path / "learn")]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_truth_decoder_learns_on_generated_latents_and_leaves_the_rest(teacher: Path, tmp_path: Path) -> None:
+    objective = replace(OBJECTIVE, train="decoder")
+    out = _truth(tmp_path / "decoder", teacher, objective=objective, iterations=2)
+    records = _log(tmp_path / "decoder")
+    assert all(math.isfinite(r["decoder_loss"]) for r in records)
+    files, start = checkpoint.load_model(out), checkpoint.load_model(teacher)
+    changed = _changed(start.vae, files.vae)
+    assert changed and all(name.startswith("decoder.") for name in changed)
+    assert not _changed(start.dit, files.dit)
+
+
+def test_truth_resume_gives_the_same_next_step(teacher: Path, tmp_path: Path) -> None:
+    objective = replace(OBJECTIVE, train="both")
+    _truth(tmp_path / "straight", teacher, objective=objective, iterations=2)
+    _truth(tmp_path / "split", teacher, objective=objective, iterations=1)
+    _truth(tmp_path / "split", teacher, objective=objective, resume=True, iterations=2)
+    straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
+    assert [r["iteration"] for r in split] == [1, 2]
+    for key in ("latent_mse", "decoder_loss", "context", "exit_steps"):
+        assert split[1][key] == pytest.approx(straight[1][key], rel=1e-5, abs=1e-8)
+
+
+def test_truth_objective_rules() -> None:
+    with pytest.raises(ValueError, match="--train"):
+        TruthObjective(train="vae")
+    with pytest.raises(ValueError, match="--grad-frames"):
+        TruthObjective(rollout_frames=4, grad_frames=5)
+    with pytest.raises(ValueError, match="--max-context"):
+        TruthObjective(max_context=0)
+    assert TruthObjective(max_context=3, rollout_frames=8).clip_frames == 11
+
+
+def test_cli_runs_truth_with_a_baked_context_sigma_and_reports_bad_options(
+        teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(truth_stage, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(truth_stage.shared, "make_clip_source",
+                        lambda cfg, config, device, rank, frames, **kw: FakeClips(32, 32, frames))
+    base = ["distill", "truth", "--device", "cpu", "--iterations", "1", "--batch-size", "1",
+            "--max-context", "2", "--rollout-frames", "2", "--teacher", str(teacher)]
+    assert main([*base, "--student-steps", "1", "--context-sigma", "0.4", "--out", str(tmp_path / "t")]) == 0
+    config, metadata = checkpoint.read_config(tmp_path / "t" / "model")
+    assert config.sampling.steps == 1 and config.sampling.context_sigma == 0.4
+    assert metadata["stage"] == "truth" and metadata["step"] == 1
+    assert main([*base, "--grad-frames", "5", "--out", str(tmp_path / "a")]) == 2
+    assert main([*base, "--context-sigma", "1.5", "--out", str(tmp_path / "b")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 2 and "--grad-frames" in errors[0] and "--context-sigma" in errors[1]
+
+
+def _switch_source(calls: list[tuple[int, int, int, int]]) -> Any:
+    def make(index: int, size: int, frames: int, switch_at: int) -> Any:
+        calls.append((index, size, frames, switch_at))
+        batch = FakeClips(32, 32, frames, seed=index + 5).batch(0, size)
+        return replace(batch, switch_at=switch_at, switch_prompts=[f"new prompt {i}" for i in range(size)],
+                       switch_themes=torch.zeros(size, dtype=torch.long))
+
+    return make
+
+
+def test_truth_switch_batches_give_the_new_prompt_at_the_switch_frame(
+        teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, Any]] = []
+    set_prompt, rollout = WorldModel.set_prompt, WorldModel.rollout_latents
+
+    def spy_set_prompt(self: WorldModel, session: Any, prompt: str) -> None:
+        events.append(("prompt", prompt))
+        set_prompt(self, session, prompt)
+
+    def spy_rollout(self: WorldModel, sessions: Any, keys: torch.Tensor, **kw: Any) -> torch.Tensor:
+        prompt = kw.get("prompt")
+        events.append(("roll", (keys.shape[1], kw.get("grad_frames"),
+                                prompt is not None and prompt.k.requires_grad)))
+        return rollout(self, sessions, keys, **kw)
+
+    monkeypatch.setattr(WorldModel, "set_prompt", spy_set_prompt)
+    monkeypatch.setattr(WorldModel, "rollout_latents", spy_rollout)
+    calls: list[tuple[int, int, int, int]] = []
+    objective = replace(OBJECTIVE, switch_every=2, switch_reuse=2, grad_frames=2)
+    train_truth(STUDENT, _cfg(tmp_path / "s", iterations=4), objective, setup_distributed("cpu"),
+                teacher_dir=teacher, prompt_encoder=ENCODER, clips=FakeClips(32, 32, objective.clip_frames),
+                switch_clips=_switch_source(calls))
+    # iterations 1 and 3 are switch iterations and share one rendered batch
+    assert len(calls) == 1 and calls[0][:3] == (0, 2, 5)
+    at = calls[0][3]
+    assert objective.max_context < at < objective.clip_frames
+    before, after = at - objective.max_context, objective.clip_frames - at
+    switch_iteration = [("roll", (before, max(0, 2 - after), max(0, 2 - after) > 0)),
+                        ("prompt", "new prompt 0"), ("prompt", "new prompt 1"),
+                        ("roll", (after, min(2, after), True))]
+    plain = [("roll", (3, 2, True))]
+    assert events == plain + switch_iteration + plain + switch_iteration
+    records = _log(tmp_path / "s")
+    assert ["switch_latent_mse" in r for r in records] == [False, True, False, True]
+
+
+def test_world_switch_clips_keep_the_clip_and_the_maze_and_change_the_theme() -> None:
+    from worldloop.distill.data.clips import WorldClips
+    from worldloop.distill.world.engine import World
+
+    world = World([11, 12, 13], 64, 64)
+    other = WorldClips(64, 64, 6, switch_at=1)._switched_world(world, torch.Generator().manual_seed(0))
+    assert torch.equal(world.grid, other.grid) and all(a.theme != b.theme for a, b in
+                                                       zip(world.params, other.params, strict=True))
+
+    plain = WorldClips(64, 64, 6, seed=3, random_keys=0.3, key_hold=2).batch(0, 3)
+    switched = WorldClips(64, 64, 6, seed=3, random_keys=0.3, key_hold=2, switch_at=3).batch(0, 3)
+    assert torch.equal(plain.frames[:, :3], switched.frames[:, :3]) and torch.equal(plain.keys, switched.keys)
+    assert switched.switch_at == 3 and plain.switch_at == 0 and plain.switch_prompts is None
+    assert switched.switch_themes is not None and (switched.switch_themes != switched.themes).all()
+    assert all(a != b for a, b in zip(switched.prompts, switched.switch_prompts or [], strict=True))
+    after = (plain.frames[:, 3:].float() - switched.frames[:, 3:].float()).abs().mean(dim=(1, 2, 3, 4))
+    assert (after > 10).all()  # another look from the switch on
+    with pytest.raises(ValueError, match="switch_at"):
+        WorldClips(64, 64, 6, switch_at=6)
