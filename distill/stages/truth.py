@@ -18,9 +18,9 @@ signal. One iteration:
    Every ``switch_every``-th iteration the clips switch prompt inside the rollout
    (``WorldClips(switch_at=…)``: the same maze at the same poses in another theme from that frame on); the
    streams get the new prompt there (``WorldModel.set_prompt``, as a player typing it), so the student
-   learns to follow a switch
-   against the engine's frames of the new theme. A switch batch renders two worlds without the clip pool,
-   so it is reused for ``switch_reuse`` switch iterations (each with its own context length and seeds).
+   learns to follow a switch against the engine's frames of the new theme. A switch batch renders two
+   worlds without the clip pool, so it is reused for ``switch_reuse`` switch iterations (each with its own
+   context length and seeds).
 4. Decoder loss (``--train decoder|both``): the frozen-encoder autoencoder's decoder, given
    ``decoder_frames`` of the generated latents (detached), is trained to draw the engine's frames
    (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms). It learns to clean up
