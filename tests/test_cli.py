@@ -64,7 +64,7 @@ def test_every_command_takes_device_auto_by_default() -> None:
                    if any("--device" in a.option_strings and a.default == "auto" for a in options(parser))]
     expected = {("play",), ("serve",), ("gradio",), ("rollout",), ("bench",), ("eval",),
                 ("world", "record"), *(("train", s) for s in ("vae", "teacher", "idm", "classifier")),
-                ("distill", "cd"), ("distill", "dmd"), ("speedrun",), ("gpu-check",)}
+                ("distill", "cd"), ("distill", "dmd"), ("distill", "truth"), ("speedrun",), ("gpu-check",)}
     assert {tuple(w) for w in with_device} == expected
 
 

@@ -76,8 +76,6 @@ def _common_options(p: argparse.ArgumentParser, stage: str) -> None:
     add_run_options(p, STAGE_DEFAULTS[stage])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="adamw, or muon: Muon on the transformer blocks' hidden matrices, AdamW on the rest")
-    p.add_argument("--snapshot-minutes", type=float, default=0.0,
-                   help="export the model to snapshots/ every this many process CPU minutes (0: never)")
     if stage in ("vae", "teacher"):
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
         p.add_argument("--init-from", type=Path, metavar="DIR",
@@ -92,6 +90,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
                    help="also stop (saving and exporting) after this much process CPU time; 0: no limit")
     p.add_argument("--minutes", type=float, default=0.0,
                    help="also stop (saving and exporting) after this much wall-clock time; 0: no limit")
+    p.add_argument("--snapshot-minutes", type=float, default=0.0,
+                   help="export the model to snapshots/ every this many process CPU minutes (0: never)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
