@@ -99,7 +99,8 @@ class OnnxRuntimeExecutor:
         self.sessions = {name: ort.InferenceSession(str(self.folder / name), options, providers=providers)
                          for name in (STEP_CONTEXT, STEP, DECODER)}
         # The graphs' own input lists: a delta DiT's also name ``previous``.
-        self.names = {name: [i.name for i in self.sessions[name].get_inputs()] for name in (STEP_CONTEXT, STEP)}
+        self.names = {name: [i.name for i in self.sessions[name].get_inputs()]
+                      for name in (STEP_CONTEXT, STEP)}
 
     @classmethod
     def for_model(cls, dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,

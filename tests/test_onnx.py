@@ -6,8 +6,9 @@ Tolerances: every graph output within ``onnx_export.TOLERANCE`` (1e-3 absolute) 
 inputs; a rollout's latents within the same 1e-3 of the torch backend (float32) and its decoded frames within
 1 grey level. Same seed and keys on the onnxruntime backend → identical frames.
 
-One export per prediction serves the module (through ``worldloop export MODEL --onnx --tensorrt``, about a minute on a loaded
-2-core CPU); ``WORLDLOOP_CACHE`` points into a temporary folder so nothing is written under the home folder.
+One export per prediction serves the module (through ``worldloop export MODEL --onnx --tensorrt``, about a
+minute each on a loaded 2-core CPU); ``WORLDLOOP_CACHE`` points into a temporary folder so nothing is written
+under the home folder.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ KEYS = [1, 1, 16, 0, 5, 1, 32, 1, 1, 2, 4, 1]  # 12 frames: the tiny cache (1 + 
 
 
 @pytest.fixture(scope="module", params=["v", "delta"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig
-             ) -> dict:
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             tiny_config: ModelConfig) -> dict:
     """A tiny model directory and its graphs in MODEL/onnx, written by the CLI (with --tensorrt)."""
     root = tmp_path_factory.mktemp(f"onnx-{request.param}")
     config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=request.param))
