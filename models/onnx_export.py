@@ -17,11 +17,10 @@ sink flags ``cache_sink`` (B, F); the prompt's cross-attention k/v per layer com
 ``prompt_k.{i}``/``prompt_v.{i}`` (B, H, T+1, Dh) with ``prompt_mask`` (B, T+1). A delta-predicting DiT's
 graphs also take ``previous`` (B, C, h, w): the latent of each row's newest cached frame, zeros when the row
 has none (``CacheView.previous``); the fused step adds to the context frame instead where ``present`` marks
-it. Velocity and x0 DiTs have no such input. The fused step returns the
-clean frame's new k/v as ``new_k``/``new_v`` (depth, B, H, N, Dh); the caller writes them into its cache (the
-graphs write nothing). Everything is float32 except frame indices (int64) and flags (bool). The batch axis B
-is dynamic; every other axis is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT
-≥ 8.6 read it).
+it. Velocity and x0 DiTs have no such input. The fused step returns the clean frame's new k/v as
+``new_k``/``new_v`` (depth, B, H, N, Dh); the caller writes them into its cache (the graphs write nothing).
+Everything is float32 except frame indices (int64) and flags (bool). The batch axis B is dynamic; every other
+axis is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT ≥ 8.6 read it).
 
 Each export is checked against PyTorch (float32) on a half-filled cache with ONNX Runtime when it is
 installed: the largest absolute difference of every output is stored in the manifest and must stay under
