@@ -14,11 +14,13 @@ The cache is explicit: every layer's stored k and v come in as inputs ``past_k.{
 (B, H, F·N, Dh) — F = sink + window + slack frame slots of N tokens, the whole ring of a ``KVCache`` slot,
 empty slots masked by ``cache_valid`` — with the slots' absolute frame indices ``cache_frames`` (B, F) and
 sink flags ``cache_sink`` (B, F); the prompt's cross-attention k/v per layer come in as
-``prompt_k.{i}``/``prompt_v.{i}`` (B, H, T+1, Dh) with ``prompt_mask`` (B, T+1). The fused step returns the
-clean frame's new k/v as ``new_k``/``new_v`` (depth, B, H, N, Dh); the caller writes them into its cache (the
-graphs write nothing). Everything is float32 except frame indices (int64) and flags (bool). The batch axis B
-is dynamic; every other axis is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT
-≥ 8.6 read it).
+``prompt_k.{i}``/``prompt_v.{i}`` (B, H, T+1, Dh) with ``prompt_mask`` (B, T+1). A delta-predicting DiT's
+graphs also take ``previous`` (B, C, h, w): the latent of each row's newest cached frame, zeros when the row
+has none (``CacheView.previous``); the fused step adds to the context frame instead where ``present`` marks
+it. Velocity and x0 DiTs have no such input. The fused step returns the clean frame's new k/v as
+``new_k``/``new_v`` (depth, B, H, N, Dh); the caller writes them into its cache (the graphs write nothing).
+Everything is float32 except frame indices (int64) and flags (bool). The batch axis B is dynamic; every other
+axis is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT ≥ 8.6 read it).
 
 Each export is checked against PyTorch (float32) on a half-filled cache with ONNX Runtime when it is
 installed: the largest absolute difference of every output is stored in the manifest and must stay under
@@ -55,17 +57,20 @@ MANIFEST = "onnx.json"
 STEP_CONTEXT, STEP, DECODER = "dit_step_context.onnx", "dit_step.onnx", "decoder.onnx"
 TOLERANCE = 1e-3  # largest absolute difference to PyTorch float32 (v, k/v and images are of order 1)
 STEP_INPUTS = ("x", "sigma", "keys", "frames", "present", "cache_frames", "cache_valid", "cache_sink",
-               "prompt_mask")
+               "previous", "prompt_mask")
+LAYER_INPUTS = ("past_k", "past_v", "prompt_k", "prompt_v")
 
 
 def layer_names(depth: int) -> list[str]:
     """The per-layer input names, in graph order: past k, past v, prompt k, prompt v."""
-    return [f"{kind}.{i}" for kind in ("past_k", "past_v", "prompt_k", "prompt_v") for i in range(depth)]
+    return [f"{kind}.{i}" for kind in LAYER_INPUTS for i in range(depth)]
 
 
-def step_input_names(depth: int, context: int) -> list[str]:
-    names = [n for n in STEP_INPUTS if context or n != "present"]  # no placeholder frames without context
-    return names + layer_names(depth)
+def step_input_names(depth: int, context: int, delta: bool) -> list[str]:
+    """A frame-step graph's input names, in graph order: ``present`` only with a context frame (placeholder
+    frames), ``previous`` only for a delta-predicting DiT (the only one that reads it)."""
+    kept = [n for n in STEP_INPUTS if (n != "present" or context) and (n != "previous" or delta)]
+    return kept + layer_names(depth)
 
 
 class FrameStepGraph(nn.Module):
@@ -74,20 +79,18 @@ class FrameStepGraph(nn.Module):
     def __init__(self, dit: DiT, context: int) -> None:
         super().__init__()
         self.dit, self.context = dit, context
+        self.names = step_input_names(len(dit.blocks), context, dit.cfg.prediction == "delta")
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        fixed = len(STEP_INPUTS) - (0 if self.context else 1)
-        if self.context:
-            x, sigma, keys, frames, present, cache_frames, valid, sink, prompt_mask = inputs[:fixed]
-        else:
-            x, sigma, keys, frames, cache_frames, valid, sink, prompt_mask = inputs[:fixed]
-            present = None
-        depth = len(self.dit.blocks)
-        layers = [list(inputs[fixed + j * depth : fixed + (j + 1) * depth]) for j in range(4)]
-        prompt = PromptKV(layers[2], layers[3], prompt_mask)
-        previous = torch.zeros_like(x[:, 0])  # only delta-predicting DiTs read it; those are not exported
-        view = CacheView(layers[0], layers[1], (slice(None),), cache_frames, valid, sink, prompt, previous)
-        out = self.dit.forward_cached(x, sigma, keys, frames, self.context, prompt, view, present)
+        named = dict(zip(self.names, inputs, strict=True))
+        layers = {kind: [named[f"{kind}.{i}"] for i in range(len(self.dit.blocks))] for kind in LAYER_INPUTS}
+        prompt = PromptKV(layers["prompt_k"], layers["prompt_v"], named["prompt_mask"])
+        x = named["x"]
+        previous = named.get("previous", torch.zeros_like(x[:, 0]))  # read by delta-predicting DiTs only
+        view = CacheView(layers["past_k"], layers["past_v"], (slice(None),), named["cache_frames"],
+                         named["cache_valid"], named["cache_sink"], prompt, previous)
+        out = self.dit.forward_cached(x, named["sigma"], named["keys"], named["frames"], self.context, prompt,
+                                      view, named.get("present"))
         return (out.v, out.k, out.v_cache) if self.context else (out.v,)
 
 
@@ -103,23 +106,30 @@ class DecoderGraph(nn.Module):
 def example_step_inputs(config: ModelConfig, context: int, batch: int = 2, filled: int | None = None,
                         seed: int = 0) -> list[Tensor]:
     """Inputs of a frame-step graph: a cache with ``filled`` frames stored (default: half the slots; the
-    sink and the newest ones), random k/v and latents, the next frame(s) after them."""
+    sink and the newest ones), random k/v and latents, the next frame(s) after them. With a context frame
+    and more than one row, row 0's context frame is a placeholder, so a delta DiT's fused step adds to the
+    cached ``previous`` there and to the context frame elsewhere."""
     d, g = config.dit, torch.Generator().manual_seed(seed)
     slots, n, t = d.cache_frames, config.tokens_per_frame, d.max_prompt_tokens + 1
     filled = max(1, slots // 2) if filled is None else filled
     stored = torch.arange(slots)
     cache_frames = torch.where(stored < filled, stored, -1).expand(batch, slots).clone()
     frames = torch.arange(filled, filled + context + 1).expand(batch, context + 1).clone()
-    inputs = {"x": torch.randn(batch, context + 1, config.latent_channels, *config.latent_size, generator=g),
+    latent = (config.latent_channels, *config.latent_size)
+    present = torch.ones(batch, context + 1, dtype=torch.bool)
+    if context and batch > 1:
+        present[0, 0] = False
+    inputs = {"x": torch.randn(batch, context + 1, *latent, generator=g),
               "sigma": torch.rand(batch, context + 1, generator=g),
               "keys": (torch.rand(batch, context + 1, d.num_keys, generator=g) > 0.5).float(),
-              "frames": frames, "present": torch.ones(batch, context + 1, dtype=torch.bool),
+              "frames": frames, "present": present,
               "cache_frames": cache_frames, "cache_valid": cache_frames >= 0,
               "cache_sink": (cache_frames >= 0) & (stored < d.sink),
+              "previous": torch.randn(batch, *latent, generator=g),
               "prompt_mask": torch.arange(t).expand(batch, t) < 5}
-    names = [n for n in STEP_INPUTS if context or n != "present"]
     past = [torch.randn(batch, d.heads, slots * n, d.head_dim, generator=g) for _ in range(2 * d.depth)]
     prompt = [torch.randn(batch, d.heads, t, d.head_dim, generator=g) for _ in range(2 * d.depth)]
+    names = step_input_names(d.depth, context, d.prediction == "delta")[: -4 * d.depth]
     return [inputs[name] for name in names] + past + prompt
 
 
@@ -164,11 +174,11 @@ def _export(module: nn.Module, inputs: list[Tensor], names: list[str], outputs: 
 
 def _graphs(dit: DiT, vae: LatentAutoencoder) -> Iterator[tuple[str, nn.Module, list[Tensor], list[str],
                                                                   list[str]]]:
-    config, depth = dit.config, len(dit.blocks)
+    config = dit.config
     for file, context in ((STEP_CONTEXT, 1), (STEP, 0)):
         outputs = ["v", "new_k", "new_v"] if context else ["v"]
-        yield (file, FrameStepGraph(dit, context), example_step_inputs(config, context),
-               step_input_names(depth, context), outputs)
+        graph = FrameStepGraph(dit, context)
+        yield file, graph, example_step_inputs(config, context), graph.names, outputs
     latent = torch.randn(2, config.latent_channels, *config.latent_size, generator=torch.Generator())
     yield DECODER, DecoderGraph(vae), [latent], ["latent"], ["image"]
 
@@ -181,10 +191,6 @@ def export_graphs(dit: DiT, vae: LatentAutoencoder, folder: str | Path, *, check
     graph is run on its example inputs and compared with PyTorch; a difference over ``TOLERANCE`` raises
     ``ValueError``.
     """
-    if dit.cfg.prediction == "delta":
-        raise ValueError("ONNX export of a delta-predicting DiT (dit.prediction 'delta') is not implemented: "
-                         "its frame step also needs the previous frame's latent as an input; play it with "
-                         "the PyTorch backend")
     folder = Path(folder)
     dit32 = _float_copy(dit)
     vae32 = _float_copy(vae)

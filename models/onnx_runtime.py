@@ -32,7 +32,6 @@ from worldloop.models.onnx_export import (
     STEP_CONTEXT,
     export_graphs,
     read_manifest,
-    step_input_names,
     weights_digest,
 )
 from worldloop.models.vae import LatentAutoencoder
@@ -99,7 +98,9 @@ class OnnxRuntimeExecutor:
         providers = ["CPUExecutionProvider"]
         self.sessions = {name: ort.InferenceSession(str(self.folder / name), options, providers=providers)
                          for name in (STEP_CONTEXT, STEP, DECODER)}
-        self.names = {STEP_CONTEXT: step_input_names(depth, 1), STEP: step_input_names(depth, 0)}
+        # The graphs' own input lists: a delta DiT's also name ``previous``.
+        self.names = {name: [i.name for i in self.sessions[name].get_inputs()]
+                      for name in (STEP_CONTEXT, STEP)}
 
     @classmethod
     def for_model(cls, dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
@@ -118,7 +119,7 @@ class OnnxRuntimeExecutor:
         present = torch.ones(frames.shape, dtype=torch.bool) if present is None else present
         values = {"x": x, "sigma": sigma, "keys": keys, "frames": frames, "present": present,
                   "cache_frames": cache.frames, "cache_valid": cache.valid, "cache_sink": cache.sink,
-                  "prompt_mask": prompt.mask}
+                  "previous": cache.previous, "prompt_mask": prompt.mask}
         for i in range(self.depth):
             values |= {f"past_k.{i}": cache.k[i], f"past_v.{i}": cache.v[i],
                        f"prompt_k.{i}": prompt.k[i], f"prompt_v.{i}": prompt.v[i]}

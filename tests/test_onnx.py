@@ -1,11 +1,14 @@
-"""The ONNX export and the onnxruntime backend, on the ``tiny`` preset with random (perturbed) weights.
+"""The ONNX export and the onnxruntime backend, on the ``tiny`` preset with random (perturbed) weights, as a
+velocity DiT and as a delta DiT (x0 = the previous frame's latent + its output, which the graphs take as the
+input ``previous``): every check that uses the exported model runs on both.
 
 Tolerances: every graph output within ``onnx_export.TOLERANCE`` (1e-3 absolute) of PyTorch float32 on the same
 inputs; a rollout's latents within the same 1e-3 of the torch backend (float32) and its decoded frames within
 1 grey level. Same seed and keys on the onnxruntime backend → identical frames.
 
-One export serves the module (through ``worldloop export MODEL --onnx --tensorrt``, about a minute on a loaded
-2-core CPU); ``WORLDLOOP_CACHE`` points into a temporary folder so nothing is written under the home folder.
+One export per prediction serves the module (through ``worldloop export MODEL --onnx --tensorrt``, about a
+minute each on a loaded 2-core CPU); ``WORLDLOOP_CACHE`` points into a temporary folder so nothing is written
+under the home folder.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,23 +38,25 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 KEYS = [1, 1, 16, 0, 5, 1, 32, 1, 1, 2, 4, 1]  # 12 frames: the tiny cache (1 + 4 + 2 slots) rolls over
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> dict:
+@pytest.fixture(scope="module", params=["v", "delta"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             tiny_config: ModelConfig) -> dict:
     """A tiny model directory and its graphs in MODEL/onnx, written by the CLI (with --tensorrt)."""
-    root = tmp_path_factory.mktemp("onnx")
+    root = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=request.param))
     torch.manual_seed(0)
-    dit, vae = DiT(tiny_config), LatentAutoencoder(tiny_config)
+    dit, vae = DiT(config), LatentAutoencoder(config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # make the zero-initialised layers non-zero so frames depend on everything
         for p in dit.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model = save_model(root / "model", tiny_config, dit, vae, dit_ema=dit)
+    model = save_model(root / "model", config, dit, vae, dit_ema=dit)
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setenv("WORLDLOOP_CACHE", str(root / "cache"))
         status = main(["export", str(model), "--onnx", "--tensorrt", "--max-batch", "4"])
     return {"model": model, "onnx": model / "onnx", "cache": root / "cache", "status": status,
-            "stderr": err.getvalue()}
+            "stderr": err.getvalue(), "prediction": request.param}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +82,12 @@ def test_export_writes_checked_graphs_and_trtexec_commands(exported: dict) -> No
     depth = manifest["config"]["dit"]["depth"]
     assert {f"past_k.{depth - 1}", "past_v.0", "prompt_k.0", "cache_valid"} <= set(fused["inputs"])
     assert list(fused["outputs"]) == ["v", "new_k", "new_v"]
+    delta = exported["prediction"] == "delta"
+    for name in (STEP_CONTEXT, STEP):  # only a delta DiT's frame step reads the previous frame: (B, C, h, w)
+        inputs = manifest["graphs"][name]["inputs"]
+        assert ("previous" in inputs) == delta
+        latent = ["B", *inputs["x"]["shape"][2:]]
+        assert not delta or inputs["previous"] == {"shape": latent, "dtype": "float32"}
     script = (folder / tensorrt.SCRIPT).read_text()
     assert script.count("trtexec --onnx=") == 3 and "past_k.0:4x" in script  # --max-batch 4
     if tensorrt.missing_reason() is None:  # a GPU with TensorRT: the engines are built
@@ -95,29 +107,37 @@ def test_the_backend_finds_the_exported_graphs(exported: dict, pair: tuple[World
 
 def test_frame_step_graphs_match_pytorch_past_the_window(pair: tuple[WorldModel, WorldModel],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every denoising step of a 2-step rollout (fused with the cache pass or not), run by both."""
+    """Every denoising step of a 2-step rollout (fused with the cache pass or not), run by both; half-way a
+    second session joins, whose first frame has nothing cached (a delta DiT adds to zeros) and nothing pending
+    (a placeholder row of the fused step, where a delta DiT adds to the cached ``previous``)."""
     _, ort = pair
     seen: dict[int, float] = {}
+    placeholders = 0
 
     def both(x, sigma, keys, frames, context, prompt, view, present=None):  # noqa: ANN001, ANN202
+        nonlocal placeholders
         got = ort.executor.frame_step(x, sigma, keys, frames, context, prompt, view, present)
         want = ort.dit.forward_cached(x, sigma, keys, frames, context, prompt, view, present)
         pairs = [(got.v, want.v)] + ([(got.k, want.k), (got.v_cache, want.v_cache)] if context else [])
         diff = max(float((a - b).abs().max()) for a, b in pairs)
         seen[context] = max(seen.get(context, 0.0), diff)
+        placeholders += int(present is not None and not bool(present.all()))
         return got
 
     monkeypatch.setattr(ort, "_forward_cached", both)
     ort.steps = 2
-    s = ort.new_session("a stone dungeon", seed=3)
+    sessions = [ort.new_session("a stone dungeon", seed=3)]
     try:
-        for k in KEYS:
-            ort.next_frame([s], [k])
-        assert s.frame_index > ort.config.dit.cache_frames
+        for i, k in enumerate(KEYS):
+            if i == len(KEYS) // 2:
+                sessions.append(ort.new_session("an ice cave", seed=4))
+            ort.next_frame(sessions, [k] * len(sessions))
+        assert sessions[0].frame_index > ort.config.dit.cache_frames
     finally:
-        ort.close_session(s)
+        for s in sessions:
+            ort.close_session(s)
         ort.steps = 1
-    assert set(seen) == {0, 1}
+    assert set(seen) == {0, 1} and placeholders > 0
     assert max(seen.values()) <= TOLERANCE
 
 
