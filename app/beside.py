@@ -60,8 +60,8 @@ class EngineBeside:
 
 
 def world_prompts(seed: int, themes: tuple[str, str]) -> tuple[str, str]:
-    """The prompts the built-in world gives a world start seeded by ``seed`` in ``themes[0]`` and the same maze
-    re-themed to ``themes[1]``: what the model saw in training, for a demo that plays to its strengths."""
+    """The prompts the built-in world gives a world start seeded by ``seed`` in ``themes[0]`` and the same
+    maze re-themed to ``themes[1]``: what the model saw in training, for a demo that shows its best."""
     from worldloop.distill.world.themes import describe, retheme, sample_params
 
     params = sample_params(seed, themes[0])
