@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 PANELS = ("engine", "model")  # left to right
 SEPARATOR = 2  # pixels between the panels (before --scale): even, so the frame stays even for H.264
-SEPARATOR_GREY = 255
+SEPARATOR_COLOUR = (255, 255, 255)
 
 
 class EngineBeside:
@@ -38,10 +38,6 @@ class EngineBeside:
         """The start frames of a world start and the engine that continues from the last of them."""
         frames, world = world_start.begin(prompt, seed)
         return frames, cls(world, world_start.scale)
-
-    @property
-    def theme(self) -> str:
-        return self.world.params[0].theme
 
     def next_frame(self, keys: int) -> np.ndarray:
         """Apply one frame's held keys (a bitmask) → the engine's frame, uint8 (H, W, 3)."""
@@ -72,7 +68,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray, separator: int = SEPARATOR
     """Two uint8 (H, W, 3) frames → (H, 2W + separator, 3): left | white bar | right."""
     if left.shape != right.shape:
         raise ValueError(f"panels differ in shape: {left.shape} and {right.shape}")
-    bar = np.full((left.shape[0], separator, 3), SEPARATOR_GREY, dtype=np.uint8)
+    bar = np.full((left.shape[0], separator, 3), SEPARATOR_COLOUR, dtype=np.uint8)
     return np.concatenate([left, bar, right], axis=1)
 
 

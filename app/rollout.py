@@ -196,9 +196,9 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
     Keys and prompt switches apply from the frame they are scheduled at. With ``plan.engine`` every written
     frame is [engine | model] (``app/beside.py``): the engine steps under the same keys and prompt switches,
     outside the model's timings. ``scale`` enlarges the written frames by pixel repetition (the digest
-    covers the model's own frames). ``stop`` is asked before every
-    frame (the command's SIGTERM handler sets it): a stop lands between frames, so the video and the count
-    always agree. On any exception (Ctrl-C) the result so far is attached to it as ``err.rollout_result``.
+    covers the model's own frames). ``stop`` is asked before every frame (the command's SIGTERM handler sets
+    it): a stop lands between frames, so the video and the count always agree. On any exception (Ctrl-C)
+    the result so far is attached to it as ``err.rollout_result``.
     """
     result = RolloutResult()
     switches = plan.schedule.switches()
