@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worldloop.app.beside import EngineBeside, layout, side_by_side
 from worldloop.models.keys import KEYS, parse_keys
 from worldloop.models.text import validate_prompt
 from worldloop.streaming.session import FrameWriter, StartFrames, StartFrom, start_kwargs
@@ -159,6 +160,7 @@ class RolloutPlan:
     start_from: StartFrom = "prompt"
     start: StartFrames | None = None  # the context frames the session starts from (None: the prompt alone)
     picture: str | None = None  # for the sidecar: the picture file of a start from a picture
+    engine: EngineBeside | None = None  # the world the start came from, run beside the model (stateful)
 
 
 @dataclass
@@ -191,10 +193,12 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
             on_frame: ProgressFn | None = None, stop: Callable[[], bool] | None = None) -> RolloutResult:
     """Generate ``plan.frames`` frames with ``model`` and write each as it comes; one session, one by one.
 
-    Keys and prompt switches apply from the frame they are scheduled at. ``scale`` enlarges the written
-    frames by pixel repetition (the digest covers the model's own frames). ``stop`` is asked before every
-    frame (the command's SIGTERM handler sets it): a stop lands between frames, so the video and the count
-    always agree. On any exception (Ctrl-C) the result so far is attached to it as ``err.rollout_result``.
+    Keys and prompt switches apply from the frame they are scheduled at. With ``plan.engine`` every written
+    frame is [engine | model] (``app/beside.py``): the engine steps under the same keys and prompt switches,
+    outside the model's timings. ``scale`` enlarges the written frames by pixel repetition (the digest
+    covers the model's own frames). ``stop`` is asked before every frame (the command's SIGTERM handler sets
+    it): a stop lands between frames, so the video and the count always agree. On any exception (Ctrl-C)
+    the result so far is attached to it as ``err.rollout_result``.
     """
     result = RolloutResult()
     switches = plan.schedule.switches()
@@ -213,7 +217,12 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
             dt = time.perf_counter() - t0
             result.model_seconds += dt
             result.max_frame_ms = max(result.max_frame_ms, 1000 * dt)
-            writer.write(frame.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else frame)
+            shown = frame
+            if plan.engine is not None:
+                if index in switches:
+                    plan.engine.set_prompt(switches[index])
+                shown = side_by_side(plan.engine.next_frame(mask), frame)
+            writer.write(shown.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else shown)
             result.digest.update(np.ascontiguousarray(frame).tobytes())
             result.keys.append(mask)
             result.frames += 1
@@ -232,7 +241,8 @@ def rollout(model: WorldModel, plan: RolloutPlan, keys: Iterator[int], writer: F
 
 
 def sidecar(plan: RolloutPlan, result: RolloutResult, model: dict[str, Any]) -> dict[str, Any]:
-    """The JSON written next to the video; ``model`` describes the model (name, source, trained, steps)."""
+    """The JSON written next to the video; ``model`` describes the model (name, source, trained, steps,
+    width, scale); ``layout`` says what a video frame shows (the model alone, or [engine | model])."""
     return {
         "model": model,
         "seed": plan.seed,
@@ -243,6 +253,7 @@ def sidecar(plan: RolloutPlan, result: RolloutResult, model: dict[str, Any]) -> 
         "prompts": plan.schedule.to_json(),
         "start": {"from": plan.start_from, "context_frames": len(plan.start.frames) if plan.start else 0,
                   **({"picture": plan.picture} if plan.picture else {})},
+        "layout": layout(plan.engine is not None, model.get("width", 0), model.get("scale", 1)),
         "key_source": plan.key_source,
         "key_names": list(KEYS),
         "frames_sha256": result.digest.hexdigest(),

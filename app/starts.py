@@ -28,6 +28,8 @@ from worldloop.streaming.session import START_FROM, StartFrames, Starts
 if TYPE_CHECKING:
     import torch
 
+    from worldloop.distill.world.engine import World
+
 
 START_MOTION_FRAMES = 2  # world frames after the sink: enough to show the model the motion
 
@@ -65,6 +67,11 @@ class WorldStart:
         self.height, self.width, self.frames, self.device = height, width, frames, device
 
     def __call__(self, prompt: str, seed: int) -> StartFrames:
+        return self.begin(prompt, seed)[0]
+
+    def begin(self, prompt: str, seed: int) -> tuple[StartFrames, World]:
+        """The start frames and the world that rendered them, left at the last one's pose (rendered at
+        ``self.scale`` times the frame size), so it can keep running under the rollout's keys."""
         import torch
 
         from worldloop.distill.data.clips import downsample, open_headings, random_poses
@@ -85,7 +92,7 @@ class WorldStart:
             frames.append(world.next_frame(held))
             keys.append(int(held[0]))
         video = downsample(torch.cat(frames), k).cpu().numpy()
-        return StartFrames(video, tuple(keys))
+        return StartFrames(video, tuple(keys)), world
 
 
 def add_start_options(parser: argparse.ArgumentParser, *, what: str = "every session") -> None:

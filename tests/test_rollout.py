@@ -13,6 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -189,6 +190,61 @@ def test_an_interrupted_rollout_leaves_a_playable_video(tmp_path: Path, sig: sig
         assert b"interrupted after" in process.stderr.read()
 
 
+# ---- the engine beside the model ---------------------------------------------------------------------------
+
+def _engine_reference(prompt: str, seed: int, masks: list[int], switches: dict[int, str]) -> list[np.ndarray]:
+    """The engine's frames after a world start, rendered here without the rollout: the world of the start,
+    stepped by ``masks``; at a switch whose prompt names a theme, the same maze at the same pose in that
+    theme (``retheme``), at 2× the tiny preset's 32×32 and area-downsampled."""
+    import torch
+
+    from worldloop.app.starts import WorldStart, context_frames, prompt_theme
+    from worldloop.distill.data.clips import downsample
+    from worldloop.distill.world.engine import World
+    from worldloop.distill.world.themes import retheme
+
+    _, world = WorldStart(32, 32, context_frames(preset("tiny"))).begin(prompt, seed)
+    frames = []
+    for index, mask in enumerate(masks):
+        theme = prompt_theme(switches.get(index, ""))
+        if theme is not None:
+            poses = world.poses
+            world = World([retheme(world.params[0], theme)], 64, 64)
+            world.set_poses(poses)
+        frames.append(downsample(world.next_frame(torch.tensor([mask])), 2)[0].numpy())
+    return frames
+
+
+def test_beside_engine_shows_the_engine_under_the_same_keys_left_of_the_model(
+        tmp_path: Path, prompt_encoder: PromptEncoder) -> None:
+    out, plain, script = tmp_path / "beside.mp4", tmp_path / "plain.mp4", tmp_path / "tour.keys"
+    script.write_text("4*w\n3*e\n2*a\nw+q\n4*w\n")
+    argv = ["rollout", "--preset", "tiny", "--seed", "4", "--prompt", "an ice cave", "--prompt-at",
+            "8:a neon city", "--prompt-at", "11:somewhere else", "--keys", str(script), "--frames", "14",
+            "--scale", "2", "--crf", "0", "--quiet"]
+    assert main([*argv, "--beside-engine", "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(plain)]) == 0
+    frames, _ = decode(out)
+    meta = json.loads(sidecar_path(out).read_text())
+    assert len(frames) == 14 and frames[0].shape == (64, 2 * 64 + 4, 3)
+    assert meta["layout"] == {"panels": ["engine", "model"], "panel_width": 64, "separator": 4}
+    assert json.loads(sidecar_path(plain).read_text())["layout"] == {"panels": ["model"], "panel_width": 64}
+    # the model's frames are those of the same rollout without the engine
+    assert meta["frames_sha256"] == json.loads(sidecar_path(plain).read_text())["frames_sha256"]
+    masks = meta["keys"]
+    switched = _engine_reference("an ice cave", 4, masks, {8: "a neon city", 11: "somewhere else"})
+    unswitched = _engine_reference("an ice cave", 4, masks, {})
+    left = [f[:, :64].astype(np.float32) for f in frames]
+    half = lambda f: f.repeat(2, 0).repeat(2, 1).astype(np.float32)  # the video's --scale 2
+    error = [float(np.abs(a - half(b)).mean()) for a, b in zip(left, switched, strict=True)]
+    assert max(error) < 2.5, error  # lossless H.264 (--crf 0) up to the RGB ↔ YUV rounding
+    assert all(np.abs(f[:, 64:68].astype(int) - 255).max() < 8 for f in frames)  # the separator
+    # the engine moved, and from frame 8 on shows the same maze in the neon city; "somewhere else" names no
+    # theme, so the look stays
+    assert float(np.abs(left[0] - left[7]).mean()) > 5
+    assert all(float(np.abs(a - half(b)).mean()) > 10 for a, b in zip(left[8:], unswitched[8:], strict=True))
+
+
 # ---- bad input: one line, exit 2, before any model work --------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
@@ -203,6 +259,8 @@ def test_an_interrupted_rollout_leaves_a_playable_video(tmp_path: Path, sig: sig
     (["--out", "{tmp}/dir.mp4"], "is a directory"),
     (["--model", "{tmp}/no-model"], "no model directory"),
     (["--steps", "0"], "--steps must be in"),
+    (["--beside-engine", "--start", "prompt"], "--beside-engine needs a world start: drop --start prompt"),
+    (["--beside-engine", "--first-frame", "{picture}"], "--beside-engine needs a world start: a picture"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           extra: list[str], message: str) -> None:
@@ -210,7 +268,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "bad-keys.txt").write_text("w\njump\n")
     (tmp_path / "short.txt").write_text("3*w\n")
     (tmp_path / "dir.mp4").mkdir()
-    files = dict(schedule=tmp_path / "bad.json", keys=tmp_path / "bad-keys.txt", short=tmp_path / "short.txt")
+    ok, png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "start.png").write_bytes(png.tobytes())
+    files = dict(schedule=tmp_path / "bad.json", keys=tmp_path / "bad-keys.txt", short=tmp_path / "short.txt",
+                 picture=tmp_path / "start.png")
     extra = [a.format(tmp=tmp_path, **files) for a in extra]
     argv = ["rollout", "--prompt", "a dungeon", "--frames", "10", "--out", str(tmp_path / "ok.mp4"), *extra]
     if "--model" not in extra:

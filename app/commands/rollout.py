@@ -4,6 +4,7 @@
     worldloop rollout --prompt "a dungeon" --prompt-at 600:"a neon city" --frames 1200 --keys walk.txt
     worldloop rollout --preset default --schedule prompts.json --seconds 3600 --out hour.mp4  # random
     worldloop rollout --prompt "a dungeon" --first-frame photo.jpg --seconds 10 --out mine.mp4
+    worldloop rollout --prompt "ice cave" --prompt-at 4s:"neon city" --seconds 6 --beside-engine --out vs.mp4
 
 Keys come from a key script (``--keys FILE``: one line per frame as for ``worldloop world record``, e.g.
 ``30*w``, ``w+a``, ``none``; it must cover every frame) or, by default, from the rollout explorer: a
@@ -13,7 +14,9 @@ cleanly; even a killed run leaves a playable file up to its last one-second frag
 
 The rollout starts from the first frames of a fresh built-in world of the prompt's theme, seeded by
 ``--seed`` (``--start world``, the default), from a picture (``--first-frame IMAGE``, fitted to the model's
-frame size) or from the prompt alone (``--start prompt``); the video holds the model's frames only.
+frame size) or from the prompt alone (``--start prompt``); the video holds the model's frames only, or with
+``--beside-engine`` (world starts only) [engine | model] side by side: the built-in world that gave the first
+frames keeps running under the same keys, re-themed (same maze, same pose) when a prompt switch names a theme.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from worldloop.app.beside import EngineBeside, side_by_side_width
 from worldloop.app.commands.world import read_key_script
 from worldloop.app.errors import UserError, user_input
 from worldloop.app.loading import add_model_options, choose_model, load_model
@@ -44,7 +48,8 @@ from worldloop.app.rollout import (
     sidecar_path,
     write_sidecar,
 )
-from worldloop.app.starts import add_start_options, starts_from_args
+from worldloop.app.starts import WorldStart, add_start_options, starts_from_args
+from worldloop.streaming.session import StartFrames, Starts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out video and its sidecar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_start_options(p, what="the rollout")
+    p.add_argument("--beside-engine", action="store_true",
+                   help="every video frame is [engine | model]: the built-in world the rollout started from "
+                        "keeps running under the same keys (needs a world start)")
     p.set_defaults(func=run)
 
 
@@ -135,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             keys, source = explorer_keys(args.seed, fps), f"explorer (seed {args.seed})"
         starts = starts_from_args(args, choice.config)
-        start = starts.frames(starts.default, schedule.first, args.seed, starts.picture)
+        engine = None
+        if args.beside_engine:
+            start, engine = _engine_start(starts, schedule.first, args.seed)
+        else:
+            start = starts.frames(starts.default, schedule.first, args.seed, starts.picture)
         plan = RolloutPlan(args.seed, frames, fps, schedule, source, starts.default, start,
-                           None if args.first_frame is None else str(args.first_frame))
+                           None if args.first_frame is None else str(args.first_frame), engine)
     if choice.warning():
         print(choice.warning(), file=sys.stderr, flush=True)
 
@@ -145,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     height, width = model.frame_shape
     about = {"name": model.config.name, "source": choice.source, "trained": choice.trained,
              "steps": model.steps, "height": height, "width": width, "scale": args.scale}
+    if engine is not None:
+        width = side_by_side_width(width)
     recorder = Mp4Recorder(args.out, width * args.scale, height * args.scale, fps, crf=args.crf)
     write_sidecar(args.out, sidecar(plan, RolloutResult(), about))  # a killed run still leaves its plan
     update, close_bar = _progress(frames, args.quiet)
@@ -164,6 +178,18 @@ def run(args: argparse.Namespace) -> int:
     write_sidecar(args.out, sidecar(plan, result, about))
     _report(args.out, result, frames)
     return status
+
+
+def _engine_start(starts: Starts, prompt: str, seed: int) -> tuple[StartFrames, EngineBeside]:
+    """``--beside-engine``: the world start and the engine that continues from it; one-line errors for the
+    starts that have no engine (a picture, the prompt alone)."""
+    if starts.default == "picture":
+        raise UserError("--beside-engine needs a world start: a picture (--first-frame) has no engine to "
+                        "run beside the model")
+    if starts.default != "world" or not isinstance(starts.world, WorldStart):
+        raise UserError("--beside-engine needs a world start: drop --start prompt (the prompt alone has no "
+                        "engine to run beside the model)")
+    return EngineBeside.start(starts.world, prompt, seed)
 
 
 def _report(out: Path, result: RolloutResult, requested: int) -> None:

@@ -25,7 +25,6 @@ typed a new prompt here".
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from worldloop.distill.data.episodes import EpisodeError, read_episode
 from worldloop.distill.world.engine import World
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.hashing import hash32
-from worldloop.distill.world.themes import THEMES, sample_params, theme_from_prompt
+from worldloop.distill.world.themes import THEMES, theme_from_prompt
 from worldloop.models.keys import KEYS
 
 HELD_OUT_SEED_START = 1 << 30  # training worlds use seeds below this, evaluation worlds from here on
@@ -163,14 +162,12 @@ class WorldClips:
                          None if other is None else theme_indices(other))
 
     def _switched_world(self, world: World, g: torch.Generator) -> World:
-        """The same mazes in other themes: each world's layout parameters, a random other theme's look."""
-        params = []
+        """The same mazes in other themes: each world's layout, a random other theme's look."""
+        themes = []
         for p in world.params:
-            own = THEMES.index(p.theme)
-            target = THEMES[(own + 1 + int(torch.randint(len(THEMES) - 1, (1,), generator=g))) % len(THEMES)]
-            look = sample_params(p.seed, target)
-            params.append(dataclasses.replace(look, rooms=p.rooms, loops=p.loops, accent_rate=p.accent_rate))
-        return World(params, world.height, world.width, self.device)
+            hop = 1 + int(torch.randint(len(THEMES) - 1, (1,), generator=g))
+            themes.append(THEMES[(THEMES.index(p.theme) + hop) % len(THEMES)])
+        return world.rethemed(themes)
 
     def _perturb(self, keys: torch.Tensor, held: torch.Tensor, left: torch.Tensor, g: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

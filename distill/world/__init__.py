@@ -16,11 +16,12 @@ from worldloop.distill.world.themes import (
     Surface,
     WorldParams,
     describe,
+    retheme,
     sample_params,
     theme_from_prompt,
 )
 
 __all__ = [
     "THEMES", "Explorer", "ExplorerConfig", "Rollout", "Surface", "World", "WorldConfig", "WorldParams",
-    "check_size", "describe", "rollout", "sample_params", "theme_from_prompt",
+    "check_size", "describe", "retheme", "rollout", "sample_params", "theme_from_prompt",
 ]

@@ -26,7 +26,7 @@ from worldloop.distill.world.hashing import uniform
 from worldloop.distill.world.raycast import Scene, View, cast, column_rays, render
 from worldloop.distill.world.skies import SKIES
 from worldloop.distill.world.textures import PATTERNS, Pattern, bake
-from worldloop.distill.world.themes import WorldParams, describe, sample_params
+from worldloop.distill.world.themes import WorldParams, describe, retheme, sample_params
 from worldloop.models.keys import KEYS
 
 _BIT = {name: 1 << i for i, name in enumerate(KEYS)}
@@ -168,6 +168,16 @@ class World:
         if _blocked(self.grid, poses[:, 0], poses[:, 1], self.config.radius).any():
             raise ValueError("a pose is inside a wall or closer to it than the collision radius")
         self.pos, self.angle = poses[:, :2].clone(), torch.remainder(poses[:, 2], 2 * math.pi)
+
+    def rethemed(self, themes: Sequence[str]) -> World:
+        """A new World of the same mazes, size and config, each world in ``themes[i]`` (``themes.retheme``),
+        its camera at the same pose: what the engine shows after a prompt switch names another theme."""
+        if len(themes) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} themes, got {len(themes)}")
+        other = World([retheme(p, t) for p, t in zip(self.params, themes, strict=True)], self.height,
+                      self.width, self.device, self.config)
+        other.set_poses(self.poses)
+        return other
 
     def probe(self, offsets: torch.Tensor) -> torch.Tensor:
         """Distance to the nearest wall along heading + offset ((K,) or (B, K) radians) → (B, K) tiles."""

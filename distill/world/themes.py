@@ -199,6 +199,13 @@ def sample_params(seed: int, theme: str | None = None) -> WorldParams:
     )
 
 
+
+def retheme(params: WorldParams, theme: str) -> WorldParams:
+    """The same maze in another theme: ``params``' seed and layout (rooms, loops, accent rate, so the same
+    map), with the look ``sample_params(params.seed, theme)`` draws. A prompt switch in the engine's truth."""
+    look = sample_params(params.seed, theme)
+    return dataclasses.replace(look, rooms=params.rooms, loops=params.loops, accent_rate=params.accent_rate)
+
 # ---------------------------------------------------------------------------------------------------------
 # The prompt: every word comes from a number in the params.
 
