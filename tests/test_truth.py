@@ -238,3 +238,22 @@ def test_world_switch_clips_keep_the_clip_and_the_maze_and_change_the_theme() ->
     assert (after > 10).all()  # another look from the switch on
     with pytest.raises(ValueError, match="switch_at"):
         WorldClips(64, 64, 6, switch_at=6)
+
+
+def test_latent_spectrum_term_charges_a_blur_not_a_misplaced_edge(teacher: Path, tmp_path: Path) -> None:
+    from worldloop.distill.stages.truth import latent_spectrum_loss
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(2, 3, 4, 16, 16, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(truth.flatten(0, 2), 3, 1, 1).view_as(truth)
+    shifted = torch.roll(truth, 1, dims=-1)
+    assert latent_spectrum_loss(shifted, truth, 0).item() < 1e-5
+    assert latent_spectrum_loss(blurred, truth, 0).item() > 0.1
+    assert latent_spectrum_loss(blurred[:, -1:], truth[:, -1:], 0).item() == pytest.approx(
+        latent_spectrum_loss(blurred, truth, 1).item())
+    objective = replace(OBJECTIVE, latent_spectrum_weight=2.0)
+    _truth(tmp_path / "spec", teacher, objective=objective)
+    record = _log(tmp_path / "spec")[0]
+    assert record["latent_spectrum"] > 0 and math.isfinite(record["latent_spectrum"])
+    with pytest.raises(ValueError, match="loss weights"):
+        TruthObjective(latent_spectrum_weight=-1.0)

@@ -109,6 +109,8 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-weight", type=float, default=d.edge_weight, help="decoder loss: gradient L1")
     p.add_argument("--spectrum-weight", type=float, default=d.spectrum_weight,
                    help="decoder loss: log-spectrum distance")
+    p.add_argument("--latent-spectrum-weight", type=float, default=d.latent_spectrum_weight,
+                   help="DiT loss: log-spectrum distance of generated vs engine latents (against blur)")
     p.add_argument("--random-keys", type=float, default=d.random_keys,
                    help="chance per frame that held random keys take over from the explorer")
     p.add_argument("--key-hold", type=int, default=d.key_hold, help="frames a random key state is held")
@@ -178,6 +180,7 @@ def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
                               grad_frames=args.grad_frames, train=args.train,
                               decoder_frames=args.decoder_frames, decoder_lr_scale=args.decoder_lr_scale,
                               edge_weight=args.edge_weight, spectrum_weight=args.spectrum_weight,
+                              latent_spectrum_weight=args.latent_spectrum_weight,
                               random_keys=args.random_keys, key_hold=args.key_hold,
                               switch_every=args.switch_every, switch_reuse=args.switch_reuse)
     from worldloop.distill.stages.dmd import DMDObjective

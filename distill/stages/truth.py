@@ -12,9 +12,10 @@ signal. One iteration:
    ``WorldModel.rollout_latents``, the one rollout loop, with the inference cache policy (window, sink,
    generated frames re-noised to ``sampling.context_sigma``). Every frame stops at an exit step
    k ∈ 1..S of the student's S steps (one k per iteration).
-3. DiT loss: MSE between the generated latents and the engine's latents. The newest ``grad_frames`` frames
-   (default: all) carry gradients through their last denoising step; earlier steps and every cache write
-   do not (gradients stop at the cache, as in ``distill dmd``).
+3. DiT loss: MSE between the generated latents and the engine's latents, plus ``latent_spectrum_weight`` ×
+   their log-spectrum distance (``latent_spectrum_loss``: against the blur of pure regression). The newest
+   ``grad_frames`` frames (default: all) carry gradients through their last denoising step; earlier steps
+   and every cache write do not (gradients stop at the cache, as in ``distill dmd``).
    Every ``switch_every``-th iteration the clips switch prompt inside the rollout
    (``WorldClips(switch_at=…)``: the same maze at the same poses in another theme from that frame on); the
    streams get the new prompt there (``WorldModel.set_prompt``, as a player typing it), so the student
@@ -55,7 +56,7 @@ from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, Trai
 from worldloop.models.config import ModelConfig
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.text import PromptEncoder
-from worldloop.models.vae import LatentAutoencoder, reconstruction_loss, to_unit
+from worldloop.models.vae import LatentAutoencoder, reconstruction_loss, spectrum_distance, to_unit
 from worldloop.models.world_model import Session, WorldModel
 
 STAGE = "truth"
@@ -72,6 +73,7 @@ class TruthObjective:
     decoder_lr_scale: float = 0.2  # the decoder's learning rate relative to --lr
     edge_weight: float = 0.5  # decoder loss: image-gradient L1 weight
     spectrum_weight: float = 8.0  # decoder loss: log-spectrum weight (keeps texture energy)
+    latent_spectrum_weight: float = 0.0  # DiT loss: log-spectrum distance of generated vs engine latents
     random_keys: float = 0.1  # chance per frame that held random keys take over from the explorer
     key_hold: int = 4  # frames a random key state is held
     switch_every: int = 4  # every n-th iteration the prompt switches inside the rollout (0: never)
@@ -86,8 +88,10 @@ class TruthObjective:
             raise ValueError(f"--grad-frames must be in 0..--rollout-frames ({self.rollout_frames})")
         if self.decoder_frames < 1 or self.decoder_lr_scale <= 0:
             raise ValueError("--decoder-frames must be >= 1 and --decoder-lr-scale > 0")
-        if min(self.edge_weight, self.spectrum_weight) < 0 or not 0 <= self.random_keys <= 1:
-            raise ValueError("decoder loss weights must be >= 0 and --random-keys in [0, 1]")
+        if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if not 0 <= self.random_keys <= 1:
+            raise ValueError("--random-keys must be in [0, 1]")
         if self.key_hold < 1:
             raise ValueError("--key-hold must be >= 1")
         if self.switch_every < 0 or self.switch_reuse < 1:
@@ -168,6 +172,16 @@ def rollout_loss(generated: torch.Tensor, truth: torch.Tensor, grad_frames: int
     per_frame = (generated.float() - truth).square().mean(dim=(0, 2, 3, 4))
     g = grad_frames or generated.shape[1]
     return F.mse_loss(generated[:, -g:].float(), truth[:, -g:]), per_frame.detach()
+
+
+def latent_spectrum_loss(generated: torch.Tensor, truth: torch.Tensor, grad_frames: int) -> torch.Tensor:
+    """``models.vae.spectrum_distance`` of the frames with gradients, per latent channel and frame.
+
+    Regression onto the engine is blurred wherever the student is unsure where an edge goes (the mean of
+    the possible frames); comparing log amplitudes per spatial frequency charges for the texture energy a
+    blur loses without asking for the exact phase, so the student keeps edges it cannot place exactly."""
+    g = grad_frames or generated.shape[1]
+    return spectrum_distance(generated[:, -g:].flatten(0, 1), truth[:, -g:].flatten(0, 1))
 
 
 SwitchSource = Callable[[int, int, int, int], ClipBatch]  # (index, size, frames, switch_at) → switch clips
@@ -258,10 +272,17 @@ class TruthStage(Stage):
             generated = roll(self.wm, self.sessions, batch, self.encoder, o.max_context, grad_frames,
                              self.device)
             dit_loss, per_frame = rollout_loss(generated, truth, o.grad_frames)
+        spectrum = None
+        if o.trains_dit and o.latent_spectrum_weight > 0:
+            spectrum = latent_spectrum_loss(generated, truth, o.grad_frames)
         loss = dit_loss if o.trains_dit else torch.zeros((), device=self.device)
+        if spectrum is not None:
+            loss = loss + o.latent_spectrum_weight * spectrum
         record: dict[str, Any] = {"latent_mse": dit_loss.detach(), "latent_mse_first": per_frame[0],
                                   "latent_mse_last": per_frame[-1], "context": d.context,
                                   "exit_steps": d.exit_steps}
+        if spectrum is not None:
+            record["latent_spectrum"] = spectrum.detach()
         if batch.switch_at:
             record["switch_latent_mse"] = record["latent_mse"]
         if o.trains_decoder:
