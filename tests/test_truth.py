@@ -257,3 +257,20 @@ def test_latent_spectrum_term_charges_a_blur_not_a_misplaced_edge(teacher: Path,
     assert record["latent_spectrum"] > 0 and math.isfinite(record["latent_spectrum"])
     with pytest.raises(ValueError, match="loss weights"):
         TruthObjective(latent_spectrum_weight=-1.0)
+
+
+def test_truth_takes_the_autoencoder_of_another_directory(teacher: Path, tmp_path: Path) -> None:
+    other = _random_model(TEACHER, tmp_path / "other", seed=7)
+    torch.manual_seed(9)
+    vae = LatentAutoencoder(TEACHER)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.01)
+    checkpoint.save_model(other, TEACHER, DiT(TEACHER), vae, metadata={"stage": "test"})
+    result = train_truth(STUDENT, _cfg(tmp_path / "v"), OBJECTIVE, setup_distributed("cpu"),
+                         teacher_dir=teacher, prompt_encoder=ENCODER,
+                         clips=FakeClips(32, 32, OBJECTIVE.clip_frames), vae_dir=other)
+    files = checkpoint.load_model(result.model_dir)
+    assert not _changed(checkpoint.load_model(other).vae, files.vae)
+    assert _changed(checkpoint.load_model(teacher).vae, files.vae)
+    assert files.metadata["autoencoder_from"] == str(other)

@@ -94,6 +94,8 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     d = TruthObjective()
     p.add_argument("--student", type=Path, metavar="DIR",
                    help="the student to start from (default: the teacher), e.g. an earlier truth run's model")
+    p.add_argument("--vae", type=Path, metavar="DIR",
+                   help="the autoencoder to start from (default: the student's), e.g. a decoder run's")
     p.add_argument("--train", choices=TRAINS, default=d.train,
                    help="what learns: the DiT, the decoder (on generated latents) or both")
     p.add_argument("--max-context", type=int, default=d.max_context,
@@ -200,7 +202,7 @@ def _run_stage(args: argparse.Namespace, config: ModelConfig, cfg: TrainConfig, 
         from worldloop.distill.stages.truth import train_truth
 
         return train_truth(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,
-                           resume=args.resume)
+                           resume=args.resume, vae_dir=args.vae)
     from worldloop.distill.stages.dmd import train_dmd
 
     return train_dmd(config, cfg, objective, ddp, teacher_dir=args.teacher, student_dir=args.student,

@@ -206,13 +206,14 @@ class TruthStage(Stage):
 
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TruthObjective, ddp: Distributed,
                  settings: dict[str, Any], *, start_dir: Path, prompt_encoder: PromptEncoder | None,
-                 clips: ClipSource | None, switch_clips: SwitchSource | None = None) -> None:
+                 clips: ClipSource | None, switch_clips: SwitchSource | None = None,
+                 vae_dir: Path | None = None) -> None:
         super().__init__(cfg, ddp, settings)
         self.config, self.objective = config, objective
         self.device = device = ddp.device
         source_config, student = shared.load_dit(start_dir, device)
         shared.check_compatible(config, source_config, start_dir, same_dit=True)
-        vae = shared.load_vae(config, start_dir).to(device)
+        vae = shared.load_vae(config, vae_dir or start_dir).to(device)
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         self.wm = WorldModel(config, student, vae, self.encoder, device=device, max_sessions=cfg.batch_size,
                              steps=config.sampling.steps, precision="fp32")
@@ -239,7 +240,8 @@ class TruthStage(Stage):
         self._switch_cache: tuple[int, ClipBatch] | None = None
         if self.clips.frames < objective.clip_frames:
             raise RunError(f"clips of {self.clips.frames} frames; the stage needs {objective.clip_frames}")
-        self.meta = {"started_from": str(start_dir), "train": objective.train,
+        self.meta = {"started_from": str(start_dir), "autoencoder_from": str(vae_dir or start_dir),
+                     "train": objective.train,
                      "context_sigma": config.sampling.context_sigma}
 
     def _add(self, name: str, module: nn.Module, groups: list[dict[str, Any]], lr_scale: float) -> None:
@@ -313,14 +315,17 @@ class TruthStage(Stage):
 def train_truth(config: ModelConfig, cfg: TrainConfig, objective: TruthObjective, ddp: Distributed, *,
                 teacher_dir: Path, student_dir: Path | None = None, resume: bool = False,
                 prompt_encoder: PromptEncoder | None = None, clips: ClipSource | None = None,
-                switch_clips: SwitchSource | None = None) -> TrainResult:
+                switch_clips: SwitchSource | None = None, vae_dir: Path | None = None) -> TrainResult:
     """Train a student with ``config`` (``shared.student_config``), started from ``student_dir`` (default:
-    the teacher), on its own rollouts against the engine; export it to ``<out>/model``. One process."""
+    the teacher) and the autoencoder of ``vae_dir`` (default: the student's), on its own rollouts against the
+    engine; export it to ``<out>/model``. One process."""
     if ddp.enabled:
         raise RunError("distill truth runs in one process (its self-forcing rollout is not data-parallel)")
     settings = settings_dict(stage=STAGE, model=config, train=cfg, objective=objective,
-                             teacher=str(teacher_dir), student=str(student_dir or teacher_dir))
+                             teacher=str(teacher_dir), student=str(student_dir or teacher_dir),
+                             **({"vae": str(vae_dir)} if vae_dir else {}))
     run = prepare_run(cfg, settings, resume, ddp)
     stage = TruthStage(config, cfg, objective, ddp, settings, start_dir=student_dir or teacher_dir,
-                       prompt_encoder=prompt_encoder, clips=clips, switch_clips=switch_clips)
+                       prompt_encoder=prompt_encoder, clips=clips, switch_clips=switch_clips,
+                       vae_dir=vae_dir)
     return train(stage, cfg, ddp, run, resume=resume)
