@@ -35,7 +35,8 @@ def shipped() -> WorldModel:
 def test_the_default_model_ships_and_is_what_play_uses() -> None:
     files = load_model(DEFAULT_MODEL_DIR)
     assert files.config.name == "default" and files.dit_ema is not None
-    assert files.metadata.get("stage") in {"teacher", "cd", "dmd"} and files.metadata.get("step", 0) > 0
+    assert files.metadata.get("stage") in {"teacher", "cd", "dmd", "truth"}
+    assert files.metadata.get("step", 0) > 0
     sizes = {f.name: f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir()}
     assert all(size < MAX_FILE_BYTES for size in sizes.values()), sizes
     choice = choose_model(None, None, fallback=True)
@@ -43,7 +44,7 @@ def test_the_default_model_ships_and_is_what_play_uses() -> None:
 
 
 # The eval reports the shipped models' cards were written from (README: Results).
-CARD_REPORTS = {"default": "docs/eval-cpu/distill/report.json",
+CARD_REPORTS = {"default": "docs/eval-cpu/default/report.json",
                 "autoencoder": "docs/eval-cpu/autoencoder/assets/report.json"}
 
 
@@ -61,7 +62,7 @@ def test_the_shipped_models_carry_their_card_and_shard_index(name: str, tmp_path
     write_model_card(copy, report)
     assert (copy / "README.md").read_text() == card
     if name == "default":
-        assert "model-index:" in card and "| this model | 1 | 25.07 |" in card
+        assert "model-index:" in card and "| this model | 1 | 24.18 |" in card
         index = json.loads((folder / "dit_ema.safetensors.index.json").read_text())
         shards = shard_files(folder / "dit_ema.safetensors")
         assert sorted(set(index["weight_map"].values())) == [f.name for f in shards] and len(shards) == 2
@@ -79,11 +80,16 @@ def _next_frames(wm: WorldModel, frames: np.ndarray, keys: np.ndarray, prompts: 
     return np.stack(out, 1)
 
 
-def test_it_continues_engine_worlds_far_better_than_random_weights(shipped: WorldModel) -> None:
+def test_it_continues_engine_worlds_better_than_copying_and_than_random_weights(shipped: WorldModel) -> None:
+    """A delta model with random weights already copies the last frame (x0 = previous + a small output), so
+    the bar is both: the trained model beats copying the last engine frame and a random-weight DiT."""
     context_frames, frames_after = shipped.config.dit.sink + shipped.config.dit.window, 4
     clips = engine_clips(*shipped.frame_shape, 4, context_frames + frames_after, seed=7,
                          device=torch.device("cpu"))
     truth = metrics.from_uint8(clips.frames[:, context_frames:].reshape(-1, *shipped.frame_shape, 3))
+    last = np.repeat(clips.frames[:, context_frames - 1: context_frames], frames_after, axis=1)
+    copied = metrics.from_uint8(last.reshape(-1, *shipped.frame_shape, 3))
+    copy_psnr = metrics.psnr(copied, truth).mean().item()
 
     def psnr(wm: WorldModel) -> float:
         made = _next_frames(wm, clips.frames, clips.keys, clips.prompts, context_frames, frames_after)
@@ -95,7 +101,8 @@ def test_it_continues_engine_worlds_far_better_than_random_weights(shipped: Worl
     for p in untrained.dit.parameters():  # the same autoencoder, a DiT with fresh random weights
         torch.nn.init.normal_(p, std=0.02)
     trained_psnr, random_psnr = psnr(shipped), psnr(untrained)
-    assert trained_psnr > 17.0 and trained_psnr > random_psnr + 5.0, (trained_psnr, random_psnr)
+    assert trained_psnr > copy_psnr + 1.0, (trained_psnr, copy_psnr)
+    assert trained_psnr > random_psnr + 1.5, (trained_psnr, random_psnr)
 
 
 def test_prompts_steer_the_world(shipped: WorldModel) -> None:
