@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.train_fakes import FakeClips, FakePromptEncoder
+from tests.train_fakes import FakeClips, FakePromptEncoder, perturbed_model_dir
 from worldloop.app.cli import main
 from worldloop.distill.stages import cd as cd_stage
 from worldloop.distill.stages import dmd as dmd_stage
@@ -23,7 +23,7 @@ from worldloop.distill.stages.run import read_checkpoint
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.stages.shared import export_student, load_dit, student_config
 from worldloop.models import checkpoint
-from worldloop.models.config import ModelConfig, SamplingConfig, preset
+from worldloop.models.config import SamplingConfig, preset
 from worldloop.models.dit import DiT
 from worldloop.models.kv_cache import KVCache
 from worldloop.models.sampling import sigma_grid
@@ -38,25 +38,15 @@ ENCODER = FakePromptEncoder(TEACHER.dit.max_prompt_tokens)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _random_model(config: ModelConfig, path: Path, seed: int) -> Path:
-    """Random weights with the zero-initialised layers perturbed, so every layer matters."""
-    torch.manual_seed(seed)
-    dit = DiT(config)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return checkpoint.save_model(path, config, dit, LatentAutoencoder(config), metadata={"stage": "test"})
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _random_model(TEACHER, tmp_path_factory.mktemp("teacher"), seed=0)
+    return perturbed_model_dir(TEACHER, tmp_path_factory.mktemp("teacher"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def bidirectional(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = TEACHER.replace(dit=replace(TEACHER.dit, bidirectional=True))
-    return _random_model(config, tmp_path_factory.mktemp("bidirectional"), seed=1)
+    return perturbed_model_dir(config, tmp_path_factory.mktemp("bidirectional"), seed=1)
 
 
 def _cfg(out: Path, **kw: Any) -> TrainConfig:

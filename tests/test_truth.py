@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import torch
 
-from tests.train_fakes import FakeClips, FakePromptEncoder
+from tests.train_fakes import FakeClips, FakePromptEncoder, perturbed_model_dir
 from worldloop.app.cli import main
 from worldloop.distill.stages import truth as truth_stage
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.stages.shared import student_config
 from worldloop.distill.stages.truth import TruthObjective, train_truth
 from worldloop.models import checkpoint
-from worldloop.models.config import ModelConfig, SamplingConfig, preset
+from worldloop.models.config import SamplingConfig, preset
 from worldloop.models.dit import DiT
 from worldloop.models.vae import LatentAutoencoder
 from worldloop.models.world_model import WorldModel
@@ -34,18 +34,9 @@ OBJECTIVE = TruthObjective(max_context=2, rollout_frames=3, decoder_frames=2, sp
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _random_model(config: ModelConfig, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    dit = DiT(config)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return checkpoint.save_model(path, config, dit, LatentAutoencoder(config), metadata={"stage": "test"})
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _random_model(TEACHER, tmp_path_factory.mktemp("teacher"), seed=0)
+    return perturbed_model_dir(TEACHER, tmp_path_factory.mktemp("teacher"), seed=0)
 
 
 def _cfg(out: Path, **kw: Any) -> TrainConfig:
@@ -260,7 +251,7 @@ def test_latent_spectrum_term_charges_a_blur_not_a_misplaced_edge(teacher: Path,
 
 
 def test_truth_takes_the_autoencoder_of_another_directory(teacher: Path, tmp_path: Path) -> None:
-    other = _random_model(TEACHER, tmp_path / "other", seed=7)
+    other = perturbed_model_dir(TEACHER, tmp_path / "other", seed=7)
     torch.manual_seed(9)
     vae = LatentAutoencoder(TEACHER)
     with torch.no_grad():

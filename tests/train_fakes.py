@@ -58,3 +58,14 @@ def random_model_dir(config: ModelConfig, path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     return checkpoint.save_model(path, config, DiT(config), LatentAutoencoder(config),
                                  metadata={"stage": "test"})
+
+
+def perturbed_model_dir(config: ModelConfig, path: Path, seed: int) -> Path:
+    """Random weights with the zero-initialised layers perturbed too, so every layer matters (a stand-in
+    teacher for distillation tests)."""
+    torch.manual_seed(seed)
+    dit = DiT(config)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    return checkpoint.save_model(path, config, dit, LatentAutoencoder(config), metadata={"stage": "test"})
