@@ -98,10 +98,15 @@ def page(browser, server: ServerThread):  # -> playwright Page, streaming frames
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.goto(server.server.url)
-    page.wait_for_function("window.worldloop && window.worldloop.framesDrawn >= 3", timeout=TIMEOUT_MS)
+    wait_frames(page, 3)
     yield page
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
+
+
+def wait_frames(page, count: int) -> None:  # noqa: ANN001 - Playwright page
+    """Wait until the client has drawn ``count`` frames (after a reload its script may not exist yet)."""
+    page.wait_for_function(f"window.worldloop && window.worldloop.framesDrawn >= {count}", timeout=TIMEOUT_MS)
 
 
 def state(page, expression: str):  # noqa: ANN001, ANN201 - Playwright page, any JSON value
@@ -118,7 +123,7 @@ class TestBrowserClient:
     def test_frames_arrive_and_the_hud_shows_the_stream(self, page) -> None:  # noqa: ANN001
         first = state(page, "framesReceived")
         before = canvas_hash(page)
-        page.wait_for_function(f"window.worldloop.framesDrawn >= {first + 5}", timeout=TIMEOUT_MS)
+        wait_frames(page, first + 5)
         assert canvas_hash(page) != before
         assert page.text_content("#hud-model") == "fake" and page.text_content("#hud-device") == "cpu"
         assert page.text_content("#hud-steps") == "1"
@@ -198,7 +203,7 @@ class TestBrowserClient:
     def test_record_then_download(self, page, tmp_path: Path) -> None:  # noqa: ANN001
         page.click("#record")
         page.wait_for_selector("#rec-badge:not([hidden])", timeout=TIMEOUT_MS)
-        page.wait_for_function("window.worldloop.framesDrawn >= 20", timeout=TIMEOUT_MS)
+        wait_frames(page, 20)
         page.click("#record")
         link = page.wait_for_selector("#recordings a", timeout=TIMEOUT_MS)
         response = page.request.get(link.evaluate("a => a.href"))
@@ -248,16 +253,16 @@ class TestBrowserClient:
                                    timeout=TIMEOUT_MS)
             page.fill("#token", "open-sesame_42")
             page.keyboard.press("Enter")
-            page.wait_for_function("window.worldloop.framesDrawn >= 3", timeout=TIMEOUT_MS)
+            wait_frames(page, 3)
             assert page.is_hidden("#token-form") and page.is_visible("#untrained")  # random weights
             assert state(page, "socket.protocol") == "worldloop.v1"
             assert "sesame" not in page.url and "sesame" not in state(page, "socket.url")
             page.reload()  # the token stays with the tab
-            page.wait_for_function("window.worldloop.framesDrawn >= 1", timeout=TIMEOUT_MS)
+            wait_frames(page, 1)
             assert page.is_hidden("#token-form")
             page.click("#record")
             page.wait_for_selector("#rec-badge:not([hidden])", timeout=TIMEOUT_MS)
-            page.wait_for_function("window.worldloop.framesDrawn >= 10", timeout=TIMEOUT_MS)
+            wait_frames(page, 10)
             page.click("#record")
             with page.expect_download(timeout=TIMEOUT_MS) as download:  # the token goes as a header
                 page.click("#recordings a")
