@@ -265,3 +265,11 @@ def test_truth_takes_the_autoencoder_of_another_directory(teacher: Path, tmp_pat
     assert not _changed(checkpoint.load_model(other).vae, files.vae)
     assert _changed(checkpoint.load_model(teacher).vae, files.vae)
     assert files.metadata["autoencoder_from"] == str(other)
+
+
+def test_every_objective_field_has_a_cli_flag() -> None:
+    from dataclasses import fields
+
+    from worldloop.app.commands.distill import TRUTH_OPTIONS
+
+    assert set(TRUTH_OPTIONS) == {f.name for f in fields(TruthObjective)}

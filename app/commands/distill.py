@@ -88,38 +88,35 @@ def _dmd_options(p: argparse.ArgumentParser) -> None:
                    help="upper end of the re-noising range (before the shift)")
 
 
+TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, type and default the field's
+    "train": "what learns: the DiT, the decoder (on generated latents) or both",
+    "max_context": "engine frames a stream starts from (1..N, drawn per iteration)",
+    "rollout_frames": "frames the student generates per stream and iteration",
+    "grad_frames": "newest rollout frames the gradient reaches (0: all)",
+    "latent_spectrum_weight": "DiT loss: log-spectrum distance of generated vs engine latents (against blur)",
+    "decoder_frames": "generated frames per iteration the decoder trains on",
+    "decoder_lr_scale": "the decoder's learning rate as a multiple of --lr",
+    "edge_weight": "decoder loss: gradient L1",
+    "spectrum_weight": "decoder loss: log-spectrum distance",
+    "random_keys": "chance per frame that held random keys take over from the explorer",
+    "key_hold": "frames a random key state is held",
+    "switch_every": "every n-th iteration the prompt switches inside the rollout (0: never)",
+    "switch_reuse": "switch iterations that share one rendered switch batch",
+}
+
+
 def _truth_options(p: argparse.ArgumentParser) -> None:
     from worldloop.distill.stages.truth import TRAINS, TruthObjective
 
-    d = TruthObjective()
     p.add_argument("--student", type=Path, metavar="DIR",
                    help="the student to start from (default: the teacher), e.g. an earlier truth run's model")
     p.add_argument("--vae", type=Path, metavar="DIR",
                    help="the autoencoder to start from (default: the student's), e.g. a decoder run's")
-    p.add_argument("--train", choices=TRAINS, default=d.train,
-                   help="what learns: the DiT, the decoder (on generated latents) or both")
-    p.add_argument("--max-context", type=int, default=d.max_context,
-                   help="engine frames a stream starts from (1..N, drawn per iteration)")
-    p.add_argument("--rollout-frames", type=int, default=d.rollout_frames,
-                   help="frames the student generates per stream and iteration")
-    p.add_argument("--grad-frames", type=int, default=d.grad_frames,
-                   help="newest rollout frames the gradient reaches (0: all)")
-    p.add_argument("--decoder-frames", type=int, default=d.decoder_frames,
-                   help="generated frames per iteration the decoder trains on")
-    p.add_argument("--decoder-lr-scale", type=float, default=d.decoder_lr_scale,
-                   help="the decoder's learning rate as a multiple of --lr")
-    p.add_argument("--edge-weight", type=float, default=d.edge_weight, help="decoder loss: gradient L1")
-    p.add_argument("--spectrum-weight", type=float, default=d.spectrum_weight,
-                   help="decoder loss: log-spectrum distance")
-    p.add_argument("--latent-spectrum-weight", type=float, default=d.latent_spectrum_weight,
-                   help="DiT loss: log-spectrum distance of generated vs engine latents (against blur)")
-    p.add_argument("--random-keys", type=float, default=d.random_keys,
-                   help="chance per frame that held random keys take over from the explorer")
-    p.add_argument("--key-hold", type=int, default=d.key_hold, help="frames a random key state is held")
-    p.add_argument("--switch-every", type=int, default=d.switch_every,
-                   help="every n-th iteration the prompt switches inside the rollout (0: never)")
-    p.add_argument("--switch-reuse", type=int, default=d.switch_reuse,
-                   help="switch iterations that share one rendered switch batch")
+    defaults = TruthObjective()
+    for name, text in TRUTH_OPTIONS.items():
+        default = getattr(defaults, name)
+        kind: dict[str, Any] = {"choices": TRAINS} if name == "train" else {"type": type(default)}
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=text, **kind)
     p.add_argument("--context-sigma", type=float,
                    help="σ generated frames get in the cache, baked into the student (default: the start's)")
 
@@ -178,13 +175,7 @@ def _objective(args: argparse.Namespace, teacher: ModelConfig) -> Any:
     if args.stage == "truth":
         from worldloop.distill.stages.truth import TruthObjective
 
-        return TruthObjective(max_context=args.max_context, rollout_frames=args.rollout_frames,
-                              grad_frames=args.grad_frames, train=args.train,
-                              decoder_frames=args.decoder_frames, decoder_lr_scale=args.decoder_lr_scale,
-                              edge_weight=args.edge_weight, spectrum_weight=args.spectrum_weight,
-                              latent_spectrum_weight=args.latent_spectrum_weight,
-                              random_keys=args.random_keys, key_hold=args.key_hold,
-                              switch_every=args.switch_every, switch_reuse=args.switch_reuse)
+        return TruthObjective(**{name: getattr(args, name) for name in TRUTH_OPTIONS})
     from worldloop.distill.stages.dmd import DMDObjective
 
     return DMDObjective(guidance=guidance, critic_steps=args.critic_updates,

@@ -52,7 +52,15 @@ from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
 from worldloop.distill.stages import shared
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunError, settings_dict
-from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult, autocast
+from worldloop.distill.stages.runtime import (
+    EMA,
+    Distributed,
+    Optimizers,
+    TrainConfig,
+    TrainResult,
+    autocast,
+    make_optimizer,
+)
 from worldloop.models.config import ModelConfig
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.text import PromptEncoder
@@ -221,18 +229,15 @@ class TruthStage(Stage):
         self.vae.requires_grad_(False)
         self.sessions = [self.wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
         self.modules, self.emas = {}, {}
-        groups: list[dict[str, Any]] = []
+        student.requires_grad_(objective.trains_dit)
+        parts = []
         if objective.trains_dit:
-            student.requires_grad_(True)
-            self._add("student", student, groups, 1.0)
-        else:
-            student.requires_grad_(False)
+            parts.append(self._add("student", student, 1.0))
         if objective.trains_decoder:
             self.vae.decoder.requires_grad_(True)
-            self._add("decoder", self.vae.decoder, groups, objective.decoder_lr_scale)
+            parts.append(self._add("decoder", self.vae.decoder, objective.decoder_lr_scale))
         self.trained = student
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99),
-                                           fused=device.type == "cuda")
+        self.optimizer = parts[0] if len(parts) == 1 else Optimizers(parts)  # type: ignore[assignment]
         self.clips = clips or shared.make_clip_source(cfg, config, device, 0, objective.clip_frames,
                                                       random_keys=objective.random_keys,
                                                       key_hold=objective.key_hold)
@@ -244,12 +249,13 @@ class TruthStage(Stage):
                      "train": objective.train,
                      "context_sigma": config.sampling.context_sigma}
 
-    def _add(self, name: str, module: nn.Module, groups: list[dict[str, Any]], lr_scale: float) -> None:
+    def _add(self, name: str, module: nn.Module, lr_scale: float) -> torch.optim.Optimizer:
+        """``module`` trains (EMA, checkpointed under ``name``) at ``lr_scale`` × the learning rate."""
         self.modules[name], self.emas[name] = module, EMA(module, self.cfg.ema_decay)
-        decay = [p for p in module.parameters() if p.ndim >= 2]
-        rest = [p for p in module.parameters() if p.ndim < 2]
-        groups += [{"params": decay, "weight_decay": self.cfg.weight_decay, "lr_scale": lr_scale},
-                   {"params": rest, "weight_decay": 0.0, "lr_scale": lr_scale}]
+        optimizer = make_optimizer(module, self.cfg, self.device)
+        for group in optimizer.param_groups:
+            group["lr_scale"] = lr_scale
+        return optimizer
 
     def batch(self, iteration: int) -> ClipBatch:
         o, size = self.objective, self.cfg.batch_size
@@ -308,7 +314,7 @@ class TruthStage(Stage):
             vae.decoder.load_state_dict(self.emas["decoder"].module.state_dict())
         dit = self.wm.dit
         ema = self.emas["student"].module if "student" in self.emas else dit
-        shared.export_student(out, self.config, dit, ema, vae.float(), stage=STAGE, iteration=iteration,
+        shared.export_student(out, self.config, dit, ema, vae, stage=STAGE, iteration=iteration,
                               meta=self.meta)
 
 
