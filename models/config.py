@@ -48,6 +48,9 @@ class VAEConfig:
             raise ValueError("vae.latent_channels must be ≥ 1 and vae.blocks_per_stage ≥ 0")
 
 
+PREDICTIONS = ("v", "x0", "delta", "warp")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """The causal frame-wise diffusion transformer (see ``models/dit.py`` for the architecture)."""
@@ -65,8 +68,10 @@ class DiTConfig:
     slack: int = 2  # extra cache slots for speculative frames
     bidirectional: bool = False  # full attention inside a clip (distillation teacher only)
     rope_theta: float = 10_000.0
-    # What the final layer outputs: "v" (velocity ε − x0), "x0" (the clean frame), or "delta" (the clean frame
-    # minus the previous frame's latent: the model starts out copying the last frame and learns the change).
+    # What the final layer outputs: "v" (velocity ε − x0), "x0" (the clean frame), "delta" (the clean frame
+    # minus the previous frame's latent: the model starts out copying the last frame and learns the change),
+    # or "warp" (a flow field and a residual: the clean frame is the previous latent resampled along the flow
+    # plus the residual, so moving texture is carried over instead of redrawn; zero flow is "delta").
     prediction: str = "v"
     aux_heads: bool = False  # training-only heads on the last hidden states: per-column depth, camera motion
 
@@ -75,10 +80,17 @@ class DiTConfig:
             raise ValueError(f"dit.dim / dit.heads must be a multiple of 8, got {self.dim}/{self.heads}")
         if self.window < 1 or self.sink < 0 or self.slack < 0:
             raise ValueError("dit.window must be >= 1 and dit.sink, dit.slack >= 0")
-        if self.prediction not in ("v", "x0", "delta"):
-            raise ValueError(f"dit.prediction must be 'v', 'x0' or 'delta', got {self.prediction!r}")
-        if self.prediction == "delta" and self.bidirectional:
-            raise ValueError("dit.prediction 'delta' needs a causal DiT (a previous frame to add to)")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"dit.prediction must be one of {', '.join(PREDICTIONS)}, "
+                             f"got {self.prediction!r}")
+        if self.reads_previous and self.bidirectional:
+            raise ValueError(f"dit.prediction {self.prediction!r} needs a causal DiT "
+                             "(a previous frame to build on)")
+
+    @property
+    def reads_previous(self) -> bool:
+        """The output is relative to the previous frame's latent ("delta", "warp")."""
+        return self.prediction in ("delta", "warp")
 
     @property
     def head_dim(self) -> int:

@@ -29,7 +29,9 @@ Architectural choices, in the order the code below follows them:
    flex-attention block masks on CUDA.
 6. Final layer: adaLN + a zero-initialised linear map back to patches. It outputs the velocity v = ε - x0, or
    with ``prediction = "x0"`` the clean frame, which ``velocity`` turns into v = (x_σ - x0)/σ: callers always
-   get v.
+   get v. ``"delta"`` outputs x0 minus the previous frame's latent; ``"warp"`` also outputs a flow field (2
+   channels, latent pixels) and x0 is the previous latent resampled along it (``warp``, bilinear) plus the
+   rest of the output: texture that moves with the camera is carried over instead of redrawn each frame.
 7. Inference (``forward_cached``) runs only new frames against a ``KVCache`` view, with a small additive mask
    from the same rule. One forward can carry the previous frame (clean; its K/V are returned for the cache)
    and the new noisy frame: the cache pass fused into the next frame's forward. The last layer computes
@@ -79,18 +81,62 @@ AUX_MOTION = 3  # camera motion the auxiliary head predicts per frame: forward, 
 MIN_SIGMA = 1e-4  # x0 prediction → velocity divides by σ; training and sampling never go below this
 
 
+FLOW_CHANNELS = 2  # a "warp" DiT's flow field per latent pixel: (dx, dy) in latent pixels
+
+
+def warp(latent: Tensor, flow: Tensor) -> Tensor:
+    """``latent`` (B, F, C, h, w) resampled bilinearly at each pixel + ``flow`` (B, F, 2, h, w: dx, dy in
+    latent pixels); positions outside repeat the border. Zero flow returns ``latent`` (to float rounding)."""
+    b, f, c, h, w = latent.shape
+    ys = torch.arange(h, device=flow.device, dtype=flow.dtype)
+    xs = torch.arange(w, device=flow.device, dtype=flow.dtype)
+    # Pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False): (2i + 1)/n − 1.
+    gx = (2 * (xs.view(1, 1, 1, w) + flow[:, :, 0]) + 1) / w - 1
+    gy = (2 * (ys.view(1, 1, h, 1) + flow[:, :, 1]) + 1) / h - 1
+    grid = torch.stack([gx, gy], -1).flatten(0, 1)  # (B·F, h, w, 2)
+    out = F.grid_sample(latent.flatten(0, 1).to(flow.dtype), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.view(b, f, c, h, w)
+
+
 def velocity(out: Tensor, x: Tensor, sigma: Tensor, prediction: str, previous: Tensor | None = None
              ) -> Tensor:
-    """The network's output (B, F, C, h, w) as a velocity: itself for ``"v"``; (x_σ − x0)/σ with x0 the output
-    (``"x0"``) or ``previous`` (B, F, C, h, w: each frame's previous frame) plus the output (``"delta"``)."""
+    """The network's output (B, F, C', h, w) as a velocity: itself for ``"v"``; (x_σ − x0)/σ with x0 the
+    output (``"x0"``), ``previous`` (B, F, C, h, w: each frame's previous frame) plus the output
+    (``"delta"``), or ``previous`` warped along the output's last two channels plus its first C (``"warp"``).
+    """
     if prediction == "v":
         return out
-    if prediction == "delta":
+    if prediction in ("delta", "warp"):
         if previous is None:
-            raise ValueError("a delta-predicting DiT needs the previous frames")
-        out = out + previous.float()
+            raise ValueError(f"a {prediction}-predicting DiT needs the previous frames")
+        base = previous.float()
+        if prediction == "warp":
+            c = out.shape[2] - FLOW_CHANNELS
+            out, base = out[:, :, :c], warp(base, out[:, :, c:])
+        out = out + base
     s = sigma.float().clamp_min(MIN_SIGMA).reshape(*sigma.shape, 1, 1, 1)
     return (x.float() - out) / s
+
+
+def widen_to_warp(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """A "delta" DiT's weights as a "warp" DiT's: the final layer gains zero-initialised flow channels and the
+    key flow prior is zero, so the warp DiT computes what the delta DiT did until its flow is fitted or
+    trained."""
+    out = dict(tensors)
+    latent_channels, patch = config.latent_channels, config.dit.patch_size
+    extra = FLOW_CHANNELS * patch * patch
+    for name in ("final.linear.weight", "final.linear.bias"):
+        t = tensors[name]
+        if t.shape[0] != latent_channels * patch * patch:
+            raise ValueError(f"{name} has {t.shape[0]} outputs; a delta DiT's has "
+                             f"{latent_channels * patch ** 2}")
+        out[name] = torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+    like = tensors["final.linear.weight"]
+    out["key_flow"] = like.new_zeros(config.dit.num_keys, FLOW_CHANNELS, *config.latent_size)
+    out["base_in.weight"] = like.new_zeros(config.dit.dim, latent_channels * patch * patch)
+    out["base_in.bias"] = like.new_zeros(config.dit.dim)
+    return out
 
 
 def sinusoid(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -330,6 +376,8 @@ class DiT(nn.Module):
         self.config = config
         cfg = self.cfg = config.dit
         self.latent_channels = config.latent_channels
+        # Output channels per latent pixel: a "warp" DiT also outputs its flow field.
+        self.out_channels = self.latent_channels + (FLOW_CHANNELS if cfg.prediction == "warp" else 0)
         self.latent_size = config.latent_size
         self.tokens = config.tokens_per_frame
         p = cfg.patch_size
@@ -342,7 +390,17 @@ class DiT(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
         self.null_token = nn.Parameter(torch.randn(cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, self.latent_channels * p * p)
+        self.final = FinalLayer(cfg.dim, self.out_channels * p * p)
+        # A warp DiT's flow prior per key (num_keys, 2, h, w): the held keys' fields are summed and added to
+        # the flow the last layer outputs. A key moves the camera the same way everywhere in the world, so
+        # these fields, fitted on engine frames by the training side, already carry most texture to where the
+        # next frame shows it; the network corrects them per pixel (depth, occlusion).
+        self.key_flow = nn.Parameter(torch.zeros(cfg.num_keys, FLOW_CHANNELS, *self.latent_size)) \
+            if cfg.prediction == "warp" else None
+        # ... and it sees the previous frame moved by that prior as a second input of each noisy frame's
+        # tokens (zero-initialised): the network corrects and re-sharpens the moved texture where it is,
+        # instead of recovering it through attention from the previous frame's tokens.
+        self.base_in = nn.Linear(self.latent_channels * p * p, cfg.dim) if cfg.prediction == "warp" else None
         grid = (self.latent_size[0] // p, self.latent_size[1] // p)
         # Training-only auxiliary heads (``aux_heads``): per token, log depth and camera motion (3), read out
         # as per-column depth and per-frame motion; inference never runs them.
@@ -363,6 +421,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.sigma_mlp[0].weight, std=0.02)
         nn.init.normal_(self.sigma_mlp[2].weight, std=0.02)
         zero = [self.key_embed, self.final.modulation, self.final.linear]
+        zero += [self.base_in] if self.base_in is not None else []
         zero += [m for b in self.blocks for m in (b.modulation, b.cross_proj)]
         for m in zero:
             nn.init.zeros_(m.weight)
@@ -378,6 +437,25 @@ class DiT(nn.Module):
         dropped = keys[..., :1] < 0  # frames marked with NULL_KEY
         c = c + self.key_embed(keys.clamp(min=0).to(dtype))
         return c + dropped.to(dtype) * self.null_key
+
+    def with_moved_previous(self, h: Tensor, previous: Tensor | None, keys: Tensor) -> Tensor:
+        """A warp DiT's tokens (B, G·N, D) whose last F frames are noisy, with each noisy frame's previous
+        frame (B, F, C, h, w), moved by the key flow prior of its keys (B, F, num_keys), added as input."""
+        if self.base_in is None or previous is None:
+            return h
+        prior = torch.einsum("bfk,kchw->bfchw", keys.clamp(min=0).float(), self.key_flow.float())
+        moved = self.base_in(patchify(warp(previous.float(), prior).to(h.dtype), self.cfg.patch_size))
+        start = h.shape[1] - moved.shape[1]
+        return torch.cat([h[:, :start], h[:, start:] + moved], 1)
+
+    def add_key_flow(self, out: Tensor, keys: Tensor) -> Tensor:
+        """A warp DiT's output (B, F, C + 2, h, w) with the flow prior of the held keys (B, F, num_keys) added
+        to its flow channels (dropped keys add none); other outputs unchanged."""
+        if self.key_flow is None:
+            return out
+        prior = torch.einsum("bfk,kchw->bfchw", keys.clamp(min=0).float(), self.key_flow.float())
+        c = self.latent_channels
+        return torch.cat([out[:, :, :c], out[:, :, c:] + prior], 2)
 
     def modulations(self, cond: Tensor) -> list[Tensor]:
         """Per block: (6, B, F, 1, D) shift, 1 + scale, gate for attention, then for the MLP."""
@@ -420,10 +498,11 @@ class DiT(nn.Module):
         """
         b, f = x.shape[:2]
         n = self.tokens
-        noisy_x, noisy_sigma, previous = x, sigma, None
-        if self.cfg.prediction == "delta":  # frame i adds to context frame i − 1 (nothing before frame 0)
+        noisy_x, noisy_sigma, noisy_keys, previous = x, sigma, keys, None
+        if self.cfg.reads_previous:  # frame i builds on context frame i − 1 (nothing before frame 0)
             if context is None:
-                raise ValueError("a delta-predicting DiT needs context frames (teacher forcing)")
+                raise ValueError(f"a {self.cfg.prediction}-predicting DiT needs context frames "
+                                 "(teacher forcing)")
             previous = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
         if context is not None:
             if self.cfg.bidirectional:
@@ -434,6 +513,7 @@ class DiT(nn.Module):
             sigma = torch.cat([context_sigma, sigma], 1)
         g = x.shape[1]  # frames in the sequence
         h = self.patch_in(patchify(x.to(self.patch_in.weight.dtype), self.cfg.patch_size))  # (B, G·N, D)
+        h = self.with_moved_previous(h, previous, noisy_keys)
         cond = self.condition(sigma, keys)  # (B, G, D)
         pos = torch.arange(f, device=x.device).repeat(g // f).expand(b, g)
         sink = pos < (0 if self.cfg.bidirectional else self.cfg.sink)
@@ -446,7 +526,8 @@ class DiT(nn.Module):
             h = blk(h, mod, (prompt.k[i], prompt.v[i], pbias), rope, attend, n)
         noisy = slice((g - f) * n, g * n)
         out = self.final(h[:, noisy], cond[:, g - f:], n)
-        out = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
+        out = unpatchify(out, self.cfg.patch_size, self.out_channels, *self.latent_size).float()
+        out = self.add_key_flow(out, noisy_keys)
         v = velocity(out, noisy_x, noisy_sigma, self.cfg.prediction, previous)
         if not return_aux:
             return v
@@ -524,7 +605,18 @@ class DiT(nn.Module):
         read = self.rotary.tables(k_rel, spatial=False, temporal=True, sink=k_sink)
         rope = (*(torch.stack(t) for t in qk), *read)
         rope = tuple(t.to(dtype) for t in rope)
+        previous = None
+        if self.cfg.reads_previous and context < g:  # the frame before the noisy one: in this call, or cached
+            before = cache.previous.to(x.dtype)
+            if context:
+                given = present[:, context - 1].view(-1, 1, 1, 1)
+                before = torch.where(given, x[:, context - 1], before)
+            if g - context != 1:
+                raise ValueError(f"a {self.cfg.prediction}-predicting DiT makes one noisy frame per "
+                                 "cached forward")
+            previous = before[:, None]
         h = self.patch_in(patchify(x.to(dtype), self.cfg.patch_size))  # (B, G·N, D)
+        h = self.with_moved_previous(h, previous, keys[:, context:])
         cond = self.condition(sigma, keys)
         new_k, new_v = [], []
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
@@ -536,16 +628,8 @@ class DiT(nn.Module):
         out_v = None
         if context < g:
             out = self.final(h, cond[:, context:], n)
-            out_v = unpatchify(out, self.cfg.patch_size, self.latent_channels, *self.latent_size).float()
-            previous = None
-            if self.cfg.prediction == "delta":  # the frame before: in this call, or cached
-                before = cache.previous.to(x.dtype)
-                if context:
-                    given = present[:, context - 1].view(-1, 1, 1, 1)
-                    before = torch.where(given, x[:, context - 1], before)
-                if g - context != 1:
-                    raise ValueError("a delta-predicting DiT makes one noisy frame per cached forward")
-                previous = before[:, None]
+            out_v = unpatchify(out, self.cfg.patch_size, self.out_channels, *self.latent_size).float()
+            out_v = self.add_key_flow(out_v, keys[:, context:])
             out_v = velocity(out_v, x[:, context:], sigma[:, context:], self.cfg.prediction, previous)
         if context == 0:
             return CachedOutput(out_v, None, None)

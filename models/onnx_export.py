@@ -68,7 +68,7 @@ def layer_names(depth: int) -> list[str]:
 
 def step_input_names(depth: int, context: int, delta: bool) -> list[str]:
     """A frame-step graph's input names, in graph order: ``present`` only with a context frame (placeholder
-    frames), ``previous`` only for a delta-predicting DiT (the only one that reads it)."""
+    frames), ``previous`` only for a DiT that builds on it ("delta", "warp")."""
     kept = [n for n in STEP_INPUTS if (n != "present" or context) and (n != "previous" or delta)]
     return kept + layer_names(depth)
 
@@ -79,7 +79,7 @@ class FrameStepGraph(nn.Module):
     def __init__(self, dit: DiT, context: int) -> None:
         super().__init__()
         self.dit, self.context = dit, context
-        self.names = step_input_names(len(dit.blocks), context, dit.cfg.prediction == "delta")
+        self.names = step_input_names(len(dit.blocks), context, dit.cfg.reads_previous)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         named = dict(zip(self.names, inputs, strict=True))
@@ -129,7 +129,7 @@ def example_step_inputs(config: ModelConfig, context: int, batch: int = 2, fille
               "prompt_mask": torch.arange(t).expand(batch, t) < 5}
     past = [torch.randn(batch, d.heads, slots * n, d.head_dim, generator=g) for _ in range(2 * d.depth)]
     prompt = [torch.randn(batch, d.heads, t, d.head_dim, generator=g) for _ in range(2 * d.depth)]
-    names = step_input_names(d.depth, context, d.prediction == "delta")[: -4 * d.depth]
+    names = step_input_names(d.depth, context, d.reads_previous)[: -4 * d.depth]
     return [inputs[name] for name in names] + past + prompt
 
 

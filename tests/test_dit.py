@@ -13,7 +13,16 @@ import torch
 
 from worldloop.models import consistency
 from worldloop.models.config import PRESETS, DiTConfig, ModelConfig, VAEConfig, preset
-from worldloop.models.dit import NULL_KEY, DiT, attention, drop_keys, frame_mask
+from worldloop.models.dit import (
+    FLOW_CHANNELS,
+    NULL_KEY,
+    DiT,
+    attention,
+    drop_keys,
+    frame_mask,
+    warp,
+    widen_to_warp,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
@@ -50,11 +59,12 @@ def cached_rollout(model: DiT, config: ModelConfig, data: dict, fused: bool,
 
 
 @pytest.mark.parametrize(("fused", "prediction"), [(True, "v"), (False, "v"), (True, "x0"), (True, "delta"),
-                                                    (False, "delta")])
+                                                    (False, "delta"), (True, "warp"), (False, "warp")])
 def test_cached_rollout_equals_teacher_forcing_beyond_the_window(
     tiny_config: ModelConfig, fused: bool, prediction: str
 ) -> None:
-    """Also for x0 and delta outputs: a delta DiT adds to the frame before (in the call or the cache)."""
+    """Also for x0, delta and warp outputs: a delta DiT adds to the frame before (in the call or the cache), a
+    warp DiT resamples it along its flow first."""
     tiny_config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=prediction))
     model = perturbed(tiny_config)
     frames = tiny_config.dit.sink + tiny_config.dit.window + 4  # eviction is in effect for the last frames
@@ -214,3 +224,48 @@ def test_bf16_cached_rollout_tracks_fp32(tiny_config: ModelConfig) -> None:
         half = cached_rollout(model.to(torch.bfloat16), tiny_config, data, fused=True, dtype=torch.bfloat16)
     assert (half - full).abs().max() < 0.1 * full.abs().max()
 
+
+
+def test_warp_moves_the_previous_frame_along_the_flow() -> None:
+    """Zero flow is the identity; a whole-pixel flow is an exact shift (sampling at the neighbour's pixel
+    centre), the border repeats where the flow points outside; half a pixel averages the two neighbours."""
+    lat = torch.randn(2, 3, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    flow = torch.zeros(2, 3, 2, 6, 8)
+    assert torch.allclose(warp(lat, flow), lat, atol=1e-6)
+    flow[:, :, 0] = 1.0  # every pixel reads the pixel to its right
+    moved = warp(lat, flow)
+    assert torch.allclose(moved[..., :-1], lat[..., 1:], atol=1e-6)
+    assert torch.allclose(moved[..., -1], lat[..., -1], atol=1e-6)  # border
+    flow[:, :, 0], flow[:, :, 1] = 0.0, -0.5  # half a pixel up
+    half = warp(lat, flow)
+    assert torch.allclose(half[..., 1:, :], (lat[..., 1:, :] + lat[..., :-1, :]) / 2, atol=1e-6)
+
+
+def test_a_widened_delta_dit_is_the_same_model_as_a_warp_dit(tiny_config: ModelConfig) -> None:
+    """``widen_to_warp``: the delta DiT's weights with zero flow channels give the same velocities; once the
+    flow channels carry weight the outputs differ; a DiT of another output width is refused."""
+    delta_config = tiny_config.replace(dit=replace(tiny_config.dit, prediction="delta"))
+    warp_config = tiny_config.replace(dit=replace(tiny_config.dit, prediction="warp"))
+    delta = perturbed(delta_config)
+    p = tiny_config.dit.patch_size
+    warped = DiT(warp_config).eval()
+    assert warped.final.linear.out_features == (tiny_config.latent_channels + FLOW_CHANNELS) * p * p
+    warped.load_state_dict(widen_to_warp(delta.state_dict(), warp_config))
+    data = clip(tiny_config, batch=2, frames=4)
+    with torch.no_grad():
+        prompt = delta.prompt_kv(data["tokens"], torch.ones(2, 5, dtype=torch.bool))
+        a = delta(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+        b = warped(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+        assert (a - b).abs().max().item() < TOL
+        warped.final.linear.bias[-1] = 0.7  # some flow
+        c = warped(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+    assert (a - c).abs().max().item() > 1e-2
+    with pytest.raises(ValueError, match="delta DiT"):
+        widen_to_warp(warped.state_dict(), warp_config)
+
+
+def test_warp_needs_a_causal_dit() -> None:
+    with pytest.raises(ValueError, match="causal"):
+        DiTConfig(prediction="warp", bidirectional=True)
+    with pytest.raises(ValueError, match="one of"):
+        DiTConfig(prediction="flow")

@@ -1,6 +1,7 @@
 """The ONNX export and the onnxruntime backend, on the ``tiny`` preset with random (perturbed) weights, as a
-velocity DiT and as a delta DiT (x0 = the previous frame's latent + its output, which the graphs take as the
-input ``previous``): every check that uses the exported model runs on both.
+velocity DiT, a delta DiT (x0 = the previous frame's latent + its output, which the graphs take as the input
+``previous``) and a warp DiT (the previous latent resampled along its flow, then + its residual: ONNX
+GridSample): every check that uses the exported model runs on all three.
 
 Tolerances: every graph output within ``onnx_export.TOLERANCE`` (1e-3 absolute) of PyTorch float32 on the same
 inputs; a rollout's latents within the same 1e-3 of the torch backend (float32) and its decoded frames within
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 KEYS = [1, 1, 16, 0, 5, 1, 32, 1, 1, 2, 4, 1]  # 12 frames: the tiny cache (1 + 4 + 2 slots) rolls over
 
 
-@pytest.fixture(scope="module", params=["v", "delta"])
+@pytest.fixture(scope="module", params=["v", "delta", "warp"])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              tiny_config: ModelConfig) -> dict:
     """A tiny model directory and its graphs in MODEL/onnx, written by the CLI (with --tensorrt)."""
@@ -82,8 +83,8 @@ def test_export_writes_checked_graphs_and_trtexec_commands(exported: dict) -> No
     depth = manifest["config"]["dit"]["depth"]
     assert {f"past_k.{depth - 1}", "past_v.0", "prompt_k.0", "cache_valid"} <= set(fused["inputs"])
     assert list(fused["outputs"]) == ["v", "new_k", "new_v"]
-    delta = exported["prediction"] == "delta"
-    for name in (STEP_CONTEXT, STEP):  # only a delta DiT's frame step reads the previous frame: (B, C, h, w)
+    delta = exported["prediction"] in ("delta", "warp")
+    for name in (STEP_CONTEXT, STEP):  # only delta/warp frame steps read the previous frame: (B, C, h, w)
         inputs = manifest["graphs"][name]["inputs"]
         assert ("previous" in inputs) == delta
         latent = ["B", *inputs["x"]["shape"][2:]]

@@ -21,7 +21,7 @@ from worldloop.distill.stages.shared import student_config
 from worldloop.distill.stages.truth import TruthObjective, train_truth
 from worldloop.models import checkpoint
 from worldloop.models.config import SamplingConfig, preset
-from worldloop.models.dit import DiT
+from worldloop.models.dit import FLOW_CHANNELS, DiT
 from worldloop.models.vae import LatentAutoencoder
 from worldloop.models.world_model import WorldModel
 
@@ -273,3 +273,31 @@ def test_every_objective_field_has_a_cli_flag() -> None:
     from worldloop.app.commands.distill import TRUTH_OPTIONS
 
     assert set(TRUTH_OPTIONS) == {f.name for f in fields(TruthObjective)}
+
+
+def test_cli_truth_starts_a_warp_student_from_a_delta_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--prediction warp`` on a delta start: the exported student is a warp DiT whose key flow prior was
+    fitted (it moves the fake clips' frames better than copying) and whose flow channels (zero at the start)
+    trained; a start that is not a delta DiT is refused with a clear error."""
+    monkeypatch.setattr(truth_stage, "PromptEncoder", FakePromptEncoder)
+    monkeypatch.setattr(truth_stage.shared, "make_clip_source",
+                        lambda cfg, config, device, rank, frames, **kw: FakeClips(32, 32, frames))
+    delta = perturbed_model_dir(TEACHER.replace(dit=replace(TEACHER.dit, prediction="delta")),
+                                tmp_path / "delta", seed=0)
+    base = ["distill", "truth", "--device", "cpu", "--iterations", "2", "--batch-size", "1", "--lr", "1e-2",
+            "--max-context", "2", "--rollout-frames", "2", "--prediction", "warp"]
+    assert main([*base, "--teacher", str(delta), "--out", str(tmp_path / "w")]) == 0
+    files = checkpoint.load_model(tmp_path / "w" / "model")
+    assert files.config.dit.prediction == "warp"
+    p, c = TEACHER.dit.patch_size, TEACHER.latent_channels
+    weight = files.dit["final.linear.weight"]
+    assert weight.shape[0] == (c + FLOW_CHANNELS) * p * p
+    assert weight[c * p * p:].abs().max() > 0  # the flow head learned from zero
+    fit = files.metadata["key_flow_fit"]  # the key flow prior was fitted on the run's clips first
+    assert fit["warp_mse"] < fit["copy_mse"] and files.dit["key_flow"].abs().max() > 0
+    start = checkpoint.load_model(delta).dit["final.linear.weight"]
+    assert start.shape[0] == c * p * p
+    velocity_dir = perturbed_model_dir(TEACHER, tmp_path / "v", seed=0)  # a "v" DiT has no previous frame
+    assert main([*base, "--teacher", str(velocity_dir), "--out", str(tmp_path / "bad")]) != 0
+    assert "only delta → warp" in capsys.readouterr().err

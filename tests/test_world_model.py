@@ -30,10 +30,11 @@ def make_model(config: ModelConfig, encoder: PromptEncoder, **kwargs: object) ->
     return wm
 
 
-@pytest.fixture(scope="module", params=["v", "delta"])
+@pytest.fixture(scope="module", params=["v", "delta", "warp"])
 def wm(request: pytest.FixtureRequest, prompt_encoder: PromptEncoder, tiny_config: ModelConfig) -> WorldModel:
-    """Every test runs on a velocity DiT and on a delta DiT (x0 = the previous frame + its output), whose
-    previous frame comes from the fused call or from the cache."""
+    """Every test runs on a velocity DiT, a delta DiT (x0 = the previous frame + its output) and a warp DiT
+    (x0 = the previous frame moved along its flow + its residual), whose previous frame comes from the fused
+    call or from the cache."""
     config = tiny_config.replace(dit=replace(tiny_config.dit, prediction=request.param))
     return make_model(config, prompt_encoder, max_sessions=8)
 

@@ -119,6 +119,9 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), default=default, help=text, **kind)
     p.add_argument("--context-sigma", type=float,
                    help="σ generated frames get in the cache, baked into the student (default: the start's)")
+    p.add_argument("--prediction", choices=["delta", "warp"],
+                   help="the student's output (default: the start's); warp from a delta start begins with "
+                        "zero flow, so it plays as the start did until the flow trains")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -136,6 +139,9 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
         if not 0.0 <= context_sigma < 1.0:
             raise ValueError(f"--context-sigma must be in [0, 1), got {context_sigma}")
         config = config.replace(sampling=dataclasses.replace(config.sampling, context_sigma=context_sigma))
+    prediction = getattr(args, "prediction", None)
+    if prediction is not None:
+        config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
     return config, teacher
 
 

@@ -25,7 +25,7 @@ from worldloop.distill.stages.runtime import (
     teardown_distributed,
 )
 from worldloop.models import checkpoint
-from worldloop.models.config import PRESETS, ModelConfig, preset
+from worldloop.models.config import PREDICTIONS, PRESETS, ModelConfig, preset
 
 # Per-stage defaults that differ from TrainConfig's.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -133,9 +133,11 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
                    help="random keys, once drawn, are held for 1..N frames")
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal location of training σ")
     p.add_argument("--sigma-std", type=float, default=1.0, help="logit-normal scale of training σ")
-    p.add_argument("--prediction", choices=["v", "x0", "delta"], default=None,
-                   help="what the DiT outputs: v (velocity), x0 (the clean frame; σ²-weighted loss) or "
-                        "delta (the clean frame minus the previous one; x0 loss); default: the preset's")
+    p.add_argument("--prediction", choices=list(PREDICTIONS), default=None,
+                   help="what the DiT outputs: v (velocity), x0 (the clean frame; σ²-weighted loss), "
+                        "delta (the clean frame minus the previous one; x0 loss) or warp (a flow field that "
+                        "moves the previous frame, plus a residual; x0 loss; --init-from a delta model "
+                        "starts with zero flow); default: the preset's")
     p.add_argument("--depth-weight", type=float, default=0.0,
                    help="auxiliary loss: log wall depth per token column, from the engine (adds aux heads)")
     p.add_argument("--motion-weight", type=float, default=0.0,
@@ -153,7 +155,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if source is not None:
         config = checkpoint.with_autoencoder_of(config, source)
     if getattr(args, "bidirectional", False):  # a delta output needs a previous frame: x0 unless told
-        prediction = "x0" if config.dit.prediction == "delta" else config.dit.prediction
+        prediction = "x0" if config.dit.reads_previous else config.dit.prediction
         dit = dataclasses.replace(config.dit, bidirectional=True, prediction=prediction)
         config = config.replace(dit=dit)
     dit_overrides = {name: getattr(args, option, None) for name, option in

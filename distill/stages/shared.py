@@ -6,18 +6,20 @@ the teacher-forcing prediction of a frozen model with guidance (``guided_x0``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from worldloop.distill.data.clips import ClipBatch, ClipPool, ClipSource, EpisodeClips, WorldClips
 from worldloop.distill.stages.run import RunError
 from worldloop.distill.stages.runtime import TrainConfig
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT
+from worldloop.models.dit import DiT, warp, widen_to_warp
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.kv_cache import PromptKV
 from worldloop.models.sampling import ModelFn, add_noise, denoise
@@ -66,6 +68,67 @@ def encode_clips(vae: LatentAutoencoder, frames: torch.Tensor) -> torch.Tensor:
     return z.float().view(b, f, *z.shape[1:])
 
 
+def fit_key_flow(dit: DiT, vae: LatentAutoencoder, clips: ClipSource, device: torch.device, *,
+                 batches: int = 12, batch_size: int = 8, iterations: int = 300, lr: float = 0.05,
+                 log: Callable[[str], None] = print) -> dict[str, float]:
+    """Fit a warp DiT's key flow prior (``DiT.key_flow``) to the engine: the per-key flow fields that best
+    carry each frame's latent to the next (the sum of the held keys' fields), as MSE of the warped latent.
+
+    ``batches`` batches of clips are encoded once and cycled. The fit runs coarse to fine (latents box-blurred
+    over 5, then 3, then 1 pixels), since a motion of 1–2 latent pixels is beyond the reach of the gradient
+    of sharp texture. Returns the latent MSE of copying the previous frame and of the fitted warp on one more
+    batch; the DiT's ``key_flow`` is set to the fit."""
+    if dit.key_flow is None:
+        raise ValueError("only a warp DiT has a key flow prior")
+    pairs = []
+    for i in range(batches + 1):
+        batch = clips.batch(i, batch_size)
+        z = encode_clips(vae, batch.frames.to(device))
+        keys = keys_to_tensor(batch.keys, device=device).clamp(min=0)
+        pairs.append((z[:, :-1].flatten(0, 1), z[:, 1:].flatten(0, 1), keys[:, 1:].flatten(0, 1)))
+    held_out = pairs.pop()
+    field = dit.key_flow.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([field], lr=lr)
+
+    def moved(before: torch.Tensor, keys: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return warp(before[:, None], torch.einsum("nk,kchw->nchw", keys, f)[:, None])[:, 0]
+
+    for it in range(iterations):
+        before, after, keys = pairs[it % len(pairs)]
+        width = 5 if it < iterations // 3 else 3 if it < 2 * iterations // 3 else 1
+        loss = F.mse_loss(moved(_box_blur(before, width), keys, field), _box_blur(after, width))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (it + 1) % 100 == 0:
+            log(f"key flow fit {it + 1}/{iterations}: latent MSE {loss.item():.4f} (blur {width})")
+    with torch.no_grad():
+        before, after, keys = held_out
+        result = {"copy_mse": F.mse_loss(before, after).item(),
+                  "warp_mse": F.mse_loss(moved(before, keys, field), after).item()}
+        dit.key_flow.copy_(field.to(dit.key_flow.dtype))
+    log(f"key flow prior: held-out latent MSE {result['copy_mse']:.4f} copying the last frame, "
+        f"{result['warp_mse']:.4f} warped by the held keys' flow")
+    return result
+
+
+def start_key_flow(dit: DiT, vae: LatentAutoencoder, cfg: TrainConfig, config: ModelConfig,
+                   device: torch.device, source: ClipSource | None = None) -> dict[str, float] | None:
+    """A new run's warp DiT whose key flow prior is still zero (trained from scratch, or converted from a
+    delta DiT) gets it fitted on clips of ``source``, by default the run's data source under another seed
+    (so the run's own batches stay as they were); returns the fit's figures, or None when there was nothing
+    to fit."""
+    if dit.key_flow is None or bool(dit.key_flow.detach().abs().sum() > 0):
+        return None
+    source = source or make_clip_source(dataclasses.replace(cfg, seed=cfg.seed + 1, pool_clips=0), config,
+                                        device, 0, 12, random_keys=0.3)
+    return fit_key_flow(dit, vae, source, device)
+
+
+def _box_blur(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if width <= 1 else F.avg_pool2d(x, width, 1, width // 2, count_include_pad=False)
+
+
 def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
     """The autoencoder of a model directory; its latent shape and frames must match ``config``."""
     vae_config, _ = checkpoint.read_config(path)
@@ -75,14 +138,33 @@ def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
     return vae
 
 
-def load_dit(path: Path, device: torch.device) -> tuple[ModelConfig, DiT]:
-    """A model directory's DiT in float32, with its EMA weights when present (what the directory plays)."""
+def load_dit(path: Path, device: torch.device, prediction: str | None = None) -> tuple[ModelConfig, DiT]:
+    """A model directory's DiT in float32, with its EMA weights when present (what the directory plays).
+
+    ``prediction`` "warp" turns a "delta" DiT into a warp DiT that computes the same (``as_prediction``); the
+    config returned is then the converted one."""
     files = checkpoint.load_model(path)
-    dit = DiT(files.config)
+    config = files.config
+    if prediction is not None and prediction != config.dit.prediction:
+        config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
+    dit = DiT(config)
     use_ema = files.dit_ema is not None
-    weights = files.dit_ema if use_ema else files.dit
+    weights = as_prediction(files.dit_ema if use_ema else files.dit, files.config, config)
     checkpoint.load_into(dit, weights, path / (checkpoint.EMA_FILE if use_ema else checkpoint.DIT_FILE))
-    return files.config, dit.to(device)
+    return config, dit.to(device)
+
+
+def as_prediction(tensors: dict[str, torch.Tensor], source: ModelConfig, target: ModelConfig
+                  ) -> dict[str, torch.Tensor]:
+    """DiT weights saved under ``source``'s output for a DiT of ``target``'s: unchanged when the outputs
+    agree; a "delta" DiT becomes a "warp" DiT with zero flow (the same model until the flow trains)."""
+    have, want = source.dit.prediction, target.dit.prediction
+    if have == want:
+        return tensors
+    if (have, want) != ("delta", "warp"):
+        raise RunError(f"a {have!r}-predicting DiT cannot start a {want!r}-predicting one "
+                       "(only delta → warp)")
+    return widen_to_warp(tensors, target)
 
 
 def student_config(config: ModelConfig, steps: int, first_frame_steps: int) -> ModelConfig:

@@ -38,7 +38,13 @@ from worldloop.distill.stages import losses
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import EMA, Distributed, TrainConfig, TrainResult
-from worldloop.distill.stages.shared import batch_inputs, load_vae, make_clip_source
+from worldloop.distill.stages.shared import (
+    as_prediction,
+    batch_inputs,
+    load_vae,
+    make_clip_source,
+    start_key_flow,
+)
 from worldloop.distill.world.engine import WorldConfig
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
@@ -206,6 +212,10 @@ class TeacherStage(Stage):
         columns = config.latent_size[1] // config.dit.patch_size if objective.auxiliary else 0
         self.clips = clips or make_clip_source(cfg, config, ddp.device, ddp.rank, cfg.clip_frames,
                                                objective.random_keys, objective.key_hold, columns)
+        fit = None if resume else start_key_flow(self.dit, vae, cfg, config, ddp.device, clips)
+        if fit is not None:  # the EMA starts from the fitted prior too
+            self.ema.module.load_state_dict(self.dit.state_dict())
+            self.meta["key_flow_fit"] = fit
 
     def batch(self, iteration: int) -> TeacherBatch:
         clip = self.clips.batch(iteration, self.batch_size).to(self.ddp.device)
@@ -277,8 +287,9 @@ def iterations_of(path: Path) -> int:
 def init_weights(dit: DiT, ema: EMA, path: Path) -> int:
     """--init-from: DiT and EMA weights (any dtype) from a model directory; returns its iterations."""
     files = checkpoint.load_model(path)
-    checkpoint.load_into(dit, files.dit, path / checkpoint.DIT_FILE)
     ema_state = files.dit_ema if files.dit_ema is not None else files.dit
+    raw, ema_state = (as_prediction(t, files.config, dit.config) for t in (files.dit, ema_state))
+    checkpoint.load_into(dit, raw, path / checkpoint.DIT_FILE)
     checkpoint.load_into(ema.module, ema_state, path / checkpoint.EMA_FILE)
     ema.updates = 10_000  # a warm average: use the full decay from the first update
     return iterations_of(path)

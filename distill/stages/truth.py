@@ -215,11 +215,11 @@ class TruthStage(Stage):
     def __init__(self, config: ModelConfig, cfg: TrainConfig, objective: TruthObjective, ddp: Distributed,
                  settings: dict[str, Any], *, start_dir: Path, prompt_encoder: PromptEncoder | None,
                  clips: ClipSource | None, switch_clips: SwitchSource | None = None,
-                 vae_dir: Path | None = None) -> None:
+                 vae_dir: Path | None = None, resume: bool = False) -> None:
         super().__init__(cfg, ddp, settings)
         self.config, self.objective = config, objective
         self.device = device = ddp.device
-        source_config, student = shared.load_dit(start_dir, device)
+        source_config, student = shared.load_dit(start_dir, device, config.dit.prediction)
         shared.check_compatible(config, source_config, start_dir, same_dit=True)
         vae = shared.load_vae(config, vae_dir or start_dir).to(device)
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
@@ -228,6 +228,7 @@ class TruthStage(Stage):
         self.vae: LatentAutoencoder = self.wm.vae
         self.vae.requires_grad_(False)
         self.sessions = [self.wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
+        fit = None if resume else shared.start_key_flow(student, self.vae, cfg, config, device, clips)
         self.modules, self.emas = {}, {}
         student.requires_grad_(objective.trains_dit)
         parts = []
@@ -247,7 +248,8 @@ class TruthStage(Stage):
             raise RunError(f"clips of {self.clips.frames} frames; the stage needs {objective.clip_frames}")
         self.meta = {"started_from": str(start_dir), "autoencoder_from": str(vae_dir or start_dir),
                      "train": objective.train,
-                     "context_sigma": config.sampling.context_sigma}
+                     "context_sigma": config.sampling.context_sigma,
+                     **({"key_flow_fit": fit} if fit else {})}
 
     def _add(self, name: str, module: nn.Module, lr_scale: float) -> torch.optim.Optimizer:
         """``module`` trains (EMA, checkpointed under ``name``) at ``lr_scale`` × the learning rate."""
@@ -333,5 +335,5 @@ def train_truth(config: ModelConfig, cfg: TrainConfig, objective: TruthObjective
     run = prepare_run(cfg, settings, resume, ddp)
     stage = TruthStage(config, cfg, objective, ddp, settings, start_dir=student_dir or teacher_dir,
                        prompt_encoder=prompt_encoder, clips=clips, switch_clips=switch_clips,
-                       vae_dir=vae_dir)
+                       vae_dir=vae_dir, resume=resume)
     return train(stage, cfg, ddp, run, resume=resume)
