@@ -85,8 +85,14 @@ FLOW_CHANNELS = 2  # a "warp" DiT's flow field per latent pixel: (dx, dy) in lat
 
 
 def warp(latent: Tensor, flow: Tensor) -> Tensor:
-    """``latent`` (B, F, C, h, w) resampled bilinearly at each pixel + ``flow`` (B, F, 2, h, w: dx, dy in
-    latent pixels); positions outside repeat the border. Zero flow returns ``latent`` (to float rounding)."""
+    """``latent`` (B, F, C, h, w) resampled at each pixel + ``flow`` (B, F, 2, h, w: dx, dy in latent pixels);
+    positions outside repeat the border. Zero or whole-pixel flow moves pixels exactly (to float rounding).
+
+    Bicubic, clamped to the range of the 3 × 3 neighbourhood around the sampled point: an f4 latent keeps
+    much of a frame's detail near its Nyquist frequency, which bilinear sampling halves at every fractional
+    shift (on engine latents moved by the fitted key flow for 16 frames, the decoded sharpness fell to 0.1 of
+    the engine's); bicubic keeps more (0.4) and the clamp stops its overshoot from growing frame by frame.
+    """
     b, f, c, h, w = latent.shape
     ys = torch.arange(h, device=flow.device, dtype=flow.dtype)
     xs = torch.arange(w, device=flow.device, dtype=flow.dtype)
@@ -94,8 +100,14 @@ def warp(latent: Tensor, flow: Tensor) -> Tensor:
     gx = (2 * (xs.view(1, 1, 1, w) + flow[:, :, 0]) + 1) / w - 1
     gy = (2 * (ys.view(1, 1, h, 1) + flow[:, :, 1]) + 1) / h - 1
     grid = torch.stack([gx, gy], -1).flatten(0, 1)  # (B·F, h, w, 2)
-    out = F.grid_sample(latent.flatten(0, 1).to(flow.dtype), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    z = latent.flatten(0, 1).to(flow.dtype)
+
+    def sample(t: Tensor, mode: str) -> Tensor:
+        return F.grid_sample(t, grid, mode=mode, padding_mode="border", align_corners=False)
+
+    low = sample(-F.max_pool2d(-z, 3, 1, 1), "bilinear")
+    high = sample(F.max_pool2d(z, 3, 1, 1), "bilinear")
+    out = torch.maximum(torch.minimum(sample(z, "bicubic"), high), low)
     return out.view(b, f, c, h, w)
 
 

@@ -228,7 +228,8 @@ def test_bf16_cached_rollout_tracks_fp32(tiny_config: ModelConfig) -> None:
 
 def test_warp_moves_the_previous_frame_along_the_flow() -> None:
     """Zero flow is the identity; a whole-pixel flow is an exact shift (sampling at the neighbour's pixel
-    centre), the border repeats where the flow points outside; half a pixel averages the two neighbours."""
+    centre), the border repeats where the flow points outside; half a pixel lands between the neighbours'
+    3 × 3 range, and on a smooth ramp exactly halfway."""
     lat = torch.randn(2, 3, 4, 6, 8, generator=torch.Generator().manual_seed(0))
     flow = torch.zeros(2, 3, 2, 6, 8)
     assert torch.allclose(warp(lat, flow), lat, atol=1e-6)
@@ -238,7 +239,11 @@ def test_warp_moves_the_previous_frame_along_the_flow() -> None:
     assert torch.allclose(moved[..., -1], lat[..., -1], atol=1e-6)  # border
     flow[:, :, 0], flow[:, :, 1] = 0.0, -0.5  # half a pixel up
     half = warp(lat, flow)
-    assert torch.allclose(half[..., 1:, :], (lat[..., 1:, :] + lat[..., :-1, :]) / 2, atol=1e-6)
+    pooled = torch.nn.functional.max_pool2d(lat.flatten(0, 1), 3, 1, 1).view_as(lat)
+    assert (half[..., 1:, :] <= torch.maximum(pooled[..., 1:, :], pooled[..., :-1, :]) + 1e-6).all()
+    ramp = torch.arange(6.0).view(1, 1, 1, 6, 1).expand(2, 3, 4, 6, 8)  # rows 0..5
+    moved = warp(ramp, flow)
+    assert torch.allclose(moved[..., 2:-1, :], ramp[..., 2:-1, :] - 0.5, atol=1e-5)
 
 
 def test_a_widened_delta_dit_is_the_same_model_as_a_warp_dit(tiny_config: ModelConfig) -> None:
