@@ -4,12 +4,12 @@
 # Stages stop themselves after their --cpu-minutes (process CPU time), saving and exporting their model.
 #
 #   bash scripts/train_default.sh            # everything (about 4 CPU-hours on a 2-core CPU)
-#   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | export
-# (the decoder stage is the measured experiment the shipped model does not use; STAGE=all skips it)
+#   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | warp | export
+# (the decoder and warp stages are measured experiments the shipped model does not use; STAGE=all skips them)
 set -euo pipefail
 THREADS=${THREADS:-2}
 STAGE=${STAGE:-all}
-run() { [[ ( "$STAGE" == all && "$1" != decoder ) || "$STAGE" == "$1" ]]; }
+run() { [[ ( "$STAGE" == all && "$1" != decoder && "$1" != warp ) || "$STAGE" == "$1" ]]; }
 
 # 1. The autoencoder (f4 × 8 channels), as shipped in assets/autoencoder (docs/autoencoder.md): a first run,
 #    then decoder-only fine-tunes with the log-spectrum term. Skip it to reuse assets/autoencoder.
@@ -71,6 +71,21 @@ if run decoder; then
     --context-sigma 0 --out runs/truth-cs0-467 --iterations 467 --resume
   worldloop distill truth "${DECODER[@]}" --student runs/truth-cs0-467/model --vae runs/decoder2/model \
     --out runs/decoder3 --iterations 120
+fi
+
+# 4. The warp student (docs/TRAINING.md, stage 4; measured, not shipped): stage 3's student converted to warp
+#    prediction (zero flow, its key flow prior fitted on engine frames first), trained on in three segments
+#    of self-forcing against the engine. 4a ran with bilinear resampling (commit 5365263), 4b with plain bicubic (the same commit, its
+#    resampler patched by an experiment runner), 4c with the clamped bicubic of models/dit.py today; the
+#    commands below run all three with today's resampler.
+if run warp; then
+  worldloop distill truth "${TRUTH[@]}" --student runs/truth-cs0/model --latent-spectrum-weight 6 \
+    --context-sigma 0 --prediction warp --out runs/x-warp3 --cpu-minutes 10
+  worldloop distill truth "${TRUTH[@]}" --student runs/x-warp3/model --latent-spectrum-weight 6 \
+    --out runs/x-bicubic --cpu-minutes 10
+  worldloop distill truth "${TRUTH[@]}" --student runs/x-bicubic/model --latent-spectrum-weight 6 \
+    --out runs/y-a --cpu-minutes 10   # the evaluated student (the run went on to 20; its 10-minute snapshot)
+  worldloop eval --model runs/y-a/model@1,2 --drift-seconds 60 --out runs/eval-warp
 fi
 
 # 5. Evaluate against the shipped model and export the shipping form (1 step; 2 steps with --steps 2).

@@ -89,14 +89,19 @@ def test_context_noise_level_reaches_the_dit() -> None:
     assert (clean - told).abs().max() > 1e-3  # the same context frames, told a different σ: other output
 
 
-def test_x0_dit_plays_through_the_world_model(tmp_path: Path) -> None:
-    config = TINY.replace(dit=replace(TINY.dit, prediction="x0"))
+def _tiny_teacher(prediction: str, tmp_path: Path) -> Path:
+    """Two teacher iterations of a tiny DiT with this output on fake clips; its model directory."""
+    config = TINY.replace(dit=replace(TINY.dit, prediction=prediction))
     vae = random_model_dir(TINY, tmp_path / "vae")
-    out = train_teacher(config, TrainConfig(iterations=2, batch_size=2, warmup=0, clip_frames=4,
-                                            out=str(tmp_path / "t"), sample_every=0, device="cpu",
-                                            pool_clips=0),
-                        TeacherObjective(), setup_distributed("cpu"), vae_from=vae,
-                        prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4)).model_dir
+    return train_teacher(config, TrainConfig(iterations=2, batch_size=2, warmup=0, clip_frames=4,
+                                             out=str(tmp_path / "t"), sample_every=0, device="cpu",
+                                             pool_clips=0),
+                         TeacherObjective(), setup_distributed("cpu"), vae_from=vae,
+                         prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4)).model_dir
+
+
+def test_x0_dit_plays_through_the_world_model(tmp_path: Path) -> None:
+    out = _tiny_teacher("x0", tmp_path)
     loaded, _ = checkpoint.read_config(out)
     assert loaded.dit.prediction == "x0"
     from worldloop.models.world_model import WorldModel
@@ -233,13 +238,7 @@ def test_pool_windows_carry_poses_and_depths() -> None:
 def test_warp_teacher_fits_its_key_flow_first_and_plays(tmp_path: Path) -> None:
     """A warp teacher from scratch: the key flow prior is fitted on the run's clips before training (it
     moves the fake clips' scrolling frames better than copying), trained on, exported, and played."""
-    config = TINY.replace(dit=replace(TINY.dit, prediction="warp"))
-    vae = random_model_dir(TINY, tmp_path / "vae")
-    out = train_teacher(config, TrainConfig(iterations=2, batch_size=2, warmup=0, clip_frames=4,
-                                            out=str(tmp_path / "t"), sample_every=0, device="cpu",
-                                            pool_clips=0),
-                        TeacherObjective(), setup_distributed("cpu"), vae_from=vae,
-                        prompt_encoder=FakePromptEncoder(16), clips=FakeClips(32, 32, 4)).model_dir
+    out = _tiny_teacher("warp", tmp_path)
     files = checkpoint.load_model(out)
     assert files.config.dit.prediction == "warp"
     fit = files.metadata["key_flow_fit"]
