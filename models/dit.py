@@ -30,8 +30,8 @@ Architectural choices, in the order the code below follows them:
 6. Final layer: adaLN + a zero-initialised linear map back to patches. It outputs the velocity v = ε - x0, or
    with ``prediction = "x0"`` the clean frame, which ``velocity`` turns into v = (x_σ - x0)/σ: callers always
    get v. ``"delta"`` outputs x0 minus the previous frame's latent; ``"warp"`` also outputs a flow field (2
-   channels, latent pixels) and x0 is the previous latent resampled along it (``warp``, bilinear) plus the
-   rest of the output: texture that moves with the camera is carried over instead of redrawn each frame.
+   channels, latent pixels) and x0 is the previous latent resampled along it (``warp``, clamped bicubic)
+   plus the rest of the output: texture that moves with the camera is carried over instead of redrawn.
 7. Inference (``forward_cached``) runs only new frames against a ``KVCache`` view, with a small additive mask
    from the same rule. One forward can carry the previous frame (clean; its K/V are returned for the cache)
    and the new noisy frame: the cache pass fused into the next frame's forward. The last layer computes
@@ -109,6 +109,12 @@ def warp(latent: Tensor, flow: Tensor) -> Tensor:
     high = sample(F.max_pool2d(z, 3, 1, 1), "bilinear")
     out = torch.maximum(torch.minimum(sample(z, "bicubic"), high), low)
     return out.view(b, f, c, h, w)
+
+
+def key_flow_of(keys: Tensor, fields: Tensor) -> Tensor:
+    """The flow prior of held keys (…, num_keys; dropped keys, ``NULL_KEY``, hold none): the sum of the held
+    keys' fields (num_keys, 2, h, w) → (…, 2, h, w)."""
+    return torch.einsum("...k,kchw->...chw", keys.clamp(min=0).float(), fields.float())
 
 
 def velocity(out: Tensor, x: Tensor, sigma: Tensor, prediction: str, previous: Tensor | None = None
@@ -450,22 +456,24 @@ class DiT(nn.Module):
         c = c + self.key_embed(keys.clamp(min=0).to(dtype))
         return c + dropped.to(dtype) * self.null_key
 
-    def with_moved_previous(self, h: Tensor, previous: Tensor | None, keys: Tensor) -> Tensor:
+    def key_prior(self, keys: Tensor) -> Tensor | None:
+        """A warp DiT's flow prior (B, F, 2, h, w) for the noisy frames' keys (B, F, num_keys), else None.
+        Computed once per forward: the noisy tokens' second input and the output's flow both use it."""
+        return None if self.key_flow is None else key_flow_of(keys, self.key_flow)
+
+    def with_moved_previous(self, h: Tensor, previous: Tensor | None, prior: Tensor | None) -> Tensor:
         """A warp DiT's tokens (B, G·N, D) whose last F frames are noisy, with each noisy frame's previous
-        frame (B, F, C, h, w), moved by the key flow prior of its keys (B, F, num_keys), added as input."""
-        if self.base_in is None or previous is None:
+        frame (B, F, C, h, w), moved by its key flow ``prior``, added as input."""
+        if self.base_in is None or previous is None or prior is None:
             return h
-        prior = torch.einsum("bfk,kchw->bfchw", keys.clamp(min=0).float(), self.key_flow.float())
         moved = self.base_in(patchify(warp(previous.float(), prior).to(h.dtype), self.cfg.patch_size))
         start = h.shape[1] - moved.shape[1]
         return torch.cat([h[:, :start], h[:, start:] + moved], 1)
 
-    def add_key_flow(self, out: Tensor, keys: Tensor) -> Tensor:
-        """A warp DiT's output (B, F, C + 2, h, w) with the flow prior of the held keys (B, F, num_keys) added
-        to its flow channels (dropped keys add none); other outputs unchanged."""
-        if self.key_flow is None:
+    def add_key_flow(self, out: Tensor, prior: Tensor | None) -> Tensor:
+        """A warp DiT's output (B, F, C + 2, h, w) with its key flow ``prior`` added to the flow channels."""
+        if prior is None:
             return out
-        prior = torch.einsum("bfk,kchw->bfchw", keys.clamp(min=0).float(), self.key_flow.float())
         c = self.latent_channels
         return torch.cat([out[:, :, :c], out[:, :, c:] + prior], 2)
 
@@ -525,7 +533,8 @@ class DiT(nn.Module):
             sigma = torch.cat([context_sigma, sigma], 1)
         g = x.shape[1]  # frames in the sequence
         h = self.patch_in(patchify(x.to(self.patch_in.weight.dtype), self.cfg.patch_size))  # (B, G·N, D)
-        h = self.with_moved_previous(h, previous, noisy_keys)
+        prior = self.key_prior(noisy_keys)
+        h = self.with_moved_previous(h, previous, prior)
         cond = self.condition(sigma, keys)  # (B, G, D)
         pos = torch.arange(f, device=x.device).repeat(g // f).expand(b, g)
         sink = pos < (0 if self.cfg.bidirectional else self.cfg.sink)
@@ -539,7 +548,7 @@ class DiT(nn.Module):
         noisy = slice((g - f) * n, g * n)
         out = self.final(h[:, noisy], cond[:, g - f:], n)
         out = unpatchify(out, self.cfg.patch_size, self.out_channels, *self.latent_size).float()
-        out = self.add_key_flow(out, noisy_keys)
+        out = self.add_key_flow(out, prior)
         v = velocity(out, noisy_x, noisy_sigma, self.cfg.prediction, previous)
         if not return_aux:
             return v
@@ -628,7 +637,8 @@ class DiT(nn.Module):
                                  "cached forward")
             previous = before[:, None]
         h = self.patch_in(patchify(x.to(dtype), self.cfg.patch_size))  # (B, G·N, D)
-        h = self.with_moved_previous(h, previous, keys[:, context:])
+        prior = self.key_prior(keys[:, context:])
+        h = self.with_moved_previous(h, previous, prior)
         cond = self.condition(sigma, keys)
         new_k, new_v = [], []
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
@@ -641,7 +651,7 @@ class DiT(nn.Module):
         if context < g:
             out = self.final(h, cond[:, context:], n)
             out_v = unpatchify(out, self.cfg.patch_size, self.out_channels, *self.latent_size).float()
-            out_v = self.add_key_flow(out_v, keys[:, context:])
+            out_v = self.add_key_flow(out_v, prior)
             out_v = velocity(out_v, x[:, context:], sigma[:, context:], self.cfg.prediction, previous)
         if context == 0:
             return CachedOutput(out_v, None, None)

@@ -19,7 +19,7 @@ from worldloop.distill.stages.run import RunError
 from worldloop.distill.stages.runtime import TrainConfig
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT, warp, widen_to_warp
+from worldloop.models.dit import DiT, key_flow_of, warp, widen_to_warp
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.kv_cache import PromptKV
 from worldloop.models.sampling import ModelFn, add_noise, denoise
@@ -84,14 +84,14 @@ def fit_key_flow(dit: DiT, vae: LatentAutoencoder, clips: ClipSource, device: to
     for i in range(batches + 1):
         batch = clips.batch(i, batch_size)
         z = encode_clips(vae, batch.frames.to(device))
-        keys = keys_to_tensor(batch.keys, device=device).clamp(min=0)
+        keys = keys_to_tensor(batch.keys, device=device)
         pairs.append((z[:, :-1].flatten(0, 1), z[:, 1:].flatten(0, 1), keys[:, 1:].flatten(0, 1)))
     held_out = pairs.pop()
     field = dit.key_flow.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([field], lr=lr)
 
     def moved(before: torch.Tensor, keys: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        return warp(before[:, None], torch.einsum("nk,kchw->nchw", keys, f)[:, None])[:, 0]
+        return warp(before[:, None], key_flow_of(keys, f)[:, None])[:, 0]
 
     for it in range(iterations):
         before, after, keys = pairs[it % len(pairs)]
