@@ -114,8 +114,11 @@ def test_the_script_dry_runs_on_cpu_and_brings_back_a_playable_model(tmp_path: P
 def test_the_script_bounds_its_time_and_always_leaves_its_json(tmp_path: Path, pack: Path) -> None:
     env = _bare_env(tmp_path, pack) | {"GPU_CHECK_HARD_LIMIT_S": "1"}
     out = tmp_path / "out"
-    done = _run_script(out, "1", env, "--device", "cpu", "--preset", "tiny", timeout=120)
-    assert done.returncode == 124  # timeout's status: stopped at the bound
+    # Valid arguments (--checks-minutes below --minutes), so the run outlives the 1 s bound however fast the
+    # machine parses them: only the bound can end it.
+    done = _run_script(out, "1", env, "--device", "cpu", "--preset", "tiny", "--checks-minutes", "0.2",
+                       "--work", str(tmp_path / "work"), timeout=120)
+    assert done.returncode == 124, done.stderr[-2000:]  # timeout's status: stopped at the bound
     data = json.loads((out / "gpu_check.json").read_text())  # the script's error line, or an unfinished run's
     if "error" in data:
         assert "status 124" in data["error"]

@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the folder that receives the results")
     p.add_argument("--minutes", type=float, default=9.0, help="the whole call's wall-clock time (default 9)")
-    p.add_argument("--checks-minutes", type=float, default=2.0,
-                   help="at most this long for the checks (default 2)")
+    p.add_argument("--checks-minutes", type=float,
+                   help="at most this long for the checks (default: 2, or a quarter of --minutes if less)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="the speedrun's preset")
     p.add_argument("--work", type=Path, help="the speedrun's folder (default: under the temp directory)")
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         iterations = parse_iterations(args.speedrun_iterations)
     except (ValueError, SpeedrunError) as err:
         raise UserError(str(err)) from None
+    if args.checks_minutes is None:
+        args.checks_minutes = min(2.0, args.minutes / 4)
     if not 0 < args.checks_minutes < args.minutes:
         raise UserError(f"--checks-minutes must be positive and below --minutes ({args.minutes}), got "
                         f"{args.checks_minutes}")
