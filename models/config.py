@@ -122,6 +122,36 @@ class SamplingConfig:
             raise ValueError("sampling.shift must be > 0 and sampling.context_sigma in [0, 1)")
 
 
+RESAMPLING = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """The camera of the world a model plays, for ``models.camera``'s reprojection of the previous frame.
+
+    ``reproject`` off (the default): the DiT sees the previous latent as it is. On: it sees the previous frame
+    moved by the held keys' camera motion at the depth ``DepthNet`` reads from it. The rest describes the
+    built-in world (``distill.world.engine.WorldConfig``): horizontal field of view, the step and turn of one
+    frame's held key, walls ``wall_height`` high seen from half that height."""
+
+    reproject: bool = False
+    fov_degrees: float = 70.0
+    move_step: float = 0.1  # tiles per frame
+    turn_degrees: float = 4.0  # per frame
+    wall_height: float = 1.0  # tiles; the eye is at half of it
+    depth_width: int = 48  # channels of the depth network
+    resample: str = "bilinear"  # how the previous frame is sampled: "bilinear" or "bicubic"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fov_degrees < 180:
+            raise ValueError(f"camera.fov_degrees must be in (0, 180), got {self.fov_degrees}")
+        if self.move_step < 0 or self.wall_height <= 0 or self.depth_width < 1:
+            raise ValueError("camera.move_step must be ≥ 0, camera.wall_height > 0 and "
+                             "camera.depth_width ≥ 1")
+        if self.resample not in RESAMPLING:
+            raise ValueError(f"camera.resample must be one of {RESAMPLING}, got {self.resample!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "default"
@@ -131,8 +161,12 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
 
     def __post_init__(self) -> None:
+        if self.camera.reproject and self.dit.prediction != "delta":
+            raise ValueError("camera.reproject moves the previous frame of a \"delta\" DiT; this DiT "
+                             f"predicts {self.dit.prediction!r}")
         d = self.vae.downsample
         if d < 1 or d & (d - 1):
             raise ValueError(f"vae.downsample must be a power of two, got {d}")
@@ -173,7 +207,7 @@ class ModelConfig:
         """Build a config from ``to_dict`` output (e.g. a model directory's config.json), checking the type of
         every value: unknown keys and mistyped values (``"depth": "6"``) are errors naming the field; missing
         keys take defaults."""
-        sections = {"vae": VAEConfig, "dit": DiTConfig, "sampling": SamplingConfig}
+        sections = {"vae": VAEConfig, "dit": DiTConfig, "sampling": SamplingConfig, "camera": CameraConfig}
         if not isinstance(data, dict):
             raise ValueError(f"the model config must be an object, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldloop.models.camera import Reprojector
 from worldloop.models.config import ModelConfig
 from worldloop.models.kv_cache import CacheView, PromptKV
 
@@ -423,6 +424,11 @@ class DiT(nn.Module):
         # Training-only auxiliary heads (``aux_heads``): per token, log depth and camera motion (3), read out
         # as per-column depth and per-frame motion; inference never runs them.
         self.aux = nn.Linear(cfg.dim, 1 + AUX_MOTION) if cfg.aux_heads else None
+        # A reprojecting model's depth network (``models.camera``): the world model moves each noisy frame's
+        # previous frame by the held keys' camera motion at its depth before the DiT sees it; the DiT's
+        # own forward never runs it (it needs the autoencoder).
+        self.reprojector = Reprojector(config.camera, self.latent_channels, self.latent_size) \
+            if config.camera.reproject else None
         self.rotary = Rotary(cfg.head_dim, grid, cfg.rope_theta)
         # Training attention kernel: None = flex-attention block masks on CUDA, SDPA + boolean mask elsewhere.
         self.attention_kernel: str | None = None
@@ -508,22 +514,28 @@ class DiT(nn.Module):
     # -- training / full-clip forward ----------------------------------------------------------------------
 
     def forward(self, x: Tensor, sigma: Tensor, keys: Tensor, prompt: PromptKV, context: Tensor | None = None,
-                context_sigma: Tensor | None = None, return_aux: bool = False) -> Tensor | tuple[Tensor, Aux]:
+                context_sigma: Tensor | None = None, return_aux: bool = False, previous: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Aux]:
         """Velocity prediction for a clip of noisy frames x (B, F, C, h, w) at per-frame σ (B, F).
 
         Teacher forcing: ``context`` holds the clean frames (B, F, C, h, w) (at ``context_sigma``, default 0);
         the sequence is [context | x] with the causal window+sink mask. Without context a causal model attends
         block-causally among the given frames (diffusion forcing); a bidirectional model attends fully.
         ``return_aux`` (a DiT with ``aux_heads``) also returns the auxiliary predictions of the noisy frames.
+        ``previous`` (B, F, C, h, w): what each noisy frame builds on, instead of the context frame before it
+        (a reprojecting model's moved previous frames, ``models.camera``).
         """
         b, f = x.shape[:2]
         n = self.tokens
-        noisy_x, noisy_sigma, noisy_keys, previous = x, sigma, keys, None
+        noisy_x, noisy_sigma, noisy_keys = x, sigma, keys
         if self.cfg.reads_previous:  # frame i builds on context frame i − 1 (nothing before frame 0)
             if context is None:
                 raise ValueError(f"a {self.cfg.prediction}-predicting DiT needs context frames "
                                  "(teacher forcing)")
-            previous = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
+            if previous is None:
+                previous = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
+        else:
+            previous = None
         if context is not None:
             if self.cfg.bidirectional:
                 raise ValueError("a bidirectional DiT takes no clean context frames")
@@ -597,13 +609,16 @@ class DiT(nn.Module):
     # -- inference over new frames with a KV cache ---------------------------------------------------------
 
     def forward_cached(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
-                       prompt: PromptKV, cache: CacheView, present: Tensor | None = None) -> CachedOutput:
+                       prompt: PromptKV, cache: CacheView, present: Tensor | None = None,
+                       previous: Tensor | None = None) -> CachedOutput:
         """Run new frames against a cache view; nothing is written (the caller appends the returned K/V).
 
         x (B, G, C, h, w), σ (B, G), keys (B, G, num_keys), ``frames`` (B, G) their absolute frame indices.
         The first ``context`` frames are clean context (their K/V are returned for the cache), the rest are
         noisy (their v is returned). ``present`` (B, G) bool marks placeholder frames (False) that no other
         frame may attend to — for a batch where only some sessions have a context frame to write.
+        ``previous`` (B, C, h, w): what the noisy frame builds on, instead of the frame before it (a
+        reprojecting model's moved previous frame, ``models.camera``).
         """
         if self.cfg.bidirectional:
             raise ValueError("a bidirectional DiT has no causal cache")
@@ -626,15 +641,18 @@ class DiT(nn.Module):
         read = self.rotary.tables(k_rel, spatial=False, temporal=True, sink=k_sink)
         rope = (*(torch.stack(t) for t in qk), *read)
         rope = tuple(t.to(dtype) for t in rope)
-        previous = None
-        if self.cfg.reads_previous and context < g:  # the frame before the noisy one: in this call, or cached
+        if not self.cfg.reads_previous or context == g:
+            previous = None
+        elif g - context != 1:
+            raise ValueError(f"a {self.cfg.prediction}-predicting DiT makes one noisy frame per cached "
+                             "forward")
+        elif previous is not None:
+            previous = previous.to(x.dtype)[:, None]
+        else:  # the frame before the noisy one: in this call, or cached
             before = cache.previous.to(x.dtype)
             if context:
                 given = present[:, context - 1].view(-1, 1, 1, 1)
                 before = torch.where(given, x[:, context - 1], before)
-            if g - context != 1:
-                raise ValueError(f"a {self.cfg.prediction}-predicting DiT makes one noisy frame per "
-                                 "cached forward")
             previous = before[:, None]
         h = self.patch_in(patchify(x.to(dtype), self.cfg.patch_size))  # (B, G·N, D)
         prior = self.key_prior(keys[:, context:])

@@ -56,6 +56,7 @@ class FrameTimings:
     batch: int
     forwards: int = 0
     dit_ms: float = 0.0  # all DiT forwards, the fused cache pass included
+    reproject_ms: float = 0.0  # a reprojecting model's moved previous frames (models.camera)
     decode_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -123,6 +124,9 @@ class WorldModel:
             self._null_prompt = self.dit.null_prompt_kv(1)
         self.executor: OnnxRuntimeExecutor | None = None
         if backend == "onnxruntime":
+            if config.camera.reproject:
+                raise ValueError("the onnxruntime backend does not run reprojecting models "
+                                 "(camera.reproject) yet; use the torch backend")
             from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
 
             self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir)
@@ -436,13 +440,14 @@ class WorldModel:
         return self.vae.decode_frames(latents)
 
     def _forward_cached(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
-                        prompt: PromptKV, view: CacheView, present: Tensor | None = None) -> CachedOutput:
+                        prompt: PromptKV, view: CacheView, present: Tensor | None = None,
+                        previous: Tensor | None = None) -> CachedOutput:
         """``DiT.forward_cached``, on the backend when it takes these shapes (inference only)."""
-        if self.executor is not None and not torch.is_grad_enabled():
+        if self.executor is not None and not torch.is_grad_enabled() and previous is None:
             out = self.executor.frame_step(x, sigma, keys, frames, context, prompt, view, present)
             if out is not None:
                 return out
-        return self.dit.forward_cached(x, sigma, keys, frames, context, prompt, view, present)
+        return self.dit.forward_cached(x, sigma, keys, frames, context, prompt, view, present, previous)
 
     def _report(self, timings: FrameTimings) -> None:
         self.last_timings = timings
@@ -466,6 +471,22 @@ class _FrameForward:
         self.present = torch.tensor([s.pending is not None for s in sessions], device=wm.device)
         self.has_pending = bool(self.present.any())
         self.grad_call, self.calls = grad_call, 0
+        self.previous = self._moved_previous() if wm.dit.reprojector is not None else None
+
+    def _moved_previous(self) -> Tensor:
+        """A reprojecting model's base for each session's new frame: its newest frame (pending, else the
+        cache's) moved by the new frame's keys; a session with no frame yet keeps the zero base."""
+        start = time.perf_counter()
+        wm = self.wm
+        with torch.no_grad():
+            view = wm.cache.view(self.slots)
+            pending, _, _ = self._pending_batch()
+            base = torch.where(self.present.view(-1, 1, 1, 1), pending.to(view.previous.dtype), view.previous)
+            has = self.present | view.valid.any(dim=1)
+            moved = wm.dit.reprojector(wm.vae, base, self.keys)
+            out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
+        self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
+        return out
 
     def _pending_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         wm = self.wm
@@ -504,11 +525,12 @@ class _FrameForward:
                 present = torch.stack([self.present, torch.ones_like(self.present)], 1)
                 xs, sigmas = torch.stack([latents, x], 1), torch.stack([sig_c, sigma], 1)
                 both_keys = torch.stack([keys, self.keys], 1)
-                out = self.wm._forward_cached(xs, sigmas, both_keys, frames, 1, prompt, view, present)
+                out = self.wm._forward_cached(xs, sigmas, both_keys, frames, 1, prompt, view, present,
+                                              self.previous)
                 self._append(frames[:, :1], out.k, out.v_cache, xs[:, :1], both_keys[:, :1], sigmas[:, :1])
             else:
                 out = self.wm._forward_cached(x[:, None], sigma[:, None], self.keys[:, None],
-                                              self.frames[:, None], 0, prompt, view)
+                                              self.frames[:, None], 0, prompt, view, previous=self.previous)
         self.calls += 1
         self.timings.forwards += 1
         self.timings.dit_ms += (time.perf_counter() - start) * 1e3

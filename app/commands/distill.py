@@ -122,6 +122,9 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction", choices=["delta", "warp"],
                    help="the student's output (default: the start's); warp from a delta start begins with "
                         "zero flow, so it plays as the start did until the flow trains")
+    p.add_argument("--reproject", action="store_true",
+                   help="a delta student builds on its previous frame moved by the keys' camera motion "
+                        "(models/camera.py); its depth network is fitted on the built-in world first")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -142,6 +145,8 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
     prediction = getattr(args, "prediction", None)
     if prediction is not None:
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
+    if getattr(args, "reproject", False) and not config.camera.reproject:
+        config = config.replace(camera=dataclasses.replace(config.camera, reproject=True))
     return config, teacher
 
 

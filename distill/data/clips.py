@@ -58,6 +58,7 @@ class ClipBatch:
     switch_at: int = 0  # > 0: frames from this index on show the world in switch_themes under switch_prompts
     switch_prompts: list[str] | None = None
     switch_themes: torch.Tensor | None = None  # long (B,)
+    sky: torch.Tensor | None = None  # bool (B,): the sky above the walls, not a ceiling (with ``depths``)
 
     def to(self, device: torch.device) -> ClipBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,7 +66,7 @@ class ClipBatch:
 
         return ClipBatch(self.frames.to(device), self.keys.to(device), self.prompts, self.themes.to(device),
                          move(self.poses), move(self.depths), self.switch_at, self.switch_prompts,
-                         move(self.switch_themes))
+                         move(self.switch_themes), move(self.sky))
 
 
 class ClipSource(Protocol):
@@ -159,7 +160,9 @@ class WorldClips:
                          list(world.prompts), theme_indices(world), torch.stack(poses, 1) if poses else None,
                          torch.stack(depths, 1) if depths else None, self.switch_at,
                          None if other is None else list(other.prompts),
-                         None if other is None else theme_indices(other))
+                         None if other is None else theme_indices(other),
+                         torch.tensor([p.has_sky for p in world.params], device=self.device)
+                         if self.depth_columns else None)
 
     def _switched_world(self, world: World, g: torch.Generator) -> World:
         """The same mazes in other themes: each world's layout, a random other theme's look."""
@@ -267,8 +270,10 @@ class ClipPool:
 
         frames, keys = windows("frames"), windows("keys")
         assert frames is not None and keys is not None
+        sky = None if out[0][0].sky is None else torch.stack([c.sky[i] for c, i, _ in out])
         return ClipBatch(frames, keys, [c.prompts[i] for c, i, _ in out],
-                         torch.stack([c.themes[i] for c, i, _ in out]), windows("poses"), windows("depths"))
+                         torch.stack([c.themes[i] for c, i, _ in out]), windows("poses"), windows("depths"),
+                         sky=sky)
 
 
 class EpisodeClips:

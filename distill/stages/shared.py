@@ -18,6 +18,7 @@ from worldloop.distill.data.clips import ClipBatch, ClipPool, ClipSource, Episod
 from worldloop.distill.stages.run import RunError
 from worldloop.distill.stages.runtime import TrainConfig
 from worldloop.models import checkpoint
+from worldloop.models.camera import with_reprojector
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT, key_flow_of, warp, widen_to_warp
 from worldloop.models.keys import keys_to_tensor
@@ -125,6 +126,85 @@ def start_key_flow(dit: DiT, vae: LatentAutoencoder, cfg: TrainConfig, config: M
     return fit_key_flow(dit, vae, source, device)
 
 
+def depth_targets(batch: ClipBatch, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's per-frame log wall depth at ``columns`` column centres (B·F, columns) and sky flags (B·F,),
+    from clips rendered with ``depth_columns`` a multiple of ``columns``."""
+    if batch.depths is None or batch.sky is None:
+        raise RunError("the depth network needs the built-in world's depths (clips with depth_columns)")
+    depths = batch.depths.float()
+    step = depths.shape[-1] // columns
+    if step * columns != depths.shape[-1]:
+        raise RunError(f"clips carry {depths.shape[-1]} depth columns, not a multiple of {columns}")
+    # The centre of a group of `step` columns lies between its two middle columns (or on the middle one).
+    centre = depths.unflatten(-1, (columns, step))[..., (step - 1) // 2: step // 2 + 1].mean(-1)
+    frames = depths.shape[1]
+    return centre.clamp_min(1e-2).log().flatten(0, 1), batch.sky.repeat_interleave(frames)
+
+
+def fit_depth(dit: DiT, vae: LatentAutoencoder, clips: ClipSource, device: torch.device, *,
+              batches: int = 48, batch_size: int = 8, iterations: int = 1500, lr: float = 3e-3,
+              log: Callable[[str], None] = print) -> dict[str, float]:
+    """Fit a reprojecting DiT's depth network (``DiT.reprojector``, ``models.camera``) to the engine: each
+    latent column's log wall depth (MSE) and the sky flag (logistic), on ``batches`` batches of clips encoded
+    once, mirrored left-right at random. Returns the held-out log-depth RMSE (and that of predicting the mean)
+    and sky accuracy on one more batch; marks the network fitted."""
+    reprojector = dit.reprojector
+    if reprojector is None:
+        raise ValueError("only a reprojecting DiT (camera.reproject) has a depth network")
+    columns = dit.latent_size[1]
+    latents, depths, skies = [], [], []
+    for i in range(batches + 1):
+        batch = clips.batch(i, batch_size)
+        latents.append(encode_clips(vae, batch.frames.to(device)).flatten(0, 1))
+        d, sky = depth_targets(batch, columns)
+        depths.append(d.to(device))
+        skies.append(sky.to(device).float())
+    test = latents.pop(), depths.pop(), skies.pop()
+    z, d, sky = torch.cat(latents), torch.cat(depths), torch.cat(skies)
+    net = reprojector.depth_net.float().train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=iterations, pct_start=0.05)
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for it in range(iterations):
+            idx = torch.randint(0, len(z), (64,), generator=g).to(device)
+            flip = (torch.rand(64, generator=g) < 0.5).to(device)
+            zi = torch.where(flip.view(-1, 1, 1, 1), z[idx].flip(3), z[idx])
+            di = torch.where(flip.view(-1, 1), d[idx].flip(1), d[idx])
+            pred, logit = net(zi)
+            loss = F.mse_loss(pred, di) + 0.1 * F.binary_cross_entropy_with_logits(logit, sky[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if (it + 1) % 250 == 0:
+                log(f"depth fit {it + 1}/{iterations}: loss {loss.item():.4f}")
+    net.eval()
+    with torch.no_grad():
+        pred, logit = net(test[0])
+        result = {"log_depth_rmse": (pred - test[1]).square().mean().sqrt().item(),
+                  "mean_rmse": (test[1] - d.mean()).square().mean().sqrt().item(),
+                  "sky_accuracy": ((logit > 0).float() == test[2]).float().mean().item()}
+        reprojector.fitted.fill_(1.0)
+    log(f"depth network: held-out log-depth RMSE {result['log_depth_rmse']:.3f} (the mean's "
+        f"{result['mean_rmse']:.3f}), sky {result['sky_accuracy']:.3f} right")
+    return result
+
+
+def start_depth(dit: DiT, vae: LatentAutoencoder, cfg: TrainConfig, config: ModelConfig,
+                device: torch.device) -> dict[str, float] | None:
+    """A new run's reprojecting DiT whose depth network is not fitted yet gets it fitted on built-in world
+    clips under another seed; returns the fit's figures, or None when there was nothing to fit."""
+    if dit.reprojector is None or bool(dit.reprojector.fitted > 0):
+        return None
+    if cfg.episodes:
+        raise RunError("the depth network is fitted on the built-in world (its depths); this run reads "
+                       "recorded episodes")
+    source = WorldClips(config.height, config.width, 12, device, seed=cfg.seed + 2, random_keys=0.3,
+                        depth_columns=config.width)
+    return fit_depth(dit, vae, source, device)
+
+
 def _box_blur(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if width <= 1 else F.avg_pool2d(x, width, 1, width // 2, count_include_pad=False)
 
@@ -138,18 +218,27 @@ def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
     return vae
 
 
-def load_dit(path: Path, device: torch.device, prediction: str | None = None) -> tuple[ModelConfig, DiT]:
+def load_dit(path: Path, device: torch.device, prediction: str | None = None, reproject: bool = False
+             ) -> tuple[ModelConfig, DiT]:
     """A model directory's DiT in float32, with its EMA weights when present (what the directory plays).
 
-    ``prediction`` "warp" turns a "delta" DiT into a warp DiT that computes the same (``as_prediction``); the
-    config returned is then the converted one."""
+    ``prediction`` "warp" turns a "delta" DiT into a warp DiT that computes the same (``as_prediction``);
+    ``reproject`` turns a "delta" DiT into a reprojecting one with an unfitted depth network
+    (``models.camera``); the config returned is then the converted one."""
     files = checkpoint.load_model(path)
     config = files.config
     if prediction is not None and prediction != config.dit.prediction:
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
+    if reproject and not config.camera.reproject:
+        if config.dit.prediction != "delta":
+            raise RunError(f"--reproject moves a \"delta\" DiT's previous frame; {path} predicts "
+                           f"{config.dit.prediction!r}")
+        config = config.replace(camera=dataclasses.replace(config.camera, reproject=True))
     dit = DiT(config)
     use_ema = files.dit_ema is not None
     weights = as_prediction(files.dit_ema if use_ema else files.dit, files.config, config)
+    if config.camera.reproject:
+        weights = with_reprojector(weights, config)
     checkpoint.load_into(dit, weights, path / (checkpoint.EMA_FILE if use_ema else checkpoint.DIT_FILE))
     return config, dit.to(device)
 

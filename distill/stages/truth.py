@@ -219,7 +219,8 @@ class TruthStage(Stage):
         super().__init__(cfg, ddp, settings)
         self.config, self.objective = config, objective
         self.device = device = ddp.device
-        source_config, student = shared.load_dit(start_dir, device, config.dit.prediction)
+        source_config, student = shared.load_dit(start_dir, device, config.dit.prediction,
+                                                 config.camera.reproject)
         shared.check_compatible(config, source_config, start_dir, same_dit=True)
         vae = shared.load_vae(config, vae_dir or start_dir).to(device)
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
@@ -229,6 +230,9 @@ class TruthStage(Stage):
         self.vae.requires_grad_(False)
         self.sessions = [self.wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
         fit = None if resume else shared.start_key_flow(student, self.vae, cfg, config, device, clips)
+        depth_fit = None if resume else shared.start_depth(student, self.vae, cfg, config, device)
+        if student.reprojector is not None:
+            student.reprojector.requires_grad_(False)  # fitted above; the rollout loss does not reach it
         self.modules, self.emas = {}, {}
         student.requires_grad_(objective.trains_dit)
         parts = []
@@ -249,7 +253,8 @@ class TruthStage(Stage):
         self.meta = {"started_from": str(start_dir), "autoencoder_from": str(vae_dir or start_dir),
                      "train": objective.train,
                      "context_sigma": config.sampling.context_sigma,
-                     **({"key_flow_fit": fit} if fit else {})}
+                     **({"key_flow_fit": fit} if fit else {}),
+                     **({"depth_fit": depth_fit} if depth_fit else {})}
 
     def _add(self, name: str, module: nn.Module, lr_scale: float) -> torch.optim.Optimizer:
         """``module`` trains (EMA, checkpointed under ``name``) at ``lr_scale`` × the learning rate."""

@@ -1,0 +1,180 @@
+"""Camera reprojection: the previous frame moved to where the held keys put the camera, before the DiT.
+
+A first-person world seen through a pinhole camera changes between frames mostly by the camera's own motion:
+a turn slides the picture sideways, a step forward magnifies it about the centre by an amount that depends on
+each pixel's depth. A DiT that has to redraw every texture shifted by a fraction of its 4 × 4 patches learns
+this slowly and blurs it; warping the previous *frame* (pixels, not latents: an f4 latent is not shift
+equivariant) by the exact camera motion does it before the network runs, and the network only has to draw
+what the motion uncovered and correct the rest.
+
+With ``camera.reproject`` on (``models.config.CameraConfig``), a "delta" DiT's previous frame is
+``encode(reproject(decode(previous latent), keys, depth))``:
+
+- **Depth** comes from ``DepthNet``, a small convolutional network on the previous latent that predicts
+  each latent column's wall distance and whether the sky is visible. A world of unit-high vertical walls on a
+  flat floor, seen from half the wall height, then has a known inverse depth at every pixel
+  (``inverse_depth``): the wall's in its column where the wall covers the row, the floor's (or the
+  ceiling's; zero for the sky) elsewhere.
+- **Motion** per key (``key_motion``): a turn of ``turn_degrees`` per frame, then ``move_step`` tiles along
+  the new heading and strafe axis, diagonals normalised — the built-in world's rule (``distill.world``; the
+  tests check the two agree).
+- **Reprojection** (``reprojection_flow``): for each pixel of the new frame, the point at its inverse depth
+  (taken from the previous frame at the same pixel, which a small motion barely changes) is moved back into
+  the previous camera, and the previous frame is sampled there (``resample``).
+
+On the built-in world's frames with the engine's own depth, this alone takes a forward step's frame from
+22.2 dB (copying the last frame) to 27.4 dB; the same motion applied to latents reaches 24.7 dB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from worldloop.models.config import CameraConfig, ModelConfig
+from worldloop.models.keys import KEYS
+
+_FORWARD, _BACK = KEYS.index("forward"), KEYS.index("back")
+_LEFT, _RIGHT = KEYS.index("left"), KEYS.index("right")
+_TURN_LEFT, _TURN_RIGHT = KEYS.index("turn_left"), KEYS.index("turn_right")
+MIN_DEPTH = 1e-2  # tiles: the nearest wall depth the network's output is clamped to
+
+
+def key_motion(keys: Tensor, camera: CameraConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Held keys (N, num_keys) multi-hot (``NULL_KEY`` rows hold none) → the camera's step forward and to the
+    right (tiles) and its turn to the right (radians), each (N,)."""
+    held = keys.clamp(min=0).float()
+    fwd, side = held[:, _FORWARD] - held[:, _BACK], held[:, _RIGHT] - held[:, _LEFT]
+    norm = torch.sqrt(fwd ** 2 + side ** 2).clamp(min=1.0)
+    turn = math.radians(camera.turn_degrees) * (held[:, _TURN_RIGHT] - held[:, _TURN_LEFT])
+    return camera.move_step * fwd / norm, camera.move_step * side / norm, turn
+
+
+def focal_pixels(width: int, camera: CameraConfig) -> float:
+    """The focal length in pixels of a frame ``width`` pixels wide (square pixels)."""
+    return (width / 2) / math.tan(math.radians(camera.fov_degrees) / 2)
+
+
+def _centred(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device, dtype=torch.float32) + 0.5 - n / 2
+
+
+def inverse_depth(column_depth: Tensor, sky: Tensor, height: int, camera: CameraConfig) -> Tensor:
+    """Per-pixel inverse depth (N, height, W) (1/tiles; 0 for the sky) of a frame whose W columns see walls
+    ``column_depth`` (N, W) tiles away, ``sky`` (N,) bool: the sky above the walls instead of a ceiling.
+
+    Walls are ``camera.wall_height`` high with the eye at half that height, on a flat floor under a flat
+    ceiling, so a wall at depth d covers the rows within ``f · wall_height / (2d)`` of the horizon, and a
+    floor (or ceiling) row r pixels from the horizon is ``f · wall_height / (2r)`` away."""
+    n, width = column_depth.shape
+    dev = column_depth.device
+    half = 0.5 * camera.wall_height * focal_pixels(width, camera)
+    rows = _centred(height, dev).abs().view(1, height, 1)
+    wall = (1.0 / column_depth.float().clamp_min(MIN_DEPTH)).view(n, 1, width)
+    plane = (rows / half).expand(n, height, width)
+    above = (_centred(height, dev) < 0).view(1, height, 1)
+    plane = torch.where(above & sky.view(n, 1, 1), torch.zeros_like(plane), plane)
+    return torch.where(rows < half * wall, wall.expand(n, height, width), plane)
+
+
+def reprojection_flow(inv_depth: Tensor, keys: Tensor, camera: CameraConfig) -> Tensor:
+    """The backward flow (N, 2, H, W) in pixels (the new frame at x shows the previous frame at x + flow) of
+    the camera motion of held ``keys`` (N, num_keys), given the inverse depth (N, H, W) at the new frame's
+    pixels; 0 inverse depth (the sky) moves with the turn only."""
+    n, h, w = inv_depth.shape
+    dev = inv_depth.device
+    f = focal_pixels(w, camera)
+    step, strafe, turn = (m.view(n, 1, 1) for m in key_motion(keys, camera))
+    u = _centred(w, dev).view(1, 1, w)
+    v = _centred(h, dev).view(1, h, 1)
+    q = inv_depth.float()
+    # The point at (u, v) with inverse depth q, in the new camera, times q: (X q, Z q) = (u/f, 1); in the
+    # previous camera (which then turned by `turn` and stepped by (strafe, step)) it was at
+    x = u / f + strafe * q
+    z = 1 + step * q
+    cos, sin = torch.cos(turn), torch.sin(turn)
+    xp = x * cos + z * sin
+    zp = (z * cos - x * sin).clamp_min(1e-3)
+    return torch.stack([f * xp / zp - u, (v / zp - v).expand(n, h, w)], 1)
+
+
+def resample(frames: Tensor, flow: Tensor, mode: str = "bilinear") -> Tensor:
+    """``frames`` (N, C, H, W) sampled at each pixel + ``flow`` (N, 2, H, W); outside repeats the border."""
+    n, c, h, w = frames.shape
+    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
+    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
+    grid = torch.stack([(2 * (xs + flow[:, 0]) + 1) / w - 1, (2 * (ys + flow[:, 1]) + 1) / h - 1], -1)
+    return F.grid_sample(frames.to(flow.dtype), grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+class DepthNet(nn.Module):
+    """A latent (N, C, h, w) → each latent column's log wall depth (N, w) and a sky logit (N,).
+
+    Strided convolutions fold the rows (a column's wall depth shows in where its top and bottom edges are and
+    in its texture's scale, anywhere up the column); a row-coordinate input tells floor from ceiling."""
+
+    def __init__(self, latent_channels: int, height: int, width: int = 48) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(latent_channels + 1, width, 3, padding=1)
+        folds = max(1, math.ceil(math.log2(height)))
+        self.fold = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, stride=(2, 1)) for _ in range(folds))
+        self.columns = nn.Conv1d(width, width, 5, padding=2)
+        self.depth = nn.Conv1d(width, 1, 1)
+        self.sky = nn.Linear(width, 1)
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        n, _, h, w = latents.shape
+        rows = torch.linspace(-1, 1, h, device=latents.device, dtype=latents.dtype).view(1, 1, h, 1)
+        x = F.silu(self.inp(torch.cat([latents, rows.expand(n, 1, h, w)], 1)))
+        for conv in self.fold:
+            x = F.silu(conv(x))
+        x = x.mean(2)  # (N, width, w)
+        x = F.silu(self.columns(x)) + x
+        return self.depth(x)[:, 0], self.sky(x.mean(2))[:, 0]
+
+
+class Reprojector(nn.Module):
+    """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
+    the decoder, the camera motion at ``DepthNet``'s depth, and the encoder (all without gradients)."""
+
+    def __init__(self, camera: CameraConfig, latent_channels: int, latent_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.camera = camera
+        self.depth_net = DepthNet(latent_channels, latent_size[0], camera.depth_width)
+        # 1 once the depth network has been fitted (``distill.stages.shared.fit_depth``); saved with it.
+        self.register_buffer("fitted", torch.zeros(()))
+
+    def frame_depth(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """The per-pixel inverse depth (N, height, width) the depth network reads from ``latents``."""
+        log_depth, sky = self.depth_net(latents.to(self.depth_net.inp.weight.dtype))
+        columns = F.interpolate(log_depth.float()[:, None], size=width, mode="linear", align_corners=False)
+        return inverse_depth(columns[:, 0].exp(), sky > 0, height, self.camera)
+
+    @torch.no_grad()
+    def forward(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None = None) -> Tensor:
+        """``latents`` (N, C, h, w) moved by ``keys`` (N, num_keys); ``frames`` (N, 3, H, W) in [-1, 1] are
+        their decoded frames when the caller already has them (else they are decoded here)."""
+        if frames is None:
+            frames = vae.decode(latents.to(vae.dtype))
+        frames = frames.float()
+        q = self.frame_depth(latents, frames.shape[-2], frames.shape[-1])
+        moved = resample(frames, reprojection_flow(q, keys, self.camera), self.camera.resample)
+        return vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
+
+
+def with_reprojector(tensors: dict[str, Tensor], config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+    """A "delta" DiT's weights (``tensors``) for ``config`` with ``camera.reproject`` on: its own, plus a
+    freshly initialised depth network (seeded; fit it before use, ``distill.stages.shared.fit_depth``)."""
+    if not config.camera.reproject:
+        raise ValueError("with_reprojector needs a config with camera.reproject on")
+    if any(name.startswith("reprojector.") for name in tensors):
+        return dict(tensors)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = Reprojector(config.camera, config.latent_channels, config.latent_size)
+    like = next(iter(tensors.values()))
+    return dict(tensors) | {f"reprojector.{k}": v.to(like.dtype) for k, v in fresh.state_dict().items()}

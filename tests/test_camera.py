@@ -1,0 +1,207 @@
+"""Camera reprojection (models/camera.py): the flow of each key's motion, the raycast world's inverse depth,
+agreement with the built-in world's own frames, the DiT's moved-previous input, and a reprojecting
+WorldModel."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.train_fakes import FakePromptEncoder
+from worldloop.distill.world.engine import World, WorldConfig
+from worldloop.models.camera import (
+    DepthNet,
+    Reprojector,
+    focal_pixels,
+    inverse_depth,
+    key_motion,
+    reprojection_flow,
+    resample,
+    with_reprojector,
+)
+from worldloop.models.config import CameraConfig, ModelConfig, preset
+from worldloop.models.dit import DiT
+from worldloop.models.keys import KEYS, keys_to_tensor
+from worldloop.models.world_model import WorldModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CAMERA = CameraConfig(reproject=True)
+BIT = {name: 1 << i for i, name in enumerate(KEYS)}
+
+
+def held(*names: str) -> torch.Tensor:
+    return keys_to_tensor(torch.tensor([sum(BIT[n] for n in names)]))
+
+
+def test_the_camera_is_the_built_in_worlds() -> None:
+    world = WorldConfig()
+    assert (CAMERA.fov_degrees, CAMERA.move_step, CAMERA.turn_degrees) == (
+        world.fov_degrees, world.move_speed, world.turn_degrees)
+
+
+def test_key_motion_normalises_diagonals_and_cancels_opposites() -> None:
+    step, strafe, turn = key_motion(torch.cat([held("forward", "right"), held("forward", "back"),
+                                               held("turn_left"), held()]), CAMERA)
+    assert math.isclose(step[0].item(), 0.1 / math.sqrt(2), rel_tol=1e-6)
+    assert math.isclose(strafe[0].item(), 0.1 / math.sqrt(2), rel_tol=1e-6)
+    assert step[1].item() == 0 and turn[2].item() == pytest.approx(-math.radians(4))
+    assert step[3].item() == strafe[3].item() == turn[3].item() == 0
+
+
+def test_no_keys_do_not_move_the_frame() -> None:
+    q = torch.rand(1, 16, 16)
+    flow = reprojection_flow(q, held(), CAMERA)
+    assert flow.abs().max().item() < 1e-5
+    frame = torch.rand(1, 3, 16, 16)
+    assert torch.allclose(resample(frame, flow), frame, atol=1e-5)
+
+
+def test_a_turn_slides_the_picture_and_a_step_magnifies_it_by_depth() -> None:
+    w = 64
+    f = focal_pixels(w, CAMERA)
+    q = torch.full((1, w, w), 0.5)
+    turn = reprojection_flow(q, held("turn_right"), CAMERA)
+    # The centre of the new frame shows what was f·tan(4°) pixels right of the old centre, at any depth.
+    centre = turn[0, 0, w // 2 - 1: w // 2 + 1, w // 2 - 1: w // 2 + 1]
+    assert centre.mean().item() == pytest.approx(f * math.tan(math.radians(4)), rel=0.02)
+    assert torch.allclose(turn, reprojection_flow(q * 3, held("turn_right"), CAMERA), atol=1e-4)
+    step = reprojection_flow(q, held("forward"), CAMERA)
+    u = torch.arange(w) + 0.5 - w / 2
+    # A step of s towards a plane at depth 1/q: the pixel u came from u · (1/q − s)/(1/q) = u / (1 + s q).
+    assert torch.allclose(step[0, 0, 5], u / (1 + 0.1 * 0.5) - u, atol=1e-4)
+    near = reprojection_flow(q * 4, held("forward"), CAMERA)
+    assert (near[0, 0, :, -1].abs() > step[0, 0, :, -1].abs() * 3).all()  # nearer walls move faster
+    sky = reprojection_flow(torch.zeros(1, w, w), held("forward"), CAMERA)
+    assert sky.abs().max().item() < 1e-5  # the sky does not come closer
+
+
+def test_inverse_depth_of_walls_floor_and_sky() -> None:
+    h = w = 64
+    half = 0.5 * focal_pixels(w, CAMERA)
+    depth = torch.tensor([[2.0] * (w // 2) + [0.5] * (w // 2)])
+    for sky in (False, True):
+        q = inverse_depth(depth, torch.tensor([sky]), h, CAMERA)[0]
+        assert q[h // 2, 0].item() == pytest.approx(0.5) and q[h // 2, -1].item() == pytest.approx(2.0)
+        rows = (torch.arange(h) + 0.5 - h / 2).abs()
+        assert q[-1, 0].item() == pytest.approx(rows[-1].item() / half)  # the floor under a far wall
+        assert q[0, 0].item() == pytest.approx(0.0 if sky else rows[0].item() / half)
+        assert q[0, -1].item() == pytest.approx(2.0)  # a near wall covers the whole column
+
+
+@pytest.mark.parametrize("keys", [("forward",), ("turn_right",), ("right",), ("forward", "turn_left")])
+def test_reprojection_predicts_the_engines_next_frame(keys: tuple[str, ...]) -> None:
+    """The engine's frame moved by the keys at the engine's own depth is much closer to its next frame than
+    the frame itself (measured on these worlds: +4 dB strafing, +7 forward, +8 turning and forward, +9
+    turning)."""
+    size = 128
+    world = World(list(range(1 << 30, (1 << 30) + 8)), size, size)
+    world.reset()
+    before = world.render()
+    depth = world.column_depths(size)
+    sky = torch.tensor([p.has_sky for p in world.params])
+    code = sum(BIT[k] for k in keys)
+    after = world.next_frame(torch.full((8,), code))
+    moving = ~world.collided
+    assert moving.sum() >= 4
+
+    def unit(frames: torch.Tensor) -> torch.Tensor:
+        return frames.permute(0, 3, 1, 2).float()[moving] / 255
+
+    q = inverse_depth(depth, sky, size, CAMERA)[moving]
+    moved = resample(unit(before), reprojection_flow(q, held(*keys).expand(len(q), -1), CAMERA))
+
+    def psnr(a: torch.Tensor) -> float:
+        return (10 * torch.log10(1 / (a - unit(after)).square().flatten(1).mean(1))).mean().item()
+
+    assert psnr(moved) > psnr(unit(before)) + 3
+
+
+def test_the_depth_network_reads_columns_and_sky() -> None:
+    net = DepthNet(4, 8)
+    log_depth, sky = net(torch.randn(3, 4, 8, 8))
+    assert log_depth.shape == (3, 8) and sky.shape == (3,)
+
+
+def _delta(config: ModelConfig) -> ModelConfig:
+    return config.replace(dit=replace(config.dit, prediction="delta"))
+
+
+def test_a_reprojecting_config_needs_a_delta_dit() -> None:
+    with pytest.raises(ValueError, match="delta"):
+        preset("tiny").replace(camera=CAMERA)  # the tiny preset predicts v
+    with pytest.raises(ValueError, match="resample"):
+        CameraConfig(resample="nearest")
+    config = _delta(preset("tiny")).replace(camera=CAMERA)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_dit_builds_on_a_given_previous_frame(tiny_delta_pair) -> None:
+    """``previous`` replaces the frame before the noisy one in both forwards: given the frame the DiT would
+    have used it changes nothing, given another it changes the output by exactly the difference (delta)."""
+    plain, config = tiny_delta_pair
+    torch.manual_seed(0)
+    c, (h, w) = config.latent_channels, config.latent_size
+    context, x = torch.randn(1, 3, c, h, w), torch.randn(1, 3, c, h, w)
+    sigma, keys = torch.full((1, 3), 0.5), torch.zeros(1, 3, config.dit.num_keys)
+    prompt = plain.null_prompt_kv(1)
+    with torch.no_grad():
+        v = plain(x, sigma, keys, prompt, context=context)
+        shifted = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], 1)
+        assert torch.equal(plain(x, sigma, keys, prompt, context=context, previous=shifted), v)
+        other = shifted + 1.0
+        moved = plain(x, sigma, keys, prompt, context=context, previous=other)
+    # x0 = previous + out and v = (x − x0)/σ: a base larger by 1 lowers v by 1/σ.
+    assert torch.allclose(v - moved, torch.full_like(v, 2.0), atol=1e-4)
+
+
+@pytest.fixture
+def tiny_delta_pair() -> tuple[DiT, ModelConfig]:
+    config = _delta(preset("tiny"))
+    torch.manual_seed(0)
+    dit = DiT(config).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return dit, config
+
+
+def test_a_reprojecting_world_model_moves_only_frames_it_has(tiny_delta_pair) -> None:
+    """Its first frame (no previous frame: the zero base) is the plain model's; later frames differ, cost a
+    reprojection each and stay finite; a converted state dict carries a fresh, unfitted depth network."""
+    plain_dit, config = tiny_delta_pair
+    config_r = config.replace(camera=CAMERA)
+    tensors = with_reprojector(plain_dit.state_dict(), config_r)
+    assert any(k.startswith("reprojector.depth_net.") for k in tensors)
+    assert float(tensors["reprojector.fitted"]) == 0.0
+    dit_r = DiT(config_r)
+    dit_r.load_state_dict(tensors)
+    assert isinstance(dit_r.reprojector, Reprojector)
+    encoder = FakePromptEncoder(config.dit.max_prompt_tokens)
+    torch.manual_seed(1)
+    from worldloop.models.vae import LatentAutoencoder
+
+    vae = LatentAutoencoder(config)
+    frames = []
+    for cfg, dit in ((config, plain_dit), (config_r, dit_r)):
+        wm = WorldModel(cfg, dit, vae, encoder, precision="fp32")
+        s = wm.new_session("a desert ruin", seed=3)
+        frames.append([wm.next_frame([s], [k]) for k in (0, BIT["forward"], BIT["turn_right"])])
+        if dit is dit_r:
+            assert wm.last_timings.reproject_ms > 0
+    (first, *rest), (first_r, *rest_r) = frames
+    assert (first == first_r).all()
+    assert any((a != b).any() for a, b in zip(rest, rest_r, strict=True))
+
+
+def test_the_onnxruntime_backend_refuses_a_reprojecting_model(tiny_delta_pair) -> None:
+    dit, config = tiny_delta_pair
+    config_r = config.replace(camera=CAMERA)
+    dit_r = DiT(config_r)
+    dit_r.load_state_dict(with_reprojector(dit.state_dict(), config_r))
+    from worldloop.models.vae import LatentAutoencoder
+
+    with pytest.raises(ValueError, match="reprojecting"):
+        WorldModel(config_r, dit_r, LatentAutoencoder(config_r), FakePromptEncoder(16), backend="onnxruntime")
