@@ -73,6 +73,9 @@ class Session:
     pending_speculative: bool = False
     speculative: int = 0  # speculative frames since the last commit/discard
     rollback: SessionSnapshot | None = field(default=None, repr=False)
+    # The pending latent ``next_frame`` decoded and that frame (uint8 (H, W, 3)): a reprojecting model moves
+    # the frame it showed instead of decoding the latent again, while that latent is still the pending one.
+    shown: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     closed: bool = False
 
 
@@ -289,7 +292,11 @@ class WorldModel:
         with torch.no_grad():
             latents, timings = self._generate(sessions, keys, speculative)
             t0 = time.perf_counter()
-            frames = self._decode_frames(latents).cpu().numpy()
+            decoded = self._decode_frames(latents)
+            if self.dit.reprojector is not None:
+                for s, frame in zip(sessions, decoded, strict=True):
+                    s.shown = (s.pending, frame) if s.pending is not None else None
+            frames = decoded.cpu().numpy()
         timings.decode_ms = (time.perf_counter() - t0) * 1e3
         timings.total_ms = (time.perf_counter() - start) * 1e3
         self._report(timings)
@@ -483,7 +490,14 @@ class _FrameForward:
             pending, _, _ = self._pending_batch()
             base = torch.where(self.present.view(-1, 1, 1, 1), pending.to(view.previous.dtype), view.previous)
             has = self.present | view.valid.any(dim=1)
-            moved = wm.dit.reprojector(wm.vae, base, self.keys)
+            if not bool(has.any()):
+                return base
+            shown = [s.shown[1] if s.shown is not None and s.shown[0] is s.pending else None
+                     for s in self.sessions]
+            frames = None
+            if all(f is not None for f in shown):  # the frames next_frame showed: no second decode
+                frames = torch.stack(shown).to(wm.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            moved = wm.dit.reprojector(wm.vae, base, self.keys, frames)
             out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
         self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
         return out

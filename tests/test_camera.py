@@ -205,3 +205,40 @@ def test_the_onnxruntime_backend_refuses_a_reprojecting_model(tiny_delta_pair) -
 
     with pytest.raises(ValueError, match="reprojecting"):
         WorldModel(config_r, dit_r, LatentAutoencoder(config_r), FakePromptEncoder(16), backend="onnxruntime")
+
+
+def test_next_frame_moves_the_frame_it_showed(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``next_frame`` hands the frame it decoded to the next frame's reprojection (no second decode of the
+    same latent); ``generate`` decodes inside it. The two agree up to the shown frame's 8-bit rounding."""
+    plain, config = tiny_delta_pair
+    config_r = config.replace(camera=CAMERA)
+    dit_r = DiT(config_r)
+    dit_r.load_state_dict(with_reprojector(plain.state_dict(), config_r))
+    from worldloop.models.vae import LatentAutoencoder
+
+    torch.manual_seed(1)
+    vae = LatentAutoencoder(config)
+    keys = (0, BIT["forward"], BIT["turn_right"], BIT["forward"])
+    given: list[bool] = []
+    forward = Reprojector.forward
+
+    def spy(self, vae, latents, keys, frames=None):
+        given.append(frames is not None)
+        return forward(self, vae, latents, keys, frames)
+
+    monkeypatch.setattr(Reprojector, "forward", spy)
+    runs = []
+    for shown in (True, False):
+        wm = WorldModel(config_r, dit_r, vae, FakePromptEncoder(16), precision="fp32")
+        s = wm.new_session("a desert ruin", seed=3)
+        latents = []
+        for k in keys:
+            if shown:
+                wm.next_frame([s], [k])
+            else:
+                wm.generate([s], [k])
+            latents.append(s.pending.clone())
+        runs.append(torch.stack(latents))
+    # Every frame after the first (which has nothing to move) reused the shown frame under next_frame.
+    assert given == [True] * 3 + [False] * 3
+    assert (runs[0] - runs[1]).abs().max().item() < 0.05
