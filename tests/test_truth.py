@@ -333,3 +333,18 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     velocity_dir = perturbed_model_dir(TEACHER, tmp_path / "v", seed=0)
     assert main([*base, "--teacher", str(velocity_dir), "--out", str(tmp_path / "bad")]) != 0
     assert 'moves the previous frame of a "delta" DiT' in capsys.readouterr().err
+
+
+def test_a_delta_dit_converted_to_reproject_starts_as_the_reprojection_alone(tmp_path: Path) -> None:
+    """Converting zeroes the output layer (the learned change would move the frame a second time) and adds an
+    unfitted depth network; the rest of the DiT is the start's."""
+    delta = perturbed_model_dir(TEACHER.replace(dit=replace(TEACHER.dit, prediction="delta")),
+                                tmp_path / "delta", seed=0)
+    config, dit = truth_stage.shared.load_dit(delta, torch.device("cpu"), None, reproject=True)
+    assert config.camera.reproject and dit.reprojector is not None and float(dit.reprojector.fitted) == 0
+    assert dit.final.linear.weight.abs().max() == 0 and dit.final.linear.bias.abs().max() == 0
+    start = checkpoint.load_model(delta)
+    weights = start.dit_ema if start.dit_ema is not None else start.dit
+    assert torch.equal(dit.patch_in.weight, weights["patch_in.weight"].float())
+    _, same = truth_stage.shared.load_dit(delta, torch.device("cpu"))
+    assert same.reprojector is None and same.final.linear.weight.abs().max() > 0
