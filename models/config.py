@@ -140,7 +140,10 @@ class CameraConfig:
     turn_degrees: float = 4.0  # per frame
     wall_height: float = 1.0  # tiles; the eye is at half of it
     depth_width: int = 48  # channels of the depth network
-    resample: str = "bilinear"  # how the previous frame is sampled: "bilinear" or "bicubic"
+    # How the previous frame is sampled: bicubic kept 0.47 / 0.37 of the engine's sharpness at horizons
+    # 4 / 16 where bilinear kept 0.24 / 0.08 (the reprojection alone, through the autoencoder each frame),
+    # for 0.1–0.4 dB of PSNR.
+    resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         if not 0 < self.fov_degrees < 180:

@@ -28,7 +28,7 @@ from worldloop.app.commands.train import add_run_options, train_config
 from worldloop.app.errors import user_input
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models import checkpoint
-from worldloop.models.config import ModelConfig
+from worldloop.models.config import RESAMPLING, ModelConfig
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cd": {"iterations": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
@@ -125,6 +125,9 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reproject", action="store_true",
                    help="a delta student builds on its previous frame moved by the keys' camera motion "
                         "(models/camera.py); its depth network is fitted on the built-in world first")
+    p.add_argument("--resample", choices=list(RESAMPLING),
+                   help="how a reprojecting student samples its previous frame (default: the start's, "
+                        "bicubic for a new one)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -147,6 +150,11 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
     if getattr(args, "reproject", False) and not config.camera.reproject:
         config = config.replace(camera=dataclasses.replace(config.camera, reproject=True))
+    resample = getattr(args, "resample", None)
+    if resample is not None:
+        if not config.camera.reproject:
+            raise ValueError("--resample applies to a reprojecting student (--reproject)")
+        config = config.replace(camera=dataclasses.replace(config.camera, resample=resample))
     return config, teacher
 
 

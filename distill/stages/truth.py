@@ -232,6 +232,7 @@ class TruthStage(Stage):
         fit = None if resume else shared.start_key_flow(student, self.vae, cfg, config, device, clips)
         depth_fit = None if resume else shared.start_depth(student, self.vae, cfg, config, device)
         if student.reprojector is not None:
+            student.reprojector.camera = config.camera  # the run's (--resample may differ from the start's)
             student.reprojector.requires_grad_(False)  # fitted above; the rollout loss does not reach it
         self.modules, self.emas = {}, {}
         student.requires_grad_(objective.trains_dit)
