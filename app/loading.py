@@ -126,6 +126,9 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
     device = str(resolve_device(device))  # "auto" from callers that bypass the CLI's own resolution
     if backend != "torch":
         device = check_backend(backend, device)
+        if choice.config.camera.reproject:
+            raise UserError(f"--backend {backend} does not run reprojecting models (camera.reproject: "
+                            f"{choice.path or choice.config.name}) yet; use --backend torch")
     try:
         if choice.path is not None:
             return WorldModel.from_pretrained(choice.path, steps=steps, device=device,

@@ -242,3 +242,19 @@ def test_next_frame_moves_the_frame_it_showed(tiny_delta_pair, monkeypatch: pyte
     # Every frame after the first (which has nothing to move) reused the shown frame under next_frame.
     assert given == [True] * 3 + [False] * 3
     assert (runs[0] - runs[1]).abs().max().item() < 0.05
+
+
+def test_the_cli_refuses_onnxruntime_for_a_reprojecting_model(
+        tiny_delta_pair, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from worldloop.app.cli import main
+    from worldloop.models import checkpoint
+    from worldloop.models.vae import LatentAutoencoder
+
+    dit, config = tiny_delta_pair
+    config_r = config.replace(camera=CAMERA)
+    dit_r = DiT(config_r)
+    dit_r.load_state_dict(with_reprojector(dit.state_dict(), config_r))
+    model = checkpoint.save_model(tmp_path / "m", config_r, dit_r, LatentAutoencoder(config_r))
+    assert main(["bench", "--model", str(model), "--backend", "onnxruntime", "--quick"]) != 0
+    assert "does not run reprojecting models" in capsys.readouterr().err

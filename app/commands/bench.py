@@ -185,7 +185,10 @@ def run_compare(args: argparse.Namespace, choice: Any) -> int:
 
     if args.device != "cpu":
         raise UserError("--compare measures the CPU backends: use --device cpu")
-    backends = ("torch", "onnxruntime")
+    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    if choice.config.camera.reproject:  # onnxruntime does not run them yet: torch alone, said so
+        _say("onnxruntime does not run reprojecting models (camera.reproject) yet: comparing torch only")
+        backends = ("torch",)
     for backend in backends:
         check_backend(backend, args.device)
     q = args.quick
