@@ -167,14 +167,21 @@ class Reprojector(nn.Module):
 
 
 def with_reprojector(tensors: dict[str, Tensor], config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
-    """A "delta" DiT's weights (``tensors``) for ``config`` with ``camera.reproject`` on: its own, plus a
-    freshly initialised depth network (seeded; fit it before use, ``distill.stages.shared.fit_depth``)."""
+    """A "delta" DiT's weights (``tensors``) for ``config`` with ``camera.reproject`` on: its own, plus what a
+    reprojecting DiT adds where missing: a freshly initialised depth network (seeded; fit it before use,
+    ``distill.stages.shared.fit_depth``) and the zero input layer of the moved previous frame (``base_in``),
+    so the DiT computes what it did until that layer trains."""
     if not config.camera.reproject:
         raise ValueError("with_reprojector needs a config with camera.reproject on")
-    if any(name.startswith("reprojector.") for name in tensors):
-        return dict(tensors)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = Reprojector(config.camera, config.latent_channels, config.latent_size)
     like = next(iter(tensors.values()))
-    return dict(tensors) | {f"reprojector.{k}": v.to(like.dtype) for k, v in fresh.state_dict().items()}
+    out = dict(tensors)
+    if not any(name.startswith("reprojector.") for name in tensors):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = Reprojector(config.camera, config.latent_channels, config.latent_size)
+        out |= {f"reprojector.{k}": v.to(like.dtype) for k, v in fresh.state_dict().items()}
+    if "base_in.weight" not in tensors:
+        patch = config.dit.patch_size
+        out["base_in.weight"] = like.new_zeros(config.dit.dim, config.latent_channels * patch * patch)
+        out["base_in.bias"] = like.new_zeros(config.dit.dim)
+    return out

@@ -419,7 +419,9 @@ class DiT(nn.Module):
         # ... and it sees the previous frame moved by that prior as a second input of each noisy frame's
         # tokens (zero-initialised): the network corrects and re-sharpens the moved texture where it is,
         # instead of recovering it through attention from the previous frame's tokens.
-        self.base_in = nn.Linear(self.latent_channels * p * p, cfg.dim) if cfg.prediction == "warp" else None
+        # A reprojecting delta DiT sees its moved previous frame the same way (``models.camera``).
+        moves = cfg.prediction == "warp" or config.camera.reproject
+        self.base_in = nn.Linear(self.latent_channels * p * p, cfg.dim) if moves else None
         grid = (self.latent_size[0] // p, self.latent_size[1] // p)
         # Training-only auxiliary heads (``aux_heads``): per token, log depth and camera motion (3), read out
         # as per-column depth and per-frame motion; inference never runs them.
@@ -470,9 +472,11 @@ class DiT(nn.Module):
     def with_moved_previous(self, h: Tensor, previous: Tensor | None, prior: Tensor | None) -> Tensor:
         """A warp DiT's tokens (B, G·N, D) whose last F frames are noisy, with each noisy frame's previous
         frame (B, F, C, h, w), moved by its key flow ``prior``, added as input."""
-        if self.base_in is None or previous is None or prior is None:
+        if self.base_in is None or previous is None:
             return h
-        moved = self.base_in(patchify(warp(previous.float(), prior).to(h.dtype), self.cfg.patch_size))
+        if prior is not None:  # a warp DiT moves it here; a reprojecting one was given it moved
+            previous = warp(previous.float(), prior)
+        moved = self.base_in(patchify(previous.to(h.dtype), self.cfg.patch_size))
         start = h.shape[1] - moved.shape[1]
         return torch.cat([h[:, :start], h[:, start:] + moved], 1)
 

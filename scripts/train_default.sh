@@ -4,7 +4,8 @@
 # Stages stop themselves after their --cpu-minutes (process CPU time), saving and exporting their model.
 #
 #   bash scripts/train_default.sh            # everything (about 4 CPU-hours on a 2-core CPU)
-#   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | warp | export
+#   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | warp |
+#                                              # reproject | export
 # (the decoder and warp stages are measured experiments the shipped model does not use; STAGE=all skips them)
 set -euo pipefail
 THREADS=${THREADS:-2}
@@ -86,6 +87,20 @@ if run warp; then
   worldloop distill truth "${TRUTH[@]}" --student runs/x-bicubic/model --latent-spectrum-weight 6 \
     --out runs/y-a --cpu-minutes 10   # the evaluated student (the run went on to 20; its 10-minute snapshot)
   worldloop eval --model runs/y-a/model@1,2 --drift-seconds 60 --out runs/eval-warp
+fi
+
+# 4″. Camera reprojection (docs/TRAINING.md, stage 5): stage 3d's student at iteration 347 (runs/final; the
+#    assets/default of commit a7fd2a0) converted with --reproject (its depth network fitted on engine frames
+#    first, about 10 minutes; its output layer zeroed) and trained on with bicubic resampling, 2 threads.
+#    The run of record took this in two commands (the conversion and fit in a script calling the same
+#    distill.stages.shared functions, runs/reproj-zero, then `--student runs/reproj-zero --resample
+#    bicubic`); its 15-CPU-minute snapshot was evaluated against its 60.
+if run reproject; then
+  worldloop distill truth "${TRUTH[@]}" --threads 2 --student runs/final --latent-spectrum-weight 6 \
+    --context-sigma 0 --reproject --resample bicubic --out runs/reproj-bicubic --cpu-minutes 60 \
+    --snapshot-minutes 15
+  worldloop eval --model runs/reproj-bicubic/snapshots/cpu0015.000@1,2 --drift-seconds 60 --out runs/eval-rb15
+  worldloop eval --model runs/reproj-bicubic/snapshots/cpu0060.000@1,2 --drift-seconds 60 --out runs/eval-rb60
 fi
 
 # 5. Evaluate against the shipped model and export the shipping form (1 step; 2 steps with --steps 2).

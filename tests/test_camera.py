@@ -258,3 +258,30 @@ def test_the_cli_refuses_onnxruntime_for_a_reprojecting_model(
     model = checkpoint.save_model(tmp_path / "m", config_r, dit_r, LatentAutoencoder(config_r))
     assert main(["bench", "--model", str(model), "--backend", "onnxruntime", "--quick"]) != 0
     assert "does not run reprojecting models" in capsys.readouterr().err
+
+
+def test_a_reprojecting_dit_sees_its_moved_previous_frame(tiny_delta_pair) -> None:
+    """The moved previous frame is also an input of the noisy frame's tokens (``base_in``, zero when
+    converted, so a converted DiT computes what it did): once that layer is non-zero, the output depends on
+    the moved frame beyond the base it adds to."""
+    plain, config = tiny_delta_pair
+    config_r = config.replace(camera=CAMERA)
+    tensors = with_reprojector(plain.state_dict(), config_r)
+    assert tensors["base_in.weight"].abs().max() == 0
+    dit = DiT(config_r).eval()
+    dit.load_state_dict(tensors)
+    torch.manual_seed(0)
+    c, (h, w) = config.latent_channels, config.latent_size
+    context, x = torch.randn(1, 2, c, h, w), torch.randn(1, 2, c, h, w)
+    sigma, keys = torch.full((1, 2), 0.5), torch.zeros(1, 2, config.dit.num_keys)
+    previous = torch.randn(1, 2, c, h, w)
+    with torch.no_grad():
+        def gap() -> float:
+            prompt = dit.null_prompt_kv(1)
+            a = dit(x, sigma, keys, prompt, context=context, previous=previous)
+            b = dit(x, sigma, keys, prompt, context=context, previous=previous + 1.0)
+            return (a - b - 2.0).abs().max().item()  # a base larger by 1 lowers v by 1/σ = 2, and no more
+
+        assert gap() < 1e-4
+        dit.base_in.weight.normal_(0, 0.05)
+        assert gap() > 1e-3

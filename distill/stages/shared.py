@@ -245,6 +245,8 @@ def load_dit(path: Path, device: torch.device, prediction: str | None = None, re
         weights = with_reprojector(weights, config)
         head = ("final.linear.weight", "final.linear.bias")
         weights |= {name: torch.zeros_like(weights[name]) for name in head}
+    elif config.camera.reproject:  # a reprojecting start from before the moved frame was an input
+        weights = with_reprojector(weights, config)
     checkpoint.load_into(dit, weights, path / (checkpoint.EMA_FILE if use_ema else checkpoint.DIT_FILE))
     return config, dit.to(device)
 
