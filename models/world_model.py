@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from worldloop.models.camera import with_reprojector
 from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import CachedOutput, DiT
@@ -167,6 +168,9 @@ class WorldModel:
         dit, vae = DiT(config), LatentAutoencoder(config)
         use_ema = ema and files.dit_ema is not None
         weights, source = (files.dit_ema, EMA_FILE) if use_ema else (files.dit, DIT_FILE)
+        if (config.camera.reproject and "base_in.weight" not in weights
+                and any(name.startswith("reprojector.") for name in weights)):
+            weights = with_reprojector(weights, config)  # saved before the moved frame was a token input
         load_into(dit, weights, Path(path) / source)
         load_into(vae, files.vae, Path(path) / VAE_FILE)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
