@@ -113,6 +113,24 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
 
 
+def test_a_checkpoint_from_before_a_config_section_resumes(tmp_path: Path) -> None:
+    """A run checkpointed before the model config had its ``camera`` section resumes (it trained with that
+    section's defaults); a checkpoint whose model differs still does not."""
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    _teacher(tmp_path / "old", vae, iterations=1)
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["settings"]["model"]["camera"]
+    torch.save(state, path)
+    _teacher(tmp_path / "old", vae, resume=True, iterations=2)
+    assert [r["iteration"] for r in _log(tmp_path / "old")] == [1, 2]
+    state = torch.load(path, weights_only=False)
+    state["settings"]["model"]["dit"]["depth"] += 1
+    torch.save(state, path)
+    with pytest.raises(RunError, match="model settings differ"):
+        _teacher(tmp_path / "old", vae, resume=True, iterations=3)
+
+
 def test_init_from_carries_weights_and_ema_with_a_fresh_optimizer(tmp_path: Path) -> None:
     vae = random_model_dir(TINY, tmp_path / "vae")
     first = _teacher(tmp_path / "first", vae, iterations=2)

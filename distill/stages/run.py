@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from worldloop.distill.stages.runtime import EMA
+from worldloop.models.config import ModelConfig
 
 CHECKPOINT_FORMAT = "worldloop-train-1"
 
@@ -124,7 +125,10 @@ def load_checkpoint(path: Path, *, stage: str, settings: dict[str, Any], modules
     """
     state = read_checkpoint(path, stage)
     for key in ("model", "objective"):
-        if key in settings and state["settings"].get(key) != settings[key]:
+        saved = state["settings"].get(key)
+        if key == "model":
+            saved = _model_settings(saved)
+        if key in settings and saved != settings[key]:
             raise RunError(f"{path}: the checkpoint's {key} settings differ from this run's; resume with the "
                            f"same preset and options, or start a new --out")
     try:
@@ -137,6 +141,17 @@ def load_checkpoint(path: Path, *, stage: str, settings: dict[str, Any], modules
         raise RunError(f"{path} does not match this model: {str(err).splitlines()[0]}") from None
     restore_rng(state["rng"])
     return int(state["step"])
+
+
+def _model_settings(saved: Any) -> Any:
+    """A checkpoint's model config as today's ``ModelConfig.to_dict`` writes it: a checkpoint from before a
+    config section existed (``camera``) gets that section's defaults, which is what it trained with."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return ModelConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):  # not a config this version reads: compared as it is
+        return saved
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
