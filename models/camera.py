@@ -102,13 +102,19 @@ def reprojection_flow(inv_depth: Tensor, keys: Tensor, camera: CameraConfig) -> 
     return torch.stack([f * xp / zp - u, (v / zp - v).expand(n, h, w)], 1)
 
 
-def resample(frames: Tensor, flow: Tensor, mode: str = "bilinear") -> Tensor:
-    """``frames`` (N, C, H, W) sampled at each pixel + ``flow`` (N, 2, H, W); outside repeats the border."""
-    n, c, h, w = frames.shape
+def flow_grid(flow: Tensor) -> Tensor:
+    """A flow (N, 2, H, W: dx, dy in pixels) as ``grid_sample``'s grid (N, H, W, 2) of the points each pixel
+    reads: pixel centres in [-1, 1] coordinates (align_corners=False), (2i + 1)/n − 1."""
+    h, w = flow.shape[-2:]
     xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
     ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
-    grid = torch.stack([(2 * (xs + flow[:, 0]) + 1) / w - 1, (2 * (ys + flow[:, 1]) + 1) / h - 1], -1)
-    return F.grid_sample(frames.to(flow.dtype), grid, mode=mode, padding_mode="border", align_corners=False)
+    return torch.stack([(2 * (xs + flow[:, 0]) + 1) / w - 1, (2 * (ys + flow[:, 1]) + 1) / h - 1], -1)
+
+
+def resample(frames: Tensor, flow: Tensor, mode: str = "bilinear") -> Tensor:
+    """``frames`` (N, C, H, W) sampled at each pixel + ``flow`` (N, 2, H, W); outside repeats the border."""
+    return F.grid_sample(frames.to(flow.dtype), flow_grid(flow), mode=mode, padding_mode="border",
+                         align_corners=False)
 
 
 class DepthNet(nn.Module):

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldloop.models.camera import Reprojector
+from worldloop.models.camera import Reprojector, flow_grid
 from worldloop.models.config import ModelConfig
 from worldloop.models.kv_cache import CacheView, PromptKV
 
@@ -95,12 +95,7 @@ def warp(latent: Tensor, flow: Tensor) -> Tensor:
     the engine's); bicubic keeps more (0.4) and the clamp stops its overshoot from growing frame by frame.
     """
     b, f, c, h, w = latent.shape
-    ys = torch.arange(h, device=flow.device, dtype=flow.dtype)
-    xs = torch.arange(w, device=flow.device, dtype=flow.dtype)
-    # Pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False): (2i + 1)/n − 1.
-    gx = (2 * (xs.view(1, 1, 1, w) + flow[:, :, 0]) + 1) / w - 1
-    gy = (2 * (ys.view(1, 1, h, 1) + flow[:, :, 1]) + 1) / h - 1
-    grid = torch.stack([gx, gy], -1).flatten(0, 1)  # (B·F, h, w, 2)
+    grid = flow_grid(flow.flatten(0, 1))  # (B·F, h, w, 2)
     z = latent.flatten(0, 1).to(flow.dtype)
 
     def sample(t: Tensor, mode: str) -> Tensor:
@@ -470,8 +465,9 @@ class DiT(nn.Module):
         return None if self.key_flow is None else key_flow_of(keys, self.key_flow)
 
     def with_moved_previous(self, h: Tensor, previous: Tensor | None, prior: Tensor | None) -> Tensor:
-        """A warp DiT's tokens (B, G·N, D) whose last F frames are noisy, with each noisy frame's previous
-        frame (B, F, C, h, w), moved by its key flow ``prior``, added as input."""
+        """The tokens (B, G·N, D) whose last F frames are noisy, with each noisy frame's moved previous frame
+        (B, F, C, h, w) added as input: a warp DiT moves it by its key flow ``prior`` here, a reprojecting
+        one is given it moved (``models.camera``); other DiTs have no ``base_in`` and are unchanged."""
         if self.base_in is None or previous is None:
             return h
         if prior is not None:  # a warp DiT moves it here; a reprojecting one was given it moved

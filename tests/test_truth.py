@@ -20,7 +20,7 @@ from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.stages.shared import student_config
 from worldloop.distill.stages.truth import TruthObjective, train_truth
 from worldloop.models import checkpoint
-from worldloop.models.config import SamplingConfig, preset
+from worldloop.models.config import CameraConfig, SamplingConfig, preset
 from worldloop.models.dit import FLOW_CHANNELS, DiT
 from worldloop.models.vae import LatentAutoencoder
 from worldloop.models.world_model import WorldModel
@@ -349,7 +349,9 @@ def test_a_delta_dit_converted_to_reproject_starts_as_the_reprojection_alone(tmp
     unfitted depth network; the rest of the DiT is the start's."""
     delta = perturbed_model_dir(TEACHER.replace(dit=replace(TEACHER.dit, prediction="delta")),
                                 tmp_path / "delta", seed=0)
-    config, dit = truth_stage.shared.load_dit(delta, torch.device("cpu"), None, reproject=True)
+    camera = CameraConfig(reproject=True, resample="bilinear")
+    config, dit = truth_stage.shared.load_dit(delta, torch.device("cpu"), None, camera)
+    assert config.camera == camera and dit.reprojector.camera == camera  # the run's camera, not the start's
     assert config.camera.reproject and dit.reprojector is not None and float(dit.reprojector.fitted) == 0
     assert dit.final.linear.weight.abs().max() == 0 and dit.final.linear.bias.abs().max() == 0
     start = checkpoint.load_model(delta)

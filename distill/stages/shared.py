@@ -19,7 +19,7 @@ from worldloop.distill.stages.run import RunError
 from worldloop.distill.stages.runtime import TrainConfig
 from worldloop.models import checkpoint
 from worldloop.models.camera import with_reprojector
-from worldloop.models.config import ModelConfig
+from worldloop.models.config import CameraConfig, ModelConfig
 from worldloop.models.dit import DiT, key_flow_of, warp, widen_to_warp
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.kv_cache import PromptKV
@@ -218,12 +218,13 @@ def load_vae(config: ModelConfig, path: Path) -> LatentAutoencoder:
     return vae
 
 
-def load_dit(path: Path, device: torch.device, prediction: str | None = None, reproject: bool = False
-             ) -> tuple[ModelConfig, DiT]:
+def load_dit(path: Path, device: torch.device, prediction: str | None = None,
+             camera: CameraConfig | None = None) -> tuple[ModelConfig, DiT]:
     """A model directory's DiT in float32, with its EMA weights when present (what the directory plays).
 
     ``prediction`` "warp" turns a "delta" DiT into a warp DiT that computes the same (``as_prediction``);
-    ``reproject`` turns a "delta" DiT into a reprojecting one with an unfitted depth network
+    ``camera`` replaces the start's camera section; with ``reproject`` on where the start's was off, it
+    turns a "delta" DiT into a reprojecting one with an unfitted depth network
     (``models.camera``) and a zero output layer: its base is now the moved previous frame, and the change it
     had learned to add moves the frame a second time (the stage-3 student so converted scored 28.7 / 18.7 /
     8.7 dB at horizons 1 / 4 / 16; with the zero layer, the reprojection alone, 30.2 / 25.1 / 20.0). The
@@ -232,12 +233,12 @@ def load_dit(path: Path, device: torch.device, prediction: str | None = None, re
     config = files.config
     if prediction is not None and prediction != config.dit.prediction:
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
-    convert = reproject and not config.camera.reproject
-    if convert:
-        if config.dit.prediction != "delta":
-            raise RunError(f"--reproject moves a \"delta\" DiT's previous frame; {path} predicts "
-                           f"{config.dit.prediction!r}")
-        config = config.replace(camera=dataclasses.replace(config.camera, reproject=True))
+    convert = camera is not None and camera.reproject and not config.camera.reproject
+    if convert and config.dit.prediction != "delta":
+        raise RunError(f"--reproject moves a \"delta\" DiT's previous frame; {path} predicts "
+                       f"{config.dit.prediction!r}")
+    if camera is not None:
+        config = config.replace(camera=camera)
     dit = DiT(config)
     use_ema = files.dit_ema is not None
     weights = as_prediction(files.dit_ema if use_ema else files.dit, files.config, config)

@@ -219,8 +219,7 @@ class TruthStage(Stage):
         super().__init__(cfg, ddp, settings)
         self.config, self.objective = config, objective
         self.device = device = ddp.device
-        source_config, student = shared.load_dit(start_dir, device, config.dit.prediction,
-                                                 config.camera.reproject)
+        source_config, student = shared.load_dit(start_dir, device, config.dit.prediction, config.camera)
         shared.check_compatible(config, source_config, start_dir, same_dit=True)
         vae = shared.load_vae(config, vae_dir or start_dir).to(device)
         self.encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
@@ -232,7 +231,6 @@ class TruthStage(Stage):
         fit = None if resume else shared.start_key_flow(student, self.vae, cfg, config, device, clips)
         depth_fit = None if resume else shared.start_depth(student, self.vae, cfg, config, device)
         if student.reprojector is not None:
-            student.reprojector.camera = config.camera  # the run's (--resample may differ from the start's)
             student.reprojector.requires_grad_(False)  # fitted above; the rollout loss does not reach it
         self.modules, self.emas = {}, {}
         student.requires_grad_(objective.trains_dit)
