@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from tests.train_fakes import FakeClips, random_model_dir
 from worldloop.distill.eval.autoencoder import autoencoder_report, reconstruction_metrics, sharpness_ratio
+from worldloop.distill.stages.critic import Critic
 from worldloop.distill.stages.run import RunError, read_checkpoint
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
-from worldloop.distill.stages.vae import Critic, VAEObjective, train_vae
+from worldloop.distill.stages.vae import VAEObjective, train_vae
 from worldloop.models import checkpoint
 from worldloop.models.checkpoint import CheckpointError
 from worldloop.models.config import VAEConfig, preset
@@ -85,7 +86,8 @@ def test_adversarial_term_reaches_the_decoder_not_the_frozen_encoder_nor_the_cri
     vae = LatentAutoencoder(TINY)
     vae.encoder.requires_grad_(False)
     objective = VAEObjective(adversarial_weight=0.5, decoder_only=True)
-    critic = Critic(vae, objective, _cfg(Path("unused")), setup_distributed("cpu"))
+    critic = Critic(vae.decoder.layers[-1].conv.weight, objective.adversarial_weight,
+                    objective.critic_channels, 1e-3, setup_distributed("cpu"))
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     loss, parts = autoencoder_loss(vae, images, noise_std=0.0)
     adv, weight = critic.generator_term(loss, parts["recon"])

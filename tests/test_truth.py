@@ -15,6 +15,7 @@ import torch
 
 from tests.train_fakes import FakeClips, FakePromptEncoder, perturbed_model_dir
 from worldloop.app.cli import main
+from worldloop.distill.data.clips import WorldClips
 from worldloop.distill.stages import truth as truth_stage
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.stages.shared import student_config
@@ -136,6 +137,23 @@ def test_truth_resume_gives_the_same_next_step(teacher: Path, tmp_path: Path) ->
         assert split[1][key] == pytest.approx(straight[1][key], rel=1e-5, abs=1e-8)
 
 
+def test_truth_critic_judges_decoded_frames_trains_and_resumes_exactly(teacher: Path, tmp_path: Path) -> None:
+    objective = replace(OBJECTIVE, adversarial_weight=0.5, adversarial_frames=3, critic_channels=8)
+    _truth(tmp_path / "straight", teacher, objective=objective, iterations=2)
+    _truth(tmp_path / "split", teacher, objective=objective, iterations=1)
+    critic_state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["modules"]["critic"]
+    out = _truth(tmp_path / "split", teacher, objective=objective, resume=True, iterations=2)
+    straight, split = _log(tmp_path / "straight"), _log(tmp_path / "split")
+    for key in ("latent_mse", "adversarial_weight", "critic_loss"):
+        assert split[1][key] == pytest.approx(straight[1][key], rel=1e-4, abs=1e-7)
+    assert all(r["adversarial_weight"] > 0 and math.isfinite(r["critic_loss"]) for r in straight)
+    after = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["modules"]["critic"]
+    assert _changed(critic_state, after)  # the critic learns ...
+    files = checkpoint.load_model(out)  # ... and is not part of the exported model
+    assert not any("critic" in name or name.startswith("layers.") for name in files.dit)
+    assert _changed(checkpoint.load_model(teacher).dit, files.dit)
+
+
 def test_truth_objective_rules() -> None:
     with pytest.raises(ValueError, match="--train"):
         TruthObjective(train="vae")
@@ -143,6 +161,8 @@ def test_truth_objective_rules() -> None:
         TruthObjective(rollout_frames=4, grad_frames=5)
     with pytest.raises(ValueError, match="--max-context"):
         TruthObjective(max_context=0)
+    with pytest.raises(ValueError, match="--adversarial-weight"):
+        TruthObjective(adversarial_weight=0.5, train="both")
     assert TruthObjective(max_context=3, rollout_frames=8).clip_frames == 11
 
 
@@ -309,8 +329,12 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     depth better than a constant), the student trains and exports with ``camera.reproject`` and the fitted
     network, and it plays; a start that is not a delta DiT is refused with a clear error."""
     monkeypatch.setattr(truth_stage, "PromptEncoder", FakePromptEncoder)
-    monkeypatch.setattr(truth_stage.shared, "make_clip_source",
-                        lambda cfg, config, device, rank, frames, **kw: FakeClips(32, 32, frames))
+    def clips(cfg: Any, config: Any, device: Any, rank: int, frames: int, **kw: Any) -> Any:
+        if kw.get("depth_columns"):  # --depth-lr-scale: built-in world clips with the engine's depth
+            return WorldClips(32, 32, frames, depth_columns=kw["depth_columns"])
+        return FakeClips(32, 32, frames)
+
+    monkeypatch.setattr(truth_stage.shared, "make_clip_source", clips)
     fit = truth_stage.shared.fit_depth
     monkeypatch.setattr(truth_stage.shared, "fit_depth",
                         lambda *a, **kw: fit(*a, **kw | {"batches": 12, "iterations": 800}))
@@ -335,6 +359,17 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     assert main([*base, "--teacher", str(delta), *more, "--out", str(tmp_path / "r2")]) == 0
     again = checkpoint.load_model(tmp_path / "r2" / "model")
     assert again.config.camera.resample == "bilinear" and "depth_fit" not in again.metadata  # fitted once
+    # --depth-lr-scale: the depth network learns on the rollouts' own frames (its own learning rate), with
+    # the DiT; the depth loss is logged.
+    start_depth = {k: v for k, v in files.dit.items() if k.startswith("reprojector.depth_net.")}
+    assert main([*base, "--teacher", str(delta), "--student", str(tmp_path / "r" / "model"),
+                 "--depth-lr-scale", "1", "--switch-every", "0", "--out", str(tmp_path / "d")]) == 0
+    tuned = checkpoint.load_model(tmp_path / "d" / "model").dit
+    assert _changed(start_depth, tuned) == set(start_depth)
+    assert all(math.isfinite(r["depth_loss"]) for r in _log(tmp_path / "d"))
+    no_reprojection = [*base[:-1], "--teacher", str(delta), "--depth-lr-scale", "1"]
+    assert main([*no_reprojection, "--out", str(tmp_path / "nd")]) != 0
+    assert "--depth-lr-scale trains a reprojecting student" in capsys.readouterr().err
     plain = [a for a in base if a != "--reproject"]
     bad = ["--teacher", str(delta), "--resample", "bilinear", "--out", str(tmp_path / "x")]
     assert main([*plain, *bad]) != 0

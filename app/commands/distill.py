@@ -102,6 +102,12 @@ TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, ty
     "key_hold": "frames a random key state is held",
     "switch_every": "every n-th iteration the prompt switches inside the rollout (0: never)",
     "switch_reuse": "switch iterations that share one rendered switch batch",
+    "adversarial_weight": "DiT loss: a patch critic on decoded frames, this × the adaptive weight (0: off)",
+    "adversarial_frames": "generated frames per iteration the critic judges (of those with gradients)",
+    "critic_channels": "width of the patch critic",
+    "critic_lr_scale": "the critic's learning rate as a multiple of --lr",
+    "critic_updates": "critic updates per iteration (on the frames it judged)",
+    "depth_lr_scale": "> 0: a reprojecting student's depth network learns on its own rollouts at this × --lr",
 }
 
 

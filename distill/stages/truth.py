@@ -39,6 +39,7 @@ The exported model plays with the student's S steps and the EMA weights of what 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,9 @@ import torch.nn.functional as F
 
 from worldloop.distill.data.clips import ClipBatch, ClipSource, WorldClips
 from worldloop.distill.stages import shared
+from worldloop.distill.stages.critic import Critic
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
-from worldloop.distill.stages.run import RunError, settings_dict
+from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import (
     EMA,
     Distributed,
@@ -60,6 +62,7 @@ from worldloop.distill.stages.runtime import (
     TrainResult,
     autocast,
     make_optimizer,
+    optimizer_step,
 )
 from worldloop.models.config import ModelConfig
 from worldloop.models.keys import keys_to_tensor
@@ -68,6 +71,7 @@ from worldloop.models.vae import LatentAutoencoder, reconstruction_loss, spectru
 from worldloop.models.world_model import Session, WorldModel
 
 STAGE = "truth"
+DEPTH_OPTIMIZER = "depth_optimizer.pt"  # the depth network's optimizer state, beside checkpoint.pt
 TRAINS = ("dit", "decoder", "both")
 
 
@@ -86,6 +90,12 @@ class TruthObjective:
     key_hold: int = 4  # frames a random key state is held
     switch_every: int = 4  # every n-th iteration the prompt switches inside the rollout (0: never)
     switch_reuse: int = 4  # switch iterations that share one rendered switch batch
+    adversarial_weight: float = 0.0  # > 0: a patch critic judges decoded frames (adaptive weight × this)
+    adversarial_frames: int = 8  # generated frames (with gradients) per iteration the critic judges
+    critic_channels: int = 32
+    critic_lr_scale: float = 5.0  # the critic's learning rate relative to --lr (it starts from nothing)
+    critic_updates: int = 4  # critic updates per iteration on its frames (cheap beside the rollout)
+    depth_lr_scale: float = 0.0  # > 0: a reprojecting student's depth network learns on its own rollouts
 
     def __post_init__(self) -> None:
         if self.train not in TRAINS:
@@ -96,7 +106,8 @@ class TruthObjective:
             raise ValueError(f"--grad-frames must be in 0..--rollout-frames ({self.rollout_frames})")
         if self.decoder_frames < 1 or self.decoder_lr_scale <= 0:
             raise ValueError("--decoder-frames must be >= 1 and --decoder-lr-scale > 0")
-        if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight) < 0:
+        if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight,
+               self.adversarial_weight, self.depth_lr_scale) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0 <= self.random_keys <= 1:
             raise ValueError("--random-keys must be in [0, 1]")
@@ -104,6 +115,12 @@ class TruthObjective:
             raise ValueError("--key-hold must be >= 1")
         if self.switch_every < 0 or self.switch_reuse < 1:
             raise ValueError("--switch-every must be >= 0 and --switch-reuse >= 1")
+        critic = (self.adversarial_frames, self.critic_channels, self.critic_updates)
+        if min(critic) < 1 or self.critic_lr_scale <= 0:
+            raise ValueError("--adversarial-frames, --critic-channels and --critic-updates must be >= 1, "
+                             "--critic-lr-scale > 0")
+        if self.adversarial_weight > 0 and self.train != "dit":
+            raise ValueError("--adversarial-weight trains the DiT against a critic: it needs --train dit")
         if self.switch_every and self.rollout_frames < 2:
             raise ValueError("prompt switches need --rollout-frames >= 2 (a frame before and after it)")
 
@@ -128,6 +145,7 @@ class TruthDraws:
     exit_steps: int
     seeds: list[int]
     decoder_frames: torch.Tensor  # (decoder_frames,) flat indices into the (B × rollout_frames) frames
+    critic_frames: torch.Tensor  # (adversarial_frames,) flat indices into the (B × grad frames) frames
 
 
 def draw(objective: TruthObjective, student_steps: int, batch: int, generator: torch.Generator
@@ -138,7 +156,9 @@ def draw(objective: TruthObjective, student_steps: int, batch: int, generator: t
     seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator).tolist()
     total = batch * o.rollout_frames
     picks = torch.randperm(total, generator=generator)[: min(o.decoder_frames, total)]
-    return TruthDraws(context, exit_steps, seeds, picks)
+    graded = batch * (o.grad_frames or o.rollout_frames)
+    critic = torch.randperm(graded, generator=generator)[: min(o.adversarial_frames, graded)]
+    return TruthDraws(context, exit_steps, seeds, picks, critic)
 
 
 def start_streams(wm: WorldModel, sessions: list[Session], clips: ClipBatch, context: int,
@@ -230,10 +250,13 @@ class TruthStage(Stage):
         self.sessions = [self.wm.new_session("", seed=0) for _ in range(cfg.batch_size)]
         fit = None if resume else shared.start_key_flow(student, self.vae, cfg, config, device, clips)
         depth_fit = None if resume else shared.start_depth(student, self.vae, cfg, config, device)
-        if student.reprojector is not None:
-            student.reprojector.requires_grad_(False)  # fitted above; the rollout loss does not reach it
+        if objective.depth_lr_scale > 0 and (student.reprojector is None or not objective.trains_dit):
+            raise RunError("--depth-lr-scale trains a reprojecting student's depth network (--reproject) "
+                           "with the DiT (--train dit)")
         self.modules, self.emas = {}, {}
         student.requires_grad_(objective.trains_dit)
+        if student.reprojector is not None:  # fitted above; the rollout loss does not reach it (no_grad)
+            student.reprojector.requires_grad_(False)
         parts = []
         if objective.trains_dit:
             parts.append(self._add("student", student, 1.0))
@@ -242,9 +265,20 @@ class TruthStage(Stage):
             parts.append(self._add("decoder", self.vae.decoder, objective.decoder_lr_scale))
         self.trained = student
         self.optimizer = parts[0] if len(parts) == 1 else Optimizers(parts)  # type: ignore[assignment]
-        self.clips = clips or shared.make_clip_source(cfg, config, device, 0, objective.clip_frames,
-                                                      random_keys=objective.random_keys,
-                                                      key_hold=objective.key_hold)
+        self.depth_optimizer = None
+        if objective.depth_lr_scale > 0:  # its own optimizer and clip: the DiT's step does not see it
+            assert student.reprojector is not None
+            student.reprojector.depth_net.requires_grad_(True)
+            self.depth_optimizer = torch.optim.AdamW(student.reprojector.depth_net.parameters(),
+                                                     lr=cfg.lr * objective.depth_lr_scale, weight_decay=1e-4)
+        self.critic = None
+        if objective.adversarial_weight > 0:  # its network is checkpointed with the modules, not trained by
+            self.critic = Critic(student.final.linear.weight, objective.adversarial_weight,  # the optimizer
+                                 objective.critic_channels, cfg.lr, ddp, seed=cfg.seed + 11)
+            self.modules["critic"] = self.critic.net
+        self.clips = clips or shared.make_clip_source(
+            cfg, config, device, 0, objective.clip_frames, random_keys=objective.random_keys,
+            key_hold=objective.key_hold, depth_columns=config.width if objective.depth_lr_scale > 0 else 0)
         self.switch_clips = switch_clips
         self._switch_cache: tuple[int, ClipBatch] | None = None
         if self.clips.frames < objective.clip_frames:
@@ -292,11 +326,21 @@ class TruthStage(Stage):
         loss = dit_loss if o.trains_dit else torch.zeros((), device=self.device)
         if spectrum is not None:
             loss = loss + o.latent_spectrum_weight * spectrum
+        depth = None
+        if self.depth_optimizer is not None and batch.depths is not None:  # switch batches carry no depth
+            depth = self._depth_step(generated, truth, batch, iteration)
+        judged = None
+        if self.critic is not None:
+            judged = self._judged(generated, batch, d.critic_frames)
+            adversarial, weight = self.critic.generator_term(loss, judged[1])
+            loss = loss + adversarial
         record: dict[str, Any] = {"latent_mse": dit_loss.detach(), "latent_mse_first": per_frame[0],
                                   "latent_mse_last": per_frame[-1], "context": d.context,
                                   "exit_steps": d.exit_steps}
         if spectrum is not None:
             record["latent_spectrum"] = spectrum.detach()
+        if depth is not None:
+            record["depth_loss"] = depth
         if batch.switch_at:
             record["switch_latent_mse"] = record["latent_mse"]
         if o.trains_decoder:
@@ -309,9 +353,60 @@ class TruthStage(Stage):
                                                       o.spectrum_weight)
             loss = loss + decoder_loss
             record |= {"decoder_loss": decoder_loss.detach(), "decoder_mse": parts["mse"]}
-        record["grad_norm"] = self.update(loss, nn.ModuleList(list(self.modules.values())), iteration)
+        trained = [m for name, m in self.modules.items() if name != "critic"]
+        record["grad_norm"] = self.update(loss, nn.ModuleList(trained), iteration)
         record["lr"] = self.lr(iteration)
+        if judged is not None and self.critic is not None:
+            record["adversarial_weight"] = weight
+            critic_lr = record["lr"] * self.objective.critic_lr_scale
+            for _ in range(self.objective.critic_updates):
+                record["critic_loss"] = self.critic.train_step(judged[0], judged[1], critic_lr)
         return Step(cfg.batch_size * o.rollout_frames, loss.item(), record)
+
+    def _depth_step(self, generated: torch.Tensor, truth: torch.Tensor, batch: ClipBatch, iteration: int
+                    ) -> float:
+        """One update of the depth network on the rollout's own frames and on the engine's (both detached)
+        against the engine's depth at the same poses: log-depth MSE + 0.1 × the sky flag's logistic loss, as
+        it was fitted (``shared.fit_depth``). A rollout's frames drift from the engine's look, and the depth
+        read from them with it; the camera moves as the engine's does, so the engine's depth stays the right
+        answer. Returns the loss."""
+        assert self.depth_optimizer is not None
+        net = self.wm.dit.reprojector.depth_net  # type: ignore[union-attr]
+        assert batch.depths is not None
+        tail = dataclasses.replace(batch, depths=batch.depths[:, self.objective.max_context:])
+        target, sky = shared.depth_targets(tail, generated.shape[-1])
+        latents = torch.cat([generated.detach().flatten(0, 1), truth.flatten(0, 1)]).float()
+        pred, logit = net(latents)
+        target, sky = target.repeat(2, 1).to(pred.device), sky.repeat(2).to(pred.device).float()
+        loss = F.mse_loss(pred.float(), target) + 0.1 * F.binary_cross_entropy_with_logits(logit.float(), sky)
+        optimizer_step(loss, net, self.depth_optimizer, self.lr(iteration) * self.objective.depth_lr_scale,
+                       self.cfg.grad_clip)
+        self.depth_optimizer.zero_grad(set_to_none=True)  # the DiT's update clips its own gradients only
+        return loss.item()
+
+    def _judged(self, generated: torch.Tensor, batch: ClipBatch, picks: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's engine frames and the matching generated frames (decoded with gradients through the
+        frozen decoder), both (N, 3, H, W) in [-1, 1], for ``picks`` of the frames that carry gradients."""
+        g = self.objective.grad_frames or self.objective.rollout_frames
+        latents = generated[:, -g:].flatten(0, 1)[picks]
+        real = to_unit(batch.frames[:, self.objective.max_context:][:, -g:].flatten(0, 1)[picks])
+        with autocast(self.device, self.cfg.bf16):
+            z = (latents / self.vae.latent_scale).contiguous(memory_format=torch.channels_last)
+            fake = self.vae.decoder(z).float().clamp(-1.0, 1.0)  # as shown
+        return real.to(self.device), fake
+
+    def save_extra(self, run: RunDir) -> None:
+        if self.critic is not None:
+            self.critic.save(run)
+        if self.depth_optimizer is not None:
+            torch.save(self.depth_optimizer.state_dict(), run.root / DEPTH_OPTIMIZER)
+
+    def load_extra(self, run: RunDir) -> None:
+        if self.critic is not None:
+            self.critic.load(run)
+        if self.depth_optimizer is not None:
+            self.depth_optimizer.load_state_dict(torch.load(run.root / DEPTH_OPTIMIZER, weights_only=True))
 
     def export(self, iteration: int, out: Path) -> None:
         vae = self.vae

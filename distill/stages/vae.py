@@ -29,28 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from worldloop.distill.data.clips import ClipSource
 from worldloop.distill.data.media import save_png_grid
+from worldloop.distill.stages.critic import Critic
 from worldloop.distill.stages.loop import Stage, Step, prepare_run, train
 from worldloop.distill.stages.run import RunDir, RunError, settings_dict
 from worldloop.distill.stages.runtime import Distributed, TrainConfig, TrainResult
 from worldloop.distill.stages.shared import make_clip_source
 from worldloop.models import checkpoint
 from worldloop.models.config import ModelConfig
-from worldloop.models.vae import (
-    LatentAutoencoder,
-    PatchDiscriminator,
-    autoencoder_loss,
-    discriminator_hinge_loss,
-    generator_adversarial_loss,
-    to_unit,
-)
+from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, to_unit
 
 STAGE = "vae"
-CRITIC_OPTIMIZER = "critic_optimizer.pt"  # the critic's optimizer state, beside checkpoint.pt
 
 
 @dataclass(frozen=True)
@@ -88,50 +80,6 @@ class VAELoss(nn.Module):
                                 generator=generator)
 
 
-class Critic:
-    """The patch critic, its optimizer and the adversarial term of the decoder's loss (see the docstring)."""
-
-    def __init__(self, vae: LatentAutoencoder, objective: VAEObjective, cfg: TrainConfig,
-                 ddp: Distributed) -> None:
-        self.net = PatchDiscriminator(objective.critic_channels).to(ddp.device)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=(0.5, 0.9),
-                                           weight_decay=0.0)
-        self.objective, self.ddp = objective, ddp
-        self.last_layer = vae.decoder.layers[-1].conv.weight
-
-    def active(self, iteration: int) -> bool:
-        return self.objective.adversarial_weight > 0 and iteration >= self.objective.adversarial_start
-
-    def generator_term(self, recon_loss: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """λ·(−D(recon)) with the adaptive weight λ; the critic's own weights get no gradient from it."""
-        self.net.requires_grad_(False)
-        adv = generator_adversarial_loss(self.net(recon))
-        self.net.requires_grad_(True)
-        g_rec = torch.autograd.grad(recon_loss, self.last_layer, retain_graph=True)[0]
-        g_adv = torch.autograd.grad(adv, self.last_layer, retain_graph=True)[0]
-        weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-        weight = weight * self.objective.adversarial_weight
-        if self.ddp.enabled:  # one weight on every rank
-            dist.all_reduce(weight)
-            weight = weight / self.ddp.world_size
-        return weight * adv, float(weight)
-
-    def train_step(self, real: torch.Tensor, recon: torch.Tensor, lr: float) -> float:
-        """One hinge-loss update of the critic on engine frames vs (detached) reconstructions."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = discriminator_hinge_loss(self.net(real), self.net(recon.detach()))
-        loss.backward()
-        if self.ddp.enabled:
-            for p in self.net.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.ddp.world_size
-        self.optimizer.step()
-        return float(loss.detach())
-
-
 def frames_of(clips: ClipSource, iteration: int, size: int) -> torch.Tensor:
     """An iteration's training images: every frame of ``size`` clips, float (B·F, 3, H, W) in [-1, 1]."""
     return to_unit(clips.batch(iteration, size).frames.flatten(0, 1))
@@ -158,7 +106,10 @@ class VAEStage(Stage):
                                "pass --init-from MODEL_DIR")
             self.vae.encoder.requires_grad_(False).eval()
         self.ema = self.trains("vae", self.vae)
-        self.critic = Critic(self.vae, objective, cfg, ddp) if objective.adversarial_weight > 0 else None
+        self.critic = None
+        if objective.adversarial_weight > 0:
+            self.critic = Critic(self.vae.decoder.layers[-1].conv.weight, objective.adversarial_weight,
+                                 objective.critic_channels, cfg.lr, ddp, seed=cfg.seed + 11)
         if self.critic is not None:  # checkpointed beside the autoencoder (its optimizer: save_extra)
             self.modules["critic"] = self.critic.net
         self.model = self.wrap(VAELoss(self.vae, objective))
@@ -190,11 +141,11 @@ class VAEStage(Stage):
 
     def save_extra(self, run: RunDir) -> None:
         if self.critic is not None:  # written before checkpoint.pt: it never points at a missing state
-            torch.save(self.critic.optimizer.state_dict(), run.root / CRITIC_OPTIMIZER)
+            self.critic.save(run)
 
     def load_extra(self, run: RunDir) -> None:
         if self.critic is not None:
-            self.critic.optimizer.load_state_dict(torch.load(run.root / CRITIC_OPTIMIZER, weights_only=True))
+            self.critic.load(run)
 
     def samples(self, iteration: int, images: torch.Tensor, run: RunDir) -> None:
         write_samples(self.ema.module, images[:8], run.samples / f"vae_{iteration:07d}.png")
