@@ -120,7 +120,7 @@ class VAEStage(Stage):
 
     def step(self, iteration: int, images: torch.Tensor) -> Step:
         critic = self.critic
-        adversarial = critic is not None and critic.active(iteration)
+        adversarial = critic is not None and iteration >= self.objective.adversarial_start
         record: dict[str, float | torch.Tensor] = {}
         with self.autocast():
             loss, parts = self.model(images, self.generator(iteration))
