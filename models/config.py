@@ -144,6 +144,10 @@ class CameraConfig:
     # 4 / 16 where bilinear kept 0.24 / 0.08 (the reprojection alone, through the autoencoder each frame),
     # for 0.1–0.4 dB of PSNR.
     resample: str = "bicubic"
+    # Weight of the wall depth carried from the frame before (moved by the camera) against the depth network's
+    # reading of the new frame, in log depth; 0 reads every frame afresh. Columns the motion uncovered always
+    # take the network's reading.
+    depth_memory: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.fov_degrees < 180:
@@ -151,6 +155,8 @@ class CameraConfig:
         if self.move_step < 0 or self.wall_height <= 0 or self.depth_width < 1:
             raise ValueError("camera.move_step must be ≥ 0, camera.wall_height > 0 and "
                              "camera.depth_width ≥ 1")
+        if not 0 <= self.depth_memory <= 1:
+            raise ValueError(f"camera.depth_memory must be in [0, 1], got {self.depth_memory}")
         if self.resample not in RESAMPLING:
             raise ValueError(f"camera.resample must be one of {RESAMPLING}, got {self.resample!r}")
 

@@ -26,6 +26,7 @@ stored latents of the window frames are run again in one forward under the new p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,9 @@ class Session:
     # The pending latent ``next_frame`` decoded and that frame (uint8 (H, W, 3)): a reprojecting model moves
     # the frame it showed instead of decoding the latent again, while that latent is still the pending one.
     shown: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    # A reprojecting model's wall depth per pixel column (W,) carried by the camera to the frame of the given
+    # index (``camera.depth_memory``); used while that frame is the one moved next.
+    carried: tuple[int, Tensor] | None = field(default=None, repr=False)
     closed: bool = False
 
 
@@ -217,6 +221,7 @@ class WorldModel:
         session.generator.manual_seed(session.seed)
         session.frame_index, session.pending, session.pending_keys = 0, None, None
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
+        session.shown = session.carried = None
         self._start(session, prompt_kv, context)
 
     def _first_context(self, first_frames: np.ndarray | None, first_keys: Sequence[int] | np.ndarray | None
@@ -268,6 +273,7 @@ class WorldModel:
         session.pending, session.pending_keys = _clone(snapshot.pending), _clone(snapshot.pending_keys)
         session.generator.set_state(snapshot.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
+        session.carried = None  # the snapshot's stream may have seen other walls
 
     def commit(self, session: Session) -> None:
         """Keep the speculative frames: they become ordinary frames of the stream."""
@@ -501,7 +507,15 @@ class _FrameForward:
             frames = None
             if all(f is not None for f in shown):  # the frames next_frame showed: no second decode
                 frames = torch.stack(shown).to(wm.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            moved = wm.dit.reprojector(wm.vae, base, self.keys, frames)
+            carried = None
+            if wm.dit.reprojector.camera.depth_memory > 0:  # depth carried to each previous frame, if known
+                unknown = torch.full((wm.frame_shape[1],), math.nan, device=wm.device)
+                carried = torch.stack([s.carried[1] if s.carried is not None
+                                       and s.carried[0] == s.frame_index - 1 else unknown
+                                       for s in self.sessions])
+            moved, depth = wm.dit.reprojector.move(wm.vae, base, self.keys, frames, carried)
+            for s, row in zip(self.sessions, depth, strict=True):
+                s.carried = (s.frame_index, row)
             out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
         self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
         return out

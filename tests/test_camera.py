@@ -15,6 +15,7 @@ from worldloop.distill.world.engine import World, WorldConfig
 from worldloop.models.camera import (
     DepthNet,
     Reprojector,
+    carry_column_depth,
     focal_pixels,
     inverse_depth,
     key_motion,
@@ -119,6 +120,67 @@ def test_reprojection_predicts_the_engines_next_frame(keys: tuple[str, ...]) -> 
     assert psnr(moved) > psnr(unit(before)) + 3
 
 
+@pytest.mark.parametrize("keys", [("forward",), ("turn_right",), ("right",), ("forward", "turn_left")])
+def test_carried_depth_is_the_engines_after_the_move(keys: tuple[str, ...]) -> None:
+    """Each column's wall point moved by the keys lands where the engine then sees its walls: on the columns
+    it covers the carried inverse depth is far closer to the engine's next one than the unmoved depth (the
+    wall edges a move uncovers aside), and the columns a turn brings in are unknown (NaN), on its side."""
+    size = 128
+    world = World(list(range(1 << 30, (1 << 30) + 8)), size, size)
+    world.reset()
+    before = world.column_depths(size)
+    code = sum(BIT[k] for k in keys)
+    world.next_frame(torch.full((8,), code))
+    moving = ~world.collided
+    assert moving.sum() >= 4
+    after, before = world.column_depths(size)[moving], before[moving]
+    carried = carry_column_depth(before, held(*keys).expand(len(before), -1), CAMERA)
+    known = torch.isfinite(carried)
+    assert known.float().mean() > 0.85
+
+    def error(depth: torch.Tensor) -> float:
+        return (1 / depth - 1 / after)[known].abs().median().item()
+
+    assert error(carried) < 0.01 and error(carried) < 0.2 * error(before)
+    if "turn_right" in keys:  # a right turn brings walls in on the right
+        assert (~known[:, -3:]).all() and known[:, :3].all()
+
+
+def test_a_session_carries_its_depth_from_frame_to_frame(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """With ``camera.depth_memory``, each moved frame's carried depth reaches the next frame's reading, a
+    reset forgets it, and without memory nothing is carried in."""
+    plain, config = tiny_delta_pair
+    from worldloop.models.vae import LatentAutoencoder
+
+    torch.manual_seed(1)
+    vae = LatentAutoencoder(config)
+    seen: list[float] = []  # per reading: the fraction of carried columns known (-1: none passed)
+    column_depth = Reprojector.column_depth
+
+    def spy(self, latents, width, carried=None):
+        seen.append(-1.0 if carried is None else torch.isfinite(carried).float().mean().item())
+        return column_depth(self, latents, width, carried)
+
+    monkeypatch.setattr(Reprojector, "column_depth", spy)
+    for memory in (1.0, 0.0):
+        config_r = config.replace(camera=replace(CAMERA, depth_memory=memory))
+        dit_r = DiT(config_r)
+        dit_r.load_state_dict(with_reprojector(plain.state_dict(), config_r))
+        wm = WorldModel(config_r, dit_r, vae, FakePromptEncoder(16), precision="fp32")
+        s = wm.new_session("a desert ruin", seed=3)
+        seen.clear()
+        for k in (0, BIT["forward"], BIT["forward"], BIT["turn_left"]):
+            wm.next_frame([s], [k])
+        wm.reset(s)
+        wm.next_frame([s], [0])
+        wm.next_frame([s], [BIT["forward"]])
+        if memory:  # frame 1 has nothing to move; 2 reads afresh; 3 and 4 get the carried depth; reset
+            assert seen[0] == 0.0 and seen[1] > 0.8 and seen[2] > 0.8 and seen[3] == 0.0
+        else:
+            assert seen == [-1.0] * 4
+
+
 def test_the_depth_network_reads_columns_and_sky() -> None:
     net = DepthNet(4, 8)
     log_depth, sky = net(torch.randn(3, 4, 8, 8))
@@ -220,13 +282,13 @@ def test_next_frame_moves_the_frame_it_showed(tiny_delta_pair, monkeypatch: pyte
     vae = LatentAutoencoder(config)
     keys = (0, BIT["forward"], BIT["turn_right"], BIT["forward"])
     given: list[bool] = []
-    forward = Reprojector.forward
+    move = Reprojector.move
 
-    def spy(self, vae, latents, keys, frames=None):
+    def spy(self, vae, latents, keys, frames=None, carried=None):
         given.append(frames is not None)
-        return forward(self, vae, latents, keys, frames)
+        return move(self, vae, latents, keys, frames, carried)
 
-    monkeypatch.setattr(Reprojector, "forward", spy)
+    monkeypatch.setattr(Reprojector, "move", spy)
     runs = []
     for shown in (True, False):
         wm = WorldModel(config_r, dit_r, vae, FakePromptEncoder(16), precision="fp32")
