@@ -355,10 +355,11 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
         assert wm.next_frame([session], [keys]).shape == (1, 32, 32, 3)
     assert wm.last_timings.reproject_ms > 0
     assert files.config.camera.resample == "bicubic"  # the default for a new reprojecting student
-    more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear"]
+    more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear", "--depth-memory", "0.5"]
     assert main([*base, "--teacher", str(delta), *more, "--out", str(tmp_path / "r2")]) == 0
     again = checkpoint.load_model(tmp_path / "r2" / "model")
     assert again.config.camera.resample == "bilinear" and "depth_fit" not in again.metadata  # fitted once
+    assert again.config.camera.depth_memory == 0.5
     # --depth-lr-scale: the depth network learns on the rollouts' own frames (its own learning rate), with
     # the DiT; the depth loss is logged.
     start_depth = {k: v for k, v in files.dit.items() if k.startswith("reprojector.depth_net.")}
@@ -374,6 +375,8 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     bad = ["--teacher", str(delta), "--resample", "bilinear", "--out", str(tmp_path / "x")]
     assert main([*plain, *bad]) != 0
     assert "--resample applies to a reprojecting student" in capsys.readouterr().err
+    assert main([*plain, "--teacher", str(delta), "--depth-memory", "1", "--out", str(tmp_path / "y")]) != 0
+    assert "--depth-memory applies to a reprojecting student" in capsys.readouterr().err
     velocity_dir = perturbed_model_dir(TEACHER, tmp_path / "v", seed=0)
     assert main([*base, "--teacher", str(velocity_dir), "--out", str(tmp_path / "bad")]) != 0
     assert 'moves the previous frame of a "delta" DiT' in capsys.readouterr().err

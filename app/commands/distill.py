@@ -107,6 +107,7 @@ TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, ty
     "critic_channels": "width of the patch critic",
     "critic_lr_scale": "the critic's learning rate as a multiple of --lr",
     "critic_updates": "critic updates per iteration (on the frames it judged)",
+    "adversarial_start": "iteration from which the DiT gets the critic's term (the critic learns from 0)",
     "depth_lr_scale": "> 0: a reprojecting student's depth network learns on its own rollouts at this × --lr",
 }
 
@@ -134,6 +135,9 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", choices=list(RESAMPLING),
                    help="how a reprojecting student samples its previous frame (default: the start's, "
                         "bicubic for a new one)")
+    p.add_argument("--depth-memory", type=float,
+                   help="a reprojecting student's weight of the wall depth carried from frame to frame "
+                        "against its depth network's reading, 0..1 (default: the start's, 0 for a new one)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -161,6 +165,11 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
         if not config.camera.reproject:
             raise ValueError("--resample applies to a reprojecting student (--reproject)")
         config = config.replace(camera=dataclasses.replace(config.camera, resample=resample))
+    memory = getattr(args, "depth_memory", None)
+    if memory is not None:
+        if not config.camera.reproject:
+            raise ValueError("--depth-memory applies to a reprojecting student (--reproject)")
+        config = config.replace(camera=dataclasses.replace(config.camera, depth_memory=memory))
     return config, teacher
 
 

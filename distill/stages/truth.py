@@ -95,6 +95,7 @@ class TruthObjective:
     critic_channels: int = 32
     critic_lr_scale: float = 5.0  # the critic's learning rate relative to --lr (it starts from nothing)
     critic_updates: int = 4  # critic updates per iteration on its frames (cheap beside the rollout)
+    adversarial_start: int = 0  # the iteration from which the DiT gets the critic's term (it trains from 0)
     depth_lr_scale: float = 0.0  # > 0: a reprojecting student's depth network learns on its own rollouts
 
     def __post_init__(self) -> None:
@@ -116,9 +117,9 @@ class TruthObjective:
         if self.switch_every < 0 or self.switch_reuse < 1:
             raise ValueError("--switch-every must be >= 0 and --switch-reuse >= 1")
         critic = (self.adversarial_frames, self.critic_channels, self.critic_updates)
-        if min(critic) < 1 or self.critic_lr_scale <= 0:
+        if min(critic) < 1 or self.critic_lr_scale <= 0 or self.adversarial_start < 0:
             raise ValueError("--adversarial-frames, --critic-channels and --critic-updates must be >= 1, "
-                             "--critic-lr-scale > 0")
+                             "--critic-lr-scale > 0 and --adversarial-start >= 0")
         if self.adversarial_weight > 0 and self.train != "dit":
             raise ValueError("--adversarial-weight trains the DiT against a critic: it needs --train dit")
         if self.switch_every and self.rollout_frames < 2:
@@ -332,8 +333,10 @@ class TruthStage(Stage):
         judged = None
         if self.critic is not None:
             judged = self._judged(generated, batch, d.critic_frames)
-            adversarial, weight = self.critic.generator_term(loss, judged[1])
-            loss = loss + adversarial
+            weight = 0.0
+            if iteration >= o.adversarial_start:
+                adversarial, weight = self.critic.generator_term(loss, judged[1])
+                loss = loss + adversarial
         record: dict[str, Any] = {"latent_mse": dit_loss.detach(), "latent_mse_first": per_frame[0],
                                   "latent_mse_last": per_frame[-1], "context": d.context,
                                   "exit_steps": d.exit_steps}
