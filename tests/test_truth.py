@@ -354,7 +354,8 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     for keys in (0, 1, 16):
         assert wm.next_frame([session], [keys]).shape == (1, 32, 32, 3)
     assert wm.last_timings.reproject_ms > 0
-    assert files.config.camera.resample == "bicubic"  # the default for a new reprojecting student
+    assert files.config.camera.resample == "bicubic"  # the defaults for a new reprojecting student
+    assert files.config.camera.depth_memory == 1.0
     more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear", "--depth-memory", "0.5"]
     assert main([*base, "--teacher", str(delta), *more, "--out", str(tmp_path / "r2")]) == 0
     again = checkpoint.load_model(tmp_path / "r2" / "model")

@@ -137,7 +137,7 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
                         "bicubic for a new one)")
     p.add_argument("--depth-memory", type=float,
                    help="a reprojecting student's weight of the wall depth carried from frame to frame "
-                        "against its depth network's reading, 0..1 (default: the start's, 0 for a new one)")
+                        "against its depth network's reading, 0..1 (default: the start's, 1 for a new one)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -158,8 +158,8 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
     prediction = getattr(args, "prediction", None)
     if prediction is not None:
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
-    if getattr(args, "reproject", False) and not config.camera.reproject:
-        config = config.replace(camera=dataclasses.replace(config.camera, reproject=True))
+    if getattr(args, "reproject", False) and not config.camera.reproject:  # a new reprojecting student
+        config = config.replace(camera=dataclasses.replace(config.camera, reproject=True, depth_memory=1.0))
     resample = getattr(args, "resample", None)
     if resample is not None:
         if not config.camera.reproject:
