@@ -97,10 +97,16 @@ fi
 #    bicubic`); its 15-CPU-minute snapshot was evaluated against its 60.
 if run reproject; then
   worldloop distill truth "${TRUTH[@]}" --threads 2 --student runs/final --latent-spectrum-weight 6 \
-    --context-sigma 0 --reproject --resample bicubic --out runs/reproj-bicubic --cpu-minutes 60 \
-    --snapshot-minutes 15
+    --context-sigma 0 --reproject --resample bicubic --depth-memory 0 --out runs/reproj-bicubic \
+    --cpu-minutes 60 --snapshot-minutes 15
   worldloop eval --model runs/reproj-bicubic/snapshots/cpu0015.000@1,2 --drift-seconds 60 --out runs/eval-rb15
   worldloop eval --model runs/reproj-bicubic/snapshots/cpu0060.000@1,2 --drift-seconds 60 --out runs/eval-rb60
+  # Stage 6 (docs/TRAINING.md): the same 15-minute weights with the carried wall depth (camera.depth_memory 1),
+  # no training.
+  rm -rf runs/rb15-mem1.0 && cp -r runs/reproj-bicubic/snapshots/cpu0015.000 runs/rb15-mem1.0
+  python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['config']['camera']['depth_memory'] = 1.0
+json.dump(c, open(p, 'w'), indent=2)" runs/rb15-mem1.0/config.json
+  worldloop eval --model runs/rb15-mem1.0@1 --drift-seconds 60 --out runs/eval-rb15-mem
 fi
 
 # 5. Evaluate against the shipped model and export the shipping form (1 step; 2 steps with --steps 2).
