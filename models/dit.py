@@ -424,8 +424,8 @@ class DiT(nn.Module):
         # A reprojecting model's depth network (``models.camera``): the world model moves each noisy frame's
         # previous frame by the held keys' camera motion at its depth before the DiT sees it; the DiT's
         # own forward never runs it (it needs the autoencoder).
-        self.reprojector = Reprojector(config.camera, self.latent_channels, self.latent_size) \
-            if config.camera.reproject else None
+        self.reprojector = Reprojector(config.camera, self.latent_channels, self.latent_size,
+                                       (config.height, config.width)) if config.camera.reproject else None
         self.rotary = Rotary(cfg.head_dim, grid, cfg.rope_theta)
         # Training attention kernel: None = flex-attention block masks on CUDA, SDPA + boolean mask elsewhere.
         self.attention_kernel: str | None = None

@@ -181,6 +181,30 @@ def test_a_session_carries_its_depth_from_frame_to_frame(tiny_delta_pair, monkey
             assert seen == [-1.0] * 4
 
 
+def test_a_still_camera_keeps_its_frame_exactly(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No motion, no autoencoder round trip (which, iterated on a still frame, amplifies texture into noise):
+    a still row keeps its latent bit for bit, a moving row in the same batch is moved, and a batch that holds
+    still does not decode at all."""
+    _, config = tiny_delta_pair
+    from worldloop.models.vae import LatentAutoencoder
+
+    torch.manual_seed(0)
+    rep = DiT(config.replace(camera=CAMERA)).reprojector
+    vae = LatentAutoencoder(config)
+    latents = torch.randn(2, config.latent_channels, *config.latent_size)
+    keys = torch.cat([held(), held("forward")])
+    moved, depth = rep.move(vae, latents, keys)
+    assert torch.equal(moved[0], latents[0]) and not torch.allclose(moved[1], latents[1])
+    assert depth.shape == (2, config.width)
+
+    def no_decode(*args: object) -> None:
+        raise AssertionError("a still camera decoded its frame")
+
+    monkeypatch.setattr(vae, "decode", no_decode)
+    still, _ = rep.move(vae, latents, torch.cat([held(), held()]))
+    assert torch.equal(still, latents)
+
+
 def test_the_depth_network_reads_columns_and_sky() -> None:
     net = DepthNet(4, 8)
     log_depth, sky = net(torch.randn(3, 4, 8, 8))

@@ -133,6 +133,18 @@ def test_key_hold_holds_random_keys_for_several_frames() -> None:
         WorldClips(64, 64, 4, key_hold=0)
 
 
+def test_still_random_keys_hold_the_camera_still() -> None:
+    """``still``: that share of the random key states holds no key, so the camera stands where it was."""
+    still = WorldClips(64, 64, 12, random_keys=1.0, still=1.0, depth_columns=64).batch(0, 4)
+    assert (still.keys[:, 1:] == 0).all()
+    assert torch.equal(still.poses[:, 1:], still.poses[:, 1:2].expand_as(still.poses[:, 1:]))
+    some = WorldClips(64, 64, 48, random_keys=1.0, still=0.5).batch(0, 8).keys[:, 1:]
+    moving = WorldClips(64, 64, 48, random_keys=1.0).batch(0, 8).keys[:, 1:]
+    assert (some == 0).float().mean() > 0.3 > (moving == 0).float().mean()
+    with pytest.raises(ValueError, match="still"):
+        WorldClips(64, 64, 4, still=1.5)
+
+
 def test_muon_takes_the_hidden_matrices_and_resumes_exactly(tmp_path: Path) -> None:
     dit = DiT(TINY)
     cfg = TrainConfig(optimizer="muon", device="cpu")

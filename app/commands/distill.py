@@ -100,6 +100,7 @@ TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, ty
     "spectrum_weight": "decoder loss: log-spectrum distance",
     "random_keys": "chance per frame that held random keys take over from the explorer",
     "key_hold": "frames a random key state is held",
+    "still_keys": "share of the random key states that hold no key (the camera stands still)",
     "switch_every": "every n-th iteration the prompt switches inside the rollout (0: never)",
     "switch_reuse": "switch iterations that share one rendered switch batch",
     "adversarial_weight": "DiT loss: a patch critic on decoded frames, this × the adaptive weight (0: off)",

@@ -99,7 +99,7 @@ class WorldClips:
 
     def __init__(self, height: int, width: int, frames: int, device: torch.device | str = "cpu", *,
                  seed: int = 0, rank: int = 0, held_out: bool = False, random_keys: float = 0.0,
-                 key_hold: int = 1, depth_columns: int = 0, switch_at: int = 0) -> None:
+                 key_hold: int = 1, depth_columns: int = 0, switch_at: int = 0, still: float = 0.0) -> None:
         if frames < 1:
             raise ValueError(f"clips need at least one frame, got {frames}")
         if not 0 <= switch_at < frames:
@@ -108,11 +108,14 @@ class WorldClips:
             raise ValueError(f"random_keys must be a probability, got {random_keys}")
         if key_hold < 1:
             raise ValueError(f"key_hold must be at least 1, got {key_hold}")
+        if not 0.0 <= still <= 1.0:
+            raise ValueError(f"still must be a probability, got {still}")
         self.scale = render_scale(height, width)
         self.height, self.width, self.frames = height, width, frames
         self.device = torch.device(device)
         self.seed, self.rank, self.held_out = seed, rank, held_out
         self.random_keys, self.key_hold = random_keys, key_hold
+        self.still = still  # share of the random key states that hold no key (the camera stands still)
         self.depth_columns = depth_columns  # > 0: clips carry poses and per-column depths (auxiliary targets)
         self.switch_at = switch_at
 
@@ -181,7 +184,10 @@ class WorldClips:
             return keys, held, left
         n = keys.shape[0]
         start = (torch.rand(n, generator=g) < self.random_keys) & (left == 0)
-        held = torch.where(start, sample_keys(n, g), held)
+        fresh = sample_keys(n, g)
+        if self.still > 0:
+            fresh = torch.where(torch.rand(n, generator=g) < self.still, 0, fresh)
+        held = torch.where(start, fresh, held)
         left = torch.where(start, torch.randint(1, self.key_hold + 1, (n,), generator=g), left)
         use = (left > 0).to(keys.device)
         return torch.where(use, held.to(keys.device), keys), held, (left - 1).clamp_min(0)

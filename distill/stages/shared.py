@@ -29,7 +29,8 @@ from worldloop.models.vae import LatentAutoencoder, to_unit
 
 
 def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device, rank: int, frames: int,
-                     random_keys: float = 0.0, key_hold: int = 1, depth_columns: int = 0) -> ClipSource:
+                     random_keys: float = 0.0, key_hold: int = 1, depth_columns: int = 0,
+                     still: float = 0.0) -> ClipSource:
     """The training data of a run: recorded episodes (``cfg.episodes``), else the built-in world.
 
     World clips are pooled (``cfg.pool_clips``, default 256 on the CPU, 4096 on a GPU): building a world
@@ -41,9 +42,10 @@ def make_clip_source(cfg: TrainConfig, config: ModelConfig, device: torch.device
     if pool == 0:
         return WorldClips(config.height, config.width, frames, device, seed=cfg.seed, rank=rank,
                           random_keys=random_keys, key_hold=key_hold,
-                          depth_columns=depth_columns)
+                          depth_columns=depth_columns, still=still)
     source = WorldClips(config.height, config.width, max(2 * frames, 16), device, seed=cfg.seed, rank=rank,
-                        random_keys=random_keys, key_hold=key_hold, depth_columns=depth_columns)
+                        random_keys=random_keys, key_hold=key_hold, depth_columns=depth_columns,
+                        still=still)
     return ClipPool(source, pool, frames, chunk=max(32, pool // 8), refresh_every=cfg.pool_refresh,
                     seed=cfg.seed, rank=rank)
 

@@ -88,6 +88,7 @@ class TruthObjective:
     latent_spectrum_weight: float = 0.0  # DiT loss: log-spectrum distance of generated vs engine latents
     random_keys: float = 0.1  # chance per frame that held random keys take over from the explorer
     key_hold: int = 4  # frames a random key state is held
+    still_keys: float = 0.0  # share of the random key states that hold no key (the camera stands still)
     switch_every: int = 4  # every n-th iteration the prompt switches inside the rollout (0: never)
     switch_reuse: int = 4  # switch iterations that share one rendered switch batch
     adversarial_weight: float = 0.0  # > 0: a patch critic judges decoded frames (adaptive weight × this)
@@ -110,8 +111,8 @@ class TruthObjective:
         if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight,
                self.adversarial_weight, self.depth_lr_scale) < 0:
             raise ValueError("loss weights must be >= 0")
-        if not 0 <= self.random_keys <= 1:
-            raise ValueError("--random-keys must be in [0, 1]")
+        if not 0 <= self.random_keys <= 1 or not 0 <= self.still_keys <= 1:
+            raise ValueError("--random-keys and --still-keys must be in [0, 1]")
         if self.key_hold < 1:
             raise ValueError("--key-hold must be >= 1")
         if self.switch_every < 0 or self.switch_reuse < 1:
@@ -279,7 +280,8 @@ class TruthStage(Stage):
             self.modules["critic"] = self.critic.net
         self.clips = clips or shared.make_clip_source(
             cfg, config, device, 0, objective.clip_frames, random_keys=objective.random_keys,
-            key_hold=objective.key_hold, depth_columns=config.width if objective.depth_lr_scale > 0 else 0)
+            key_hold=objective.key_hold, depth_columns=config.width if objective.depth_lr_scale > 0 else 0,
+            still=objective.still_keys)
         self.switch_clips = switch_clips
         self._switch_cache: tuple[int, ClipBatch] | None = None
         if self.clips.frames < objective.clip_frames:
