@@ -29,6 +29,7 @@ On the built-in world's frames with the engine's own depth, this alone takes a f
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -81,25 +82,52 @@ def inverse_depth(column_depth: Tensor, sky: Tensor, height: int, camera: Camera
     return torch.where(rows < half * wall, wall.expand(n, height, width), plane)
 
 
+def camera_step(keys: Tensor, camera: CameraConfig) -> tuple[Tensor, Tensor]:
+    """The camera motion of held ``keys`` (N, num_keys) as the map from the new camera's coordinates (x right,
+    z ahead, in tiles) to the previous camera's, ``p_prev = R(turn) · p_new + offset``: (turn (N,) radians,
+    offset (N, 2)). The camera turns by ``turn``, then steps ``(strafe, step)`` along its new axes."""
+    step, strafe, turn = key_motion(keys, camera)
+    return turn, rotate(torch.stack([strafe, step], 1), turn)
+
+
+def rotate(p: Tensor, angle: Tensor) -> Tensor:
+    """Points (N, 2) (x, z) rotated by ``angle`` (N,) radians as the camera turns right: R(a)·(x, z) =
+    (x cos a + z sin a, z cos a − x sin a)."""
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([p[:, 0] * cos + p[:, 1] * sin, p[:, 1] * cos - p[:, 0] * sin], 1)
+
+
+def compose(turn: Tensor, offset: Tensor, step_turn: Tensor, step_offset: Tensor) -> tuple[Tensor, Tensor]:
+    """The map new camera → anchor camera of a camera at ``(turn, offset)`` from its anchor that then moves by
+    ``(step_turn, step_offset)`` (``camera_step``): ``R(t)(R(s) p + o_s) + o = R(t + s) p + R(t) o_s + o``."""
+    return turn + step_turn, rotate(step_offset, turn) + offset
+
+
+def pose_flow(inv_depth: Tensor, turn: Tensor, offset: Tensor, camera: CameraConfig) -> Tensor:
+    """The backward flow (N, 2, H, W) in pixels (the new frame at x shows the reference frame at x + flow)
+    of a camera whose map to the reference camera is ``p_ref = R(turn) · p_new + offset`` (``camera_step``,
+    ``compose``), given the inverse depth (N, H, W) at the new frame's pixels; 0 inverse depth (the sky)
+    moves with the turn only."""
+    n, h, w = inv_depth.shape
+    dev = inv_depth.device
+    f = focal_pixels(w, camera)
+    u = _centred(w, dev).view(1, 1, w)
+    v = _centred(h, dev).view(1, h, 1)
+    q = inv_depth.float()
+    turn, ox, oz = turn.view(n, 1, 1), offset[:, 0].view(n, 1, 1), offset[:, 1].view(n, 1, 1)
+    # The point at (u, v) with inverse depth q, in the new camera, times q: (X q, Z q) = (u/f, 1); in the
+    # reference camera, times q:
+    cos, sin = torch.cos(turn), torch.sin(turn)
+    xp = (u / f) * cos + sin + ox * q
+    zp = (cos - (u / f) * sin + oz * q).clamp_min(1e-3)
+    return torch.stack([f * xp / zp - u, (v / zp - v).expand(n, h, w)], 1)
+
+
 def reprojection_flow(inv_depth: Tensor, keys: Tensor, camera: CameraConfig) -> Tensor:
     """The backward flow (N, 2, H, W) in pixels (the new frame at x shows the previous frame at x + flow) of
     the camera motion of held ``keys`` (N, num_keys), given the inverse depth (N, H, W) at the new frame's
     pixels; 0 inverse depth (the sky) moves with the turn only."""
-    n, h, w = inv_depth.shape
-    dev = inv_depth.device
-    f = focal_pixels(w, camera)
-    step, strafe, turn = (m.view(n, 1, 1) for m in key_motion(keys, camera))
-    u = _centred(w, dev).view(1, 1, w)
-    v = _centred(h, dev).view(1, h, 1)
-    q = inv_depth.float()
-    # The point at (u, v) with inverse depth q, in the new camera, times q: (X q, Z q) = (u/f, 1); in the
-    # previous camera (which then turned by `turn` and stepped by (strafe, step)) it was at
-    x = u / f + strafe * q
-    z = 1 + step * q
-    cos, sin = torch.cos(turn), torch.sin(turn)
-    xp = x * cos + z * sin
-    zp = (z * cos - x * sin).clamp_min(1e-3)
-    return torch.stack([f * xp / zp - u, (v / zp - v).expand(n, h, w)], 1)
+    return pose_flow(inv_depth, *camera_step(keys, camera), camera)
 
 
 def carry_column_depth(depth: Tensor, keys: Tensor, camera: CameraConfig, max_gap: float = 6.0) -> Tensor:
@@ -173,6 +201,17 @@ class DepthNet(nn.Module):
         return self.depth(x)[:, 0], self.sky(x.mean(2))[:, 0]
 
 
+class Anchor(NamedTuple):
+    """What ``camera.anchor_frames`` keeps of each stream (N rows): the anchor frames (N, 3, H, W) in [-1, 1],
+    the map from the newest frame's camera to each anchor's (``pose_flow``: turn (N,), offset (N, 2)) and
+    the frames since each anchor (N,)."""
+
+    frames: Tensor
+    turn: Tensor
+    offset: Tensor
+    age: Tensor
+
+
 class Reprojector(nn.Module):
     """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
     the decoder, the camera motion at ``DepthNet``'s depth, and the encoder (all without gradients)."""
@@ -229,6 +268,52 @@ class Reprojector(nn.Module):
         moved = resample(frames, reprojection_flow(q, keys, self.camera), self.camera.resample)
         out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
         return torch.where(still.view(-1, 1, 1, 1), latents, out), carried_on
+
+    @torch.no_grad()
+    def move_anchored(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None,
+                      carried: Tensor | None, anchor: Anchor | None) -> tuple[Tensor, Tensor, Anchor]:
+        """``move`` from an anchor (``camera.anchor_frames``): the new frame is sampled from each row's
+        ``anchor`` (None, or a row whose age reached ``anchor_frames``: the latents' own frame becomes it)
+        at the camera motion accumulated since, and from the latents' frame moved by ``keys`` where the
+        anchor's view does not reach. The depth at the new frame is the carried depth where known (else the
+        latents' own). Returns (moved latents, carried depth as ``move``, the anchor for the next frame). A
+        still camera keeps its latents exactly, as in ``move``."""
+        if frames is None:
+            frames = vae.decode(latents.to(vae.dtype))
+        frames = frames.float()
+        n, _, h, w = frames.shape
+        depth, sky = self.column_depth(latents, w, carried)
+        carried_on = carry_column_depth(depth, keys, self.camera)
+        turn, offset = camera_step(keys, self.camera)
+        still = torch.stack(key_motion(keys, self.camera)).abs().amax(0) == 0
+        if anchor is None:
+            fresh = torch.ones(n, dtype=torch.bool, device=frames.device)
+            anchor = Anchor(frames, torch.zeros_like(turn), torch.zeros_like(offset),
+                            torch.zeros(n, dtype=torch.long, device=frames.device))
+        else:
+            fresh = anchor.age >= self.camera.anchor_frames
+        # Rows whose anchor is due start from the latents' own frame; then the camera moves by ``keys``.
+        base = Anchor(torch.where(fresh.view(-1, 1, 1, 1), frames, anchor.frames.float()),
+                      torch.where(fresh, torch.zeros_like(turn), anchor.turn),
+                      torch.where(fresh.view(-1, 1), torch.zeros_like(offset), anchor.offset),
+                      torch.where(fresh, torch.zeros_like(anchor.age), anchor.age))
+        a_turn, a_offset = compose(base.turn, base.offset, turn, offset)
+        new_depth = torch.where(torch.isfinite(carried_on), carried_on, depth)
+        q = inverse_depth(new_depth, sky, h, self.camera)
+        flow = pose_flow(q, a_turn, a_offset, self.camera)
+        from_anchor = resample(base.frames, flow, self.camera.resample)
+        from_last = resample(frames, pose_flow(q, turn, offset, self.camera), self.camera.resample)
+        # Where the anchor's view ends (its border) the frame before, moved one step, knows better.
+        px = torch.arange(w, device=frames.device).view(1, 1, w) + flow[:, 0]
+        py = torch.arange(h, device=frames.device).view(1, h, 1) + flow[:, 1]
+        seen = (px >= -0.5) & (px <= w - 0.5) & (py >= -0.5) & (py <= h - 0.5)
+        moved = torch.where(seen[:, None], from_anchor, from_last)
+        out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
+        keep = still.view(-1, 1, 1, 1)
+        # A still camera neither moves nor ages its anchor.
+        nxt = Anchor(base.frames, torch.where(still, base.turn, a_turn),
+                     torch.where(still.view(-1, 1), base.offset, a_offset), base.age + (~still).long())
+        return torch.where(keep, latents, out), carried_on, nxt
 
     def forward(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None = None) -> Tensor:
         """``move`` without the carried depth: the moved latents."""

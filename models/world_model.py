@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldloop.models.camera import with_reprojector
+from worldloop.models.camera import Anchor, with_reprojector
 from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import CachedOutput, DiT
@@ -81,6 +81,9 @@ class Session:
     # A reprojecting model's wall depth per pixel column (W,) carried by the camera to the frame of the given
     # index (``camera.depth_memory``); used while that frame is the one moved next.
     carried: tuple[int, Tensor] | None = field(default=None, repr=False)
+    # A model with ``camera.anchor_frames``: its anchor (``models.camera.Anchor``, this stream's row: frame
+    # (3, H, W), turn (), offset (2,), age ()) as it stood after the frame of the given index.
+    anchor: tuple[int, tuple[Tensor, ...]] | None = field(default=None, repr=False)
     closed: bool = False
 
 
@@ -221,7 +224,7 @@ class WorldModel:
         session.generator.manual_seed(session.seed)
         session.frame_index, session.pending, session.pending_keys = 0, None, None
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
-        session.shown = session.carried = None
+        session.shown = session.carried = session.anchor = None
         self._start(session, prompt_kv, context)
 
     def _first_context(self, first_frames: np.ndarray | None, first_keys: Sequence[int] | np.ndarray | None
@@ -273,7 +276,7 @@ class WorldModel:
         session.pending, session.pending_keys = _clone(snapshot.pending), _clone(snapshot.pending_keys)
         session.generator.set_state(snapshot.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
-        session.carried = None  # the snapshot's stream may have seen other walls
+        session.carried = session.anchor = None  # the snapshot's stream may have seen other walls
 
     def commit(self, session: Session) -> None:
         """Keep the speculative frames: they become ordinary frames of the stream."""
@@ -513,12 +516,34 @@ class _FrameForward:
                 carried = torch.stack([s.carried[1] if s.carried is not None
                                        and s.carried[0] == s.frame_index - 1 else unknown
                                        for s in self.sessions])
-            moved, depth = wm.dit.reprojector.move(wm.vae, base, self.keys, frames, carried)
+            reprojector = wm.dit.reprojector
+            if reprojector.camera.anchor_frames > 0:
+                if frames is None:
+                    frames = wm.vae.decode(base.to(wm.vae.dtype)).float()
+                moved, depth, anchor = reprojector.move_anchored(wm.vae, base, self.keys, frames, carried,
+                                                                 self._anchors(frames))
+                for i, s in enumerate(self.sessions):
+                    s.anchor = (s.frame_index, tuple(part[i] for part in anchor))
+            else:
+                moved, depth = reprojector.move(wm.vae, base, self.keys, frames, carried)
             for s, row in zip(self.sessions, depth, strict=True):
                 s.carried = (s.frame_index, row)
             out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
         self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
         return out
+
+    def _anchors(self, frames: Tensor) -> Anchor:
+        """The sessions' anchors as of their previous frame; a session without one gets an anchor that is due
+        (age ``anchor_frames``), so its newest frame becomes its anchor."""
+        due = self.wm.dit.reprojector.camera.anchor_frames
+        rows = []
+        for s, frame in zip(self.sessions, frames, strict=True):
+            if s.anchor is not None and s.anchor[0] == s.frame_index - 1:
+                rows.append(s.anchor[1])
+            else:
+                rows.append((frame, frame.new_zeros(()), frame.new_zeros(2),
+                             torch.tensor(due, device=frame.device)))
+        return Anchor(*(torch.stack(part).to(frames.device) for part in zip(*rows, strict=True)))
 
     def _pending_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         wm = self.wm

@@ -15,10 +15,13 @@ from worldloop.distill.world.engine import World, WorldConfig
 from worldloop.models.camera import (
     DepthNet,
     Reprojector,
+    camera_step,
     carry_column_depth,
+    compose,
     focal_pixels,
     inverse_depth,
     key_motion,
+    pose_flow,
     reprojection_flow,
     resample,
     with_reprojector,
@@ -146,6 +149,70 @@ def test_carried_depth_is_the_engines_after_the_move(keys: tuple[str, ...]) -> N
         assert (~known[:, -3:]).all() and known[:, :3].all()
 
 
+def test_composed_steps_are_the_engines_relative_pose() -> None:
+    """Composing each frame's ``camera_step`` gives the map from the camera after eight frames of mixed keys
+    to the camera before them that the engine's own poses give."""
+    world = World(list(range(1 << 30, (1 << 30) + 8)), 64, 64)
+    world.reset()
+    start = world.poses.clone()
+    turn, offset = torch.zeros(8), torch.zeros(8, 2)
+    script = [("forward",), ("forward", "turn_left"), ("right",), ("turn_right",), ("forward", "left"),
+              ("forward",), ("back", "turn_right"), ("forward",)]
+    moved = torch.ones(8, dtype=torch.bool)
+    for keys in script:
+        world.move(torch.full((8,), sum(BIT[k] for k in keys)))
+        moved &= ~world.collided
+        turn, offset = compose(turn, offset, *camera_step(held(*keys).expand(8, -1), CAMERA))
+    assert moved.sum() >= 3
+    end = world.poses
+    # The engine's heading a is the camera's z axis (cos a, sin a); its x axis (right) is (−sin a, cos a).
+    d = (end[:, :2] - start[:, :2])
+    a0 = start[:, 2]
+    in_start = torch.stack([-torch.sin(a0) * d[:, 0] + torch.cos(a0) * d[:, 1],
+                            torch.cos(a0) * d[:, 0] + torch.sin(a0) * d[:, 1]], 1)
+    turned = torch.remainder(end[:, 2] - a0 + math.pi, 2 * math.pi) - math.pi
+    assert torch.allclose(turn[moved], turned[moved], atol=1e-4)
+    assert torch.allclose(offset[moved], in_start[moved], atol=1e-4)
+
+
+def test_one_move_from_an_anchor_beats_a_move_every_frame() -> None:
+    """Eight frames of walking and turning: the engine's first frame moved once by the composed motion is
+    closer to the eighth frame and sharper than that frame moved eight times, one frame at a time (each
+    resampling blurs), both at the engine's own depth of each new frame."""
+    size = 128
+    world = World(list(range(1 << 30, (1 << 30) + 8)), size, size)
+    world.reset()
+    sky = torch.tensor([p.has_sky for p in world.params])
+
+    def unit(frames: torch.Tensor) -> torch.Tensor:
+        return frames.permute(0, 3, 1, 2).float() / 255
+
+    first = unit(world.render())
+    chained = first
+    turn, offset = torch.zeros(8), torch.zeros(8, 2)
+    moving = torch.ones(8, dtype=torch.bool)
+    for keys in [("forward",)] * 4 + [("forward", "turn_right")] * 4:
+        world.move(torch.full((8,), sum(BIT[k] for k in keys)))
+        moving &= ~world.collided
+        step = camera_step(held(*keys).expand(8, -1), CAMERA)
+        q = inverse_depth(world.column_depths(size), sky, size, CAMERA)
+        chained = resample(chained, pose_flow(q, *step, CAMERA), "bicubic")
+        turn, offset = compose(turn, offset, *step)
+    anchored = resample(first, pose_flow(q, turn, offset, CAMERA), "bicubic")
+    truth = unit(world.render())
+    assert moving.sum() >= 4
+
+    def psnr(a: torch.Tensor) -> float:
+        return (10 * torch.log10(1 / (a - truth).square().flatten(1).mean(1)))[moving].mean().item()
+
+    def detail(a: torch.Tensor) -> float:  # the variance of the Laplacian, as the eval's sharpness
+        lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+        response = torch.nn.functional.conv2d(a.mean(1, keepdim=True), lap)
+        return response.flatten(1).var(1)[moving].mean().item()
+
+    assert psnr(anchored) > psnr(chained) and detail(anchored) > 1.3 * detail(chained)
+
+
 def test_a_session_carries_its_depth_from_frame_to_frame(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     """With ``camera.depth_memory``, each moved frame's carried depth reaches the next frame's reading, a
@@ -179,6 +246,34 @@ def test_a_session_carries_its_depth_from_frame_to_frame(tiny_delta_pair, monkey
             assert seen[0] == 0.0 and seen[1] > 0.8 and seen[2] > 0.8 and seen[3] == 0.0
         else:
             assert seen == [-1.0] * 4
+
+
+def test_a_session_moves_from_its_anchor_and_renews_it(tiny_delta_pair) -> None:
+    """With ``camera.anchor_frames`` 3 a session's anchor ages one frame per move (not while the camera is
+    still), composes the turns since it, is its newest shown frame again when due, and is forgotten on
+    reset."""
+    plain, config = tiny_delta_pair
+    from worldloop.models.vae import LatentAutoencoder
+
+    torch.manual_seed(1)
+    config_a = config.replace(camera=replace(CAMERA, depth_memory=1.0, anchor_frames=3))
+    dit = DiT(config_a)
+    dit.load_state_dict(with_reprojector(plain.state_dict(), config_a))
+    wm = WorldModel(config_a, dit, LatentAutoencoder(config_a), FakePromptEncoder(16), precision="fp32")
+    s = wm.new_session("a desert ruin", seed=3)
+    shown, ages, turns = [], [], []
+    script = [0, BIT["forward"], BIT["turn_left"], 0, BIT["forward"], BIT["forward"], BIT["right"]]
+    for k in script:
+        shown.append(wm.next_frame([s], [k])[0])
+        ages.append(None if s.anchor is None else int(s.anchor[1][3]))
+        turns.append(None if s.anchor is None else float(s.anchor[1][1]))
+    # Frame 1 has nothing to move; frame 2 anchors on frame 1; still frame 4 keeps the age; frame 6 is due.
+    assert ages == [None, 1, 2, 2, 3, 1, 2]
+    assert turns[2] == pytest.approx(-math.radians(CAMERA.turn_degrees)) and turns[5] == 0.0
+    anchor_frame = s.anchor[1][0]
+    assert torch.allclose(anchor_frame, torch.from_numpy(shown[4]).permute(2, 0, 1).float() / 127.5 - 1)
+    wm.reset(s)
+    assert s.anchor is None
 
 
 def test_a_still_camera_keeps_its_frame_exactly(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +314,9 @@ def test_a_reprojecting_config_needs_a_delta_dit() -> None:
     with pytest.raises(ValueError, match="delta"):
         preset("tiny").replace(camera=CAMERA)  # the tiny preset predicts v
     with pytest.raises(ValueError, match="resample"):
-        CameraConfig(resample="nearest")
+        CameraConfig(resample="lanczos")
+    with pytest.raises(ValueError, match="anchor_frames"):
+        CameraConfig(anchor_frames=-1)
     config = _delta(preset("tiny")).replace(camera=CAMERA)
     assert ModelConfig.from_dict(config.to_dict()) == config
 

@@ -356,11 +356,12 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     assert wm.last_timings.reproject_ms > 0
     assert files.config.camera.resample == "bicubic"  # the defaults for a new reprojecting student
     assert files.config.camera.depth_memory == 1.0
-    more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear", "--depth-memory", "0.5"]
+    more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear", "--depth-memory", "0.5",
+            "--anchor-frames", "4"]
     assert main([*base, "--teacher", str(delta), *more, "--out", str(tmp_path / "r2")]) == 0
     again = checkpoint.load_model(tmp_path / "r2" / "model")
     assert again.config.camera.resample == "bilinear" and "depth_fit" not in again.metadata  # fitted once
-    assert again.config.camera.depth_memory == 0.5
+    assert again.config.camera.depth_memory == 0.5 and again.config.camera.anchor_frames == 4
     # --depth-lr-scale: the depth network learns on the rollouts' own frames (its own learning rate), with
     # the DiT; the depth loss is logged.
     start_depth = {k: v for k, v in files.dit.items() if k.startswith("reprojector.depth_net.")}
@@ -378,6 +379,8 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     assert "--resample applies to a reprojecting student" in capsys.readouterr().err
     assert main([*plain, "--teacher", str(delta), "--depth-memory", "1", "--out", str(tmp_path / "y")]) != 0
     assert "--depth-memory applies to a reprojecting student" in capsys.readouterr().err
+    assert main([*plain, "--teacher", str(delta), "--anchor-frames", "8", "--out", str(tmp_path / "z")]) != 0
+    assert "--anchor-frames applies to a reprojecting student" in capsys.readouterr().err
     velocity_dir = perturbed_model_dir(TEACHER, tmp_path / "v", seed=0)
     assert main([*base, "--teacher", str(velocity_dir), "--out", str(tmp_path / "bad")]) != 0
     assert 'moves the previous frame of a "delta" DiT' in capsys.readouterr().err

@@ -139,6 +139,10 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-memory", type=float,
                    help="a reprojecting student's weight of the wall depth carried from frame to frame "
                         "against its depth network's reading, 0..1 (default: the start's, 1 for a new one)")
+    p.add_argument("--anchor-frames", type=int,
+                   help="a reprojecting student moves its previous frame from an anchor frame renewed every "
+                        "this many frames (one resampling instead of one per frame; 0: from the frame "
+                        "before; default: the start's)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -161,16 +165,13 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
     if getattr(args, "reproject", False) and not config.camera.reproject:  # a new reprojecting student
         config = config.replace(camera=dataclasses.replace(config.camera, reproject=True, depth_memory=1.0))
-    resample = getattr(args, "resample", None)
-    if resample is not None:
+    for option in ("resample", "depth_memory", "anchor_frames"):  # CameraConfig fields of the same names
+        value = getattr(args, option, None)
+        if value is None:
+            continue
         if not config.camera.reproject:
-            raise ValueError("--resample applies to a reprojecting student (--reproject)")
-        config = config.replace(camera=dataclasses.replace(config.camera, resample=resample))
-    memory = getattr(args, "depth_memory", None)
-    if memory is not None:
-        if not config.camera.reproject:
-            raise ValueError("--depth-memory applies to a reprojecting student (--reproject)")
-        config = config.replace(camera=dataclasses.replace(config.camera, depth_memory=memory))
+            raise ValueError(f"--{option.replace('_', '-')} applies to a reprojecting student (--reproject)")
+        config = config.replace(camera=dataclasses.replace(config.camera, **{option: value}))
     return config, teacher
 
 
