@@ -175,6 +175,19 @@ def resample(frames: Tensor, flow: Tensor, mode: str = "bilinear") -> Tensor:
                          align_corners=False)
 
 
+def gaussian_blur(frames: Tensor, sigma: float) -> Tensor:
+    """``frames`` (N, C, H, W) blurred by a Gaussian of ``sigma`` pixels (separable, edges repeated)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, device=frames.device, dtype=frames.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = frames.shape[1]
+    out = F.pad(frames, (radius, radius, 0, 0), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 class DepthNet(nn.Module):
     """A latent (N, C, h, w) → each latent column's log wall depth (N, w) and a sky logit (N,).
 
@@ -307,6 +320,9 @@ class Reprojector(nn.Module):
         px = torch.arange(w, device=frames.device).view(1, 1, w) + flow[:, 0]
         py = torch.arange(h, device=frames.device).view(1, h, 1) + flow[:, 1]
         seen = (px >= -0.5) & (px <= w - 0.5) & (py >= -0.5) & (py <= h - 0.5)
+        sigma = self.camera.anchor_lowpass
+        if sigma > 0:  # the anchor's detail on the frame before's colours (what the DiT changed since)
+            from_anchor = from_anchor - gaussian_blur(from_anchor, sigma) + gaussian_blur(from_last, sigma)
         moved = torch.where(seen[:, None], from_anchor, from_last)
         out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
         keep = still.view(-1, 1, 1, 1)

@@ -158,6 +158,10 @@ class CameraConfig:
     # autoencoder, an anchor of 16 frames keeps 24.9 / 20.1 dB at frames 16 / 64 where moving every frame
     # keeps 23.7 / 18.2.
     anchor_frames: int = 0
+    # With anchors: > 0 takes only the anchor's detail (the frame minus its Gaussian blur of this many pixels)
+    # and the blurred colours from the frame before, so what the DiT changed since the anchor (a new theme,
+    # its corrections) carries on every frame; 0 takes the anchor whole.
+    anchor_lowpass: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.fov_degrees < 180:
@@ -165,6 +169,8 @@ class CameraConfig:
         if self.move_step < 0 or self.wall_height <= 0 or self.depth_width < 1:
             raise ValueError("camera.move_step must be ≥ 0, camera.wall_height > 0 and "
                              "camera.depth_width ≥ 1")
+        if self.anchor_lowpass < 0:
+            raise ValueError(f"camera.anchor_lowpass must be ≥ 0, got {self.anchor_lowpass}")
         if self.anchor_frames < 0:
             raise ValueError(f"camera.anchor_frames must be ≥ 0, got {self.anchor_frames}")
         if not 0 <= self.depth_memory <= 1:

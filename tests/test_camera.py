@@ -13,12 +13,14 @@ import torch
 from tests.train_fakes import FakePromptEncoder
 from worldloop.distill.world.engine import World, WorldConfig
 from worldloop.models.camera import (
+    Anchor,
     DepthNet,
     Reprojector,
     camera_step,
     carry_column_depth,
     compose,
     focal_pixels,
+    gaussian_blur,
     inverse_depth,
     key_motion,
     pose_flow,
@@ -274,6 +276,43 @@ def test_a_session_moves_from_its_anchor_and_renews_it(tiny_delta_pair) -> None:
     assert torch.allclose(anchor_frame, torch.from_numpy(shown[4]).permute(2, 0, 1).float() / 127.5 - 1)
     wm.reset(s)
     assert s.anchor is None
+
+
+class _PixelAutoencoder(torch.nn.Module):
+    """An autoencoder whose latents are the frames themselves, to watch ``move_anchored`` in pixels."""
+
+    dtype = torch.float32
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+@pytest.mark.parametrize("lowpass", [0.0, 2.0])
+def test_an_anchors_detail_can_carry_the_frame_befores_colours(lowpass: float) -> None:
+    """The frame before is its anchor recoloured (a prompt switch the DiT followed): the whole anchor
+    (``anchor_lowpass`` 0) brings the old colours back; with a low-pass the moved frame keeps the new colours
+    and the anchor's detail."""
+    size = 32
+    camera = replace(CAMERA, anchor_frames=8, anchor_lowpass=lowpass)
+    rep = Reprojector(camera, 3, (size, size), (size, size)).eval()
+    torch.manual_seed(0)
+    anchor_frame = (torch.rand(2, 3, size, size) - 0.5) * 0.6
+    before = anchor_frame + 0.3
+    zero = torch.zeros(2)
+    anchor = Anchor(anchor_frame, zero, torch.zeros(2, 2), torch.ones(2, dtype=torch.long))
+    moved, _, nxt = rep.move_anchored(_PixelAutoencoder(), before, held("turn_right").expand(2, -1), before,
+                                      None, anchor)
+    shift = (moved - anchor_frame).mean().item()
+    assert int(nxt.age[0]) == 2
+    if lowpass:
+        assert shift == pytest.approx(0.3, abs=0.03)
+        detail = moved - gaussian_blur(moved, lowpass)
+        assert detail.std() > 0.5 * (anchor_frame - gaussian_blur(anchor_frame, lowpass)).std()
+    else:
+        assert abs(shift) < 0.03
 
 
 def test_a_still_camera_keeps_its_frame_exactly(tiny_delta_pair, monkeypatch: pytest.MonkeyPatch) -> None:
