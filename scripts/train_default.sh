@@ -11,6 +11,12 @@ set -euo pipefail
 THREADS=${THREADS:-2}
 STAGE=${STAGE:-all}
 run() { [[ ( "$STAGE" == all && "$1" != decoder && "$1" != warp ) || "$STAGE" == "$1" ]]; }
+# with_camera SRC DST JSON: a copy of model directory SRC whose config.json has these camera fields.
+with_camera() {
+  rm -rf "$2" && cp -r "$1" "$2"
+  python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['config']['camera'].update(json.loads(sys.argv[2]))
+json.dump(c, open(p, 'w'), indent=2)" "$2/config.json" "$3"
+}
 
 # 1. The autoencoder (f4 × 8 channels), as shipped in assets/autoencoder (docs/autoencoder.md): a first run,
 #    then decoder-only fine-tunes with the log-spectrum term. Skip it to reuse assets/autoencoder.
@@ -94,7 +100,9 @@ fi
 #    first, about 10 minutes; its output layer zeroed) and trained on with bicubic resampling, 2 threads.
 #    The run of record took this in two commands (the conversion and fit in a script calling the same
 #    distill.stages.shared functions, runs/reproj-zero, then `--student runs/reproj-zero --resample
-#    bicubic`); its 15-CPU-minute snapshot was evaluated against its 60.
+#    bicubic`); its 15-CPU-minute snapshot was evaluated against its 60. Stage 7 repeated the command as it
+#    stands (--cpu-minutes 15, --threads 1 and --teacher/--student assets/default, whose weights are
+#    runs/final's) and used its 15-minute snapshot.
 if run reproject; then
   worldloop distill truth "${TRUTH[@]}" --threads 2 --student runs/final --latent-spectrum-weight 6 \
     --context-sigma 0 --reproject --resample bicubic --depth-memory 0 --out runs/reproj-bicubic \
@@ -103,10 +111,18 @@ if run reproject; then
   worldloop eval --model runs/reproj-bicubic/snapshots/cpu0060.000@1,2 --drift-seconds 60 --out runs/eval-rb60
   # Stage 6 (docs/TRAINING.md): the same 15-minute weights with the carried wall depth (camera.depth_memory 1),
   # no training.
-  rm -rf runs/rb15-mem1.0 && cp -r runs/reproj-bicubic/snapshots/cpu0015.000 runs/rb15-mem1.0
-  python -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['config']['camera']['depth_memory'] = 1.0
-json.dump(c, open(p, 'w'), indent=2)" runs/rb15-mem1.0/config.json
+  R15=runs/reproj-bicubic/snapshots/cpu0015.000
+  with_camera "$R15" runs/rb15-mem1.0 '{"depth_memory": 1.0}'
   worldloop eval --model runs/rb15-mem1.0@1 --drift-seconds 60 --out runs/eval-rb15-mem
+  # Stage 7: the same weights moving their previous frame from anchors (no training), then a fine-tune with them.
+  with_camera "$R15" runs/rb15-a16 '{"depth_memory": 1.0, "anchor_frames": 16}'
+  with_camera "$R15" runs/rb15-a8 '{"depth_memory": 1.0, "anchor_frames": 8}'
+  with_camera "$R15" runs/rb15-a16-lp2 '{"depth_memory": 1.0, "anchor_frames": 16, "anchor_lowpass": 2.0}'
+  worldloop eval --model runs/rb15-mem1.0@1 --model runs/rb15-a16@1 --model runs/rb15-a8@1 \
+    --model runs/rb15-a16-lp2@1 --drift-seconds 10 --out runs/eval-s7-quick
+  worldloop eval --model runs/rb15-a16-lp2@1 --drift-seconds 60 --out runs/eval-rb15-a16lp2
+  worldloop distill truth "${TRUTH[@]}" --student "$R15" --latent-spectrum-weight 6 --context-sigma 0 \
+    --depth-memory 1 --anchor-frames 16 --out runs/s7-anchor16 --cpu-minutes 15 --snapshot-minutes 5
 fi
 
 # 5. Evaluate against the shipped model and export the shipping form (1 step; 2 steps with --steps 2).

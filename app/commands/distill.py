@@ -143,6 +143,10 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
                    help="a reprojecting student moves its previous frame from an anchor frame renewed every "
                         "this many frames (one resampling instead of one per frame; 0: from the frame "
                         "before; default: the start's)")
+    p.add_argument("--anchor-lowpass", type=float,
+                   help="with anchors: take only the anchor's detail above a Gaussian blur of this many "
+                        "pixels and the frame before's colours below it (0: the anchor whole; default: the "
+                        "start's)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -165,7 +169,8 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
         config = config.replace(dit=dataclasses.replace(config.dit, prediction=prediction))
     if getattr(args, "reproject", False) and not config.camera.reproject:  # a new reprojecting student
         config = config.replace(camera=dataclasses.replace(config.camera, reproject=True, depth_memory=1.0))
-    for option in ("resample", "depth_memory", "anchor_frames"):  # CameraConfig fields of the same names
+    # CameraConfig fields of the same names as the options.
+    for option in ("resample", "depth_memory", "anchor_frames", "anchor_lowpass"):
         value = getattr(args, option, None)
         if value is None:
             continue
