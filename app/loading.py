@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +35,24 @@ def shipped_asset(name: str) -> Path:
 
 DEFAULT_MODEL_DIR = shipped_asset("default")
 FALLBACK_PRESET = "default"
-# torch CPU threads a served model runs with: measured fastest for the default model on a 2-core machine
-# (31 vs 22 FPS with 2). `serve`, `play` and `bench` use it alike, so bench measures what play runs.
-CPU_THREADS = 1
+
+
+def default_cpu_threads() -> int:
+    """The torch CPU threads a served model runs with unless told: measured fastest for the default model on
+    2-core machines. Where the CPU multiplies bf16 natively (AVX-512 BF16) the model runs in bf16 and one
+    thread wins (31 vs 22 FPS with two); elsewhere it runs in float32 and two win (AVX2: 20–22 vs 17.7 FPS,
+    key to frame 67–78 vs 98 ms; `worldloop bench --quick`, 2026-12-03). Never more than the usable cores."""
+    import torch
+
+    if torch.cpu._is_avx512_bf16_supported():
+        return 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, usable))
+
+
+# How the CPU default is chosen, for help texts. `serve`, `play` and `bench` use it alike, so bench measures
+# what play runs.
+CPU_THREADS_RULE = "1 on a CPU with native bf16 (AVX-512 BF16), else 2"
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -65,11 +81,11 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 
 
 def torch_threads(device: str, threads: int | None) -> int | None:
-    """The torch CPU threads a model serves with: ``threads``, else ``CPU_THREADS`` on the CPU (None: torch's
-    default, on a GPU)."""
+    """The torch CPU threads a model serves with: ``threads``, else ``default_cpu_threads()`` on the CPU
+    (None: torch's default, on a GPU)."""
     if threads is not None:
         return threads
-    return CPU_THREADS if device == "cpu" else None
+    return default_cpu_threads() if device == "cpu" else None
 
 
 @dataclass(frozen=True)

@@ -139,14 +139,14 @@ def test_cuda_without_a_gpu_is_refused(capsys: pytest.CaptureFixture[str]) -> No
 def test_bench_runs_the_model_as_play_does(tmp_path: Path, single_thread: None) -> None:
     """No --threads: bench uses the torch threads `worldloop play` serves with, not torch's default (2)."""
     from worldloop.app.commands import play, serve
-    from worldloop.app.loading import CPU_THREADS
+    from worldloop.app.loading import default_cpu_threads
 
     torch.set_num_threads(2)
     out = tmp_path / "bench.json"
     quick = [QUICK[0], *QUICK[3:]]  # QUICK without "--threads 1"
     assert main(["bench", "--preset", "tiny", *quick, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["options"]["threads"] == r["hardware"]["torch_threads"] == CPU_THREADS
+    assert r["options"]["threads"] == r["hardware"]["torch_threads"] == default_cpu_threads()
 
     torch.set_num_threads(2)
     parser = build_parser(["play"])
@@ -154,3 +154,20 @@ def test_bench_runs_the_model_as_play_does(tmp_path: Path, single_thread: None) 
     _, engine, _ = serve.build(args)
     assert torch.get_num_threads() == r["hardware"]["torch_threads"]
     engine.close()
+
+
+@pytest.mark.parametrize(("bf16", "cores", "expected"),
+                         [(True, 2, 1), (False, 2, 2), (False, 16, 2), (False, 1, 1)])
+def test_the_default_cpu_threads_follow_the_precision(monkeypatch: pytest.MonkeyPatch, bf16: bool, cores: int,
+                                                      expected: int) -> None:
+    """One thread where the model runs in native bf16, two where it runs in float32, never more than the
+    usable cores."""
+    import os
+
+    from worldloop.app.loading import default_cpu_threads, torch_threads
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_cpu_threads() == expected
+    assert torch_threads("cpu", None) == expected and torch_threads("cpu", 3) == 3
+    assert torch_threads("cuda", None) is None

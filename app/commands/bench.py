@@ -22,7 +22,7 @@ from typing import Any
 
 from worldloop.app.errors import UserError
 from worldloop.app.loading import (
-    CPU_THREADS,
+    CPU_THREADS_RULE,
     add_model_options,
     check_backend,
     choose_model,
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     p.add_argument("--threads", type=int, help=f"torch CPU threads (default: as `worldloop play`: "
-                                               f"{CPU_THREADS} on the CPU, torch's on a GPU)")
+                                               f"{CPU_THREADS_RULE}; torch's on a GPU)")
     p.add_argument("--quick", action="store_true", help="a short run: fewer frames, trials and seconds")
     p.add_argument("--frames", type=int, help=f"timed steady-state frames (default: {FRAMES[0]}, quick "
                                               f"{FRAMES[1]})")

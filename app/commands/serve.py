@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from worldloop.app.errors import UserError
 from worldloop.app.loading import (
-    CPU_THREADS,
+    CPU_THREADS_RULE,
     ModelChoice,
     add_model_options,
     choose_model,
@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=int, help="frames per second per session (default: the model's)")
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions (default: %(default)s)")
     p.add_argument("--threads", type=int,
-                   help=f"torch CPU threads (default on the CPU: {CPU_THREADS}, measured fastest for the "
-                        "default model on a 2-core machine: 31 vs 22 FPS with 2; on a GPU: torch's)")
+                   help=f"torch CPU threads (default on the CPU: {CPU_THREADS_RULE}, measured fastest for "
+                        "the default model on 2-core machines; on a GPU: torch's)")
     p.add_argument("--token", default=os.environ.get("WORLDLOOP_TOKEN"),
                    help="require this access token: 'Authorization: Bearer TOKEN' from programs, typed into "
                         "the page by browsers; 8+ characters from A-Z a-z 0-9 !#$%%&'*+-.^_`|~ (default: "
