@@ -121,6 +121,8 @@ if run reproject; then
   worldloop eval --model runs/rb15-mem1.0@1 --model runs/rb15-a16@1 --model runs/rb15-a8@1 \
     --model runs/rb15-a16-lp2@1 --drift-seconds 10 --out runs/eval-s7-quick
   worldloop eval --model runs/rb15-a16-lp2@1 --drift-seconds 60 --out runs/eval-rb15-a16lp2
+  with_camera runs/rb15-a16-lp2 runs/rb15-a16-lp2-nn '{"resample": "nearest"}'
+  worldloop eval --model runs/rb15-a16-lp2-nn@1 --drift-seconds 10 --out runs/eval-s7-nn
   worldloop distill truth "${TRUTH[@]}" --student "$R15" --latent-spectrum-weight 6 --context-sigma 0 \
     --depth-memory 1 --anchor-frames 16 --out runs/s7-anchor16 --cpu-minutes 15 --snapshot-minutes 5
 fi
