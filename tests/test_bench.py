@@ -171,3 +171,23 @@ def test_the_default_cpu_threads_follow_the_precision(monkeypatch: pytest.Monkey
     assert default_cpu_threads() == expected
     assert torch_threads("cpu", None) == expected and torch_threads("cpu", 3) == 3
     assert torch_threads("cuda", None) is None
+
+
+def test_a_float32_cpu_model_gets_the_onnxruntime_hint() -> None:
+    """A model PyTorch runs in float32 on the CPU (no native bf16) is told about ONNX Runtime; one in bf16, or
+    on ONNX Runtime already, is not."""
+    from tests.train_fakes import FakePromptEncoder
+    from worldloop.app.commands.serve import float32_hint
+    from worldloop.models.dit import DiT
+    from worldloop.models.vae import LatentAutoencoder
+    from worldloop.models.world_model import WorldModel
+
+    config = preset("tiny")
+
+    def model(precision: str) -> WorldModel:
+        return WorldModel(config, DiT(config), LatentAutoencoder(config), FakePromptEncoder(16),
+                          precision=precision)
+
+    hint = float32_hint(model("fp32"))
+    assert hint is not None and "--backend onnxruntime" in hint
+    assert float32_hint(model("bf16")) is None
