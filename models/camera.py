@@ -259,77 +259,72 @@ class Reprojector(nn.Module):
 
     @torch.no_grad()
     def move(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None = None,
-             carried: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             carried: Tensor | None = None, anchor: Anchor | None = None
+             ) -> tuple[Tensor, Tensor, Anchor | None]:
         """``latents`` (N, C, h, w) moved by ``keys`` (N, num_keys) → (the moved latents, the wall depth per
-        pixel column carried on to the moved frame (N, W), NaN where the motion uncovered it). ``frames``
-        (N, 3, H, W) in [-1, 1] are the latents' decoded frames when the caller already has them (else they
-        are decoded here); ``carried`` is the depth this method returned for ``latents``' own frame (or None:
-        the depth network alone reads it)."""
+        pixel column carried on to the moved frame (N, W), NaN where the motion uncovered it, and the anchor
+        for the next frame: None without ``camera.anchor_frames``). ``frames`` (N, 3, H, W) in [-1, 1] are
+        the latents' decoded frames when the caller already has them (else they are decoded here);
+        ``carried`` is the depth this method returned for ``latents``' own frame (or None: the depth network
+        alone reads it); ``anchor`` the anchor it returned (or None; rows whose age reached ``anchor_frames``
+        renew theirs from the latents' own frame, as a None anchor does)."""
         width = frames.shape[-1] if frames is not None else self.frame_size[1]
         depth, sky = self.column_depth(latents, width, carried)
         carried_on = carry_column_depth(depth, keys, self.camera)
         # A camera that does not move keeps its frame exactly: the autoencoder's round trip is not idempotent
         # (iterated on a still frame it amplifies texture into noise: sharpness ×4.8 after 16 round trips,
-        # ×79 after 64), so a still camera skips it.
+        # ×79 after 64), so a still camera skips it; it neither moves nor ages its anchor.
         still = torch.stack(key_motion(keys, self.camera)).abs().amax(0) == 0
         if bool(still.all()):
-            return latents, carried_on
+            return latents, carried_on, anchor
         if frames is None:
             frames = vae.decode(latents.to(vae.dtype))
         frames = frames.float()
-        q = inverse_depth(depth, sky, frames.shape[-2], self.camera)
-        moved = resample(frames, reprojection_flow(q, keys, self.camera), self.camera.resample)
-        out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
-        return torch.where(still.view(-1, 1, 1, 1), latents, out), carried_on
-
-    @torch.no_grad()
-    def move_anchored(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None,
-                      carried: Tensor | None, anchor: Anchor | None) -> tuple[Tensor, Tensor, Anchor]:
-        """``move`` from an anchor (``camera.anchor_frames``): the new frame is sampled from each row's
-        ``anchor`` (None, or a row whose age reached ``anchor_frames``: the latents' own frame becomes it)
-        at the camera motion accumulated since, and from the latents' frame moved by ``keys`` where the
-        anchor's view does not reach. The depth at the new frame is the carried depth where known (else the
-        latents' own). Returns (moved latents, carried depth as ``move``, the anchor for the next frame). A
-        still camera keeps its latents exactly, as in ``move``."""
-        if frames is None:
-            frames = vae.decode(latents.to(vae.dtype))
-        frames = frames.float()
-        n, _, h, w = frames.shape
-        depth, sky = self.column_depth(latents, w, carried)
-        carried_on = carry_column_depth(depth, keys, self.camera)
         turn, offset = camera_step(keys, self.camera)
-        still = torch.stack(key_motion(keys, self.camera)).abs().amax(0) == 0
+        anchored = self.camera.anchor_frames > 0
+        # The depth at the new frame's pixels: with anchors the depth carried to it where known; without, the
+        # moved frame's own (which a small motion barely changes), as models saved before anchors were made.
+        if anchored:
+            depth = torch.where(torch.isfinite(carried_on), carried_on, depth)
+        q = inverse_depth(depth, sky, frames.shape[-2], self.camera)
+        moved = resample(frames, pose_flow(q, turn, offset, self.camera), self.camera.resample)
+        nxt = None
+        if anchored:
+            moved, nxt = self._from_anchor(frames, moved, q, turn, offset, still, anchor)
+        out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
+        return torch.where(still.view(-1, 1, 1, 1), latents, out), carried_on, nxt
+
+    def _from_anchor(self, frames: Tensor, from_last: Tensor, q: Tensor, turn: Tensor, offset: Tensor,
+                     still: Tensor, anchor: Anchor | None) -> tuple[Tensor, Anchor]:
+        """``camera.anchor_frames``: the new frame sampled from each row's anchor at the camera motion
+        composed since it (``from_last``, the frame before moved one step, where the anchor's view ends), and
+        the anchor for the next frame."""
+        n, _, h, w = frames.shape
         if anchor is None:
             fresh = torch.ones(n, dtype=torch.bool, device=frames.device)
             anchor = Anchor(frames, torch.zeros_like(turn), torch.zeros_like(offset),
                             torch.zeros(n, dtype=torch.long, device=frames.device))
         else:
             fresh = anchor.age >= self.camera.anchor_frames
-        # Rows whose anchor is due start from the latents' own frame; then the camera moves by ``keys``.
+        # Rows whose anchor is due start from the latents' own frame; then the camera moves by the keys.
         base = Anchor(torch.where(fresh.view(-1, 1, 1, 1), frames, anchor.frames.float()),
                       torch.where(fresh, torch.zeros_like(turn), anchor.turn),
                       torch.where(fresh.view(-1, 1), torch.zeros_like(offset), anchor.offset),
                       torch.where(fresh, torch.zeros_like(anchor.age), anchor.age))
         a_turn, a_offset = compose(base.turn, base.offset, turn, offset)
-        new_depth = torch.where(torch.isfinite(carried_on), carried_on, depth)
-        q = inverse_depth(new_depth, sky, h, self.camera)
         flow = pose_flow(q, a_turn, a_offset, self.camera)
         from_anchor = resample(base.frames, flow, self.camera.resample)
-        from_last = resample(frames, pose_flow(q, turn, offset, self.camera), self.camera.resample)
+        sigma = self.camera.anchor_lowpass
+        if sigma > 0:  # the anchor's detail on the frame before's colours (what the DiT changed since)
+            from_anchor = from_anchor - gaussian_blur(from_anchor, sigma) + gaussian_blur(from_last, sigma)
         # Where the anchor's view ends (its border) the frame before, moved one step, knows better.
         px = torch.arange(w, device=frames.device).view(1, 1, w) + flow[:, 0]
         py = torch.arange(h, device=frames.device).view(1, h, 1) + flow[:, 1]
         seen = (px >= -0.5) & (px <= w - 0.5) & (py >= -0.5) & (py <= h - 0.5)
-        sigma = self.camera.anchor_lowpass
-        if sigma > 0:  # the anchor's detail on the frame before's colours (what the DiT changed since)
-            from_anchor = from_anchor - gaussian_blur(from_anchor, sigma) + gaussian_blur(from_last, sigma)
         moved = torch.where(seen[:, None], from_anchor, from_last)
-        out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
-        keep = still.view(-1, 1, 1, 1)
-        # A still camera neither moves nor ages its anchor.
         nxt = Anchor(base.frames, torch.where(still, base.turn, a_turn),
                      torch.where(still.view(-1, 1), base.offset, a_offset), base.age + (~still).long())
-        return torch.where(keep, latents, out), carried_on, nxt
+        return moved, nxt
 
     def forward(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None = None) -> Tensor:
         """``move`` without the carried depth: the moved latents."""

@@ -516,34 +516,29 @@ class _FrameForward:
                 carried = torch.stack([s.carried[1] if s.carried is not None
                                        and s.carried[0] == s.frame_index - 1 else unknown
                                        for s in self.sessions])
-            reprojector = wm.dit.reprojector
-            if reprojector.camera.anchor_frames > 0:
-                if frames is None:
-                    frames = wm.vae.decode(base.to(wm.vae.dtype)).float()
-                moved, depth, anchor = reprojector.move_anchored(wm.vae, base, self.keys, frames, carried,
-                                                                 self._anchors(frames))
-                for i, s in enumerate(self.sessions):
-                    s.anchor = (s.frame_index, tuple(part[i] for part in anchor))
-            else:
-                moved, depth = reprojector.move(wm.vae, base, self.keys, frames, carried)
+            moved, depth, anchor = wm.dit.reprojector.move(wm.vae, base, self.keys, frames, carried,
+                                                           self._anchors())
+            for i, s in enumerate(self.sessions):
+                s.anchor = None if anchor is None else (s.frame_index, tuple(part[i] for part in anchor))
             for s, row in zip(self.sessions, depth, strict=True):
                 s.carried = (s.frame_index, row)
             out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
         self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
         return out
 
-    def _anchors(self, frames: Tensor) -> Anchor:
-        """The sessions' anchors as of their previous frame; a session without one gets an anchor that is due
-        (age ``anchor_frames``), so its newest frame becomes its anchor."""
+    def _anchors(self) -> Anchor | None:
+        """The sessions' anchors as of their previous frame (``camera.anchor_frames``; None: no session has
+        one); a session without one gets a placeholder that is due (age ``anchor_frames``), so its newest
+        frame becomes its anchor."""
         due = self.wm.dit.reprojector.camera.anchor_frames
-        rows = []
-        for s, frame in zip(self.sessions, frames, strict=True):
-            if s.anchor is not None and s.anchor[0] == s.frame_index - 1:
-                rows.append(s.anchor[1])
-            else:
-                rows.append((frame, frame.new_zeros(()), frame.new_zeros(2),
-                             torch.tensor(due, device=frame.device)))
-        return Anchor(*(torch.stack(part).to(frames.device) for part in zip(*rows, strict=True)))
+        held = [s.anchor[1] if s.anchor is not None and s.anchor[0] == s.frame_index - 1 else None
+                for s in self.sessions]
+        if due == 0 or all(row is None for row in held):
+            return None
+        frame = torch.zeros(3, *self.wm.frame_shape, device=self.wm.device)
+        placeholder = (frame, frame.new_zeros(()), frame.new_zeros(2), torch.tensor(due, device=frame.device))
+        rows = [placeholder if row is None else row for row in held]
+        return Anchor(*(torch.stack(part).to(self.wm.device) for part in zip(*rows, strict=True)))
 
     def _pending_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         wm = self.wm

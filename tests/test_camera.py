@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.train_fakes import FakePromptEncoder
+from worldloop.distill.eval.metrics import sharpness
 from worldloop.distill.world.engine import World, WorldConfig
 from worldloop.models.camera import (
     Anchor,
@@ -207,10 +208,8 @@ def test_one_move_from_an_anchor_beats_a_move_every_frame() -> None:
     def psnr(a: torch.Tensor) -> float:
         return (10 * torch.log10(1 / (a - truth).square().flatten(1).mean(1)))[moving].mean().item()
 
-    def detail(a: torch.Tensor) -> float:  # the variance of the Laplacian, as the eval's sharpness
-        lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-        response = torch.nn.functional.conv2d(a.mean(1, keepdim=True), lap)
-        return response.flatten(1).var(1)[moving].mean().item()
+    def detail(a: torch.Tensor) -> float:  # the eval's sharpness: the variance of the Laplacian
+        return sharpness(a)[moving].mean().item()
 
     assert psnr(anchored) > psnr(chained) and detail(anchored) > 1.3 * detail(chained)
 
@@ -279,7 +278,7 @@ def test_a_session_moves_from_its_anchor_and_renews_it(tiny_delta_pair) -> None:
 
 
 class _PixelAutoencoder(torch.nn.Module):
-    """An autoencoder whose latents are the frames themselves, to watch ``move_anchored`` in pixels."""
+    """An autoencoder whose latents are the frames themselves, to watch ``Reprojector.move`` in pixels."""
 
     dtype = torch.float32
 
@@ -303,8 +302,8 @@ def test_an_anchors_detail_can_carry_the_frame_befores_colours(lowpass: float) -
     before = anchor_frame + 0.3
     zero = torch.zeros(2)
     anchor = Anchor(anchor_frame, zero, torch.zeros(2, 2), torch.ones(2, dtype=torch.long))
-    moved, _, nxt = rep.move_anchored(_PixelAutoencoder(), before, held("turn_right").expand(2, -1), before,
-                                      None, anchor)
+    moved, _, nxt = rep.move(_PixelAutoencoder(), before, held("turn_right").expand(2, -1), before, None,
+                             anchor)
     shift = (moved - anchor_frame).mean().item()
     assert int(nxt.age[0]) == 2
     if lowpass:
@@ -327,15 +326,15 @@ def test_a_still_camera_keeps_its_frame_exactly(tiny_delta_pair, monkeypatch: py
     vae = LatentAutoencoder(config)
     latents = torch.randn(2, config.latent_channels, *config.latent_size)
     keys = torch.cat([held(), held("forward")])
-    moved, depth = rep.move(vae, latents, keys)
+    moved, depth, anchor = rep.move(vae, latents, keys)
     assert torch.equal(moved[0], latents[0]) and not torch.allclose(moved[1], latents[1])
-    assert depth.shape == (2, config.width)
+    assert depth.shape == (2, config.width) and anchor is None  # no camera.anchor_frames
 
     def no_decode(*args: object) -> None:
         raise AssertionError("a still camera decoded its frame")
 
     monkeypatch.setattr(vae, "decode", no_decode)
-    still, _ = rep.move(vae, latents, torch.cat([held(), held()]))
+    still, _, _ = rep.move(vae, latents, torch.cat([held(), held()]))
     assert torch.equal(still, latents)
 
 
@@ -444,9 +443,9 @@ def test_next_frame_moves_the_frame_it_showed(tiny_delta_pair, monkeypatch: pyte
     given: list[bool] = []
     move = Reprojector.move
 
-    def spy(self, vae, latents, keys, frames=None, carried=None):
+    def spy(self, vae, latents, keys, frames=None, carried=None, anchor=None):
         given.append(frames is not None)
-        return move(self, vae, latents, keys, frames, carried)
+        return move(self, vae, latents, keys, frames, carried, anchor)
 
     monkeypatch.setattr(Reprojector, "move", spy)
     runs = []
