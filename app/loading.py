@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worldloop.app.errors import UserError
-from worldloop.models.config import PRESETS, ModelConfig, preset
+from worldloop.models.config import BACKENDS, ONNX_BACKENDS, PRESETS, ModelConfig, preset
 
 if TYPE_CHECKING:  # the model stack (torch, transformers) loads only when a command builds a model
+    import numpy as np
+
     from worldloop.models.world_model import WorldModel
 
 
@@ -33,6 +36,7 @@ def shipped_asset(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / name  # the same place, by layout
 
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = shipped_asset("default")
 FALLBACK_PRESET = "default"
 
@@ -65,14 +69,57 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_backend_option(parser)
 
 
-BACKENDS = ("torch", "onnxruntime")
+AUTO_BACKEND = "auto"
+BACKEND_ENV = "WORLDLOOP_BACKEND"  # what --backend auto means when set (the test suite pins torch)
 
 
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="what runs the DiT and the decoder: PyTorch, or ONNX Runtime on the CPU "
-                             "(float32; needs pip install 'worldloop[onnx]'; exports the model's graphs on "
-                             "first use) (default: %(default)s)")
+    parser.add_argument("--backend", choices=(AUTO_BACKEND, *BACKENDS), default=AUTO_BACKEND,
+                        help="what runs the DiT and the decoder: PyTorch, or ONNX Runtime on the CPU with "
+                             "float32 graphs (onnxruntime) or int8 ones (onnxruntime-int8); ONNX Runtime "
+                             "needs pip install 'worldloop[onnx]' and exports the model's graphs on first "
+                             "use (about a minute). auto: onnxruntime-int8 on a CPU without native bf16 "
+                             "when ONNX Runtime is installed, else torch (default: %(default)s)")
+
+
+def resolve_backend(backend: str, device: str, config: ModelConfig) -> tuple[str, str]:
+    """``--backend`` → (the backend to run, why). ``auto`` (or ``$WORLDLOOP_BACKEND``) picks ONNX Runtime's
+    int8 graphs where they were measured fastest — on a CPU without native bf16, where PyTorch runs the
+    model in float32 (an AVX2 2-core EPYC, shipped model, 1 step: 27.9 FPS against 19.5 at 2 threads, 21.7
+    against 15.6 at 1; docs/onnx.md) — when ONNX Runtime is installed and runs the model (not a
+    reprojecting one); PyTorch everywhere else."""
+    if backend != AUTO_BACKEND:
+        return backend, "asked for"
+    pinned = os.environ.get(BACKEND_ENV) or AUTO_BACKEND
+    if pinned != AUTO_BACKEND:
+        if pinned not in BACKENDS:
+            raise UserError(f"${BACKEND_ENV} must be one of {', '.join((AUTO_BACKEND, *BACKENDS))}, "
+                            f"got {pinned!r}")
+        return pinned, f"${BACKEND_ENV}"
+    if device != "cpu":
+        return "torch", f"auto: {device}"
+    import torch
+
+    if torch.cpu._is_avx512_bf16_supported():
+        return "torch", "auto: this CPU multiplies bf16 natively"
+    if config.camera.reproject:
+        return "torch", "auto: ONNX Runtime does not run reprojecting models yet"
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime", "onnxscript")):
+        return "torch", "auto: ONNX Runtime is not installed (pip install 'worldloop[onnx]')"
+    return "onnxruntime-int8", "auto: this CPU has no native bf16; --backend torch for PyTorch"
+
+
+# Worlds the int8 decoder's activation ranges are calibrated on: training-side seeds (not the eval's
+# held-out worlds), 16 worlds × 4 frames.
+CALIBRATION_SEED, CALIBRATION_WORLDS, CALIBRATION_FRAMES = 8_113, 16, 4
+
+
+def calibration_frames(height: int, width: int) -> np.ndarray:
+    """uint8 (64, H, W, 3) frames of the built-in world (explorer-driven, mixed themes): int8 calibration."""
+    from worldloop.distill.data.clips import WorldClips
+
+    clips = WorldClips(height, width, CALIBRATION_FRAMES, "cpu", seed=CALIBRATION_SEED)
+    return clips.batch(0, CALIBRATION_WORLDS).frames.flatten(0, 1).numpy()
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -135,22 +182,30 @@ def choose_model(model: str | Path | None, preset_name: str | None, *, fallback:
 
 def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = None, seed: int = 0,
                max_sessions: int = 8, backend: str = "torch") -> WorldModel:
-    """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend."""
+    """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend
+    (``auto``: ``resolve_backend``)."""
     from worldloop.models.device import resolve_device
     from worldloop.models.world_model import WorldModel
 
     device = str(resolve_device(device))  # "auto" from callers that bypass the CLI's own resolution
+    backend, why = resolve_backend(backend, device, choice.config)
+    if why.startswith(("auto", "$")):
+        log.info("backend: %s (%s)", backend, why)
     if backend != "torch":
         device = check_backend(backend, device)
         if choice.config.camera.reproject:
             raise UserError(f"--backend {backend} does not run reprojecting models (camera.reproject: "
                             f"{choice.path or choice.config.name}) yet; use --backend torch")
+    config = choice.config
+    int8 = backend == "onnxruntime-int8"
+    frames = (lambda: calibration_frames(config.height, config.width)) if int8 else None
     try:
         if choice.path is not None:
             return WorldModel.from_pretrained(choice.path, steps=steps, device=device,
-                                              max_sessions=max_sessions, backend=backend)
+                                              max_sessions=max_sessions, backend=backend,
+                                              calibration_frames=frames)
         return WorldModel.from_config(choice.config, seed=seed, device=device, max_sessions=max_sessions,
-                                      steps=steps, backend=backend)
+                                      steps=steps, backend=backend, calibration_frames=frames)
     except ImportError as err:  # the backend's packages are missing: say how to install them
         raise UserError(str(err)) from None
 
@@ -160,11 +215,11 @@ def check_backend(backend: str, device: str) -> str:
     device it runs on (``auto`` means the CPU for onnxruntime)."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "onnxruntime":
+    if backend in ONNX_BACKENDS:
         from worldloop.models.onnx_runtime import require_onnxruntime
 
         if device not in ("cpu", "auto"):
-            raise UserError(f"--backend onnxruntime runs on the CPU, not {device}; use --device cpu")
+            raise UserError(f"--backend {backend} runs on the CPU, not {device}; use --device cpu")
         try:
             require_onnxruntime()
         except ImportError as err:

@@ -49,6 +49,10 @@ class VAEConfig:
 
 
 PREDICTIONS = ("v", "x0", "delta", "warp")
+# What runs a model's DiT and decoder (``models.world_model.WorldModel``): PyTorch, or ONNX Runtime on the CPU
+# with float32 or int8 graphs (``models/onnx_runtime.py``, ``models/onnx_quantize.py``).
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+ONNX_BACKENDS = BACKENDS[1:]
 
 
 @dataclass(frozen=True)

@@ -211,16 +211,22 @@ def export_graphs(dit: DiT, vae: LatentAutoencoder, folder: str | Path, *, check
         manifest = {"format": FORMAT, "version": VERSION, "opset": OPSET, "weights_sha256": digest,
                     "tolerance": TOLERANCE, "torch": torch.__version__, "config": dit32.config.to_dict(),
                     "graphs": graphs}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old = folder.with_name(f".{folder.name}-old-{uuid.uuid4().hex[:8]}")
-        if folder.exists():
-            folder.rename(old)
-        tmp.chmod(0o755)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, folder, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def publish(tmp: Path, folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` into the finished scratch folder ``tmp`` and put it in ``folder``'s place (a
+    reader never sees half a folder: the old one is moved aside first, then removed)."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    old = folder.with_name(f".{folder.name}-old-{uuid.uuid4().hex[:8]}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.chmod(0o755)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _float_copy(module: nn.Module) -> Any:

@@ -11,12 +11,18 @@ Where the graphs come from (``graphs_for``): ``MODEL_DIR/onnx/`` when ``worldloo
 it for these very weights, else a folder under the user's cache (``$WORLDLOOP_CACHE``, default
 ``~/.cache/worldloop``) named by the weights' digest, exported there on first use (tens of seconds; later
 loads reuse it).
+
+``backend="onnxruntime-int8"`` runs int8 copies of those graphs (``models/onnx_quantize.py``): the DiT's
+matrix products with int8 weights, the decoder's convolutions int8 where calibration latents are given
+(``calibration``, a callable so they are made only when the graphs are), kept under
+``$WORLDLOOP_CACHE/onnx-int8/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,11 @@ from worldloop.models.onnx_export import (
     read_manifest,
     weights_digest,
 )
+from worldloop.models.onnx_quantize import matches as quantized_matches
+from worldloop.models.onnx_quantize import quantize_graphs
 from worldloop.models.vae import LatentAutoencoder
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnxruntime")
 MISSING = ("the onnxruntime backend needs the onnx extra: pip install 'worldloop[onnx]' "
            "(onnx, onnxruntime, onnxscript)")
 
@@ -58,10 +65,27 @@ def cache_root() -> Path:
 
 
 def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
-               folder: str | Path | None = None) -> Path:
+               folder: str | Path | None = None, *, int8: bool = False,
+               calibration: Callable[[], Tensor] | None = None) -> Path:
     """A folder of graphs for exactly these weights: ``folder`` if given (exported there unless it already
-    holds them), else ``model_dir/onnx`` if it matches, else the user cache (exported on first use)."""
+    holds them), else ``model_dir/onnx`` if it matches, else the user cache (exported on first use).
+
+    ``int8``: the int8 graphs instead, quantised from the float32 ones into ``folder`` or the user cache
+    (``onnx-int8/``); ``calibration()`` gives the decoder's calibration latents (None: a float32 decoder)."""
     digest = weights_digest(dit, vae)
+    if int8:
+        decoder_int8 = calibration is not None
+        if folder is None and model_dir is not None:  # ``worldloop export --onnx --int8`` wrote them there
+            shipped = Path(model_dir) / "onnx-int8"
+            if quantized_matches(shipped, digest, True) or quantized_matches(shipped, digest, decoder_int8):
+                return shipped
+        suffix = "" if decoder_int8 else "-dit-only"
+        target = Path(folder) if folder is not None else cache_root() / "onnx-int8" / f"{digest[:24]}{suffix}"
+        if not quantized_matches(target, digest, decoder_int8):
+            source = graphs_for(dit, vae, model_dir)
+            log.warning("quantising the model's ONNX graphs to int8 in %s (once for these weights)", target)
+            quantize_graphs(source, target, calibration() if calibration is not None else None)
+        return target
     if folder is None and model_dir is not None and _matches(Path(model_dir) / "onnx", digest):
         return Path(model_dir) / "onnx"
     target = Path(folder) if folder is not None else cache_root() / "onnx" / digest[:24]
@@ -75,7 +99,7 @@ def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = 
 def _matches(folder: Path, digest: str) -> bool:
     manifest = read_manifest(folder)
     files = (STEP_CONTEXT, STEP, DECODER)
-    return (manifest is not None and manifest.get("weights_sha256") == digest
+    return (manifest is not None and manifest.get("weights_sha256") == digest and "int8" not in manifest
             and all((folder / f).is_file() for f in files))
 
 
@@ -104,9 +128,11 @@ class OnnxRuntimeExecutor:
 
     @classmethod
     def for_model(cls, dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
-                  folder: str | Path | None = None, threads: int | None = None) -> OnnxRuntimeExecutor:
+                  folder: str | Path | None = None, threads: int | None = None, *, int8: bool = False,
+                  calibration: Callable[[], Tensor] | None = None) -> OnnxRuntimeExecutor:
         require_onnxruntime()
-        return cls(graphs_for(dit, vae, model_dir, folder), len(dit.blocks), threads)
+        graphs = graphs_for(dit, vae, model_dir, folder, int8=int8, calibration=calibration)
+        return cls(graphs, len(dit.blocks), threads)
 
     def frame_step(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
                    prompt: PromptKV, cache: CacheView, present: Tensor | None = None) -> CachedOutput | None:

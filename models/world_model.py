@@ -17,7 +17,9 @@ One frame for a batch of sessions (``generate``):
 
 Backends: ``backend="torch"`` runs the DiT and the decoder in PyTorch; ``backend="onnxruntime"`` hands every
 denoising step and every decode to ONNX Runtime sessions (``models/onnx_runtime.py``; float32, CPU) while
-this loop, the cache and the sampler stay the same.
+this loop, the cache and the sampler stay the same; ``backend="onnxruntime-int8"`` does the same with int8
+graphs (``models/onnx_quantize.py``), the decoder's calibrated on ``calibration_frames()`` (uint8 frames of
+the world the model was trained on, which the caller renders) when given.
 
 Speculative steps put their frames into the cache's slack slots; ``commit`` keeps them, ``discard`` rewinds
 the session (frame index, RNG) to before the first speculative frame. ``set_prompt`` re-caches the window: the
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from worldloop.models.camera import Anchor, with_reprojector
 from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
-from worldloop.models.config import ModelConfig
+from worldloop.models.config import BACKENDS, ONNX_BACKENDS, ModelConfig
 from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
 from worldloop.models.kv_cache import CacheSnapshot, CacheView, KVCache, PromptKV
@@ -113,7 +115,8 @@ class WorldModel:
     def __init__(self, config: ModelConfig, dit: DiT, vae: LatentAutoencoder, prompt_encoder: PromptEncoder,
                  *, device: torch.device | str = "cpu", max_sessions: int = 8, steps: int | None = None,
                  precision: str = "auto", backend: str = "torch", onnx_dir: str | Path | None = None,
-                 model_dir: str | Path | None = None) -> None:
+                 model_dir: str | Path | None = None,
+                 calibration_frames: Callable[[], np.ndarray] | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.backend = backend
@@ -134,13 +137,19 @@ class WorldModel:
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
         self.executor: OnnxRuntimeExecutor | None = None
-        if backend == "onnxruntime":
+        if backend in ONNX_BACKENDS:
             if config.camera.reproject:
-                raise ValueError("the onnxruntime backend does not run reprojecting models "
+                raise ValueError(f"the {backend} backend does not run reprojecting models "
                                  "(camera.reproject) yet; use the torch backend")
             from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
 
-            self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir)
+            latents = None
+            if calibration_frames is not None:
+                def latents() -> Tensor:  # the decoder's int8 calibration: real frames through the encoder
+                    return self.vae.encode_frames(calibration_frames())
+            self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir,
+                                                          int8=backend == "onnxruntime-int8",
+                                                          calibration=latents)
 
     # -- construction --------------------------------------------------------------------------------------
 
@@ -148,26 +157,30 @@ class WorldModel:
     def from_config(cls, config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
                     prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8, *,
                     steps: int | None = None, precision: str = "auto", backend: str = "torch",
-                    onnx_dir: str | Path | None = None) -> WorldModel:
+                    onnx_dir: str | Path | None = None,
+                    calibration_frames: Callable[[], np.ndarray] | None = None) -> WorldModel:
         """Random weights (seeded), for tests and speed measurements."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dit, vae = DiT(config), LatentAutoencoder(config)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         return cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
-                   precision=precision, backend=backend, onnx_dir=onnx_dir)
+                   precision=precision, backend=backend, onnx_dir=onnx_dir,
+                   calibration_frames=calibration_frames)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, steps: int | None = None, device: torch.device | str = "cpu",
                         *, prompt_encoder: PromptEncoder | None = None, max_sessions: int = 8,
                         precision: str = "auto", ema: bool = True,
                         context_sigma: float | None = None, backend: str = "torch",
-                        onnx_dir: str | Path | None = None) -> WorldModel:
+                        onnx_dir: str | Path | None = None,
+                        calibration_frames: Callable[[], np.ndarray] | None = None) -> WorldModel:
         """Load a model directory (``models/checkpoint.py``), with its EMA weights if present and ``ema``.
 
         ``context_sigma`` overrides the model's ``sampling.context_sigma`` (the σ its generated frames are
         re-noised to before they enter the cache). ``backend="onnxruntime"`` uses ``onnx_dir``, else the
-        graphs in ``path/onnx`` when they were exported from these weights, else the user cache."""
+        graphs in ``path/onnx`` when they were exported from these weights, else the user cache;
+        ``"onnxruntime-int8"`` likewise ``path/onnx-int8``, else int8 graphs quantised into the user cache."""
         files = load_model(path)
         config = files.config
         if context_sigma is not None:
@@ -182,7 +195,8 @@ class WorldModel:
         load_into(vae, files.vae, Path(path) / VAE_FILE)
         encoder = prompt_encoder or PromptEncoder(config.dit.max_prompt_tokens, device=device)
         wm = cls(config, dit, vae, encoder, device=device, max_sessions=max_sessions, steps=steps,
-                 precision=precision, backend=backend, onnx_dir=onnx_dir, model_dir=path)
+                 precision=precision, backend=backend, onnx_dir=onnx_dir, model_dir=path,
+                 calibration_frames=calibration_frames)
         wm.metadata = files.metadata
         return wm
 
@@ -590,15 +604,16 @@ class _FrameForward:
 
 
 def _backend_precision(backend: str, precision: str, device: torch.device) -> str:
-    """The precision a backend runs at: the onnxruntime backend runs float32 on the CPU."""
-    if backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"backend must be torch or onnxruntime, got {backend!r}")
+    """The precision the PyTorch side of a backend runs at: the ONNX Runtime backends keep it float32 on the
+    CPU (their graphs run float32, or int8 with float32 in between)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return precision
     if device.type != "cpu":
-        raise ValueError(f"the onnxruntime backend runs on the CPU, not {device}; use the torch backend")
+        raise ValueError(f"the {backend} backend runs on the CPU, not {device}; use the torch backend")
     if precision == "bf16":
-        raise ValueError("the onnxruntime backend runs in float32; bf16 is the torch backend's")
+        raise ValueError(f"the {backend} backend runs in float32; bf16 is the torch backend's")
     return "fp32"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 
 from worldloop.models.config import ModelConfig, preset
 from worldloop.models.text import PromptEncoder
+
+# ``--backend auto`` (every serving command's default) would pick ONNX Runtime's int8 graphs on a CPU without
+# native bf16 and export them on first use; the suite runs PyTorch unless a test asks for a backend (the
+# servers it starts in subprocesses inherit this). tests/test_bench.py checks what auto picks.
+os.environ["WORLDLOOP_BACKEND"] = "torch"
 
 
 @pytest.fixture(scope="session")

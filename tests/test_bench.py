@@ -13,6 +13,7 @@ import torch
 from tests.train_fakes import random_model_dir
 from worldloop.app.bench import largest_passing
 from worldloop.app.cli import build_parser, main
+from worldloop.app.errors import UserError
 from worldloop.models.config import preset
 from worldloop.models.timing import percentile, summary
 
@@ -189,5 +190,41 @@ def test_a_float32_cpu_model_gets_the_onnxruntime_hint() -> None:
                           precision=precision)
 
     hint = float32_hint(model("fp32"))
-    assert hint is not None and "--backend onnxruntime" in hint
+    assert hint is not None and "--backend onnxruntime-int8" in hint
     assert float32_hint(model("bf16")) is None
+
+
+@pytest.mark.parametrize(("bf16", "installed", "reproject", "device", "expected"), [
+    (False, True, False, "cpu", "onnxruntime-int8"),  # AVX2: int8 graphs, measured fastest
+    (True, True, False, "cpu", "torch"),  # native bf16: PyTorch's bf16 path
+    (False, False, False, "cpu", "torch"),  # no ONNX Runtime installed
+    (False, True, True, "cpu", "torch"),  # ONNX Runtime does not run reprojecting models
+    (False, True, False, "cuda", "torch"),
+])
+def test_backend_auto_picks_int8_onnxruntime_only_where_it_is_faster(
+        monkeypatch: pytest.MonkeyPatch, bf16: bool, installed: bool, reproject: bool, device: str,
+        expected: str) -> None:
+    import importlib.util
+    from dataclasses import replace
+
+    from worldloop.app.loading import resolve_backend
+
+    monkeypatch.delenv("WORLDLOOP_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    find_spec = importlib.util.find_spec
+    def spec(name: str, *args: Any) -> Any:
+        return find_spec(name, *args) if installed or name != "onnxruntime" else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
+    config = preset("tiny")
+    if reproject:
+        config = config.replace(dit=replace(config.dit, prediction="delta"),
+                                camera=replace(config.camera, reproject=True))
+    backend, why = resolve_backend("auto", device, config)
+    assert backend == expected and why.startswith("auto")
+    assert resolve_backend("torch", "cpu", config) == ("torch", "asked for")
+    monkeypatch.setenv("WORLDLOOP_BACKEND", "onnxruntime")  # the variable pins what auto means
+    assert resolve_backend("auto", device, config) == ("onnxruntime", "$WORLDLOOP_BACKEND")
+    monkeypatch.setenv("WORLDLOOP_BACKEND", "tensorrt")
+    with pytest.raises(UserError, match="WORLDLOOP_BACKEND must be one of"):
+        resolve_backend("auto", device, config)

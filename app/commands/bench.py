@@ -4,8 +4,9 @@
     worldloop bench --threads 1 --steps 2 --json runs/bench.json
     worldloop bench --model runs/student/model --device cuda --max-sessions-probe 256
     worldloop bench --preset tiny --quick
-    worldloop bench --compare                         # PyTorch vs ONNX Runtime at 1/2 steps, 1/2 threads
+    worldloop bench --compare     # PyTorch vs ONNX Runtime (float32, int8) at 1/2 steps, 1/2 threads
     worldloop bench --backend onnxruntime --threads 1
+    worldloop bench --backend onnxruntime-int8 --threads 1    # int8 graphs (CPUs without native bf16)
 
 Prints a table and (with --json) writes a JSON report naming the hardware, the date, the load average, the
 model (trained or random weights) and the options. What each figure means: app/bench.py.
@@ -22,6 +23,7 @@ from typing import Any
 
 from worldloop.app.errors import UserError
 from worldloop.app.loading import (
+    BACKENDS,
     CPU_THREADS_RULE,
     add_model_options,
     check_backend,
@@ -185,7 +187,7 @@ def run_compare(args: argparse.Namespace, choice: Any) -> int:
 
     if args.device != "cpu":
         raise UserError("--compare measures the CPU backends: use --device cpu")
-    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    backends: tuple[str, ...] = BACKENDS
     if choice.config.camera.reproject:  # onnxruntime does not run them yet: torch alone, said so
         _say("onnxruntime does not run reprojecting models (camera.reproject) yet: comparing torch only")
         backends = ("torch",)

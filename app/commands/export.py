@@ -5,6 +5,7 @@ its ONNX graphs.
     worldloop export --model runs/teacher/model --out /tmp/teacher-small --dtype fp32
     worldloop export --model assets/default --onnx --out /tmp/onnx   # the graphs of --backend onnxruntime
     worldloop export --model assets/default --onnx --tensorrt --out /tmp/trt   # + TensorRT (GPU, tensorrt)
+    worldloop export --model assets/default --onnx --int8   # the graphs of --backend onnxruntime-int8
 
 The shipping form keeps the config, the EMA weights (the raw weights when a run has no EMA) and the
 autoencoder; drops the raw fp32 DiT that only training needs; writes the model card (README.md: what it is,
@@ -14,7 +15,10 @@ is checked against its config before it replaces ``--out``.
 ``--onnx`` writes the cached DiT frame step (with and without the fused cache pass) and the decoder as ONNX
 (opset 18, float32, the KV cache as explicit inputs and outputs; docs/onnx.md), each checked against PyTorch
 with ONNX Runtime, plus ``onnx.json`` (shapes, the differences found) and ``tensorrt.sh`` (trtexec commands).
-Without ``--out`` they go to MODEL_DIR/onnx, where ``--backend onnxruntime`` finds them.
+Without ``--out`` they go to MODEL_DIR/onnx, where ``--backend onnxruntime`` finds them. ``--int8`` writes
+int8 copies instead (``models/onnx_quantize.py``: the DiT's matrix products with int8 weights, the decoder's
+convolutions calibrated on 64 frames of the built-in world), by default to MODEL_DIR/onnx-int8, where
+``--backend onnxruntime-int8`` finds them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from worldloop.app.errors import UserError, user_input
 
@@ -45,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a `worldloop eval` report.json whose figures of this model go into its model card")
     p.add_argument("--onnx", action="store_true",
                    help="write the ONNX graphs (DiT frame step, decoder) instead, checked against PyTorch")
+    p.add_argument("--int8", action="store_true",
+                   help="with --onnx: int8 graphs (the DiT's weights, the decoder calibrated on the built-in "
+                        "world) for --backend onnxruntime-int8; default --out DIR/onnx-int8")
     p.add_argument("--tensorrt", action="store_true",
                    help="with --onnx: also build TensorRT fp16 engines (needs the tensorrt package, a GPU)")
     p.add_argument("--max-batch", type=int, default=8,
@@ -56,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.model or args.model_positional
     if args.tensorrt and not args.onnx:
         raise UserError("--tensorrt builds engines from the ONNX graphs: add --onnx")
+    if args.int8 and (not args.onnx or args.tensorrt):
+        raise UserError("--int8 quantises the ONNX graphs for ONNX Runtime: use it with --onnx, "
+                        "without --tensorrt")
     if args.onnx:
         return run_onnx(args)
     if args.out is None:
@@ -111,7 +122,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         require_onnxruntime()
     except ImportError as err:
         raise UserError(str(err)) from None
-    out = args.out or args.model / "onnx"
+    out = args.out or args.model / ("onnx-int8" if args.int8 else "onnx")
     try:
         files = load_model(args.model)
         if files.dit is None and files.dit_ema is None:
@@ -122,6 +133,8 @@ def run_onnx(args: argparse.Namespace) -> int:
         load_into(vae, files.vae, args.model / VAE_FILE)
     except CheckpointError as err:
         raise UserError(str(err)) from err
+    if args.int8:
+        return write_int8(args.model, dit, vae, out)
     print(f"worldloop export: exporting {args.model} to ONNX (opset 18, float32) → {out}", flush=True)
     manifest = export_graphs(dit, vae, out)
     script = tensorrt.write_script(out, manifest, args.max_batch)
@@ -135,4 +148,25 @@ def run_onnx(args: argparse.Namespace) -> int:
     if args.tensorrt:
         engines = tensorrt.build_engines(out, manifest, args.max_batch)
         print("  TensorRT engines: " + ", ".join(e.name for e in engines))
+    return 0
+
+
+def write_int8(model: Path, dit: Any, vae: Any, out: Path) -> int:
+    """The float32 graphs (exported to a scratch folder), quantised to int8 into ``out``."""
+    import tempfile
+
+    from worldloop.app.loading import calibration_frames
+    from worldloop.models.onnx_export import export_graphs
+    from worldloop.models.onnx_quantize import quantize_graphs
+
+    config = dit.config
+    print(f"worldloop export: exporting {model} to ONNX (opset 18, int8) → {out}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="worldloop-onnx-") as scratch:
+        export_graphs(dit, vae, Path(scratch) / "float32")
+        latents = vae.float().eval().encode_frames(calibration_frames(config.height, config.width))
+        manifest = quantize_graphs(Path(scratch) / "float32", out, latents)
+    for graph in manifest["graphs"]:
+        print(f"  {graph}: {(out / graph).stat().st_size / 2**20:.1f} MiB")
+    print(f"  DiT: {manifest['int8']['dit']}; decoder: {manifest['int8']['decoder']} "
+          f"({manifest['int8']['calibration_latents']} frames)")
     return 0
