@@ -184,6 +184,7 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
                max_sessions: int = 8, backend: str = "torch") -> WorldModel:
     """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend
     (``auto``: ``resolve_backend``)."""
+    from worldloop.models.checkpoint import CheckpointError
     from worldloop.models.device import resolve_device
     from worldloop.models.world_model import WorldModel
 
@@ -199,15 +200,30 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
     config = choice.config
     int8 = backend == "onnxruntime-int8"
     frames = (lambda: calibration_frames(config.height, config.width)) if int8 else None
-    try:
+
+    def build(backend: str) -> WorldModel:
         if choice.path is not None:
             return WorldModel.from_pretrained(choice.path, steps=steps, device=device,
                                               max_sessions=max_sessions, backend=backend,
                                               calibration_frames=frames)
         return WorldModel.from_config(choice.config, seed=seed, device=device, max_sessions=max_sessions,
                                       steps=steps, backend=backend, calibration_frames=frames)
+
+    try:
+        return build(backend)
+    except CheckpointError:
+        raise  # the weights themselves: the same on every backend
     except ImportError as err:  # the backend's packages are missing: say how to install them
-        raise UserError(str(err)) from None
+        if backend == "torch" or not why.startswith("auto"):
+            raise UserError(str(err)) from None
+        failure: Exception = err
+    except Exception as err:  # noqa: BLE001 — auto never does worse than PyTorch: export, cache, runtime
+        if backend == "torch" or not why.startswith("auto"):
+            raise
+        failure = err
+    log.warning("backend %s failed to start (%s: %s); playing on torch instead", backend,
+                type(failure).__name__, failure)
+    return build("torch")
 
 
 def check_backend(backend: str, device: str) -> str:

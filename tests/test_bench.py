@@ -228,3 +228,28 @@ def test_backend_auto_picks_int8_onnxruntime_only_where_it_is_faster(
     monkeypatch.setenv("WORLDLOOP_BACKEND", "tensorrt")
     with pytest.raises(UserError, match="WORLDLOOP_BACKEND must be one of"):
         resolve_backend("auto", device, config)
+
+
+def test_backend_auto_falls_back_to_torch_when_onnxruntime_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """``auto`` never plays worse than PyTorch: a failing export or runtime (a full disk, a read-only cache,
+    an exporter that breaks) falls back to torch with a warning; a backend asked for by name fails loudly."""
+    pytest.importorskip("onnxruntime")
+    from worldloop.app import loading
+    from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
+
+    monkeypatch.setattr(loading, "resolve_backend", lambda backend, device, config: (
+        ("onnxruntime-int8", "auto: test") if backend == "auto" else (backend, "asked for")))
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(OnnxRuntimeExecutor, "for_model", broken)
+    choice = loading.choose_model(None, "tiny", fallback=True)
+    with caplog.at_level("WARNING", logger="worldloop.app.loading"):
+        wm = loading.load_model(choice, backend="auto", max_sessions=1)
+    assert wm.backend == "torch" and wm.executor is None
+    assert ("onnxruntime-int8 failed to start (OSError: No space left on device); playing on torch"
+            in caplog.text)
+    with pytest.raises(OSError, match="No space left"):
+        loading.load_model(choice, backend="onnxruntime-int8", max_sessions=1)
