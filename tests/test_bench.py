@@ -59,6 +59,7 @@ def test_bench_on_the_tiny_preset_reports_every_field(tmp_path: Path, single_thr
     r = bench(["--preset", "tiny", "--max-sessions-probe", "2", "--probe-seconds", "0.4"], tmp_path)
     table = capsys.readouterr().out
     assert "worldloop bench" in table and "key→frame" in table and "RANDOM" in table
+    assert "cpu / torch / 1" in table  # device / backend (auto, pinned to torch in the suite) / steps
 
     hw = r["hardware"]
     assert hw["cpu"] and positive(hw["cores"]) and hw["torch_threads"] == 1 and hw["gpu"] is None

@@ -141,7 +141,8 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("model", f"{m['name']} ({m['path'] or 'preset ' + str(m['preset'])}), "
                   f"{m['params'] / 1e6:.2f}M params, {m['frame_size'][0]}×{m['frame_size'][1]}, "
                   f"{m['dtype']}, {weights}"),
-        ("device / steps", f"{hw['device']} / {m['steps']} (first frame {m['first_frame_steps']})"),
+        ("device / backend / steps", f"{hw['device']} / {m.get('backend', 'torch')} / {m['steps']} "
+                                     f"(first frame {m['first_frame_steps']})"),
         ("model load", f"{ff['model_load_s']:.2f} s"),
         (f"start ({ff['start']}) / new session / first frame",
          f"{ff['world_start_ms']:.1f} ms / {ff['new_session_ms']:.1f} ms / {ff['first_frame_ms']:.1f} ms"),
