@@ -213,17 +213,14 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
         return build(backend)
     except CheckpointError:
         raise  # the weights themselves: the same on every backend
-    except ImportError as err:  # the backend's packages are missing: say how to install them
-        if backend == "torch" or not why.startswith("auto"):
-            raise UserError(str(err)) from None
-        failure: Exception = err
     except Exception as err:  # noqa: BLE001 — auto never does worse than PyTorch: export, cache, runtime
-        if backend == "torch" or not why.startswith("auto"):
-            raise
-        failure = err
-    log.warning("backend %s failed to start (%s: %s); playing on torch instead", backend,
-                type(failure).__name__, failure)
-    return build("torch")
+        if backend != "torch" and why.startswith("auto"):
+            log.warning("backend %s failed to start (%s: %s); playing on torch instead", backend,
+                        type(err).__name__, err)
+            return build("torch")
+        if isinstance(err, ImportError):  # the backend's packages are missing: say how to install them
+            raise UserError(str(err)) from None
+        raise
 
 
 def check_backend(backend: str, device: str) -> str:

@@ -13,8 +13,8 @@ it for these very weights, else a folder under the user's cache (``$WORLDLOOP_CA
 loads reuse it).
 
 ``backend="onnxruntime-int8"`` runs int8 copies of those graphs (``models/onnx_quantize.py``): the DiT's
-matrix products with int8 weights, the decoder's convolutions int8 where calibration latents are given
-(``calibration``, a callable so they are made only when the graphs are), kept under
+matrix products with int8 weights, the decoder's convolutions int8 where calibration frames are given
+(``calibration``, a callable so they are rendered only when the graphs are made), kept under
 ``$WORLDLOOP_CACHE/onnx-int8/``.
 """
 
@@ -66,12 +66,13 @@ def cache_root() -> Path:
 
 def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
                folder: str | Path | None = None, *, int8: bool = False,
-               calibration: Callable[[], Tensor] | None = None) -> Path:
+               calibration: Callable[[], np.ndarray] | None = None) -> Path:
     """A folder of graphs for exactly these weights: ``folder`` if given (exported there unless it already
     holds them), else ``model_dir/onnx`` if it matches, else the user cache (exported on first use).
 
     ``int8``: the int8 graphs instead, quantised from the float32 ones into ``folder`` or the user cache
-    (``onnx-int8/``); ``calibration()`` gives the decoder's calibration latents (None: a float32 decoder)."""
+    (``onnx-int8/``); ``calibration()`` gives uint8 frames (N, H, W, 3) of the world the model was trained on,
+    whose latents calibrate the decoder (None: a float32 decoder)."""
     digest = weights_digest(dit, vae)
     if int8:
         decoder_int8 = calibration is not None
@@ -84,7 +85,8 @@ def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = 
         if not quantized_matches(target, digest, decoder_int8):
             source = graphs_for(dit, vae, model_dir)
             log.warning("quantising the model's ONNX graphs to int8 in %s (once for these weights)", target)
-            quantize_graphs(source, target, calibration() if calibration is not None else None)
+            latents = None if calibration is None else vae.eval().encode_frames(calibration())
+            quantize_graphs(source, target, latents)
         return target
     if folder is None and model_dir is not None and _matches(Path(model_dir) / "onnx", digest):
         return Path(model_dir) / "onnx"
@@ -129,7 +131,7 @@ class OnnxRuntimeExecutor:
     @classmethod
     def for_model(cls, dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = None,
                   folder: str | Path | None = None, threads: int | None = None, *, int8: bool = False,
-                  calibration: Callable[[], Tensor] | None = None) -> OnnxRuntimeExecutor:
+                  calibration: Callable[[], np.ndarray] | None = None) -> OnnxRuntimeExecutor:
         require_onnxruntime()
         graphs = graphs_for(dit, vae, model_dir, folder, int8=int8, calibration=calibration)
         return cls(graphs, len(dit.blocks), threads)

@@ -143,13 +143,9 @@ class WorldModel:
                                  "(camera.reproject) yet; use the torch backend")
             from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
 
-            latents = None
-            if calibration_frames is not None:
-                def latents() -> Tensor:  # the decoder's int8 calibration: real frames through the encoder
-                    return self.vae.encode_frames(calibration_frames())
             self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir,
                                                           int8=backend == "onnxruntime-int8",
-                                                          calibration=latents)
+                                                          calibration=calibration_frames)
 
     # -- construction --------------------------------------------------------------------------------------
 

@@ -152,21 +152,20 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def write_int8(model: Path, dit: Any, vae: Any, out: Path) -> int:
-    """The float32 graphs (exported to a scratch folder), quantised to int8 into ``out``."""
-    import tempfile
-
+    """The int8 graphs (``graphs_for``: quantised from the float32 ones of MODEL/onnx, or of the user cache,
+    exported there when missing) into ``out``, the decoder calibrated on the built-in world."""
     from worldloop.app.loading import calibration_frames
-    from worldloop.models.onnx_export import export_graphs
-    from worldloop.models.onnx_quantize import quantize_graphs
+    from worldloop.models.onnx_export import read_manifest
+    from worldloop.models.onnx_runtime import graphs_for
 
     config = dit.config
     print(f"worldloop export: exporting {model} to ONNX (opset 18, int8) → {out}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="worldloop-onnx-") as scratch:
-        export_graphs(dit, vae, Path(scratch) / "float32")
-        latents = vae.float().eval().encode_frames(calibration_frames(config.height, config.width))
-        manifest = quantize_graphs(Path(scratch) / "float32", out, latents)
-    for graph in manifest["graphs"]:
+    graphs_for(dit, vae, model, folder=out, int8=True,
+               calibration=lambda: calibration_frames(config.height, config.width))
+    manifest = read_manifest(out) or {}
+    for graph in manifest.get("graphs", {}):
         print(f"  {graph}: {(out / graph).stat().st_size / 2**20:.1f} MiB")
-    print(f"  DiT: {manifest['int8']['dit']}; decoder: {manifest['int8']['decoder']} "
-          f"({manifest['int8']['calibration_latents']} frames)")
+    int8 = manifest.get("int8", {})
+    print(f"  DiT: {int8.get('dit')}; decoder: {int8.get('decoder')} "
+          f"({int8.get('calibration_latents')} frames)")
     return 0

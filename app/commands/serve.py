@@ -134,7 +134,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
 
 def float32_hint(model: WorldModel) -> str | None:
     """What to tell a player whose CPU runs the model in float32 with PyTorch (no native bf16): ONNX Runtime's
-    int8 graphs play faster there (an AVX2 2-core CPU: 1.2× at 1 thread, docs/onnx.md), None otherwise."""
+    int8 graphs play faster there (an AVX2 2-core CPU: 1.4× PyTorch, docs/onnx.md), None otherwise."""
     import torch
 
     if model.device.type != "cpu" or model.backend != "torch" or model.dtype != torch.float32:
