@@ -17,11 +17,13 @@ from worldloop.models.kv_cache import KVCache, PromptKV
 @torch.no_grad()
 def cached_rollout(dit: DiT, config: ModelConfig, noisy: torch.Tensor, sigma: torch.Tensor,
                    keys: torch.Tensor, clean: torch.Tensor, prompt: PromptKV, *, fused: bool = False,
-                   slots: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   slots: Sequence[int] | None = None, dtype: torch.dtype = torch.float32, start: int = 0
+                   ) -> torch.Tensor:
     """Velocities (B, F, C, h, w) of ``noisy`` frames at σ (B, F), each against the cache of the clean
     frames before it. ``fused``: clean frame i − 1 rides along with noisy frame i in one forward (what
     ``WorldModel`` does); else each clean frame gets a cache pass of its own after its noisy frame. ``slots``:
-    the cache slots used (default 0…B−1, in a cache of max(slots) + 1)."""
+    the cache slots used (default 0…B−1, in a cache of max(slots) + 1). ``start``: the first frame's index
+    (a later part of a stream; frames before ``sink`` are sink frames)."""
     b, f = noisy.shape[:2]
     device = noisy.device
     slots = list(range(b)) if slots is None else list(slots)
@@ -29,7 +31,7 @@ def cached_rollout(dit: DiT, config: ModelConfig, noisy: torch.Tensor, sigma: to
     cache.set_prompt(slots, prompt)
     zeros, outs = torch.zeros(b, 1, device=device), []
     for i in range(f):
-        frame = torch.full((b, 1), i, device=device)
+        frame = torch.full((b, 1), start + i, device=device)
         view = cache.view(slots)
         if fused and i > 0:  # [clean i − 1 | noisy i]: the cache pass fused into the next forward
             prev, prev_keys = clean[:, i - 1: i], keys[:, i - 1: i]

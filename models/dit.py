@@ -11,12 +11,13 @@ Architectural choices, in the order the code below follows them:
    keys are dropped (condition dropout; marked by keys = ``NULL_KEY`` = -1) gets a learned null vector
    instead.
 3. Self-attention with QK-RMSNorm and rotary positions (RoPE, Su et al. 2021). The head's rotary pairs are
-   split into temporal | y | x sections. Spatial phase is applied when q/k are projected; temporal phase is
-   applied at attention time from frame positions *relative to the newest frame*, so the cache stores k
-   without temporal phase and a stream of any length only ever sees positions in [-(window + slack + 1), 0].
-   The k of sink frames carry no temporal phase at all (their temporal pairs are zeroed): their distance to a
-   query grows without bound in a stream, and this way attention to them is position-free, the same in
-   training and inference.
+   split into temporal | y | x sections, all applied when q/k are projected, at the frame's absolute index:
+   the cache stores k with its phase and nothing is rotated again when it is read. A rotation depends only on
+   the difference of q's and k's positions, so absolute and window-relative positions give the same scores;
+   the angles are reduced modulo 2π in float64 (``Rotary.tables``), exact to well under a microradian for
+   any stream shorter than years, so positions stay valid in a stream of any length. The k of sink frames
+   carry no temporal phase at all (their temporal pairs are zeroed): their distance to a query grows without
+   bound in a stream, and this way attention to them is position-free, the same in training and inference.
 4. Cross-attention to prompt tokens (MiniLM, ``text_dim`` wide) after self-attention. A learned null token is
    always present, so a dropped or empty prompt (all tokens masked) is well defined. A prompt's K/V for every
    layer are computed once (``prompt_kv``) and reused for every frame.
@@ -164,8 +165,8 @@ def sinusoid(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
 class Rotary(nn.Module):
     """RoPE tables. Pair i of a head rotates dims (i, i + Dh/2); pairs are [temporal | y | x | unrotated].
 
-    Tables are full head width (…, L, Dh) so one ``rotate`` applies any mix of sections: a section left out
-    gets cos 1 / sin 0, and sink k get cos 0 / sin 0 on the temporal pairs.
+    Tables are full head width (…, L, Dh), so one ``rotate`` applies every section; sink k get cos 0 / sin 0
+    on the temporal pairs.
     """
 
     def __init__(self, head_dim: int, grid: tuple[int, int], theta: float) -> None:
@@ -181,19 +182,17 @@ class Rotary(nn.Module):
         self.register_buffer("spatial_angles", spatial, persistent=False)  # (N, 2·n_s)
         self.register_buffer("temporal_freqs", _freqs(self.n_t, theta), persistent=False)  # (n_t,)
 
-    def tables(self, frames: Tensor, *, spatial: bool, temporal: bool, sink: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
+    def tables(self, frames: Tensor, sink: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Frame positions (B, F) (and sink flags (B, F)) → cos, [-sin | sin] of shape (B, 1, F·N, Dh)."""
         b, f = frames.shape
         n = self.spatial_angles.shape[0]
-        t = frames.float().unsqueeze(-1) * self.temporal_freqs
-        t = t if temporal else torch.zeros_like(t)
+        # float64 and reduced mod 2π: frame indices grow without bound in a stream (see the module doc).
+        t = (frames.double().unsqueeze(-1) * self.temporal_freqs.double()).remainder(2 * math.pi).float()
         t = t.unsqueeze(2).expand(b, f, n, self.n_t)  # (B, F, N, n_t)
-        s = self.spatial_angles if spatial else torch.zeros_like(self.spatial_angles)
-        s = s.expand(b, f, n, s.shape[-1])
+        s = self.spatial_angles.expand(b, f, n, self.spatial_angles.shape[-1])
         angles = torch.cat([t, s, t.new_zeros(b, f, n, self.n_pass)], -1).reshape(b, 1, f * n, -1)
         cos, sin = angles.cos(), angles.sin()
-        if sink is not None and temporal:
+        if sink is not None:
             keep = (~sink).float().repeat_interleave(n, dim=1).reshape(b, 1, f * n, 1)
             gate = torch.cat([keep.expand(-1, -1, -1, self.n_t), torch.ones_like(cos[..., self.n_t:])], -1)
             cos, sin = cos * gate, sin * gate
@@ -229,20 +228,28 @@ def frame_mask(q_pos: Tensor, q_ctx: Tensor, k_pos: Tensor, k_ctx: Tensor, k_sin
     return (earlier_context | itself) & (k_sink.unsqueeze(-2) | (d <= window))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q·kᵀ/√d + bias)·v; ``bias`` (B, 1, Lq, Lk) (or broadcastable) is 0 or -inf.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q·kᵀ·scale + bias)·v, ``scale`` 1/√d by default; ``bias`` (B, 1, Lq, Lk) (or broadcastable)
+    is 0 or -inf.
 
     On a CPU in bfloat16, explicit matmuls ran 1.7× faster than SDPA's CPU kernel at our sizes (128 queries,
     ~700 keys, 64-d heads, 2-core AVX512-BF16; benchmarks/model_speed.py); elsewhere SDPA picks a fused
     kernel.
     """
+    if torch.onnx.is_in_onnx_export():
+        # Explicit products: ONNX Runtime fuses q·kᵀ, transpose included, into one kernel; it does not fuse
+        # the exporter's decomposition of SDPA (reshapes around the transpose). Scale 1: folded into q.
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = torch.matmul(q if scale == 1.0 else q * scale, k.transpose(-1, -2)) + bias
+        return torch.matmul(scores.softmax(dim=-1), v)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         b, h, lq, d = q.shape
         lk = k.shape[2]
         scores = torch.baddbmm(bias.expand(b, h, lq, lk).reshape(b * h, lq, lk), q.reshape(b * h, lq, d),
-                               k.reshape(b * h, lk, d).transpose(1, 2), alpha=d**-0.5)  # (B·H, Lq, Lk)
+                               k.reshape(b * h, lk, d).transpose(1, 2),
+                               alpha=d**-0.5 if scale is None else scale)  # (B·H, Lq, Lk)
         return torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, lk, d)).view(b, h, lq, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -298,6 +305,9 @@ class Block(nn.Module):
         # Exact (erf) GELU: on our CPUs 3.5× faster than the tanh approximation.
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(dim, 6 * dim)  # per-frame shift/scale/gate ×2 (adaLN-Zero)
+        # Attention's q·kᵀ scale; None: 1/√Dh. The ONNX export folds 1/√Dh into q's gains
+        # (``DiT.fold_attention_scale``) and sets 1.0: two fewer multiplies per attention in the graph.
+        self.attention_scale: float | None = None
 
     def heads_of(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
@@ -317,7 +327,7 @@ class Block(nn.Module):
         b, _, length, _ = attn.shape
         x = add_gated(x, self.proj(attn.transpose(1, 2).reshape(b, length, -1)), mod[2], n)
         q = self.heads_of(self.cross_q(self.norm_cross(x)))
-        c = attention(q, *prompt)
+        c = attention(q, *prompt, scale=self.attention_scale)
         x = x + self.cross_proj(c.transpose(1, 2).reshape(b, length, -1))
         h = modulate(self.norm2(x), mod[3], mod[4], n)
         return add_gated(x, self.mlp(h), mod[5], n)
@@ -329,23 +339,22 @@ class Block(nn.Module):
         return self.finish(x, attend(qk[0], qk[1], v), mod, prompt, n)
 
     def forward_cached(self, x: Tensor, mod: Tensor, prompt: tuple[Tensor, Tensor, Tensor],
-                       past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, ...], bias: Tensor,
+                       past: tuple[list[Tensor], list[Tensor]], rope: tuple[Tensor, Tensor], bias: Tensor,
                        n: int, first_query: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """Inference block over new frames. ``rope``: stacked tables for q (spatial + temporal) and the new k
-        (spatial only, as the cache stores k), then the read-time temporal tables of all k. Only tokens
-        from ``first_query`` on (whole frames) produce outputs: the last layer needs none for context frames.
+        """Inference block over new frames. ``rope``: the new frames' stacked q and k tables
+        (``DiT.rope_tables``); the cached k carry theirs already. Only tokens from ``first_query`` on (whole
+        frames) produce outputs: the last layer needs none for context frames.
 
-        Returns the hidden states of those tokens and the new frames' k (spatial phase only) and v.
+        Returns the hidden states of those tokens and the new frames' k (with their rotary phase) and v.
         """
-        qk, v = self.self_qkv(x, mod, rope[:2], n)
+        qk, v = self.self_qkv(x, mod, rope, n)
         k = qk[1]
-        # Temporal phase at read time, relative to the newest frame.
-        k_all = rotate(torch.cat([*past[0], k], dim=2), rope[2], rope[3])
+        k_all = torch.cat([*past[0], k], dim=2)
         v_all = torch.cat([*past[1], v], dim=2)
         q, rows = qk[0][:, :, first_query:], slice(first_query, None)
         if q.shape[2] == 0:
             return x[:, rows], k, v
-        out = attention(q, k_all, v_all, bias[:, :, rows])
+        out = attention(q, k_all, v_all, bias[:, :, rows], self.attention_scale)
         return self.finish(x[:, rows], out, mod[:, :, first_query // n :], prompt, n), k, v
 
 
@@ -525,6 +534,9 @@ class DiT(nn.Module):
         ``previous`` (B, F, C, h, w): what each noisy frame builds on, instead of the context frame before it
         (a reprojecting model's moved previous frames, ``models.camera``).
         """
+        if any(blk.attention_scale is not None for blk in self.blocks):
+            raise ValueError("this DiT's attention scale is folded into q (fold_attention_scale): cached "
+                             "inference only")
         b, f = x.shape[:2]
         n = self.tokens
         noisy_x, noisy_sigma, noisy_keys = x, sigma, keys
@@ -549,10 +561,7 @@ class DiT(nn.Module):
         h = self.with_moved_previous(h, previous, prior)
         cond = self.condition(sigma, keys)  # (B, G, D)
         pos = torch.arange(f, device=x.device).repeat(g // f).expand(b, g)
-        sink = pos < (0 if self.cfg.bidirectional else self.cfg.sink)
-        tables = zip(self.rotary.tables(pos, spatial=True, temporal=True),
-                     self.rotary.tables(pos, spatial=True, temporal=True, sink=sink), strict=True)
-        rope = tuple(torch.stack(qk).to(h.dtype) for qk in tables)  # (2, B, 1, G·N, Dh): q, k
+        rope = tuple(t.to(h.dtype) for t in self.rope_tables(pos))  # (2, B, 1, G·N, Dh): q, k
         attend = self._training_attention(f, context is not None, x.device)
         pbias = additive_mask(prompt.mask, h.dtype)[:, None, None]  # (B, 1, 1, T+1)
         for i, (blk, mod) in enumerate(zip(self.blocks, self.modulations(cond), strict=True)):
@@ -608,9 +617,33 @@ class DiT(nn.Module):
 
     # -- inference over new frames with a KV cache ---------------------------------------------------------
 
+    def rope_tables(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary tables of frames at positions ``frames`` (B, G) (absolute indices in inference): cos
+        and [-sin | sin], each (2, B, 1, G·N, Dh) float32 — q's (spatial and temporal phase), then k's (the
+        same, sink frames' temporal pairs zeroed; a bidirectional DiT has no sink)."""
+        sink = frames < (0 if self.cfg.bidirectional else self.cfg.sink)
+        tables = zip(self.rotary.tables(frames), self.rotary.tables(frames, sink), strict=True)
+        cos, sin = (torch.stack(t) for t in tables)
+        return cos, sin
+
+    def fold_attention_scale(self) -> None:
+        """Fold attention's 1/√Dh into q's gains (QK-norm and the cross-attention query) and set every block's
+        scale to 1: the same scores with two fewer multiplies per attention (the ONNX export does this to its
+        float32 copy). Only for cached inference: ``forward``'s training attention refuses afterwards."""
+        for blk in self.blocks:
+            if blk.attention_scale is not None:
+                continue
+            s = blk.head_dim ** -0.5
+            with torch.no_grad():
+                blk.qk_norm[0].mul_(s)
+                blk.cross_q.weight.mul_(s)
+                blk.cross_q.bias.mul_(s)
+            blk.attention_scale = 1.0
+
     def forward_cached(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
                        prompt: PromptKV, cache: CacheView, present: Tensor | None = None,
-                       previous: Tensor | None = None) -> CachedOutput:
+                       previous: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+                       ) -> CachedOutput:
         """Run new frames against a cache view; nothing is written (the caller appends the returned K/V).
 
         x (B, G, C, h, w), σ (B, G), keys (B, G, num_keys), ``frames`` (B, G) their absolute frame indices.
@@ -618,7 +651,8 @@ class DiT(nn.Module):
         noisy (their v is returned). ``present`` (B, G) bool marks placeholder frames (False) that no other
         frame may attend to — for a batch where only some sessions have a context frame to write.
         ``previous`` (B, C, h, w): what the noisy frame builds on, instead of the frame before it (a
-        reprojecting model's moved previous frame, ``models.camera``).
+        reprojecting model's moved previous frame, ``models.camera``). ``rope``: ``rope_tables(frames)``,
+        computed here when not given (the ONNX graphs take them as inputs).
         """
         if self.cfg.bidirectional:
             raise ValueError("a bidirectional DiT has no causal cache")
@@ -626,7 +660,7 @@ class DiT(nn.Module):
         n, dev = self.tokens, x.device
         ctx = torch.arange(g, device=dev) < context
         present = torch.ones(b, g, dtype=torch.bool, device=dev) if present is None else present
-        ref = frames.max(dim=1, keepdim=True).values  # positions relative to the newest frame stay bounded
+        ref = frames.max(dim=1, keepdim=True).values  # the mask's positions, relative to the newest frame
         q_rel, k_rel = frames - ref, torch.cat([cache.frames, frames], 1) - ref
         k_sink = torch.cat([cache.sink, frames < self.cfg.sink], 1)
         k_ctx = torch.cat([torch.ones_like(cache.valid), ctx.expand(b, g)], 1)
@@ -636,11 +670,8 @@ class DiT(nn.Module):
         dtype = self.patch_in.weight.dtype
         bias = expand_mask(additive_mask(allowed, dtype), n)  # (B, 1, G·N, (Fc+G)·N), shared by all layers
         pbias = additive_mask(prompt.mask, dtype)[:, None, None]  # (B, 1, 1, T+1)
-        qk = zip(self.rotary.tables(q_rel, spatial=True, temporal=True),
-                 self.rotary.tables(q_rel, spatial=True, temporal=False), strict=True)
-        read = self.rotary.tables(k_rel, spatial=False, temporal=True, sink=k_sink)
-        rope = (*(torch.stack(t) for t in qk), *read)
-        rope = tuple(t.to(dtype) for t in rope)
+        cos, sin = self.rope_tables(frames) if rope is None else rope
+        rope = (cos.to(dtype), sin.to(dtype))
         if not self.cfg.reads_previous or context == g:
             previous = None
         elif g - context != 1:

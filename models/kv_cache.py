@@ -8,8 +8,8 @@ Frame f goes to frame slot f while f < sink (kept forever), else to ``sink + (f 
 slack)``: a ring, so memory is fixed for a stream of any length and nothing is ever concatenated. Committed
 frames older than the newest committed frame minus ``window`` are evicted; speculative frames live in the
 slack part of the ring until ``commit`` (they become ordinary frames) or ``discard`` (they vanish). k is
-stored without temporal rotary phase, so the stored frame indices are only used relative to the newest frame
-(see ``models/dit.py``).
+stored with its rotary phase at the frame's absolute index (angles reduced mod 2π, valid in a stream of any
+length; see ``models/dit.py``), so a read rotates nothing.
 """
 
 from __future__ import annotations

@@ -19,8 +19,12 @@ graphs also take ``previous`` (B, C, h, w): the latent of each row's newest cach
 has none (``CacheView.previous``); the fused step adds to the context frame instead where ``present`` marks
 it. Velocity and x0 DiTs have no such input. The fused step returns the clean frame's new k/v as
 ``new_k``/``new_v`` (depth, B, H, N, Dh); the caller writes them into its cache (the graphs write nothing).
-Everything is float32 except frame indices (int64) and flags (bool). The batch axis B is dynamic; every other
-axis is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT ≥ 8.6 read it).
+The new frames' rotary tables come in as ``rope_cos``/``rope_sin`` (2, B, 1, G·N, Dh) (``DiT.rope_tables``,
+computed in float64 by the caller: they depend on absolute frame indices, which grow without bound); the
+cached k carry their phase already. The graphs hold the weights with attention's 1/√Dh folded into q's gains
+(``DiT.fold_attention_scale``). Everything is float32 except frame indices (int64) and flags (bool). The batch
+axis B is dynamic (axis 1 of the rotary tables and of ``new_k``/``new_v``: ``batch_axis``); every other axis
+is fixed by the config. Opset ``OPSET`` (18: ONNX Runtime ≥ 1.14 and TensorRT ≥ 8.6 read it).
 
 Each export is checked against PyTorch (float32) on a half-filled cache with ONNX Runtime when it is
 installed: the largest absolute difference of every output is stored in the manifest and must stay under
@@ -46,18 +50,19 @@ import torch
 from torch import Tensor, nn
 
 from worldloop.models.config import ModelConfig
-from worldloop.models.dit import DiT
+from worldloop.models.dit import DiT, Rotary
 from worldloop.models.kv_cache import CacheView, PromptKV
 from worldloop.models.vae import LatentAutoencoder
 
 OPSET = 18
 FORMAT = "worldloop-onnx"
-VERSION = 1
+VERSION = 2  # 2: the cache holds k with rotary phase; the step graphs take the new frames' tables
 MANIFEST = "onnx.json"
 STEP_CONTEXT, STEP, DECODER = "dit_step_context.onnx", "dit_step.onnx", "decoder.onnx"
 TOLERANCE = 1e-3  # largest absolute difference to PyTorch float32 (v, k/v and images are of order 1)
-STEP_INPUTS = ("x", "sigma", "keys", "frames", "present", "cache_frames", "cache_valid", "cache_sink",
-               "previous", "prompt_mask")
+ROPE_INPUTS = ("rope_cos", "rope_sin")
+STEP_INPUTS = ("x", "sigma", "keys", "frames", *ROPE_INPUTS, "present", "cache_frames",
+               "cache_valid", "cache_sink", "previous", "prompt_mask")
 LAYER_INPUTS = ("past_k", "past_v", "prompt_k", "prompt_v")
 
 
@@ -90,7 +95,7 @@ class FrameStepGraph(nn.Module):
         view = CacheView(layers["past_k"], layers["past_v"], (slice(None),), named["cache_frames"],
                          named["cache_valid"], named["cache_sink"], prompt, previous)
         out = self.dit.forward_cached(x, named["sigma"], named["keys"], named["frames"], self.context, prompt,
-                                      view, named.get("present"))
+                                      view, named.get("present"), rope=(named["rope_cos"], named["rope_sin"]))
         return (out.v, out.k, out.v_cache) if self.context else (out.v,)
 
 
@@ -119,7 +124,12 @@ def example_step_inputs(config: ModelConfig, context: int, batch: int = 2, fille
     present = torch.ones(batch, context + 1, dtype=torch.bool)
     if context and batch > 1:
         present[0, 0] = False
+    grid = (config.latent_size[0] // d.patch_size, config.latent_size[1] // d.patch_size)
+    rotary = Rotary(d.head_dim, grid, d.rope_theta)
+    sink = frames < d.sink
+    rope = [torch.stack(t) for t in zip(rotary.tables(frames), rotary.tables(frames, sink), strict=True)]
     inputs = {"x": torch.randn(batch, context + 1, *latent, generator=g),
+              "rope_cos": rope[0], "rope_sin": rope[1],
               "sigma": torch.rand(batch, context + 1, generator=g),
               "keys": (torch.rand(batch, context + 1, d.num_keys, generator=g) > 0.5).float(),
               "frames": frames, "present": present,
@@ -157,7 +167,7 @@ def _export(module: nn.Module, inputs: list[Tensor], names: list[str], outputs: 
             ) -> None:
     batch = torch.export.Dim("batch", min=1, max=1024)
     # torch.export sees the flat arguments of ``forward(*inputs)`` as one tuple.
-    dynamic = (tuple({0: batch} for _ in names),)
+    dynamic = (tuple({batch_axis(name): batch} for name in names),)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # notes on torchvision operators and axis names are noise here
@@ -194,7 +204,8 @@ def export_graphs(dit: DiT, vae: LatentAutoencoder, folder: str | Path, *, check
     folder = Path(folder)
     dit32 = _float_copy(dit)
     vae32 = _float_copy(vae)
-    digest = weights_digest(dit32, vae32)
+    digest = weights_digest(dit32, vae32)  # of the weights as given; the graphs hold them with scale folded
+    dit32.fold_attention_scale()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -235,8 +246,16 @@ def _float_copy(module: nn.Module) -> Any:
     return copy.deepcopy(module).float().eval().requires_grad_(False)
 
 
+def batch_axis(name: str) -> int:
+    """Which axis of a graph input or output is the batch: 1 for the rotary tables (q's and k's stacked) and
+    the new k/v (one per layer), 0 for everything else."""
+    return 1 if name in (*ROPE_INPUTS, "new_k", "new_v") else 0
+
+
 def _shape(name: str, t: Tensor) -> dict[str, Any]:
-    return {"shape": ["B", *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
+    shape: list[Any] = list(t.shape)
+    shape[batch_axis(name)] = "B"
+    return {"shape": shape, "dtype": str(t.dtype).removeprefix("torch.")}
 
 
 def _check(path: Path, names: list[str], inputs: list[Tensor], outputs: list[str],

@@ -108,9 +108,10 @@ def _matches(folder: Path, digest: str) -> bool:
 class OnnxRuntimeExecutor:
     """ONNX Runtime sessions for the frame step (with and without a context frame) and the decoder."""
 
-    def __init__(self, folder: str | Path, depth: int, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, dit: DiT, threads: int | None = None) -> None:
         ort = require_onnxruntime()
-        self.folder, self.depth = Path(folder), depth
+        self.folder, self.depth = Path(folder), len(dit.blocks)
+        self.rope_tables = dit.rope_tables  # the graphs take the new frames' rotary tables as inputs
         self.threads = threads or torch.get_num_threads()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -134,7 +135,7 @@ class OnnxRuntimeExecutor:
                   calibration: Callable[[], np.ndarray] | None = None) -> OnnxRuntimeExecutor:
         require_onnxruntime()
         graphs = graphs_for(dit, vae, model_dir, folder, int8=int8, calibration=calibration)
-        return cls(graphs, len(dit.blocks), threads)
+        return cls(graphs, dit, threads)
 
     def frame_step(self, x: Tensor, sigma: Tensor, keys: Tensor, frames: Tensor, context: int,
                    prompt: PromptKV, cache: CacheView, present: Tensor | None = None) -> CachedOutput | None:
@@ -145,7 +146,9 @@ class OnnxRuntimeExecutor:
             return None
         name = STEP_CONTEXT if context else STEP
         present = torch.ones(frames.shape, dtype=torch.bool) if present is None else present
-        values = {"x": x, "sigma": sigma, "keys": keys, "frames": frames, "present": present,
+        cos, sin = self.rope_tables(frames)
+        values = {"x": x, "sigma": sigma, "keys": keys, "frames": frames, "rope_cos": cos, "rope_sin": sin,
+                  "present": present,
                   "cache_frames": cache.frames, "cache_valid": cache.valid, "cache_sink": cache.sink,
                   "previous": cache.previous, "prompt_mask": prompt.mask}
         for i in range(self.depth):

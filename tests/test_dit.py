@@ -1,7 +1,7 @@
 """The causal DiT: the cached rollout equals the masked teacher-forcing forward; masks, modes, conditioning.
 
 Equality tolerance: max abs difference < 1e-4 in float32 (observed ~1e-6; the paths differ only in summation
-order and in applying spatial and temporal rotary phase in one or two rotations).
+order).
 """
 
 from __future__ import annotations
@@ -75,6 +75,39 @@ def test_cached_rollout_equals_teacher_forcing_beyond_the_window(
         cached = cached_rollout(model, tiny_config, data, fused)
     assert full.shape == data["noisy"].shape
     assert (cached - full).abs().max().item() < TOL
+
+
+def test_positions_stay_valid_deep_into_a_stream(tiny_config: ModelConfig) -> None:
+    """The cache stores k with its rotary phase at the absolute frame index: frames three billion frames into
+    a stream (about three years at 30 FPS) give what the same frames give at the start. Without sinks, so
+    the two clips differ only in their positions. float32 angles would be off by up to 256 rad there."""
+    config = tiny_config.replace(dit=replace(tiny_config.dit, sink=0))
+    model = perturbed(config)
+    data = clip(config, batch=2, frames=config.dit.window + 3)
+    with torch.no_grad():
+        prompt = model.prompt_kv(data["tokens"], torch.ones(2, 5, dtype=torch.bool))
+        first = consistency.cached_rollout(model, config, data["noisy"], data["sigma"], data["keys"],
+                                           data["clean"], prompt, fused=True)
+        late = consistency.cached_rollout(model, config, data["noisy"], data["sigma"], data["keys"],
+                                          data["clean"], prompt, fused=True, start=3_000_000_000)
+    assert (late - first).abs().max().item() < TOL
+
+
+def test_folding_the_attention_scale_keeps_the_cached_outputs(tiny_config: ModelConfig) -> None:
+    """``fold_attention_scale`` (what the ONNX export does to its copy) moves 1/√Dh into q's gains: the same
+    cached rollout, twice folded is once folded, and the training forward refuses the folded model."""
+    model = perturbed(tiny_config)
+    data = clip(tiny_config, batch=2, frames=6)
+    with torch.no_grad():
+        before = cached_rollout(model, tiny_config, data, fused=True)
+        model.fold_attention_scale()
+        model.fold_attention_scale()
+        after = cached_rollout(model, tiny_config, data, fused=True)
+        prompt = model.prompt_kv(data["tokens"], torch.ones(2, 5, dtype=torch.bool))
+        with pytest.raises(ValueError, match="folded"):
+            model(data["noisy"], data["sigma"], data["keys"], prompt, context=data["clean"])
+    assert (after - before).abs().max().item() < TOL
+    assert all(blk.attention_scale == 1.0 for blk in model.blocks)
 
 
 def test_window_restriction_changes_the_output(tiny_config: ModelConfig) -> None:

@@ -30,7 +30,7 @@ from worldloop.app.cli import main
 from worldloop.models.checkpoint import load_model, save_model
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
-from worldloop.models.onnx_export import MANIFEST, OPSET, STEP, STEP_CONTEXT, TOLERANCE
+from worldloop.models.onnx_export import MANIFEST, OPSET, STEP, STEP_CONTEXT, TOLERANCE, batch_axis
 from worldloop.models.text import PromptEncoder
 from worldloop.models.vae import LatentAutoencoder
 from worldloop.models.world_model import WorldModel
@@ -78,11 +78,18 @@ def test_export_writes_checked_graphs_and_trtexec_commands(exported: dict) -> No
     assert set(manifest["graphs"]) == {STEP_CONTEXT, STEP, "decoder.onnx"}
     for graph in manifest["graphs"].values():
         assert all(0 <= d <= TOLERANCE for d in graph["max_abs_diff"].values())
-        assert all(spec["shape"][0] == "B" for spec in graph["inputs"].values())
+        for specs in (graph["inputs"], graph["outputs"]):
+            assert all(spec["shape"].count("B") == 1 and spec["shape"][batch_axis(n)] == "B"
+                       for n, spec in specs.items())
     fused = manifest["graphs"][STEP_CONTEXT]
     depth = manifest["config"]["dit"]["depth"]
     assert {f"past_k.{depth - 1}", "past_v.0", "prompt_k.0", "cache_valid"} <= set(fused["inputs"])
     assert list(fused["outputs"]) == ["v", "new_k", "new_v"]
+    # the new frames' rotary tables, q's and k's stacked: (2, B, 1, G·N, Dh) with G = 2 in the fused step
+    head_dim = manifest["config"]["dit"]["dim"] // manifest["config"]["dit"]["heads"]
+    assert fused["inputs"]["rope_cos"]["shape"][:3] == [2, "B", 1]
+    assert fused["inputs"]["rope_sin"]["shape"][-1] == head_dim
+    assert fused["outputs"]["new_k"]["shape"][:2] == [depth, "B"]
     delta = exported["prediction"] in ("delta", "warp")
     for name in (STEP_CONTEXT, STEP):  # only delta/warp frame steps read the previous frame: (B, C, h, w)
         inputs = manifest["graphs"][name]["inputs"]
