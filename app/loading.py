@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import multiprocessing
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,9 +80,9 @@ BACKEND_ENV = "WORLDLOOP_BACKEND"  # what --backend auto means when set (the tes
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=(AUTO_BACKEND, *BACKENDS), default=AUTO_BACKEND,
                         help="what runs the DiT and the decoder: PyTorch, or ONNX Runtime on the CPU with "
-                             "float32 graphs (onnxruntime) or int8 ones (onnxruntime-int8); ONNX Runtime "
-                             "needs pip install 'worldloop[onnx]' and exports the model's graphs on first "
-                             "use (about a minute). auto: onnxruntime-int8 on a CPU without native bf16 "
+                             "float32 graphs (onnxruntime) or int8 ones (onnxruntime-int8), exported from "
+                             "the model on first use (about a minute; serve, play and gradio play on "
+                             "PyTorch meanwhile). auto: onnxruntime-int8 on a CPU without native bf16 "
                              "when ONNX Runtime is installed, else torch (default: %(default)s)")
 
 
@@ -181,9 +185,17 @@ def choose_model(model: str | Path | None, preset_name: str | None, *, fallback:
 
 
 def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = None, seed: int = 0,
-               max_sessions: int = 8, backend: str = "torch") -> WorldModel:
+               max_sessions: int = 8, backend: str = "torch", background: bool = False) -> WorldModel:
     """Build the ``WorldModel`` for a choice (random weights are drawn from ``seed``) on a backend
-    (``auto``: ``resolve_backend``)."""
+    (``auto``: ``resolve_backend``).
+
+    ``background`` (the interactive commands: serve, play, gradio): when ``auto`` picks ONNX Runtime, return
+    the model on PyTorch at once and switch it to ONNX Runtime (``WorldModel.use_backend``) once its graphs
+    are ready — exported and quantised the first time (about a minute on 2 cores) by a child process at low
+    priority (in a thread of this one the exporter's Python held the interpreter lock and play fell to
+    0.4 FPS), loaded in a second after that — so a first start plays at once instead of waiting; if that
+    fails it stays on PyTorch, with a warning. Offline commands (rollout, bench) wait instead: their frames
+    must not depend on when a switch happens."""
     from worldloop.models.checkpoint import CheckpointError
     from worldloop.models.device import resolve_device
     from worldloop.models.world_model import WorldModel
@@ -209,6 +221,12 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
         return WorldModel.from_config(choice.config, seed=seed, device=device, max_sessions=max_sessions,
                                       steps=steps, backend=backend, calibration_frames=frames)
 
+    if background and backend != "torch" and why.startswith("auto"):
+        model = build("torch")
+        model.pending_backend = backend
+        threading.Thread(target=_switch, args=(model, backend, frames, choice, seed),
+                         name="worldloop-onnx-graphs", daemon=True).start()
+        return model
     try:
         return build(backend)
     except CheckpointError:
@@ -221,6 +239,54 @@ def load_model(choice: ModelChoice, *, device: str = "cpu", steps: int | None = 
         if isinstance(err, ImportError):  # the backend's packages are missing: say how to install them
             raise UserError(str(err)) from None
         raise
+
+
+def _switch(model: WorldModel, backend: str, frames: Callable[[], np.ndarray] | None, choice: ModelChoice,
+            seed: int) -> None:
+    """Have a child process make ``backend``'s graphs for ``model``'s weights, then switch ``model`` to them
+    (``load_model(background=True)``; runs in a thread)."""
+    start = time.monotonic()
+    log.info("preparing the %s graphs in the background; playing on torch until they are ready", backend)
+    try:
+        prepare_graphs_in_child(choice, seed, backend)
+        model.use_backend(backend, calibration_frames=frames)  # finds the graphs the child made: loads them
+    except Exception as err:  # noqa: BLE001 — auto never does worse than PyTorch: export, cache, runtime
+        log.warning("backend %s failed to start (%s: %s); playing on torch", backend, type(err).__name__, err)
+    else:
+        log.info("switched to %s after %.1f s", backend, time.monotonic() - start)
+    finally:
+        model.pending_backend = None
+
+
+def prepare_graphs_in_child(choice: ModelChoice, seed: int, backend: str) -> None:
+    """Export (and quantise) ``backend``'s graphs of a model into the user cache, in a child process."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_prepare_graphs, args=(choice, seed, backend), name="worldloop-onnx-graphs", daemon=True)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the process making the graphs failed (exit code {process.exitcode})")
+
+
+def _prepare_graphs(choice: ModelChoice, seed: int, backend: str) -> None:
+    """The child of ``prepare_graphs_in_child``: the same weights as the player's model (the same directory,
+    or the same preset and seed), one thread at low priority, so the player's frames come first."""
+    import torch
+
+    from worldloop.models.onnx_runtime import graphs_for
+    from worldloop.models.world_model import WorldModel
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.nice(10)
+    torch.set_num_threads(1)
+    config = choice.config
+    if choice.path is not None:
+        model = WorldModel.from_pretrained(choice.path, precision="fp32", max_sessions=1)
+    else:
+        model = WorldModel.from_config(config, seed=seed, precision="fp32", max_sessions=1)
+    int8 = backend == "onnxruntime-int8"
+    frames = (lambda: calibration_frames(config.height, config.width)) if int8 else None
+    graphs_for(model.dit, model.vae, model.model_dir, int8=int8, calibration=frames)
 
 
 def check_backend(backend: str, device: str) -> str:

@@ -45,7 +45,7 @@ from worldloop.models.onnx_quantize import quantize_graphs
 from worldloop.models.vae import LatentAutoencoder
 
 log = logging.getLogger(__name__)
-MISSING = ("the onnxruntime backend needs the onnx extra: pip install 'worldloop[onnx]' "
+MISSING = ("the onnxruntime backend needs worldloop's onnx dependencies: pip install 'worldloop[onnx]' "
            "(onnx, onnxruntime, onnxscript)")
 
 

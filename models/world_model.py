@@ -136,16 +136,36 @@ class WorldModel:
         self._sessions: dict[int, Session] = {}
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
+        self.model_dir = None if model_dir is None else Path(model_dir)
         self.executor: OnnxRuntimeExecutor | None = None
+        self.pending_backend: str | None = None  # a backend being prepared for this model (``use_backend``)
         if backend in ONNX_BACKENDS:
-            if config.camera.reproject:
-                raise ValueError(f"the {backend} backend does not run reprojecting models "
-                                 "(camera.reproject) yet; use the torch backend")
-            from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
+            self.backend = "torch"
+            self.use_backend(backend, onnx_dir, calibration_frames)
 
-            self.executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, model_dir, onnx_dir,
-                                                          int8=backend == "onnxruntime-int8",
-                                                          calibration=calibration_frames)
+    def use_backend(self, backend: str, onnx_dir: str | Path | None = None,
+                    calibration_frames: Callable[[], np.ndarray] | None = None) -> None:
+        """Run the DiT and the decoder on an ONNX Runtime backend from now on: finds the model's graphs, or
+        exports (and quantises) them first — tens of seconds the first time for these weights.
+
+        A float32 CPU model may switch while another thread plays: the executor holds no state (the cache
+        stays in PyTorch), a frame reads ``executor`` once per call, and frames on either side of the switch
+        agree within the backends' tolerance (``app.loading`` prepares the graphs this way for the
+        interactive commands, so a first start plays at once)."""
+        if backend not in ONNX_BACKENDS:
+            raise ValueError(f"use_backend takes {', '.join(ONNX_BACKENDS)}, got {backend!r}")
+        if self.config.camera.reproject:
+            raise ValueError(f"the {backend} backend does not run reprojecting models "
+                             "(camera.reproject) yet; use the torch backend")
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"the {backend} backend runs float32 on the CPU; this model runs "
+                             f"{str(self.dtype).removeprefix('torch.')} on {self.device}")
+        from worldloop.models.onnx_runtime import OnnxRuntimeExecutor
+
+        executor = OnnxRuntimeExecutor.for_model(self.dit, self.vae, self.model_dir, onnx_dir,
+                                                 int8=backend == "onnxruntime-int8",
+                                                 calibration=calibration_frames)
+        self.executor, self.backend = executor, backend
 
     # -- construction --------------------------------------------------------------------------------------
 

@@ -18,8 +18,10 @@ import contextlib
 import io
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -328,3 +330,71 @@ def test_export_int8_writes_the_graphs_the_backend_finds(exported: dict, prompt_
     assert "decoder: static QDQ int8" in capsys.readouterr().out
     assert main(["export", str(exported["model"]), "--int8"]) == 2
     assert "use it with --onnx" in capsys.readouterr().err
+
+
+def test_interactive_start_plays_on_torch_while_the_graphs_are_prepared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``load_model(background=True)`` (serve, play, gradio) returns the model on PyTorch at once when auto
+    picks ONNX Runtime, has a child process make the graphs and then switches the same model, mid-session; a
+    failure (of the child, or anything else) leaves it on PyTorch with a warning."""
+    import threading
+
+    from worldloop.app import loading
+
+    monkeypatch.setenv("WORLDLOOP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "resolve_backend", lambda backend, device, config: (
+        ("onnxruntime-int8", "auto: test") if backend == "auto" else (backend, "asked for")))
+    release, real = threading.Event(), loading.prepare_graphs_in_child
+
+    def gated(*args: Any) -> None:
+        assert release.wait(120)
+        real(*args)
+
+    monkeypatch.setattr(loading, "prepare_graphs_in_child", gated)
+    choice = loading.choose_model(None, "tiny", fallback=True)
+
+    def prepared(wm: WorldModel, within: float) -> None:
+        deadline = time.monotonic() + within
+        while wm.pending_backend is not None:
+            assert time.monotonic() < deadline, "the graphs were not ready in time"
+            time.sleep(0.05)
+
+    with caplog.at_level("INFO", logger="worldloop.app.loading"):
+        wm = loading.load_model(choice, backend="auto", max_sessions=1, background=True)
+        assert (wm.backend, wm.executor, wm.pending_backend) == ("torch", None, "onnxruntime-int8")
+        session = wm.new_session("a stone dungeon", seed=1)
+        for k in KEYS[:3]:  # plays while nothing is exported yet
+            wm.next_frame([session], [k])
+        assert not (tmp_path / "cache").exists()
+        release.set()
+        prepared(wm, 300)
+    assert (wm.backend, wm.pending_backend) == ("onnxruntime-int8", None)
+    assert wm.executor is not None and wm.executor.folder.parent == tmp_path / "cache" / "onnx-int8"
+    assert "switched to onnxruntime-int8" in caplog.text
+    steps = 0
+    frame_step = wm.executor.frame_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return frame_step(*args, **kwargs)
+
+    wm.executor.frame_step = counted
+    for k in KEYS[3:6]:  # the same session goes on, now on ONNX Runtime
+        frame = wm.next_frame([session], [k])[0]
+    assert steps == 3 and frame.shape == (*wm.frame_shape, 3) and session.frame_index == 6
+    wm.close_session(session)
+
+    def broken(*args: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(loading, "prepare_graphs_in_child", broken)
+    with caplog.at_level("INFO", logger="worldloop.app.loading"):
+        wm = loading.load_model(choice, backend="auto", max_sessions=1, background=True)
+        prepared(wm, 60)
+    assert (wm.backend, wm.executor, wm.pending_backend) == ("torch", None, None)
+    assert ("onnxruntime-int8 failed to start (OSError: No space left on device); playing on torch"
+            in caplog.text)
+    gone = loading.ModelChoice(choice.config, path=tmp_path / "no-such-model")  # the child itself fails
+    with pytest.raises(RuntimeError, match="the process making the graphs failed"):
+        real(gone, 0, "onnxruntime-int8")

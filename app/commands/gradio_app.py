@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if choice.warning():
         print(f"\n{'!' * 100}\n{choice.warning()}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
-                       backend=args.backend)
+                       backend=args.backend, background=True)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, trained=choice.trained,
                     starts=starts).start()
     demo = build_app(GradioWorld(engine))

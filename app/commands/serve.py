@@ -123,7 +123,7 @@ def build(args: argparse.Namespace) -> tuple[ModelChoice, Engine, ServerConfig]:
 
         torch.set_num_threads(threads)
     model = load_model(choice, device=args.device, steps=args.steps, max_sessions=args.max_sessions,
-                       backend=args.backend)
+                       backend=args.backend, background=True)
     engine = Engine(model, max_sessions=args.max_sessions, fps=args.fps, speculative=not args.no_speculative,
                     trained=choice.trained, starts=starts)
     hint = float32_hint(model)
@@ -137,7 +137,8 @@ def float32_hint(model: WorldModel) -> str | None:
     int8 graphs play faster there (an AVX2 2-core CPU: 1.4× PyTorch, docs/onnx.md), None otherwise."""
     import torch
 
-    if model.device.type != "cpu" or model.backend != "torch" or model.dtype != torch.float32:
+    if (model.device.type != "cpu" or model.backend != "torch" or model.dtype != torch.float32
+            or model.pending_backend is not None):
         return None
     return ("this CPU has no native bf16, so the model runs in float32 (about 20 FPS on 2 cores); ONNX "
             "Runtime's int8 graphs play faster here (28 FPS): pip install 'worldloop[onnx]', then "
