@@ -20,8 +20,10 @@ matrix products with int8 weights, the decoder's convolutions int8 where calibra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,11 @@ from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.kv_cache import CacheView, PromptKV
 from worldloop.models.onnx_export import (
     DECODER,
+    FORMAT,
+    MANIFEST,
     STEP,
     STEP_CONTEXT,
+    VERSION,
     export_graphs,
     read_manifest,
     weights_digest,
@@ -87,6 +92,8 @@ def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = 
             log.warning("quantising the model's ONNX graphs to int8 in %s (once for these weights)", target)
             latents = None if calibration is None else vae.eval().encode_frames(calibration())
             quantize_graphs(source, target, latents)
+            if folder is None:
+                prune_stale(target.parent)
         return target
     if folder is None and model_dir is not None and _matches(Path(model_dir) / "onnx", digest):
         return Path(model_dir) / "onnx"
@@ -95,7 +102,28 @@ def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = 
         log.warning("exporting the model's ONNX graphs to %s (once for these weights; about a minute)",
                     target)
         export_graphs(dit, vae, target)
+        if folder is None:
+            prune_stale(target.parent)
     return target
+
+
+def prune_stale(root: Path) -> list[Path]:
+    """Remove the cache folders under ``root`` whose graphs are of another (older) worldloop graph format:
+    no version of the code that reads this one uses them again, and each holds tens of MiB. Folders of
+    this format (other models' graphs) and anything that is not a worldloop graph folder are kept."""
+    removed = []
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            manifest = json.loads((child / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+                and isinstance(manifest.get("version"), int) and manifest["version"] < VERSION):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    if removed:
+        log.info("removed %d cached graph folder(s) of an older format from %s", len(removed), root)
+    return removed
 
 
 def _matches(folder: Path, digest: str) -> bool:

@@ -398,3 +398,25 @@ def test_interactive_start_plays_on_torch_while_the_graphs_are_prepared(
     gone = loading.ModelChoice(choice.config, path=tmp_path / "no-such-model")  # the child itself fails
     with pytest.raises(RuntimeError, match="the process making the graphs failed"):
         real(gone, 0, "onnxruntime-int8")
+
+
+def test_graph_folders_of_an_older_format_are_pruned_from_the_cache(tmp_path: Path) -> None:
+    """A new export into the user cache removes folders an older graph format left there (tens of MiB each,
+    never read again); other models' graphs of this format and foreign folders stay."""
+    from worldloop.models.onnx_export import FORMAT, VERSION
+    from worldloop.models.onnx_runtime import prune_stale
+
+    def folder(name: str, manifest: dict | None) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dit_step.onnx").write_bytes(b"\0" * 1024)
+        if manifest is not None:
+            (tmp_path / name / MANIFEST).write_text(json.dumps(manifest))
+        return tmp_path / name
+
+    old = folder("a-old", {"format": FORMAT, "version": VERSION - 1})
+    current = folder("b-current", {"format": FORMAT, "version": VERSION})
+    foreign = folder("c-foreign", {"format": "something-else", "version": 0})
+    bare = folder("d-bare", None)
+    assert prune_stale(tmp_path) == [old]
+    assert not old.exists() and all(p.exists() for p in (current, foreign, bare))
+    assert prune_stale(tmp_path / "missing") == []
