@@ -14,6 +14,8 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -250,6 +252,8 @@ def _switch(model: WorldModel, backend: str, frames: Callable[[], np.ndarray] | 
     try:
         prepare_graphs_in_child(choice, seed, backend)
         model.use_backend(backend, calibration_frames=frames)  # finds the graphs the child made: loads them
+    except StoppedPreparing as stopped:
+        log.info("%s", stopped)
     except Exception as err:  # noqa: BLE001 — auto never does worse than PyTorch: export, cache, runtime
         log.warning("backend %s failed to start (%s: %s); playing on torch", backend, type(err).__name__, err)
     else:
@@ -264,8 +268,14 @@ def prepare_graphs_in_child(choice: ModelChoice, seed: int, backend: str) -> Non
         target=_prepare_graphs, args=(choice, seed, backend), name="worldloop-onnx-graphs", daemon=True)
     process.start()
     process.join()
+    if process.exitcode is None:  # this process is shutting down; multiprocessing's atexit ends the child
+        raise StoppedPreparing("stopped before the graphs were ready")
     if process.exitcode != 0:
         raise RuntimeError(f"the process making the graphs failed (exit code {process.exitcode})")
+
+
+class StoppedPreparing(Exception):
+    """The app stopped while a child process was still making the graphs (nothing to warn about)."""
 
 
 def _prepare_graphs(choice: ModelChoice, seed: int, backend: str) -> None:
@@ -277,6 +287,9 @@ def _prepare_graphs(choice: ModelChoice, seed: int, backend: str) -> None:
     from worldloop.models.world_model import WorldModel
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ended by the app (SIGTERM, as multiprocessing ends a daemon child): unwind, so the exporter's
+    # ``finally`` removes its half-written folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.nice(10)
     torch.set_num_threads(1)
     config = choice.config

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from worldloop.models.onnx_quantize import quantize_graphs
 from worldloop.models.vae import LatentAutoencoder
 
 log = logging.getLogger(__name__)
+ABANDONED_S = 3600  # an unfinished export's hidden folder older than this is removed (``prune_stale``)
 MISSING = ("the onnxruntime backend needs worldloop's onnx dependencies: pip install 'worldloop[onnx]' "
            "(onnx, onnxruntime, onnxscript)")
 
@@ -107,12 +109,20 @@ def graphs_for(dit: DiT, vae: LatentAutoencoder, model_dir: str | Path | None = 
     return target
 
 
-def prune_stale(root: Path) -> list[Path]:
-    """Remove the cache folders under ``root`` whose graphs are of another (older) worldloop graph format:
-    no version of the code that reads this one uses them again, and each holds tens of MiB. Folders of
-    this format (other models' graphs) and anything that is not a worldloop graph folder are kept."""
+def prune_stale(root: Path, now: float | None = None) -> list[Path]:
+    """Remove the cache folders under ``root`` whose graphs are of another (older) worldloop graph format —
+    no version of the code that reads this one uses them again, and each holds tens of MiB — and the hidden
+    folders of exports that never finished (killed mid-way) once they are an hour old (a younger one may be
+    another process's export in progress). Folders of this format (other models' graphs) and anything else
+    are kept."""
     removed = []
+    now = time.time() if now is None else now
     for child in sorted(root.iterdir()) if root.is_dir() else []:
+        if child.name.startswith(".") and child.is_dir():
+            if now - child.stat().st_mtime > ABANDONED_S:
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            continue
         try:
             manifest = json.loads((child / MANIFEST).read_text())
         except (OSError, ValueError):
@@ -122,7 +132,7 @@ def prune_stale(root: Path) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     if removed:
-        log.info("removed %d cached graph folder(s) of an older format from %s", len(removed), root)
+        log.info("removed %d stale cached graph folder(s) from %s", len(removed), root)
     return removed
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -402,7 +403,8 @@ def test_interactive_start_plays_on_torch_while_the_graphs_are_prepared(
 
 def test_graph_folders_of_an_older_format_are_pruned_from_the_cache(tmp_path: Path) -> None:
     """A new export into the user cache removes folders an older graph format left there (tens of MiB each,
-    never read again); other models' graphs of this format and foreign folders stay."""
+    never read again) and unfinished exports' hidden folders once an hour old; other models' graphs of this
+    format, foreign folders and a young unfinished export (maybe another process's, running) stay."""
     from worldloop.models.onnx_export import FORMAT, VERSION
     from worldloop.models.onnx_runtime import prune_stale
 
@@ -417,6 +419,10 @@ def test_graph_folders_of_an_older_format_are_pruned_from_the_cache(tmp_path: Pa
     current = folder("b-current", {"format": FORMAT, "version": VERSION})
     foreign = folder("c-foreign", {"format": "something-else", "version": 0})
     bare = folder("d-bare", None)
-    assert prune_stale(tmp_path) == [old]
-    assert not old.exists() and all(p.exists() for p in (current, foreign, bare))
+    abandoned = folder(".b-current-killed", None)  # an export killed mid-way, two hours ago
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+    running = folder(".b-current-running", None)  # another process exporting right now
+    assert prune_stale(tmp_path) == [abandoned, old]
+    assert not old.exists() and not abandoned.exists()
+    assert all(p.exists() for p in (current, foreign, bare, running))
     assert prune_stale(tmp_path / "missing") == []
