@@ -279,12 +279,11 @@ class StoppedPreparing(Exception):
 
 
 def _prepare_graphs(choice: ModelChoice, seed: int, backend: str) -> None:
-    """The child of ``prepare_graphs_in_child``: the same weights as the player's model (the same directory,
-    or the same preset and seed), one thread at low priority, so the player's frames come first."""
+    """The child of ``prepare_graphs_in_child``: loads the player's model on ``backend`` the way
+    ``load_model`` would without ``background`` (the same weights: the same directory, or the same preset and
+    seed), which makes the graphs into the user cache; one thread at low priority, so the player's frames
+    come first."""
     import torch
-
-    from worldloop.models.onnx_runtime import graphs_for
-    from worldloop.models.world_model import WorldModel
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ended by the app (SIGTERM, as multiprocessing ends a daemon child): unwind, so the exporter's
@@ -292,14 +291,7 @@ def _prepare_graphs(choice: ModelChoice, seed: int, backend: str) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     os.nice(10)
     torch.set_num_threads(1)
-    config = choice.config
-    if choice.path is not None:
-        model = WorldModel.from_pretrained(choice.path, precision="fp32", max_sessions=1)
-    else:
-        model = WorldModel.from_config(config, seed=seed, precision="fp32", max_sessions=1)
-    int8 = backend == "onnxruntime-int8"
-    frames = (lambda: calibration_frames(config.height, config.width)) if int8 else None
-    graphs_for(model.dit, model.vae, model.model_dir, int8=int8, calibration=frames)
+    load_model(choice, seed=seed, max_sessions=1, backend=backend)
 
 
 def check_backend(backend: str, device: str) -> str:

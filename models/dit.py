@@ -198,6 +198,13 @@ class Rotary(nn.Module):
             cos, sin = cos * gate, sin * gate
         return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
+    def qk_tables(self, frames: Tensor, sink: int) -> tuple[Tensor, Tensor]:
+        """Frame positions (B, G) → cos and [-sin | sin], each (2, B, 1, G·N, Dh): q's, then k's (frames
+        before ``sink`` are sink frames: their k's temporal pairs are zeroed)."""
+        tables = zip(self.tables(frames), self.tables(frames, frames < sink), strict=True)
+        cos, sin = (torch.stack(t) for t in tables)
+        return cos, sin
+
 
 def _freqs(n: int, theta: float) -> Tensor:
     return theta ** (-torch.arange(n, dtype=torch.float32) / max(n, 1))
@@ -621,10 +628,7 @@ class DiT(nn.Module):
         """The rotary tables of frames at positions ``frames`` (B, G) (absolute indices in inference): cos
         and [-sin | sin], each (2, B, 1, G·N, Dh) float32 — q's (spatial and temporal phase), then k's (the
         same, sink frames' temporal pairs zeroed; a bidirectional DiT has no sink)."""
-        sink = frames < (0 if self.cfg.bidirectional else self.cfg.sink)
-        tables = zip(self.rotary.tables(frames), self.rotary.tables(frames, sink), strict=True)
-        cos, sin = (torch.stack(t) for t in tables)
-        return cos, sin
+        return self.rotary.qk_tables(frames, 0 if self.cfg.bidirectional else self.cfg.sink)
 
     def fold_attention_scale(self) -> None:
         """Fold attention's 1/√Dh into q's gains (QK-norm and the cross-attention query) and set every block's

@@ -125,9 +125,7 @@ def example_step_inputs(config: ModelConfig, context: int, batch: int = 2, fille
     if context and batch > 1:
         present[0, 0] = False
     grid = (config.latent_size[0] // d.patch_size, config.latent_size[1] // d.patch_size)
-    rotary = Rotary(d.head_dim, grid, d.rope_theta)
-    sink = frames < d.sink
-    rope = [torch.stack(t) for t in zip(rotary.tables(frames), rotary.tables(frames, sink), strict=True)]
+    rope = Rotary(d.head_dim, grid, d.rope_theta).qk_tables(frames, d.sink)  # as DiT.rope_tables
     inputs = {"x": torch.randn(batch, context + 1, *latent, generator=g),
               "rope_cos": rope[0], "rope_sin": rope[1],
               "sigma": torch.rand(batch, context + 1, generator=g),
