@@ -15,12 +15,15 @@ import torch
 from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
 from worldloop.distill.data.clips import WorldClips
 from worldloop.distill.stages import losses
+from worldloop.distill.stages import runtime as runtime_module
 from worldloop.distill.stages.run import read_checkpoint
 from worldloop.distill.stages.runtime import (
+    Muon,
     Optimizers,
     TrainConfig,
     hidden_matrices,
     make_optimizer,
+    orthogonalize,
     setup_distributed,
 )
 from worldloop.distill.stages.teacher import TeacherObjective, train_teacher
@@ -170,6 +173,36 @@ def test_muon_takes_the_hidden_matrices_and_resumes_exactly(tmp_path: Path) -> N
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     first = checkpoint.load_model(tmp_path / "straight" / "model").dit
     assert not torch.equal(first["blocks.0.qkv.weight"], DiT(TINY).state_dict()["blocks.0.qkv.weight"])
+
+
+def test_muon_matches_torch_in_bf16_and_iterates_in_float32_without_native_bf16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    start = torch.randn(48, 80)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(3)]
+    reference = torch.optim.Muon([params[0]], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours = [Muon([params[1]], lr=1e-2, weight_decay=0.1, dtype=torch.bfloat16),
+            Muon([params[2]], lr=1e-2, weight_decay=0.1, dtype=torch.float32)]
+    for _ in range(4):
+        grad = torch.randn(48, 80)
+        for p in params:
+            p.grad = grad.clone()
+        for opt in (reference, *ours):
+            opt.step()
+    assert torch.equal(params[1], params[0])  # the same update as torch's Muon, bf16 iteration included
+    moved = (params[0] - start).abs().max()
+    assert 0 < (params[2] - params[0]).abs().max() < 0.05 * moved  # float32 differs only by bf16's rounding
+    tall = torch.randn(80, 48)
+    q = orthogonalize(tall)
+    assert q.dtype == torch.float32 and q.shape == tall.shape
+    singular = torch.linalg.svdvals(q)
+    assert singular.min() > 0.5 and singular.max() < 1.3  # Newton-Schulz pushes every singular value to ~1
+    monkeypatch.setattr(runtime_module, "fast_bf16", lambda device: False)
+    opt = make_optimizer(DiT(TINY), TrainConfig(optimizer="muon", device="cpu"), torch.device("cpu"))
+    assert opt.parts[0].dtype == torch.float32
+    monkeypatch.setattr(runtime_module, "fast_bf16", lambda device: True)
+    opt = make_optimizer(DiT(TINY), TrainConfig(optimizer="muon", device="cpu"), torch.device("cpu"))
+    assert opt.parts[0].dtype == torch.bfloat16
 
 
 def test_learning_speed_benchmark_runs_end_to_end_on_tiny(tmp_path: Path) -> None:

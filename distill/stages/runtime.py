@@ -253,6 +253,61 @@ class Optimizers:
             opt.load_state_dict(part)
 
 
+# Newton-Schulz coefficients of the quintic iteration that Muon uses (Jordan et al., 2024): they push every
+# singular value of the normalised update towards 1 in five steps.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to a 2-D ``update`` (approximately ``U Vᵀ`` of its SVD), by
+    ``steps`` Newton-Schulz iterations computed in ``dtype``; returned in ``update``'s dtype."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(dtype)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    x = x / x.norm().clamp_min(1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.T).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D hidden matrices: Nesterov momentum, the update orthogonalised by Newton-Schulz, its
+    size matched to AdamW's (0.2·√max(rows, cols) × lr) and decoupled weight decay, as ``torch.optim.Muon``
+    with ``adjust_lr_fn="match_rms_adamw"`` (its state is the same ``momentum_buffer``). The difference is
+    ``dtype``: torch's always iterates in bf16, which a CPU without native bf16 emulates, 30× slower than
+    float32 on this project's AVX2 CPU (1.1 s against 0.04 s for one 1024 × 256 matrix), so a Muon
+    iteration of the default DiT took 28 s instead of 7."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, steps: int = 5, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "nesterov": nesterov, "steps": steps})
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("Muon takes no closure")
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.ndim != 2:
+                    raise ValueError(f"Muon updates 2-D matrices only, not a {tuple(p.grad.shape)} tensor")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["steps"], self.dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+
+
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D weights of the transformer blocks' linear maps (``blocks.*``): what Muon orthogonalises.
     Embeddings, the input/output projections, norms, biases and the zero-initialised adaLN modulations stay
@@ -274,8 +329,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
     if not muon:
         return adamw
-    muon_opt = torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
+    muon_opt = Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    dtype=torch.bfloat16 if fast_bf16(device) else torch.float32)
     return Optimizers([muon_opt, adamw])  # type: ignore[return-value]  # duck-typed: what the loop uses
 
 
