@@ -19,7 +19,7 @@ from tests.train_fakes import FakeClips, FakePromptEncoder, random_model_dir
 from worldloop.app.cli import main
 from worldloop.distill.data.clips import ClipPool, EpisodeClips, WorldClips
 from worldloop.distill.data.episodes import EpisodeMeta, PromptChange, write_episode
-from worldloop.distill.stages.run import RunError, read_checkpoint
+from worldloop.distill.stages.run import RunError, logged_cpu_minutes, read_checkpoint
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
 from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw, train_teacher
 from worldloop.distill.stages.vae import VAEObjective, train_vae
@@ -111,6 +111,52 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt", "teacher")
     weights_a, weights_b = a["modules"]["dit"], b["modules"]["dit"]
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
+
+
+def test_a_resumed_run_counts_cpu_minutes_and_snapshots_over_its_segments(tmp_path: Path) -> None:
+    """A run continued day after day keeps one CPU-minute clock: the log, the checkpoint and the snapshot
+    names go on from the earlier segments' total (``--cpu-minutes`` still budgets each segment)."""
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    run = tmp_path / "run"
+    every = 0.02  # 1.2 s of CPU: each segment ends in one end-point snapshot (names step by 0.001 minutes);
+    # the second segment is shorter than the first, so a clock restarted at 0 would name its snapshot lower
+
+    def snapshots() -> dict[str, int]:  # name → when its weights were written
+        return {p.name: (p / "config.json").stat().st_mtime_ns for p in (run / "snapshots").iterdir()}
+
+    _teacher(run, vae, iterations=4, snapshot_minutes=every)
+    first = snapshots()
+    spent = read_checkpoint(run / "checkpoint.pt", "teacher")["cpu_minutes"]
+    assert spent + 5e-4 >= _log(run)[-1]["cpu_minutes"] > 0 and first  # the log rounds to 0.001
+    _teacher(run, vae, resume=True, iterations=6, snapshot_minutes=every)
+    log = _log(run)
+    assert [r["iteration"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[4]["cpu_minutes"] + 5e-4 >= spent  # the clock goes on, it does not restart at 0
+    after = snapshots()
+    assert all(after.get(name) == written for name, written in first.items())  # none overwritten
+    new = set(after) - set(first)
+    assert new and min(new) > max(first), (sorted(first), sorted(new))
+    assert read_checkpoint(run / "checkpoint.pt", "teacher")["cpu_minutes"] + 5e-4 >= log[-1]["cpu_minutes"]
+
+
+def test_cpu_minutes_of_a_checkpoint_without_them_come_from_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    records = [(10, 1.0), (20, 2.0), (30, 0.5), (40, 1.5), (50, 2.5)]  # a resume after iteration 20
+    lines = [json.dumps({"iteration": i, "cpu_minutes": m}) for i, m in records]
+    log.write_text("\n".join([*lines[:3], '{"iteration": 35, "cpu_min', *lines[3:]]) + "\n")
+    assert logged_cpu_minutes(log, 40) == pytest.approx(2.0 + 1.5)
+    assert logged_cpu_minutes(log, 20) == pytest.approx(2.0)
+    assert logged_cpu_minutes(tmp_path / "none.jsonl", 40) == 0.0
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    run = tmp_path / "old"
+    _teacher(run, vae, iterations=2)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    del state["cpu_minutes"]  # as written before checkpoints recorded them
+    torch.save(state, run / "checkpoint.pt")
+    (run / "log.jsonl").write_text("\n".join(json.dumps({"iteration": i, "cpu_minutes": 7.0 + i})
+                                             for i in (1, 2)) + "\n")
+    _teacher(run, vae, resume=True, iterations=3)
+    assert _log(run)[-1]["cpu_minutes"] >= 9.0
 
 
 def test_a_checkpoint_from_before_a_config_section_resumes(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ resumed run continues with the numbers the uninterrupted run would have used (se
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
@@ -45,6 +46,7 @@ from worldloop.distill.stages.run import (
     RunDir,
     StopSignal,
     load_checkpoint,
+    logged_cpu_minutes,
     save_checkpoint,
 )
 from worldloop.distill.stages.runtime import (
@@ -156,8 +158,9 @@ def prepare_run(cfg: TrainConfig, settings: dict[str, Any], resume: bool, ddp: D
 
 
 def snapshot_dir(run: RunDir, minutes: float) -> Path:
-    """Where the snapshot taken after ``minutes`` of process CPU time goes: ``snapshots/cpu0010.000``."""
-    return run.root / "snapshots" / f"cpu{minutes:08.3f}"
+    """Where the snapshot taken after ``minutes`` of process CPU time goes: ``snapshots/cpu0010.000``. The
+    name is rounded down, so a run's end point never takes the name of a snapshot its resumption makes."""
+    return run.root / "snapshots" / f"cpu{math.floor(minutes * 1000) / 1000:08.3f}"
 
 
 def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resume: bool) -> TrainResult:
@@ -165,9 +168,13 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
     ``cfg.cpu_minutes`` of process CPU time or ``cfg.minutes`` of wall-clock time are spent (then it saves and
     exports as on SIGTERM); ``TrainResult.stopped`` says which."""
     state = {"modules": stage.modules, "emas": stage.emas, "optimizer": stage.optimizer}
-    iteration = 0
+    iteration, spent_before = 0, 0.0  # CPU minutes of the run's earlier segments
     if resume:
-        iteration = load_checkpoint(run.checkpoint, stage=stage.name, settings=stage.settings, **state)
+        resumed = load_checkpoint(run.checkpoint, stage=stage.name, settings=stage.settings, **state)
+        iteration = resumed.iteration
+        spent_before = resumed.cpu_minutes
+        if spent_before is None:
+            spent_before = logged_cpu_minutes(run.log, iteration)
         stage.load_extra(run)
     log = JsonlLog(run.log, ddp.is_main)
     progress = Progress(iteration, cfg.iterations, stage.title, ddp.is_main)
@@ -176,14 +183,17 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
         if ddp.is_main:
             stage.save_extra(run)
             save_checkpoint(run.checkpoint, stage=stage.name, iteration=iteration, settings=stage.settings,
-                            **state)
+                            cpu_minutes=run_minutes(), **state)
             if stage.export_at_checkpoints:
                 stage.export(iteration, run.model)
 
     cpu_start, wall_start = cpu_seconds(), time.monotonic()
 
-    def cpu_minutes() -> float:  # process CPU time since the run (re)started
+    def cpu_minutes() -> float:  # process CPU time since the run (re)started: what --cpu-minutes budgets
         return (cpu_seconds() - cpu_start) / 60
+
+    def run_minutes() -> float:  # process CPU time of the whole run, over all its segments
+        return spent_before + cpu_minutes()
 
     def stop_reason() -> str | None:
         if stop.requested:
@@ -194,7 +204,9 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             return "minutes"  # a wall-clock budget: a GPU lease, a speedrun's share
         return None
 
-    snapshots = 0  # model snapshots every cfg.snapshot_minutes of CPU time (learning curves per CPU minute)
+    # Model snapshots every cfg.snapshot_minutes of the run's CPU time (learning curves per CPU minute),
+    # named by the run's CPU minutes, so a resumed run's curve continues where it stopped.
+    snapshots = int(spent_before // cfg.snapshot_minutes) if cfg.snapshot_minutes else 0
 
     stopped: str | None = None
     with StopSignal() as stop:
@@ -213,20 +225,20 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
                 record = {k: float(v) for k, v in done.record.items()}
                 log.write(iteration=iteration, **record, frames_per_s=progress.rate(),
                           seconds_per_iteration=progress.seconds_per_iteration(),
-                          data_share=progress.data_share(), cpu_minutes=round(cpu_minutes(), 3))
+                          data_share=progress.data_share(), cpu_minutes=round(run_minutes(), 3))
                 progress.reset_rate()
             if iteration % cfg.checkpoint_every == 0:
                 save()
             if ddp.is_main and cfg.sample_every and iteration % cfg.sample_every == 0:
                 stage.samples(iteration, batch, run)
-            due = cfg.snapshot_minutes and cpu_minutes() >= (snapshots + 1) * cfg.snapshot_minutes
+            due = cfg.snapshot_minutes and run_minutes() >= (snapshots + 1) * cfg.snapshot_minutes
             if ddp.is_main and due:
                 snapshots += 1
                 stage.export(iteration, snapshot_dir(run, snapshots * cfg.snapshot_minutes))
     progress.close()
     save()
-    if ddp.is_main and cfg.snapshot_minutes and cpu_minutes() > (snapshots + 0.1) * cfg.snapshot_minutes:
-        stage.export(iteration, snapshot_dir(run, cpu_minutes()))  # the end point of the learning curve
+    if ddp.is_main and cfg.snapshot_minutes and run_minutes() > (snapshots + 0.1) * cfg.snapshot_minutes:
+        stage.export(iteration, snapshot_dir(run, run_minutes()))  # the end point of the learning curve
     if ddp.is_main and not stage.export_at_checkpoints:
         stage.export(iteration, run.model)
     return TrainResult(run.model, iteration, stage.trained, stopped)

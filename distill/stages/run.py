@@ -85,12 +85,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, *, stage: str, iteration: int, settings: dict[str, Any],
                     modules: dict[str, nn.Module], emas: dict[str, EMA],
-                    optimizer: torch.optim.Optimizer) -> None:
+                    optimizer: torch.optim.Optimizer, cpu_minutes: float = 0.0) -> None:
     """Write the full training state atomically (a crash mid-write leaves the previous checkpoint).
 
-    The format calls the iteration ``step`` (kept, so every checkpoint written so far stays readable)."""
+    The format calls the iteration ``step`` (kept, so every checkpoint written so far stays readable);
+    ``cpu_minutes`` is the process CPU time the run has spent up to this iteration, over all its segments."""
     state = {
         "format": CHECKPOINT_FORMAT, "stage": stage, "step": iteration, "settings": settings,
+        "cpu_minutes": float(cpu_minutes),
         "modules": {k: m.state_dict() for k, m in modules.items()},
         "ema": {k: e.state_dict() for k, e in emas.items()},
         "optimizer": optimizer.state_dict(), "rng": capture_rng(),
@@ -117,8 +119,9 @@ def read_checkpoint(path: Path, stage: str) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, *, stage: str, settings: dict[str, Any], modules: dict[str, nn.Module],
-                    emas: dict[str, EMA], optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, EMA, optimizer and RNG; returns the iteration to continue from.
+                    emas: dict[str, EMA], optimizer: torch.optim.Optimizer) -> Resumed:
+    """Restore weights, EMA, optimizer and RNG; returns the iteration to continue from and the CPU minutes
+    spent before it (None from a checkpoint written before they were recorded).
 
     The model config (``settings["model"]``) and objective must equal the checkpoint's: a mismatch is an
     error rather than a silently different run. Optimisation settings (iterations, lr, …) may change.
@@ -140,7 +143,39 @@ def load_checkpoint(path: Path, *, stage: str, settings: dict[str, Any], modules
     except (KeyError, RuntimeError, ValueError) as err:
         raise RunError(f"{path} does not match this model: {str(err).splitlines()[0]}") from None
     restore_rng(state["rng"])
-    return int(state["step"])
+    spent = state.get("cpu_minutes")
+    return Resumed(int(state["step"]), None if spent is None else float(spent))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run continues: its iteration and the process CPU minutes spent before it."""
+
+    iteration: int
+    cpu_minutes: float | None
+
+
+def logged_cpu_minutes(log: Path, iteration: int) -> float:
+    """The CPU minutes a run's log says were spent up to ``iteration``, for a checkpoint that does not
+    record them. Logs of that time restart their ``cpu_minutes`` at 0 in each resumed segment, so a fall
+    starts a new segment and the segments are summed; 0 without a log."""
+    total = last = 0.0
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return 0.0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            it, minutes = int(record["iteration"]), float(record["cpu_minutes"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash, or one without the figure
+        if it > iteration:
+            break
+        if minutes < last:
+            total += last
+        last = minutes
+    return total + last
 
 
 def _model_settings(saved: Any) -> Any:
