@@ -20,7 +20,7 @@ from worldloop.app.cli import main
 from worldloop.distill.data.clips import ClipPool, EpisodeClips, WorldClips
 from worldloop.distill.data.episodes import EpisodeMeta, PromptChange, write_episode
 from worldloop.distill.stages.run import RunError, logged_cpu_minutes, read_checkpoint
-from worldloop.distill.stages.runtime import TrainConfig, setup_distributed
+from worldloop.distill.stages.runtime import TrainConfig, lr_at, setup_distributed
 from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw, train_teacher
 from worldloop.distill.stages.vae import VAEObjective, train_vae
 from worldloop.distill.world.themes import THEMES
@@ -227,6 +227,20 @@ def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.Capt
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 3
     assert "--iterations 0" in errors[0] and "--vae" in errors[1] and "missing" in errors[2]
+
+
+def test_cooldown_decays_the_last_iterations_and_a_resume_can_add_it(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TrainConfig(iterations=10, lr=1e-3, warmup=2, cooldown=4)
+    assert [round(lr_at(i, cfg) / 1e-3, 4) for i in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert lr_at(5, replace(cfg, cooldown=0)) == lr_at(9, replace(cfg, cooldown=0)) == 1e-3
+    vae = random_model_dir(TINY, tmp_path / "vae")
+    _teacher(tmp_path / "long", vae, iterations=2)  # a long run at constant lr, then ended by a cooldown
+    _teacher(tmp_path / "long", vae, resume=True, iterations=5, cooldown=3)
+    assert [round(r["lr"] / 1e-3, 4) for r in _log(tmp_path / "long")] == [1, 1, 1, 0.6667, 0.3333]
+    assert main(["train", "teacher", "--preset", "tiny", "--device", "cpu", "--iterations", "3",
+                 "--cooldown", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "cooldown" in capsys.readouterr().err
 
 
 def test_world_clips_and_pool_are_deterministic_by_step() -> None:

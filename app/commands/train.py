@@ -95,6 +95,9 @@ def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch")
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="the last this many of --iterations decay the learning rate linearly towards 0 (to end "
+                        "a long run: --resume it with its final --iterations)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="optimizer weight decay")
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
                    help="largest gradient norm (0: no clipping)")
@@ -186,7 +189,7 @@ def train_config(args: argparse.Namespace, config: ModelConfig, ddp: Distributed
     local_batch_size(args.batch_size, ddp)  # divisible by the processes, checked here at the edge
     return TrainConfig(
         iterations=args.iterations, cpu_minutes=args.cpu_minutes, minutes=args.minutes,
-        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, cooldown=args.cooldown,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, clip_frames=clip,
         seed=args.seed, device=str(ddp.device), bf16=bf16, compile=args.compile, out=str(args.out),
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,

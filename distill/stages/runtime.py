@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 8  # global: split evenly over the DDP processes
     lr: float = 3e-4
     warmup: int = 100  # linear learning-rate warm-up iterations (again after --init-from)
+    cooldown: int = 0  # the last this many of ``iterations`` decay the learning rate linearly towards 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -65,7 +66,8 @@ class TrainConfig:
             "iterations": self.iterations >= 1, "cpu_minutes": self.cpu_minutes >= 0,
             "minutes": self.minutes >= 0,
             "batch_size": self.batch_size >= 1, "lr": 0 < self.lr < 1,
-            "warmup": self.warmup >= 0, "weight_decay": self.weight_decay >= 0,
+            "warmup": self.warmup >= 0, "cooldown": 0 <= self.cooldown <= self.iterations,
+            "weight_decay": self.weight_decay >= 0,
             "grad_clip": self.grad_clip >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "clip_frames": 2 <= self.clip_frames <= 1024,
             "log_every": self.log_every >= 1, "sample_every": self.sample_every >= 0,
@@ -215,10 +217,16 @@ class EMA:
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr``, then constant (EMA does the averaging a decay would)."""
+    """Linear warm-up to ``cfg.lr``, then constant (EMA does the averaging a decay would), so a run can be
+    extended without changing its past; with ``cfg.cooldown`` the last iterations decay it linearly (from
+    ``lr`` to ``lr / cooldown``): the end of a long run, resumed with its final ``--iterations``."""
+    lr = cfg.lr
     if cfg.warmup and iteration < cfg.warmup:
-        return cfg.lr * (iteration + 1) / cfg.warmup
-    return cfg.lr
+        lr *= (iteration + 1) / cfg.warmup
+    left = cfg.iterations - iteration
+    if cfg.cooldown and left <= cfg.cooldown:
+        lr *= max(left, 1) / cfg.cooldown
+    return lr
 
 
 OPTIMIZERS = ("adamw", "muon")
