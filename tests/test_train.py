@@ -229,8 +229,8 @@ def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.Capt
     assert "--iterations 0" in errors[0] and "--vae" in errors[1] and "missing" in errors[2]
 
 
-def test_cooldown_decays_the_last_iterations_and_a_resume_can_add_it(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cooldown_decays_the_last_iterations_and_a_resume_can_add_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = TrainConfig(iterations=10, lr=1e-3, warmup=2, cooldown=4)
     assert [round(lr_at(i, cfg) / 1e-3, 4) for i in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     assert lr_at(5, replace(cfg, cooldown=0)) == lr_at(9, replace(cfg, cooldown=0)) == 1e-3

@@ -96,8 +96,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="linear warm-up iterations")
     p.add_argument("--cooldown", type=int, default=0,
-                   help="the last this many of --iterations decay the learning rate linearly towards 0 (to end "
-                        "a long run: --resume it with its final --iterations)")
+                   help="the last this many of --iterations decay the learning rate linearly towards 0 "
+                        "(to end a long run: --resume it with its final --iterations)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="optimizer weight decay")
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
                    help="largest gradient norm (0: no clipping)")
