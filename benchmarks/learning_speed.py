@@ -75,12 +75,13 @@ def train(run: Path, args: argparse.Namespace, extra: list[str]) -> float:
     return cpu / 60
 
 
-def training_figures(run: Path) -> dict[str, Any]:
-    """Iterations, CPU minutes and frames trained per CPU second, from the run's log and settings."""
+def training_figures(run: Path, model: Path) -> dict[str, Any]:
+    """Iterations, CPU minutes and frames trained per CPU second, from the run's log and settings, for the
+    exported ``model`` (the run's, or its newest snapshot while it still trains)."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     settings = json.loads((run / "train.json").read_text())
     last = records[-1]
-    _, metadata = checkpoint.read_config(run / "model")
+    _, metadata = checkpoint.read_config(model)
     iterations = int(metadata.get("step", last["iteration"]))
     frames = iterations * settings["train"]["batch_size"] * settings["train"]["clip_frames"]
     tail = [r["loss"] for r in records[-10:]]
@@ -88,7 +89,8 @@ def training_figures(run: Path) -> dict[str, Any]:
         return [r[key] for r in records[-20:] if key in r and r[key] == r[key]]
 
     change, steady = recent("loss_key_change"), recent("loss_key_steady")
-    minutes = float((run.parent / "cpu_minutes.txt").read_text())  # the whole training process
+    whole = run.parent / "cpu_minutes.txt"  # the whole training process, when this script trained it
+    minutes = float(whole.read_text()) if whole.is_file() else float(last["cpu_minutes"])
     out = {"iterations": iterations, "cpu_minutes": minutes,
            "frames_per_cpu_s": frames / max(1e-9, 60 * minutes),
            "final_loss": sum(tail) / len(tail)}
@@ -120,7 +122,13 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         train(run, args, extra)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    config, _ = checkpoint.read_config(run / "model")
+    snapshots = sorted((run / "snapshots").glob("cpu*")) if (run / "snapshots").is_dir() else []
+    model = run / "model"
+    if not (model / "config.json").is_file():  # a run still training (or stopped by a crash): its newest snapshot
+        if not snapshots:
+            raise SystemExit(f"{run}: neither an exported model nor a snapshot to evaluate yet")
+        model = snapshots[-1]
+    config, _ = checkpoint.read_config(model)
     frame = (config.height, config.width)
     helpers = load_helpers(None if args.idm == Path("none") else args.idm,
                            None if args.classifier == Path("none") else args.classifier, frame,
@@ -131,11 +139,14 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"name": args.name, "recipe": args.recipe, "flags": extra,
                               "eval_context_sigma": args.eval_context_sigma, "budget_minutes": args.minutes,
                               "threads": args.threads, "seed": args.seed, "preset": args.preset,
-                              **training_figures(run)}
-    result |= evaluate(run / "model", args, helpers[:2], folder / "frames.png")
+                              **training_figures(run, model)}
+    evaluated = evaluate(model, args, helpers[:2], folder / "frames.png")
+    result |= evaluated
+    if model != run / "model":
+        result["evaluated"] = model.name
     curve = []
-    for snap in sorted((run / "snapshots").glob("cpu*")) if (run / "snapshots").is_dir() else []:
-        point = evaluate(snap, args, helpers[:2])
+    for snap in snapshots:
+        point = evaluated if snap == model else evaluate(snap, args, helpers[:2])
         curve.append({"cpu_minutes": snapshot_minutes(snap), **point})
     if curve:
         result["curve"] = curve
@@ -184,8 +195,10 @@ def table(runs: list[Path]) -> str:
     """A markdown table of finished runs (their result.json), with the baselines in the first row."""
     results = [json.loads((r / "result.json").read_text()) for r in runs]
     sigmas = [r.get("eval_context_sigma") for r in results]  # None: the model's own
-    sigmas = [checkpoint.read_config(run / "run" / "model")[0].sampling.context_sigma if s is None else s
-              for s, run in zip(sigmas, runs, strict=True)]
+    models = [run / "run" / ("snapshots/" + r["evaluated"] if "evaluated" in r else "model")
+              for r, run in zip(results, runs, strict=True)]
+    sigmas = [checkpoint.read_config(model)[0].sampling.context_sigma if s is None else s
+              for s, model in zip(sigmas, models, strict=True)]
     cells = [[str(r["name"]), f"{r['recipe']}: " + (" ".join(r.get("flags", [])) or "–"), str(r["seed"]),
               _cell(sigma, 1), *(_cell(r.get(key), digits) for key, _, digits in TABLE)]
              for r, sigma in zip(results, sigmas, strict=True)]

@@ -4,6 +4,7 @@ learning-speed benchmark runs end to end on the tiny preset."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -223,6 +224,16 @@ def test_learning_speed_benchmark_runs_end_to_end_on_tiny(tmp_path: Path) -> Non
     assert [p["cpu_minutes"] for p in result["curve"]] == sorted(p["cpu_minutes"] for p in result["curve"])
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "--force" in again.stderr  # a finished run is never overwritten
+    # a run still training has no model/ yet: --eval-only evaluates its newest snapshot
+    shutil.rmtree(tmp_path / "runs" / "t" / "run" / "model")
+    command[command.index("--curve-every")] = "--eval-only"
+    command.remove("0.01")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    newest = sorted(p.name for p in (tmp_path / "runs" / "t" / "run" / "snapshots").iterdir())[-1]
+    result = json.loads((tmp_path / "runs" / "t" / "result.json").read_text())
+    assert line["evaluated"] == newest and line["psnr_h1"] == result["curve"][-1]["psnr_h1"]
 
 
 def test_aux_targets_come_from_the_engines_poses_and_depths() -> None:
