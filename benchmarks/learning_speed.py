@@ -124,7 +124,7 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     snapshots = sorted((run / "snapshots").glob("cpu*")) if (run / "snapshots").is_dir() else []
     model = run / "model"
-    if not (model / "config.json").is_file():  # a run still training (or stopped by a crash): its newest snapshot
+    if not (model / "config.json").is_file():  # a run still training: its newest snapshot
         if not snapshots:
             raise SystemExit(f"{run}: neither an exported model nor a snapshot to evaluate yet")
         model = snapshots[-1]
