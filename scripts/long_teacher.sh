@@ -12,6 +12,7 @@
 #   bash scripts/long_teacher.sh status     # iteration, CPU minutes and recent loss of each run
 #   bash scripts/long_teacher.sh stop       # SIGTERM: each saves a checkpoint and exports its model
 #   bash scripts/long_teacher.sh eval       # quick eval of every snapshot (learning_speed.py --eval-only)
+# EXTRA="--compile" adds flags to the runs it starts; ROOT, VAE and THREADS (of eval) can be set too.
 set -euo pipefail
 ROOT=${ROOT:-runs/long}
 VAE=${VAE:-assets/autoencoder}
@@ -32,7 +33,7 @@ case "${1:-status}" in
       resume=(); [[ -f "$ROOT/$r/checkpoint.pt" ]] && resume=(--resume)
       # shellcheck disable=SC2046  # the flags are words
       setsid nohup worldloop train teacher --vae "$VAE" --out "$ROOT/$r" --threads 1 --checkpoint-every 100 \
-        --snapshot-minutes 15 --sample-every 0 --iterations 200000 $(flags "$r") "${resume[@]}" \
+        --snapshot-minutes 15 --sample-every 0 --iterations 200000 $(flags "$r") ${EXTRA:-} "${resume[@]}" \
         >>"$ROOT/$r.log" 2>&1 </dev/null &
       echo "$r: started ${resume[*]:-from scratch} (log $ROOT/$r.log)"
     done ;;
