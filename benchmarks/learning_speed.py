@@ -22,7 +22,8 @@ recipe plus what it changes:
 
 ``--curve-every M`` exports a snapshot every M CPU minutes and evaluates each afterwards (outside the budget):
 the learning curve (PSNR and key accuracy against CPU minutes). Results: ``ROOT/NAME/result.json`` and
-``ROOT/NAME/frames.png`` (four held-out worlds, engine | model at horizons 1, 4 and 16).
+``ROOT/NAME/frames.png`` (four held-out worlds, engine | model at horizons 1, 4 and 16), and the same
+picture of each snapshot, ``ROOT/NAME/frames-cpuMMMM.MMM.png``.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         result["evaluated"] = model.name
     curve = []
     for snap in snapshots:
-        point = evaluated if snap == model else evaluate(snap, args, helpers[:2])
+        picture = folder / f"frames-{snap.name}.png"
+        point = evaluated if snap == model else evaluate(snap, args, helpers[:2], picture)
         curve.append({"cpu_minutes": snapshot_minutes(snap), **point})
     if curve:
         result["curve"] = curve

@@ -221,6 +221,7 @@ def test_learning_speed_benchmark_runs_end_to_end_on_tiny(tmp_path: Path) -> Non
     result = json.loads((tmp_path / "runs" / "t" / "result.json").read_text())
     assert len(result["curve"]) >= 2  # snapshots along the budget, each evaluated
     assert (tmp_path / "runs" / "t" / "frames.png").stat().st_size > 0
+    assert len(list((tmp_path / "runs" / "t").glob("frames-cpu*.png"))) == len(result["curve"])
     assert [p["cpu_minutes"] for p in result["curve"]] == sorted(p["cpu_minutes"] for p in result["curve"])
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "--force" in again.stderr  # a finished run is never overwritten
