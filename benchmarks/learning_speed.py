@@ -124,11 +124,12 @@ def benchmark(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     snapshots = sorted((run / "snapshots").glob("cpu*")) if (run / "snapshots").is_dir() else []
-    model = run / "model"
-    if not (model / "config.json").is_file():  # a run still training: its newest snapshot
-        if not snapshots:
-            raise SystemExit(f"{run}: neither an exported model nor a snapshot to evaluate yet")
-        model = snapshots[-1]
+    # The run's model, or while it still trains (or after a segment that stopped early exported an older
+    # model/) whichever of it and the newest snapshot has trained more iterations.
+    candidates = [m for m in (run / "model", *snapshots[-1:]) if (m / "config.json").is_file()]
+    if not candidates:
+        raise SystemExit(f"{run}: neither an exported model nor a snapshot to evaluate yet")
+    model = max(candidates, key=lambda m: int(checkpoint.read_config(m)[1].get("step", 0)))
     config, _ = checkpoint.read_config(model)
     frame = (config.height, config.width)
     helpers = load_helpers(None if args.idm == Path("none") else args.idm,

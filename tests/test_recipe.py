@@ -225,8 +225,10 @@ def test_learning_speed_benchmark_runs_end_to_end_on_tiny(tmp_path: Path) -> Non
     assert [p["cpu_minutes"] for p in result["curve"]] == sorted(p["cpu_minutes"] for p in result["curve"])
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "--force" in again.stderr  # a finished run is never overwritten
-    # a run still training has no model/ yet: --eval-only evaluates its newest snapshot
+    # a run still training has no model/ yet, or an older one: --eval-only evaluates its newest snapshot
+    snapshots = sorted((tmp_path / "runs" / "t" / "run" / "snapshots").iterdir())
     shutil.rmtree(tmp_path / "runs" / "t" / "run" / "model")
+    shutil.copytree(snapshots[0], tmp_path / "runs" / "t" / "run" / "model")
     command[command.index("--curve-every")] = "--eval-only"
     command.remove("0.01")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
