@@ -22,8 +22,9 @@ speedrun on the rest of the time, everything written to one folder.
    Without CUDA every check is recorded as skipped ("no CUDA"), so the same command dry-runs on a CPU.
 2. ``speedrun`` with the time left (less a margin for the copy), in a work folder.
 3. Into ``out``: ``gpu_check.json`` (rewritten after every step, so a crash or a kill leaves what was done),
-   ``report.md``, ``curves.png`` and ``model/`` — at most ``MAX_FILES`` files of at most ``MAX_FILE_BYTES``
-   each (``model/`` is sharded below that).
+   ``report.md``, ``curves.png`` and ``bundle.tar.000``, ``.001``, … — the student (``model/``), the teacher
+   (``teacher/model/``), the plan and the logs as one tar in parts of at most ``MAX_FILE_BYTES``
+   (``unbundle``; or ``cat bundle.tar.* | tar -x``): at most ``MAX_FILES`` files in all.
 """
 
 from __future__ import annotations
@@ -276,17 +277,58 @@ class Results:
         self.write()
 
 
+BUNDLE = "bundle.tar"  # split into bundle.tar.000, .001, … of at most MAX_FILE_BYTES each
+# What the bundle takes from the speedrun folder: the playable student, the teacher (its EMA weights, for
+# continuing or distilling elsewhere; the raw float32 weights would not fit), the plan and every stage's log.
+BUNDLED = ("model/**/*", "teacher/model/config.json", "teacher/model/README.md",
+           "teacher/model/vae.safetensors", "teacher/model/dit_ema*",
+           "speedrun.json", "*/log.jsonl", "*/train.json")
+
+
 def collect(work: Path, out: Path) -> list[dict[str, Any]]:
-    """Copy the report, curves and model directory from the speedrun folder; the files and their sizes."""
-    copied = []
+    """Copy the report and curves from the speedrun folder and bundle the models (``BUNDLED``) into one tar
+    split into parts (the student and the teacher together exceed what 8 files of 16 MiB carry as they are);
+    ``unbundle`` puts them back. Returns every file in ``out`` with its size."""
+    import tarfile
+
     for name in ("report.md", "curves.png"):
         if (work / name).is_file():
             shutil.copy2(work / name, out / name)
-    if (work / "model").is_dir():
-        shutil.copytree(work / "model", out / "model", dirs_exist_ok=True)
-    for f in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-        copied.append({"file": str(f.relative_to(out)), "bytes": f.stat().st_size})
-    return copied
+    members = sorted({f for pattern in BUNDLED for f in work.glob(pattern) if f.is_file()})
+    for stale in out.glob(BUNDLE + ".*"):
+        stale.unlink()
+    if members:
+        whole = out / (BUNDLE + ".tmp")
+        with tarfile.open(whole, "w") as tar:
+            for f in members:
+                tar.add(f, arcname=str(f.relative_to(work)))
+        with whole.open("rb") as src:
+            for part in range(1000):
+                chunk = src.read(MAX_FILE_BYTES)
+                if not chunk:
+                    break
+                (out / f"{BUNDLE}.{part:03d}").write_bytes(chunk)
+        whole.unlink()
+    return [{"file": str(f.relative_to(out)), "bytes": f.stat().st_size}
+            for f in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))]
+
+
+def unbundle(out: Path, dest: Path) -> Path:
+    """Join ``out``'s bundle parts and unpack them into ``dest`` (``dest/model`` is the student,
+    ``dest/teacher/model`` the teacher); returns ``dest``. Missing or broken parts raise ``ValueError``."""
+    import io
+    import tarfile
+
+    parts = sorted(out.glob(BUNDLE + ".[0-9][0-9][0-9]"))
+    if not parts or [p.name for p in parts] != [f"{BUNDLE}.{i:03d}" for i in range(len(parts))]:
+        raise ValueError(f"{out}: no complete {BUNDLE}.000, .001, … parts (found {[p.name for p in parts]})")
+    data = b"".join(p.read_bytes() for p in parts)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+    except tarfile.TarError as err:
+        raise ValueError(f"{out}: the bundle does not unpack ({err}); a part is missing or short") from None
+    return dest
 
 
 def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.device, preset_name: str,

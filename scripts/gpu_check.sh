@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check (app/gpu_check.py): CUDA checks (≤ 2 min), then `worldloop speedrun` on the rest of
-# MINUTES; results in OUT (gpu_check.json, report.md, curves.png, model/: ≤ 8 files of ≤ 16 MiB).
+# MINUTES; results in OUT (gpu_check.json, report.md, curves.png, bundle.tar.000…: ≤ 8 files of ≤ 16 MiB);
+# `cat OUT/bundle.tar.* | tar -x -C DEST` gives DEST/model (the student) and DEST/teacher/model.
 #
 #   scripts/gpu_check.sh OUT [MINUTES] [worldloop gpu-check options...]
 #   scripts/gpu_check.sh "$OUT" 9                                      # on the GPU machine

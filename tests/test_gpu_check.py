@@ -24,6 +24,7 @@ from worldloop.app.gpu_check import (
     compact_minilm,
     relative_error,
     run_checks,
+    unbundle,
     world_prompts,
 )
 from worldloop.app.loading import choose_model, load_model
@@ -104,10 +105,13 @@ def test_the_script_dry_runs_on_cpu_and_brings_back_a_playable_model(tmp_path: P
     assert any("speedrun: teacher" in line for line in data["speedrun"]["progress"])
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(files) <= MAX_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
-    assert {"gpu_check.json", "report.md", "curves.png", "model/config.json"} <= {
+    assert {"gpu_check.json", "report.md", "curves.png", "bundle.tar.000"} <= {
         str(p.relative_to(out)) for p in files}
     assert "no CUDA" in done.stdout
-    wm = load_model(choose_model(out / "model", None, fallback=False))
+    got = unbundle(out, tmp_path / "got")
+    assert (got / "teacher" / "model" / "config.json").is_file() and (got / "speedrun.json").is_file()
+    load_model(choose_model(got / "teacher" / "model", None, fallback=False))
+    wm = load_model(choose_model(got / "model", None, fallback=False))
     assert wm.next_frame([wm.new_session("a desert ruin", seed=1)], [1]).shape == (1, 32, 32, 3)
 
 

@@ -1,6 +1,7 @@
 """``worldloop gpu-check``: the CUDA checks (flex-attention, bf16, compile, batched sessions, NCCL, the
 ``wan`` preset's frame time, bench's sessions at 30 FPS), then ``worldloop speedrun`` on the time left; writes
-gpu_check.json, report.md, curves.png and model/ to --out. Without CUDA the checks are recorded as skipped.
+gpu_check.json, report.md, curves.png and the models (bundle.tar.000, … : the student and the teacher) to
+--out. Without CUDA the checks are recorded as skipped.
 
     scripts/gpu_check.sh $OUT 9                                        # on a GPU machine (what it runs)
     worldloop gpu-check --out runs/gpu --minutes 9
