@@ -129,10 +129,10 @@ def check_bf16(device: torch.device, preset_name: str = "default") -> dict[str, 
     return {"ok": error < BF16_TOL, "bf16_vs_fp32": error, "tolerance": BF16_TOL}
 
 
-def check_compile(device: torch.device) -> dict[str, Any]:
+def check_compile(device: torch.device, preset_name: str = "default") -> dict[str, Any]:
     from worldloop.distill.stages.teacher import TeacherLoss, TeacherObjective, draw
 
-    config = preset("default")
+    config = preset(preset_name)
     data = clip_inputs(config, config.dit.sink + config.dit.window + 1, device)
     mask = torch.ones(data["tokens"].shape[:2], dtype=torch.bool, device=device)
     draws = draw(TeacherObjective(), data["clean"].shape, torch.Generator(device).manual_seed(0), device)
@@ -141,9 +141,10 @@ def check_compile(device: torch.device) -> dict[str, Any]:
         loss_fn = TeacherLoss(perturbed_dit(config, device)).train()
         model = torch.compile(loss_fn) if compiled else loss_fn
         started = time.perf_counter()
-        loss = model(data["clean"], data["keys"], data["tokens"], mask, draws)
+        loss = model(data["clean"], data["keys"], data["tokens"], mask, draws).mean()  # per-frame losses
         loss.backward()
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         grads = torch.cat([p.grad.flatten() for p in loss_fn.parameters() if p.grad is not None])
         results.append((loss.detach(), grads, time.perf_counter() - started))
     (loss_e, grad_e, _), (loss_c, grad_c, first_s) = results
@@ -354,6 +355,8 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
         say(message)
         if message.startswith(("speedrun", "probe")):
             entry["progress"].append(f"{time.monotonic() - started:.0f} s: {message.splitlines()[0]}")
+            if message.startswith("speedrun: eval"):  # the models are final: out now, should the eval overrun
+                results.data["files"] = collect(work, out)
             results.write()
 
     try:

@@ -19,6 +19,7 @@ from worldloop.app.gpu_check import (
     MAX_FILES,
     check_batch,
     check_bf16,
+    check_compile,
     check_flex,
     check_wan,
     compact_minilm,
@@ -134,3 +135,11 @@ def test_the_script_bounds_its_time_and_always_leaves_its_json(tmp_path: Path, p
 def test_the_checks_themselves_run_and_pass_on_tiny_on_the_cpu(check) -> None:
     result = check(torch.device("cpu"), "tiny")
     assert result["ok"], result
+
+
+def test_the_compile_check_compares_a_scalar_loss_and_its_gradients_on_cpu() -> None:
+    """The check that failed on the first H200 call ("grad can be implicitly created only for scalar outputs":
+    the teacher loss returns per-frame losses), run here on the tiny preset."""
+    result = check_compile(torch.device("cpu"), "tiny")
+    assert result["ok"], result
+    assert result["loss_vs_eager"] < 1e-3 and result["first_compiled_step_s"] > 0

@@ -30,7 +30,7 @@ from worldloop.models import checkpoint
 from worldloop.models.text import PromptEncoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ALL = ("vae", "teacher", "cd", "dmd", "idm", "classifier", "eval", "export")
+ALL = ("vae", "teacher", "cd", "dmd", "idm", "classifier", "export", "eval")
 HELPERS = {"idm": 600, "classifier": 400}
 FIXED = {"vae": 2, "teacher": 3, "cd": 2, "dmd": 2, "idm": 2, "classifier": 2}
 
