@@ -232,11 +232,25 @@ CHECK_FUNCTIONS: dict[str, Callable[[torch.device], dict[str, Any]]] = {
 }
 
 
+def parse_checks(text: str | None) -> tuple[str, ...]:
+    """``--checks``: None → every check; ``none`` → none; else names from ``CHECKS``, comma-separated."""
+    if text is None:
+        return CHECKS
+    names = tuple(filter(None, (x.strip() for x in text.split(","))))
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown or not names:
+        raise ValueError(f"--checks {text!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{', '.join(CHECKS)} or 'none'")
+    return tuple(n for n in CHECKS if n in names)  # in CHECKS' order: compiling stays last
+
+
 def run_checks(device: torch.device, seconds: float, record: Callable[[dict[str, Any]], None],
-               say: Callable[[str], None] = print) -> None:
-    """Each check in turn while ``seconds`` last; ``record`` receives every result as it is known."""
+               say: Callable[[str], None] = print, names: tuple[str, ...] = CHECKS) -> None:
+    """The checks ``names`` in turn while ``seconds`` last; ``record`` receives each result when known."""
     deadline = time.monotonic() + seconds
-    for name in CHECKS:
+    for name in names:
         if device.type != "cuda":
             record({"name": name, "ok": None, "skipped": "no CUDA"})
             continue
@@ -334,6 +348,7 @@ def unbundle(out: Path, dest: Path) -> Path:
 
 def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.device, preset_name: str,
               work: Path, speedrun_iterations: dict[str, int] | None = None, pool_clips: int = -1,
+              checks: tuple[str, ...] = CHECKS, evaluate: bool = True,
               say: Callable[[str], None] = print) -> dict[str, Any]:
     """The checks, then a speedrun on the time left; returns (and writes) ``out/gpu_check.json``."""
     from worldloop.app import speedrun
@@ -343,7 +358,7 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
     results = Results(out / "gpu_check.json", {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "minutes": minutes,
         "hardware": hardware(str(device)), "cuda": device.type == "cuda", "checks": [], "speedrun": None})
-    run_checks(device, 60 * checks_minutes, results.add_check, say)
+    run_checks(device, 60 * checks_minutes, results.add_check, say, checks)
     budget = 60 * minutes - (time.monotonic() - started) - COPY_MARGIN_S
     compiled = any(c["name"] == "compile_matches_eager" and c["ok"] for c in results.data["checks"])
     entry: dict[str, Any] = {"budget_s": round(budget, 1), "preset": preset_name, "work": str(work),
@@ -364,7 +379,7 @@ def gpu_check(out: Path, minutes: float, checks_minutes: float, device: torch.de
         options = speedrun.SpeedrunOptions(
             budget_s=budget, out=str(work), preset=preset_name, device=str(device),
             vae=speedrun.default_vae(preset_name), iterations=speedrun_iterations or {},
-            bf16=device.type == "cuda", compile=False, pool_clips=pool_clips)
+            bf16=device.type == "cuda", compile=False, pool_clips=pool_clips, evaluate=evaluate)
         entry["compile_checked"] = compiled
         result = speedrun.start(options, resume=False, say=progress)
         entry.update(ok=result.stopped_in is None, state=result.state)

@@ -127,10 +127,12 @@ class SpeedrunOptions:
     bf16: bool = False
     compile: bool = False
     pool_clips: int = -1  # rendered clips reused per stage (-1: 256 on CPU, 4096 on CUDA; TrainConfig)
+    evaluate: bool = True  # False: no eval, nor the helpers only the eval uses (evaluate elsewhere, later)
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return tuple(s for s in STAGES if s != "vae" or self.vae is None)
+        return tuple(s for s in STAGES if (s != "vae" or self.vae is None)
+                     and (self.evaluate or s not in HELPERS + ("eval",)))
 
 
 @dataclass
@@ -153,7 +155,8 @@ def split_budget(budget_s: float, stages: tuple[str, ...], measured: dict[str, t
     budget_s = max(budget_s, 0.0)  # the probe took it all: one iteration each (the caller warns)
     trained = [s for s in stages if s in TRAINED]
     weights = {s: TIME_WEIGHTS[s] for s in trained}
-    training_s = budget_s * (1 - EVAL_SHARE - HELPER_SHARE * sum(s in HELPERS for s in stages))
+    helpers = sum(s in HELPERS for s in stages)
+    training_s = budget_s * (1 - EVAL_SHARE * ("eval" in stages) - HELPER_SHARE * helpers)
     plan: dict[str, StagePlan] = {}
     for stage in stages:
         if stage in TRAINED:

@@ -23,6 +23,7 @@ from worldloop.app.gpu_check import (
     check_flex,
     check_wan,
     compact_minilm,
+    parse_checks,
     relative_error,
     run_checks,
     unbundle,
@@ -143,3 +144,14 @@ def test_the_compile_check_compares_a_scalar_loss_and_its_gradients_on_cpu() -> 
     result = check_compile(torch.device("cpu"), "tiny")
     assert result["ok"], result
     assert result["loss_vs_eager"] < 1e-3 and result["first_compiled_step_s"] > 0
+
+
+def test_checks_can_be_chosen_by_name() -> None:
+    assert parse_checks(None) == CHECKS and parse_checks("none") == ()
+    assert parse_checks("compile_matches_eager, nccl") == ("nccl", "compile_matches_eager")  # CHECKS' order
+    for bad in ("nccl,warp_speed", "", ","):
+        with pytest.raises(ValueError, match="--checks"):
+            parse_checks(bad)
+    results: list[dict] = []
+    run_checks(torch.device("cpu"), 60.0, results.append, say=lambda m: None, names=("nccl",))
+    assert [r["name"] for r in results] == ["nccl"]

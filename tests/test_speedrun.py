@@ -67,6 +67,12 @@ def test_the_budget_is_split_by_share_and_measured_throughput() -> None:
     assert all(spent[s].iterations == 1 for s in ("vae", "teacher", "cd", "dmd"))
     with pytest.raises(SpeedrunError, match="no measured throughput"):
         split_budget(100.0, ALL, {}, {}, HELPERS)
+    # --no-eval: neither the eval nor its helpers; the training stages get the whole budget.
+    stages = SpeedrunOptions(budget_s=60.0, out="x", vae="given", evaluate=False).stages
+    assert stages == ("teacher", "cd", "dmd", "export")
+    trained_only = split_budget(1000.0, stages, measured, {}, HELPERS)
+    assert math.isclose(sum(p.seconds for p in trained_only.values()), 1000.0)
+    assert math.isclose(trained_only["teacher"].seconds, 1000.0 * 0.5 / 0.7)
 
 
 class LoggingPipeline:
@@ -184,6 +190,18 @@ def test_a_short_budget_run_on_tiny_exports_a_model_play_loads(tmp_path: Path,
     assert wm.next_frame([session], [1]).shape == (1, 32, 32, 3)
     assert "speedrun plan" in capsys.readouterr().err
     assert main(["speedrun", "--resume", "--out", str(out)]) == 0  # a finished run: nothing to do
+
+
+def test_no_eval_trains_and_exports_without_the_eval_or_its_helpers(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["speedrun", "--budget", "15s", "--preset", "tiny", "--device", "cpu", "--out", str(out),
+                 "--pool-clips", "16", "--no-eval", "--iterations", "vae=2,teacher=3,cd=2,dmd=2"]) == 0
+    state = json.loads((out / "speedrun.json").read_text())
+    assert set(state["plan"]) == {"vae", "teacher", "cd", "dmd", "export"}
+    assert not state["options"]["evaluate"]
+    assert not (out / "eval").exists() and not (out / "idm").exists()
+    assert "(no evaluation)" in (out / "report.md").read_text()
+    assert load_model(choose_model(out / "model", None, fallback=False)).steps == 1
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

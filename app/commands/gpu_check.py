@@ -36,17 +36,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fixed iterations for some speedrun stages (as `speedrun --iterations`)")
     p.add_argument("--pool-clips", type=int, default=-1,
                    help="the speedrun's pool of rendered clips (-1: 256 on CPU, 4096 on CUDA)")
+    p.add_argument("--checks", metavar="NAME,…",
+                   help="run only these checks, comma-separated (default: all; 'none': none; names in "
+                        "app/gpu_check.py's CHECKS)")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="the speedrun evaluates its models (--no-eval: that time trains; evaluate later)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from worldloop.app.gpu_check import gpu_check
+    from worldloop.app.gpu_check import gpu_check, parse_checks
     from worldloop.app.speedrun import SpeedrunError, parse_iterations
     from worldloop.models.device import resolve_device
 
     try:
         device = resolve_device(args.device)
         iterations = parse_iterations(args.speedrun_iterations)
+        checks = parse_checks(args.checks)
     except (ValueError, SpeedrunError) as err:
         raise UserError(str(err)) from None
     if args.checks_minutes is None:
@@ -56,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                         f"{args.checks_minutes}")
     work = args.work or Path(tempfile.gettempdir()) / "worldloop-gpu-check"
     data = gpu_check(args.out, args.minutes, args.checks_minutes, device, args.preset, work,
-                     speedrun_iterations=iterations, pool_clips=args.pool_clips,
+                     speedrun_iterations=iterations, pool_clips=args.pool_clips, checks=checks,
+                     evaluate=args.eval,
                      say=lambda m: print(m, file=sys.stderr, flush=True))
     for c in data["checks"]:
         verdict = "skipped: " + c["skipped"] if c.get("skipped") else ("ok" if c["ok"] else "FAILED")

@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reuse rendered clips from a pool this big (-1: 256 on CPU, 4096 on CUDA; 0: off)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate at the end (--no-eval: neither the eval nor the helpers it uses; their "
+                        "time goes to training; run `worldloop eval` on the model later)")
     p.set_defaults(func=run)
 
 
@@ -81,7 +84,7 @@ def options_from(args: argparse.Namespace) -> object:
             episodes=str(args.episodes) if args.episodes else None,
             iterations=parse_iterations(args.iterations),
             seed=args.seed, bf16=device.type == "cuda" if args.bf16 is None else args.bf16,
-            compile=args.compile, pool_clips=args.pool_clips)
+            compile=args.compile, pool_clips=args.pool_clips, evaluate=args.eval)
     except (ValueError, OSError) as err:
         raise UserError(str(err)) from None
 
