@@ -300,30 +300,38 @@ BUNDLED = ("model/**/*", "teacher/model/config.json", "teacher/model/README.md",
            "speedrun.json", "*/log.jsonl", "*/train.json")
 
 
-def collect(work: Path, out: Path) -> list[dict[str, Any]]:
-    """Copy the report and curves from the speedrun folder and bundle the models (``BUNDLED``) into one tar
-    split into parts (the student and the teacher together exceed what 8 files of 16 MiB carry as they are);
-    ``unbundle`` puts them back. Returns every file in ``out`` with its size."""
+def write_bundle(root: Path, patterns: tuple[str, ...], out: Path) -> list[Path]:
+    """The files under ``root`` matching ``patterns`` as one tar (paths relative to ``root``) split into
+    ``out/bundle.tar.000``, ``.001``, … of at most ``MAX_FILE_BYTES`` each (earlier parts removed first);
+    returns the parts. ``unbundle`` puts them back."""
     import tarfile
 
+    members = sorted({f for pattern in patterns for f in root.glob(pattern) if f.is_file()})
+    for stale in out.glob(BUNDLE + ".*"):
+        stale.unlink()
+    parts: list[Path] = []
+    if not members:
+        return parts
+    whole = out / (BUNDLE + ".tmp")
+    with tarfile.open(whole, "w") as tar:
+        for f in members:
+            tar.add(f, arcname=str(f.relative_to(root)))
+    with whole.open("rb") as src:
+        while chunk := src.read(MAX_FILE_BYTES):
+            parts.append(out / f"{BUNDLE}.{len(parts):03d}")
+            parts[-1].write_bytes(chunk)
+    whole.unlink()
+    return parts
+
+
+def collect(work: Path, out: Path) -> list[dict[str, Any]]:
+    """Copy the report and curves from the speedrun folder and bundle the models (``BUNDLED``: the student
+    and the teacher together exceed what 8 files of 16 MiB carry as they are). Returns every file in ``out``
+    with its size."""
     for name in ("report.md", "curves.png"):
         if (work / name).is_file():
             shutil.copy2(work / name, out / name)
-    members = sorted({f for pattern in BUNDLED for f in work.glob(pattern) if f.is_file()})
-    for stale in out.glob(BUNDLE + ".*"):
-        stale.unlink()
-    if members:
-        whole = out / (BUNDLE + ".tmp")
-        with tarfile.open(whole, "w") as tar:
-            for f in members:
-                tar.add(f, arcname=str(f.relative_to(work)))
-        with whole.open("rb") as src:
-            for part in range(1000):
-                chunk = src.read(MAX_FILE_BYTES)
-                if not chunk:
-                    break
-                (out / f"{BUNDLE}.{part:03d}").write_bytes(chunk)
-        whole.unlink()
+    write_bundle(work, BUNDLED, out)
     return [{"file": str(f.relative_to(out)), "bytes": f.stat().st_size}
             for f in sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))]
 

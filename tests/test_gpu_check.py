@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from worldloop.app.cli import main
 from worldloop.app.gpu_check import (
     CHECKS,
     MAX_FILE_BYTES,
@@ -155,3 +156,34 @@ def test_checks_can_be_chosen_by_name() -> None:
     results: list[dict] = []
     run_checks(torch.device("cpu"), 60.0, results.append, say=lambda m: None, names=("nccl",))
     assert [r["name"] for r in results] == ["nccl"]
+
+
+def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tmp_path: Path,
+                                                                              pack: Path) -> None:
+    """scripts/gpu_train.sh on the CPU, as on the CUDA image (no PyAV, Gradio or MiniLM package): a tiny
+    "delta" student converted to reprojection and trained, then trained on with anchors and the critic; both
+    models come back in the bundle and load."""
+    env = _bare_env(tmp_path, pack)
+    assert main(["train", "vae", "--preset", "tiny", "--iterations", "2", "--out",
+                 str(tmp_path / "vae")]) == 0
+    assert main(["train", "teacher", "--preset", "tiny", "--prediction", "delta", "--vae",
+                 str(tmp_path / "vae" / "model"), "--iterations", "2", "--out", str(tmp_path / "start")]) == 0
+    out = tmp_path / "out"
+    dry = {"START": str(tmp_path / "start" / "model"), "DEVICE": "cpu", "BATCH": "2", "ITERATIONS": "2",
+           "WORK": str(tmp_path / "work")}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(out), "3"], cwd=REPO,
+                          text=True, capture_output=True, timeout=900, env=env | dry)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "gpu_train.json").read_text())
+    assert [p["phase"] for p in summary["phases"]] == ["reproject", "critic"]
+    assert all(p["rc"] == 0 for p in summary["phases"]), summary["phases"]
+    assert summary["models"] == ["critic/model", "reproject/model"]
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    assert len(files) <= MAX_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
+    got = unbundle(out, tmp_path / "got")
+    for name in ("reproject", "critic"):
+        wm = load_model(choose_model(got / name / "model", None, fallback=False))
+        assert wm.config.camera.reproject
+        assert wm.next_frame([wm.new_session("a neon city", seed=1)], [1]).shape == (1, 32, 32, 3)
+    critic = load_model(choose_model(got / "critic" / "model", None, fallback=False))
+    assert critic.config.camera.anchor_frames == 16

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One GPU call that trains what the CPU budget could not (docs/TRAINING.md, stages 5-7: "the next step is a
+# GPU run of the critic on 16-32-frame rollouts"), from the shipped student, bounded to MINUTES of wall clock:
+#
+#   1. reproject (40 % of the time): START (a "delta" student; default assets/default) converted to a
+#      reprojecting student (its depth network fitted on the engine's depths first) and trained by self-forcing
+#      against the engine: stage 5's recipe with stage 6's carried depth, at GPU batch;
+#   2. critic (the rest): from 1's model, 24-frame rollouts with gradients through the last 8, the previous
+#      frame moved from 16-frame anchors, and a patch critic on the decoded rollout frames, so what a step or a
+#      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
+#   If a phase fails (not a timeout), it is tried once more without bf16 and, for phase 2, without the critic,
+#   in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
+#   command, status, seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
+#   `cat OUT/bundle.tar.* | tar -x -C DEST` gives DEST/reproject/model and DEST/critic/model). Evaluate them
+#   where the call came from: `worldloop eval --model DEST/critic/model@1 --model assets/default@1`.
+#
+#   scripts/gpu_train.sh OUT [MINUTES] [extra distill-truth options for both phases...]
+#   scripts/gpu_train.sh "$OUT" 9                        # on the GPU machine, .gpu carried (scripts/gpu_pack.py)
+#   START=DIR DEVICE=cpu BATCH=2 ITERATIONS=2 scripts/gpu_train.sh /tmp/t 2   # the CPU dry run (tests)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/gpu_train.sh OUT [MINUTES] [distill truth options...]}
+MINUTES=${2:-9}
+shift $(( $# < 2 ? $# : 2 ))
+source scripts/gpu_env.sh
+START=${START:-assets/default}
+WORK=${WORK:-/tmp/worldloop-gpu-train}
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-32}
+ITERATIONS=${ITERATIONS:-100000}  # the phases stop on time; a dry run caps them
+MARGIN_S=40  # kept back for the bundle
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+TOTAL_S=$("$PY" -c "print(int(float('$MINUTES') * 60))")
+COMMON=(--teacher "$START" --student-steps 2 --max-context 9 --lr 3e-4 --latent-spectrum-weight 6
+        --context-sigma 0 --device "$DEVICE" --batch-size "$BATCH" --iterations "$ITERATIONS"
+        --checkpoint-every 50 --log-every 10)
+PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1)
+PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 8 --anchor-frames 16
+        --anchor-lowpass 2)
+CRITIC=(--adversarial-weight 0.3 --critic-lr-scale 10 --critic-updates 4 --adversarial-start 60)
+RECORD="$WORK/phases.jsonl"
+: > "$RECORD"
+
+# phase NAME SECONDS ARGS...: one `distill truth` run into $WORK/NAME, stopped by its own --minutes and, should
+# that not come, by SIGTERM (the loop saves and exports on it) 30 s later; records what happened.
+phase() {
+  local name=$1 seconds=$2
+  shift 2
+  local started=$SECONDS
+  if [ "$seconds" -lt 20 ]; then
+    printf '{"phase": "%s", "rc": null, "skipped": "%s s left"}\n' "$name" "$seconds" >> "$RECORD"
+    return 1
+  fi
+  PYTHONUNBUFFERED=1 timeout -s TERM -k 20 $((seconds + 30)) "$PY" -m worldloop.app.cli distill truth \
+    "${COMMON[@]}" "$@" --out "$WORK/$name" --minutes "$("$PY" -c "print(round($seconds / 60, 2))")" \
+    2>&1 | tee "$WORK/$name.out" | tr "\r" "\n" | grep --line-buffered -v -e "it/s" -e "s/it" -e "frame/s"
+  local rc=${PIPESTATUS[0]}
+  "$PY" - "$name" "$rc" $((SECONDS - started)) "$WORK/$name.out" "$*" >> "$RECORD" <<'EOF'
+import json, sys
+name, rc, seconds, log, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+lines = [x for x in open(log, errors="replace").read().replace("\r", "\n").splitlines() if x.strip()]
+print(json.dumps({"phase": name, "rc": rc, "seconds": seconds, "args": args, "last_lines": lines[-6:]}))
+EOF
+  [ -f "$WORK/$name/model/config.json" ] && { [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; }
+}
+left() { echo $((TOTAL_S - MARGIN_S - SECONDS)); }
+
+phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" "$@" ||
+  { rm -rf "$WORK/reproject"; phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" --no-bf16 "$@"; }
+if [ -f "$WORK/reproject/model/config.json" ]; then
+  phase critic "$(left)" "${PHASE2[@]}" "${CRITIC[@]}" "$@" ||
+    { rm -rf "$WORK/critic"; phase critic "$(left)" "${PHASE2[@]}" --no-bf16 "$@"; }
+fi
+
+"$PY" - "$WORK" "$OUT" "$SECONDS" <<'EOF'
+import json, sys
+from pathlib import Path
+from worldloop.app.gpu_check import write_bundle
+from worldloop.models.timing import hardware
+work, out, seconds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+phases = [json.loads(x) for x in (work / "phases.jsonl").read_text().splitlines() if x.strip()]
+parts = write_bundle(work, ("*/model/*", "*/log.jsonl", "*/train.json", "*.out"), out)
+import torch
+summary = {"hardware": hardware("cuda" if torch.cuda.is_available() else "cpu"), "seconds": seconds, "phases": phases,
+           "models": sorted(str(p.parent.relative_to(work)) for p in work.glob("*/model/config.json")),
+           "bundle": [p.name for p in parts]}
+(out / "gpu_train.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps({k: summary[k] for k in ("seconds", "models", "bundle")}))
+for p in phases:
+    print(p["phase"], "rc", p.get("rc"), p.get("seconds"), "s:", (p.get("last_lines") or [p.get("skipped")])[-1])
+EOF
+[ -f "$WORK/critic/model/config.json" ] || [ -f "$WORK/reproject/model/config.json" ]
