@@ -16,7 +16,7 @@
 #
 #   scripts/gpu_train.sh OUT [MINUTES] [extra distill-truth options for both phases...]
 #   scripts/gpu_train.sh "$OUT" 9                        # on the GPU machine, .gpu carried (scripts/gpu_pack.py)
-#   START=DIR DEVICE=cpu BATCH=2 ITERATIONS=2 scripts/gpu_train.sh /tmp/t 2   # the CPU dry run (tests)
+#   START=DIR DEVICE=cpu BATCH=2 ITERATIONS=2 ADVERSARIAL_START=1 scripts/gpu_train.sh /tmp/t 2   # CPU dry run
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_train.sh OUT [MINUTES] [distill truth options...]}
@@ -37,7 +37,8 @@ COMMON=(--teacher "$START" --student-steps 2 --max-context 9 --lr 3e-4 --latent-
 PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1)
 PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 8 --anchor-frames 16
         --anchor-lowpass 2)
-CRITIC=(--adversarial-weight 0.3 --critic-lr-scale 10 --critic-updates 4 --adversarial-start 60)
+ADVERSARIAL_START=${ADVERSARIAL_START:-60}  # the critic's first iteration (a dry run: 1, so it runs)
+CRITIC=(--adversarial-weight 0.3 --critic-lr-scale 10 --critic-updates 4 --adversarial-start "$ADVERSARIAL_START")
 RECORD="$WORK/phases.jsonl"
 : > "$RECORD"
 

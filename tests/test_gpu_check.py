@@ -170,7 +170,7 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
                  str(tmp_path / "vae" / "model"), "--iterations", "2", "--out", str(tmp_path / "start")]) == 0
     out = tmp_path / "out"
     dry = {"START": str(tmp_path / "start" / "model"), "DEVICE": "cpu", "BATCH": "2", "ITERATIONS": "2",
-           "WORK": str(tmp_path / "work")}
+           "ADVERSARIAL_START": "1", "WORK": str(tmp_path / "work")}
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(out), "3"], cwd=REPO,
                           text=True, capture_output=True, timeout=900, env=env | dry)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -187,3 +187,5 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
         assert wm.next_frame([wm.new_session("a neon city", seed=1)], [1]).shape == (1, 32, 32, 3)
     critic = load_model(choose_model(got / "critic" / "model", None, fallback=False))
     assert critic.config.camera.anchor_frames == 16
+    logged = [json.loads(x) for x in (got / "critic" / "log.jsonl").read_text().splitlines()]
+    assert any(x.get("adversarial_weight", 0) > 0 for x in logged), logged  # the critic's term, from it. 1
