@@ -263,13 +263,19 @@ def autoencoder_loss(
     edge_weight: float = 0.5,
     spectrum_weight: float = 0.0,
     generator: torch.Generator | None = None,
+    roundtrip_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The autoencoder's training loss on images (B, 3, H, W) in [-1, 1]; a fixed-variance VAE.
 
     1. μ = encode_raw(x); z = μ + noise_std·ε.
     2. loss = reconstruction_loss(decode_raw(z), x) + kl_weight · 0.5·mean(μ²).
+    3. With ``roundtrip_weight`` > 0, + that × reconstruction_loss(decode_raw(encode_raw(recon)), x): the
+       reconstruction encoded and decoded again must still be the image. A decoder that adds detail the
+       encoder then reads as content feeds back on itself over repeated round trips (what a reprojecting
+       model does every frame: decode, move, encode); this term holds it to a fixed point.
     Returns (loss, parts) with parts ``l1``, ``edge``, ``spectrum``, ``mse``, ``kl`` and ``latent_std``
-    (detached), and ``recon`` (the reconstruction, with gradients, for an adversarial term).
+    (detached; ``roundtrip`` with the third term), and ``recon`` (the reconstruction, with gradients, for an
+    adversarial term).
     """
     mu = model.encode_raw(images)
     z = mu
@@ -282,7 +288,13 @@ def autoencoder_loss(
     parts["kl"] = kl.detach()
     parts["latent_std"] = mu.detach().std()
     parts["recon"] = recon
-    return recon_loss + kl_weight * kl, parts
+    loss = recon_loss + kl_weight * kl
+    if roundtrip_weight > 0.0:
+        again, _ = reconstruction_loss(model.decode_raw(model.encode_raw(recon)), images, edge_weight,
+                                       spectrum_weight)
+        parts["roundtrip"] = again.detach()
+        loss = loss + roundtrip_weight * again
+    return loss, parts
 
 
 class PatchDiscriminator(nn.Module):

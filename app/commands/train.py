@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="iteration from which the critic trains and its term applies")
             p.add_argument("--decoder-only", action="store_true",
                            help="freeze the encoder of --init-from and fine-tune only the decoder")
+            p.add_argument("--roundtrip-weight", type=float, default=0.0,
+                           help="weight of the reconstruction encoded and decoded once more against the "
+                                "image (keeps the round trips a reprojecting model makes from compounding)")
         if stage == "teacher":
             _teacher_options(p)
         p.set_defaults(func=run)
@@ -225,7 +228,8 @@ def _objective(args: argparse.Namespace) -> Any:
         from worldloop.distill.stages.vae import VAEObjective
 
         return VAEObjective(args.noise_std, args.kl_weight, args.edge_weight, args.spectrum_weight,
-                            args.adversarial_weight, args.adversarial_start, decoder_only=args.decoder_only)
+                            args.adversarial_weight, args.adversarial_start, decoder_only=args.decoder_only,
+                            roundtrip_weight=args.roundtrip_weight)
     if args.stage == "teacher":
         from worldloop.distill.stages.teacher import TeacherObjective
 

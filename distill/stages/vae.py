@@ -57,10 +57,11 @@ class VAEObjective:
     adversarial_start: int = 0  # iteration from which the critic trains and the decoder sees its term
     critic_channels: int = 32
     decoder_only: bool = False  # freeze the encoder (fine-tune the decoder of an --init-from autoencoder)
+    roundtrip_weight: float = 0.0  # the reconstruction encoded and decoded again must still be the image
 
     def __post_init__(self) -> None:
         weights = (self.noise_std, self.kl_weight, self.edge_weight, self.spectrum_weight,
-                   self.adversarial_weight)
+                   self.adversarial_weight, self.roundtrip_weight)
         if min(weights) < 0 or self.adversarial_start < 0 or self.critic_channels < 1:
             raise ValueError("VAE loss weights and --adversarial-start must be non-negative")
 
@@ -77,7 +78,7 @@ class VAELoss(nn.Module):
         o = self.objective
         return autoencoder_loss(self.vae, images, noise_std=o.noise_std, kl_weight=o.kl_weight,
                                 edge_weight=o.edge_weight, spectrum_weight=o.spectrum_weight,
-                                generator=generator)
+                                generator=generator, roundtrip_weight=o.roundtrip_weight)
 
 
 def frames_of(clips: ClipSource, iteration: int, size: int) -> torch.Tensor:
@@ -137,7 +138,8 @@ class VAEStage(Stage):
         shown = loss.item()
         return Step(images.shape[0], shown, {
             "loss": shown, "psnr": psnr, "kl": parts["kl"], "grad_norm": grad_norm,
-            "latent_std": parts["latent_std"], "lr": lr, **record})
+            "latent_std": parts["latent_std"], "lr": lr, **record,
+            **({"roundtrip": parts["roundtrip"]} if "roundtrip" in parts else {})})
 
     def save_extra(self, run: RunDir) -> None:
         if self.critic is not None:  # written before checkpoint.pt: it never points at a missing state
