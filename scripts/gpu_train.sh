@@ -80,7 +80,9 @@ from worldloop.app.gpu_check import write_bundle
 from worldloop.models.timing import hardware
 work, out, seconds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 phases = [json.loads(x) for x in (work / "phases.jsonl").read_text().splitlines() if x.strip()]
-parts = write_bundle(work, ("*/model/*", "*/log.jsonl", "*/train.json", "*.out"), out)
+# The playable form only: the raw float32 weights (dit-*.safetensors, 37 MB a model) would not fit the 64 MiB.
+parts = write_bundle(work, ("*/model/config.json", "*/model/README.md", "*/model/dit_ema*", "*/model/vae.safetensors",
+                            "*/log.jsonl", "*/train.json", "*.out"), out)
 import torch
 summary = {"hardware": hardware("cuda" if torch.cuda.is_available() else "cpu"), "seconds": seconds, "phases": phases,
            "models": sorted(str(p.parent.relative_to(work)) for p in work.glob("*/model/config.json")),

@@ -180,7 +180,9 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
     assert summary["models"] == ["critic/model", "reproject/model"]
     files = sorted(p for p in out.iterdir() if p.is_file())
     assert len(files) <= MAX_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
+    assert sum(p.stat().st_size for p in files) <= 64 * 2**20  # what one GPU call brings back in all
     got = unbundle(out, tmp_path / "got")
+    assert not list(got.glob("*/model/dit.safetensors*")) and not list(got.glob("*/model/dit-*"))
     for name in ("reproject", "critic"):
         wm = load_model(choose_model(got / name / "model", None, fallback=False))
         assert wm.config.camera.reproject
