@@ -8,8 +8,8 @@
 #   2. critic (the rest): from 1's model, 24-frame rollouts with gradients through the last 8, the previous
 #      frame moved from 16-frame anchors, and a patch critic on the decoded rollout frames, so what a step or a
 #      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
-#   If a phase fails (not a timeout), it is tried once more without bf16 and, for phase 2, without the critic,
-#   in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
+#   If a phase ends without exporting a model (it exports at the end, on SIGTERM and at every checkpoint), it is
+#   tried once more without bf16 and, for phase 2, without the critic, in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
 #   command, status, seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
 #   `cat OUT/bundle.tar.* | tar -x -C DEST` gives DEST/reproject/model and DEST/critic/model). Evaluate them
 #   where the call came from: `worldloop eval --model DEST/critic/model@1 --model assets/default@1`.
@@ -62,7 +62,9 @@ name, rc, seconds, log, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 lines = [x for x in open(log, errors="replace").read().replace("\r", "\n").splitlines() if x.strip()]
 print(json.dumps({"phase": name, "rc": rc, "seconds": seconds, "args": args, "last_lines": lines[-6:]}))
 EOF
-  [ -f "$WORK/$name/model/config.json" ] && { [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; }
+  # A model it exported (at the end, on SIGTERM, or at its last checkpoint before a failure or a kill) is kept:
+  # a retry would start over and throw it away.
+  [ -f "$WORK/$name/model/config.json" ]
 }
 left() { echo $((TOTAL_S - MARGIN_S - SECONDS)); }
 
