@@ -16,35 +16,27 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from worldloop.distill.data.clips import WorldClips
+from worldloop.distill.eval import metrics
+from worldloop.distill.eval.autoencoder import held_out_frames, sharpness_ratio
 from worldloop.distill.stages.shared import load_vae
 from worldloop.models import checkpoint
 
-LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-
-
-def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
-    """Per image (B, 3, H, W in [-1, 1]): the variance of the grey image's Laplacian."""
-    return F.conv2d(images.mean(1, keepdim=True), LAPLACE).flatten(1).var(1)
-
 
 @torch.no_grad()
-def round_trips(path: Path, frames: int, trips: list[int], seed: int = 0) -> list[dict[str, float]]:
+def round_trips(path: Path, frames: int, trips: list[int]) -> list[dict[str, float]]:
+    """PSNR, sharpness ratio and mean brightness (images in [0, 1]) after each of ``trips`` round trips of the
+    first frame of ``frames`` held-out worlds (the eval's autoencoder worlds)."""
     config, _ = checkpoint.read_config(path)
     vae = load_vae(config, path).eval()
-    clips = WorldClips(config.height, config.width, 2, "cpu", seed=seed, held_out=True)
-    x = clips.batch(0, frames).frames[:, 0].permute(0, 3, 1, 2).float() / 127.5 - 1
-    reference = laplacian_variance(x)
+    engine, _ = held_out_frames(config.height, config.width, worlds=frames, frames=1)
+    x = torch.from_numpy(engine).permute(0, 3, 1, 2).float() / 255
     rows, current = [], x
     for n in range(1, max(trips) + 1):
-        current = vae.decode(vae.encode(current)).clamp(-1, 1)
+        current = (vae.decode(vae.encode(current * 2 - 1)) + 1) / 2
         if n in trips:
-            mse = (current - x).square().flatten(1).mean(1)
-            rows.append({"trips": n, "psnr": float((10 * torch.log10(4.0 / mse)).mean()),
-                         "sharpness": float((laplacian_variance(current) / reference).mean()),
-                         "brightness": float(current.mean() + 1) / 2})
+            rows.append({"trips": n, "psnr": float(metrics.psnr(current, x).mean()),
+                         "sharpness": sharpness_ratio(current, x), "brightness": float(current.mean())})
     return rows
 
 
