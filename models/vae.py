@@ -234,6 +234,52 @@ def spectrum_distance(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (torch.log1p(fr) - torch.log1p(ft)).abs().mean()
 
 
+def encoder_features(encoder: Encoder, x: torch.Tensor) -> list[torch.Tensor]:
+    """The encoder's activations at the end of each resolution stage (after its residual blocks), for images
+    (B, 3, H, W) in [-1, 1]: features the autoencoder learnt on the world's own frames."""
+    features, layers = [], list(encoder.layers)
+    h = x
+    for i, layer in enumerate(layers):
+        h = layer(h)
+        after = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, ResBlock) and not isinstance(after, ResBlock):
+            features.append(h)
+    return features
+
+
+def local_gram(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """Gram matrices of ``features`` (B, C, H, W) centred per tile, over each tile of a ``grid`` × ``grid``
+    partition → (B, grid², C, C): each tile's feature covariance, the mean over its positions of the outer
+    product (f − f̄)(f − f̄)ᵀ. Centring leaves the tile's mean colour to the pixel loss; what is left is how
+    its features vary together. Rows and columns beyond a multiple of ``grid`` are left out."""
+    b, c, h, w = features.shape
+    th, tw = h // grid, w // grid
+    if th < 1 or tw < 1:
+        raise ValueError(f"a {grid}×{grid} grid does not fit features of {h}×{w}")
+    f = features[:, :, : th * grid, : tw * grid].float().reshape(b, c, grid, th, grid, tw)
+    f = f.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, th * tw)
+    f = f - f.mean(-1, keepdim=True)
+    return f @ f.transpose(-1, -2) / (th * tw)
+
+
+def texture_distance(encoder: Encoder, recon: torch.Tensor, target: torch.Tensor, grid: int = 4
+                     ) -> torch.Tensor:
+    """How far ``recon``'s texture is from ``target``'s, tile by tile, whatever its exact placement.
+
+    Both (B, 3, H, W) in [-1, 1] go through the (frozen) encoder; at each stage, the Gram matrices of its
+    features over the tiles of a ``grid`` × ``grid`` partition (``local_gram``) are compared, L1, relative to
+    the target's mean |Gram|. A Gram matrix keeps which features occur together in a tile and drops where,
+    so this asks for the target's kind of texture in each part of the frame without its exact phase — which
+    a regression target cannot ask for without blurring what it cannot place (the texture loss of
+    Sajjadi et al. 2017, "EnhanceNet", on the world's own features instead of an image classifier's)."""
+    terms = []
+    for f_recon, f_target in zip(encoder_features(encoder, recon), encoder_features(encoder, target),
+                                 strict=True):
+        g_recon, g_target = local_gram(f_recon, grid), local_gram(f_target.detach(), grid)
+        terms.append((g_recon - g_target).abs().mean() / g_target.abs().mean().clamp_min(1e-6))
+    return torch.stack(terms).mean()
+
+
 def reconstruction_loss(
     recon: torch.Tensor, target: torch.Tensor, edge_weight: float = 0.5, spectrum_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -21,7 +21,14 @@ from worldloop.distill.stages.vae import VAEObjective, train_vae
 from worldloop.models import checkpoint
 from worldloop.models.checkpoint import CheckpointError
 from worldloop.models.config import VAEConfig, preset
-from worldloop.models.vae import LatentAutoencoder, autoencoder_loss, spectrum_distance
+from worldloop.models.vae import (
+    LatentAutoencoder,
+    autoencoder_loss,
+    encoder_features,
+    local_gram,
+    spectrum_distance,
+    texture_distance,
+)
 
 TINY = preset("tiny")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,6 +86,44 @@ def test_spectrum_distance_is_zero_for_equal_images_and_counts_the_missing_textu
     assert value == pytest.approx(math.log1p(c * 16) / 144, rel=1e-5)
     blurred = F.avg_pool2d(x, 3, stride=1, padding=1)
     assert spectrum_distance(blurred, x) > spectrum_distance(x + 0.01, x)
+
+
+def test_local_gram_is_each_tiles_feature_covariance() -> None:
+    f = torch.tensor([[1.0, 3.0, 5.0, 5.0], [1.0, 3.0, 5.0, 5.0],
+                      [0.0, 0.0, 2.0, -2.0], [0.0, 0.0, 2.0, -2.0]])
+    g = local_gram(f.view(1, 1, 4, 4), 2)  # tiles: top-left, top-right, bottom-left, bottom-right
+    assert g.shape == (1, 4, 1, 1)
+    assert g.flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 4.0])  # variances: {1,3}: 1; {2,-2}: 4
+    two = torch.stack([f, 2 * f]).unsqueeze(0)  # channel 2 = 2 × channel 1: covariance 2·var, var 4·var
+    expected = f.var(unbiased=False) * torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    assert torch.allclose(local_gram(two, 1)[0, 0], expected)
+    with pytest.raises(ValueError, match="grid"):
+        local_gram(f.view(1, 1, 4, 4), 5)
+
+
+def test_texture_distance_charges_a_blur_more_than_a_misplaced_texture() -> None:
+    """Stripes moved by half their period are the worst pixel match and near in texture; blurred, they are
+    a ten times closer pixel match and nearly twice as far in texture. The encoder's features come one per
+    stage."""
+    torch.manual_seed(0)
+    vae = LatentAutoencoder(TINY)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    feats = encoder_features(vae.encoder, x)
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 32 // 2**(i + 1), 32 // 2**(i + 1))
+                                                   for i, c in enumerate(TINY.vae.encoder_channels)]
+    stripes = torch.zeros(2, 3, 32, 32)  # 8-pixel period: 2 latent columns, so a 4-pixel move is one there
+    for phase in range(4):
+        stripes[..., phase::8] = 0.8
+    stripes = stripes - 0.4 + 0.1 * x
+    shifted = torch.roll(stripes, 4, dims=-1)
+    blurred = F.avg_pool2d(stripes, 5, stride=1, padding=2, count_include_pad=False)
+    assert F.mse_loss(shifted, stripes) > 10 * F.mse_loss(blurred, stripes)
+    assert texture_distance(vae.encoder, stripes, stripes).item() == 0.0
+    assert texture_distance(vae.encoder, shifted, stripes) < 0.6 * texture_distance(vae.encoder, blurred,
+                                                                                     stripes)
+    recon = blurred.clone().requires_grad_(True)
+    texture_distance(vae.encoder, recon, stripes).backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
 
 
 def test_adversarial_term_reaches_the_decoder_not_the_frozen_encoder_nor_the_critic() -> None:

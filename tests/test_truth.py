@@ -154,6 +154,22 @@ def test_truth_critic_judges_decoded_frames_trains_and_resumes_exactly(teacher: 
     assert _changed(checkpoint.load_model(teacher).dit, files.dit)
 
 
+def test_truth_texture_term_trains_the_dit_through_the_frozen_autoencoder(teacher: Path, tmp_path: Path
+                                                                          ) -> None:
+    objective = replace(OBJECTIVE, texture_weight=1.0, adversarial_frames=3, texture_grid=2)
+    out = _truth(tmp_path / "texture", teacher, objective=objective, iterations=2)
+    records = _log(tmp_path / "texture")
+    assert all(r["texture"] > 0 and math.isfinite(r["texture"]) for r in records)
+    assert "critic_loss" not in records[0]  # the texture term needs no critic
+    files, start = checkpoint.load_model(out), checkpoint.load_model(teacher)
+    assert _changed(start.dit, files.dit)
+    assert not _changed(start.vae, files.vae)  # the encoder and decoder it runs through stay as they were
+    with pytest.raises(ValueError, match="--texture-weight"):
+        TruthObjective(texture_weight=1.0, train="decoder")
+    with pytest.raises(ValueError, match="--texture-grid"):
+        TruthObjective(texture_grid=0)
+
+
 def test_truth_objective_rules() -> None:
     with pytest.raises(ValueError, match="--train"):
         TruthObjective(train="vae")

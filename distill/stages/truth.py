@@ -22,6 +22,9 @@ signal. One iteration:
    learns to follow a switch against the engine's frames of the new theme. A switch batch renders two
    worlds without the clip pool, so it is reused for ``switch_reuse`` switch iterations (each with its own
    context length and seeds).
+   ``--texture-weight`` adds the local texture statistics of decoded frames against the engine's
+   (``models.vae.texture_distance``: Gram matrices of the frozen encoder's features per tile), the same
+   frames the critic would judge; ``--adversarial-weight`` adds the patch critic's term on them.
 4. Decoder loss (``--train decoder|both``): the frozen-encoder autoencoder's decoder, given
    ``decoder_frames`` of the generated latents (detached), is trained to draw the engine's frames
    (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms). It learns to clean up
@@ -67,7 +70,13 @@ from worldloop.distill.stages.runtime import (
 from worldloop.models.config import ModelConfig
 from worldloop.models.keys import keys_to_tensor
 from worldloop.models.text import PromptEncoder
-from worldloop.models.vae import LatentAutoencoder, reconstruction_loss, spectrum_distance, to_unit
+from worldloop.models.vae import (
+    LatentAutoencoder,
+    reconstruction_loss,
+    spectrum_distance,
+    texture_distance,
+    to_unit,
+)
 from worldloop.models.world_model import Session, WorldModel
 
 STAGE = "truth"
@@ -98,6 +107,8 @@ class TruthObjective:
     critic_updates: int = 4  # critic updates per iteration on its frames (cheap beside the rollout)
     adversarial_start: int = 0  # the iteration from which the DiT gets the critic's term (it trains from 0)
     depth_lr_scale: float = 0.0  # > 0: a reprojecting student's depth network learns on its own rollouts
+    texture_weight: float = 0.0  # > 0: decoded frames' local texture statistics against the engine's
+    texture_grid: int = 4  # the texture term compares Gram matrices over a grid × grid partition
 
     def __post_init__(self) -> None:
         if self.train not in TRAINS:
@@ -109,7 +120,7 @@ class TruthObjective:
         if self.decoder_frames < 1 or self.decoder_lr_scale <= 0:
             raise ValueError("--decoder-frames must be >= 1 and --decoder-lr-scale > 0")
         if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight,
-               self.adversarial_weight, self.depth_lr_scale) < 0:
+               self.adversarial_weight, self.depth_lr_scale, self.texture_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0 <= self.random_keys <= 1 or not 0 <= self.still_keys <= 1:
             raise ValueError("--random-keys and --still-keys must be in [0, 1]")
@@ -123,6 +134,10 @@ class TruthObjective:
                              "--critic-lr-scale > 0 and --adversarial-start >= 0")
         if self.adversarial_weight > 0 and self.train != "dit":
             raise ValueError("--adversarial-weight trains the DiT against a critic: it needs --train dit")
+        if self.texture_weight > 0 and not self.trains_dit:
+            raise ValueError("--texture-weight trains the DiT: it needs --train dit or both")
+        if self.texture_grid < 1:
+            raise ValueError("--texture-grid must be >= 1")
         if self.switch_every and self.rollout_frames < 2:
             raise ValueError("prompt switches need --rollout-frames >= 2 (a frame before and after it)")
 
@@ -332,9 +347,14 @@ class TruthStage(Stage):
         depth = None
         if self.depth_optimizer is not None and batch.depths is not None:  # switch batches carry no depth
             depth = self._depth_step(generated, truth, batch, iteration)
-        judged = None
-        if self.critic is not None:
+        judged = texture = None
+        if self.critic is not None or o.texture_weight > 0:
             judged = self._judged(generated, batch, d.critic_frames)
+        if judged is not None and o.texture_weight > 0:
+            texture = texture_distance(self.vae.encoder, judged[1], judged[0], o.texture_grid)
+            loss = loss + o.texture_weight * texture
+        if self.critic is not None:
+            assert judged is not None
             weight = 0.0
             if iteration >= o.adversarial_start:
                 adversarial, weight = self.critic.generator_term(loss, judged[1])
@@ -344,6 +364,8 @@ class TruthStage(Stage):
                                   "exit_steps": d.exit_steps}
         if spectrum is not None:
             record["latent_spectrum"] = spectrum.detach()
+        if texture is not None:
+            record["texture"] = texture.detach()
         if depth is not None:
             record["depth_loss"] = depth
         if batch.switch_at:
