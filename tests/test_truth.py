@@ -164,8 +164,12 @@ def test_truth_texture_term_trains_the_dit_through_the_frozen_autoencoder(teache
     files, start = checkpoint.load_model(out), checkpoint.load_model(teacher)
     assert _changed(start.dit, files.dit)
     assert not _changed(start.vae, files.vae)  # the encoder and decoder it runs through stay as they were
-    with pytest.raises(ValueError, match="--texture-weight"):
-        TruthObjective(texture_weight=1.0, train="decoder")
+    decoder = replace(objective, train="decoder")  # the decoder's loss takes the term on its own frames
+    out = _truth(tmp_path / "decoder", teacher, objective=decoder, iterations=1)
+    record = _log(tmp_path / "decoder")[0]
+    assert record["decoder_texture"] > 0 and "texture" not in record
+    files = checkpoint.load_model(out)
+    assert {k.split(".")[0] for k in _changed(start.vae, files.vae)} == {"decoder"}
     with pytest.raises(ValueError, match="--texture-grid"):
         TruthObjective(texture_grid=0)
 

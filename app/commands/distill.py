@@ -110,8 +110,9 @@ TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, ty
     "critic_updates": "critic updates per iteration (on the frames it judged)",
     "adversarial_start": "iteration from which the DiT gets the critic's term (the critic learns from 0)",
     "depth_lr_scale": "> 0: a reprojecting student's depth network learns on its own rollouts at this × --lr",
-    "texture_weight": "DiT loss: local texture statistics (encoder-feature Gram matrices) of decoded frames "
-                      "against the engine's, on the --adversarial-frames frames (0: off)",
+    "texture_weight": "local texture statistics (encoder-feature Gram matrices) of decoded frames against "
+                      "the engine's: in the DiT's loss on --adversarial-frames frames, in the decoder's on "
+                      "its own (0: off)",
     "texture_grid": "the texture term's tiles: a grid × grid partition of the frame",
 }
 

@@ -27,8 +27,9 @@ signal. One iteration:
    frames the critic would judge; ``--adversarial-weight`` adds the patch critic's term on them.
 4. Decoder loss (``--train decoder|both``): the frozen-encoder autoencoder's decoder, given
    ``decoder_frames`` of the generated latents (detached), is trained to draw the engine's frames
-   (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms). It learns to clean up
-   what the DiT actually produces rather than what the encoder produces.
+   (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms, + ``--texture-weight`` ×
+   the texture term). It learns to clean up what the DiT actually produces rather than what the encoder
+   produces.
 
 ``--train dit`` (the default) trains the DiT only, ``decoder`` the decoder only (the rollouts then run
 without gradients), ``both`` the two at once (the decoder at ``decoder_lr_scale`` × the learning rate).
@@ -134,8 +135,6 @@ class TruthObjective:
                              "--critic-lr-scale > 0 and --adversarial-start >= 0")
         if self.adversarial_weight > 0 and self.train != "dit":
             raise ValueError("--adversarial-weight trains the DiT against a critic: it needs --train dit")
-        if self.texture_weight > 0 and not self.trains_dit:
-            raise ValueError("--texture-weight trains the DiT: it needs --train dit or both")
         if self.texture_grid < 1:
             raise ValueError("--texture-grid must be >= 1")
         if self.switch_every and self.rollout_frames < 2:
@@ -348,9 +347,9 @@ class TruthStage(Stage):
         if self.depth_optimizer is not None and batch.depths is not None:  # switch batches carry no depth
             depth = self._depth_step(generated, truth, batch, iteration)
         judged = texture = None
-        if self.critic is not None or o.texture_weight > 0:
+        if self.critic is not None or (o.texture_weight > 0 and o.trains_dit):
             judged = self._judged(generated, batch, d.critic_frames)
-        if judged is not None and o.texture_weight > 0:
+        if judged is not None and o.texture_weight > 0 and o.trains_dit:
             texture = texture_distance(self.vae.encoder, judged[1], judged[0], o.texture_grid)
             loss = loss + o.texture_weight * texture
         if self.critic is not None:
@@ -376,8 +375,12 @@ class TruthStage(Stage):
             with autocast(self.device, cfg.bf16):
                 z = (latents / self.vae.latent_scale).contiguous(memory_format=torch.channels_last)
                 recon = self.vae.decoder(z)
-            decoder_loss, parts = reconstruction_loss(recon.float(), target.to(self.device), o.edge_weight,
-                                                      o.spectrum_weight)
+            target = target.to(self.device)
+            decoder_loss, parts = reconstruction_loss(recon.float(), target, o.edge_weight, o.spectrum_weight)
+            if o.texture_weight > 0:
+                decoder_texture = texture_distance(self.vae.encoder, recon.float(), target, o.texture_grid)
+                decoder_loss = decoder_loss + o.texture_weight * decoder_texture
+                record["decoder_texture"] = decoder_texture.detach()
             loss = loss + decoder_loss
             record |= {"decoder_loss": decoder_loss.detach(), "decoder_mse": parts["mse"]}
         trained = [m for name, m in self.modules.items() if name != "critic"]
