@@ -174,6 +174,19 @@ def test_truth_texture_term_trains_the_dit_through_the_frozen_autoencoder(teache
         TruthObjective(texture_grid=0)
 
 
+def test_truth_pixel_term_scores_decoded_frames_against_the_engines(teacher: Path, tmp_path: Path) -> None:
+    objective = replace(OBJECTIVE, pixel_weight=2.0, adversarial_frames=3)
+    out = _truth(tmp_path / "pixel", teacher, objective=objective, iterations=2)
+    records = _log(tmp_path / "pixel")
+    assert all(0 < r["pixel_l1"] <= 2 for r in records)  # L1 of frames in [-1, 1]
+    assert "texture" not in records[0] and "critic_loss" not in records[0]
+    plain = _truth(tmp_path / "plain", teacher, iterations=2)
+    with_pixels, without = checkpoint.load_model(out).dit, checkpoint.load_model(plain).dit
+    assert _changed(without, with_pixels)  # the term reaches the DiT's update
+    with pytest.raises(ValueError, match="loss weights"):
+        TruthObjective(pixel_weight=-1.0)
+
+
 def test_truth_objective_rules() -> None:
     with pytest.raises(ValueError, match="--train"):
         TruthObjective(train="vae")

@@ -114,6 +114,8 @@ TRUTH_OPTIONS = {  # TruthObjective field → help; the flag is --field-name, ty
                       "the engine's: in the DiT's loss on --adversarial-frames frames, in the decoder's on "
                       "its own (0: off)",
     "texture_grid": "the texture term's tiles: a grid × grid partition of the frame",
+    "pixel_weight": "DiT loss: L1 of decoded frames against the engine's, in pixels, on the "
+                    "--adversarial-frames frames (0: off)",
 }
 
 

@@ -24,7 +24,9 @@ signal. One iteration:
    context length and seeds).
    ``--texture-weight`` adds the local texture statistics of decoded frames against the engine's
    (``models.vae.texture_distance``: Gram matrices of the frozen encoder's features per tile), the same
-   frames the critic would judge; ``--adversarial-weight`` adds the patch critic's term on them.
+   frames the critic would judge; ``--pixel-weight`` their L1 against the engine's frames in pixels (a
+   latent's error is not its picture's: the decoder amplifies some latent directions far more than others);
+   ``--adversarial-weight`` adds the patch critic's term on them.
 4. Decoder loss (``--train decoder|both``): the frozen-encoder autoencoder's decoder, given
    ``decoder_frames`` of the generated latents (detached), is trained to draw the engine's frames
    (``models.vae.reconstruction_loss``: L1, image-gradient and log-spectrum terms, + ``--texture-weight`` ×
@@ -110,6 +112,7 @@ class TruthObjective:
     depth_lr_scale: float = 0.0  # > 0: a reprojecting student's depth network learns on its own rollouts
     texture_weight: float = 0.0  # > 0: decoded frames' local texture statistics against the engine's
     texture_grid: int = 4  # the texture term compares Gram matrices over a grid × grid partition
+    pixel_weight: float = 0.0  # > 0: decoded frames' L1 against the engine's frames, in pixels
 
     def __post_init__(self) -> None:
         if self.train not in TRAINS:
@@ -121,7 +124,7 @@ class TruthObjective:
         if self.decoder_frames < 1 or self.decoder_lr_scale <= 0:
             raise ValueError("--decoder-frames must be >= 1 and --decoder-lr-scale > 0")
         if min(self.edge_weight, self.spectrum_weight, self.latent_spectrum_weight,
-               self.adversarial_weight, self.depth_lr_scale, self.texture_weight) < 0:
+               self.adversarial_weight, self.depth_lr_scale, self.texture_weight, self.pixel_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0 <= self.random_keys <= 1 or not 0 <= self.still_keys <= 1:
             raise ValueError("--random-keys and --still-keys must be in [0, 1]")
@@ -346,12 +349,16 @@ class TruthStage(Stage):
         depth = None
         if self.depth_optimizer is not None and batch.depths is not None:  # switch batches carry no depth
             depth = self._depth_step(generated, truth, batch, iteration)
-        judged = texture = None
-        if self.critic is not None or (o.texture_weight > 0 and o.trains_dit):
+        judged = texture = pixel = None
+        decoded_terms = o.trains_dit and (o.texture_weight > 0 or o.pixel_weight > 0)
+        if self.critic is not None or decoded_terms:
             judged = self._judged(generated, batch, d.critic_frames)
         if judged is not None and o.texture_weight > 0 and o.trains_dit:
             texture = texture_distance(self.vae.encoder, judged[1], judged[0], o.texture_grid)
             loss = loss + o.texture_weight * texture
+        if judged is not None and o.pixel_weight > 0 and o.trains_dit:
+            pixel = (judged[1] - judged[0]).abs().mean()
+            loss = loss + o.pixel_weight * pixel
         if self.critic is not None:
             assert judged is not None
             weight = 0.0
@@ -365,6 +372,8 @@ class TruthStage(Stage):
             record["latent_spectrum"] = spectrum.detach()
         if texture is not None:
             record["texture"] = texture.detach()
+        if pixel is not None:
+            record["pixel_l1"] = pixel.detach()
         if depth is not None:
             record["depth_loss"] = depth
         if batch.switch_at:
