@@ -204,3 +204,6 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
     assert critic.config.camera.anchor_frames == 16
     logged = [json.loads(x) for x in (got / "critic" / "log.jsonl").read_text().splitlines()]
     assert any(x.get("adversarial_weight", 0) > 0 for x in logged), logged  # the critic's term, from it. 1
+    for name in ("reproject", "critic"):  # both phases regress decoded frames onto the engine's in pixels
+        phase_log = [json.loads(x) for x in (got / name / "log.jsonl").read_text().splitlines()]
+        assert all(x["pixel_l1"] > 0 for x in phase_log), phase_log
