@@ -5,7 +5,7 @@
 #   1. reproject (40 % of the time): START (a "delta" student; default assets/default) converted to a
 #      reprojecting student (its depth network fitted on the engine's depths first) and trained by self-forcing
 #      against the engine: stage 5's recipe with stage 6's carried depth, at GPU batch;
-#   2. critic (the rest): from 1's model, 24-frame rollouts with gradients through the last 8, the previous
+#   2. critic (the rest): from 1's model, 24-frame rollouts with gradients through all of them, the previous
 #      frame moved from 16-frame anchors, and a patch critic on the decoded rollout frames, so what a step or a
 #      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
 #   If a phase ends without exporting a model (it exports at the end, on SIGTERM and at every checkpoint), it is
@@ -37,7 +37,8 @@ COMMON=(--teacher "$START" --student-steps 2 --max-context 9 --lr 3e-4 --latent-
         --pixel-weight 10 --context-sigma 0 --device "$DEVICE" --batch-size "$BATCH" --iterations "$ITERATIONS"
         --checkpoint-every 50 --log-every 10)
 PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1)
-PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 8 --anchor-frames 16
+# Gradients through every rollout frame: through the last 8 only, the first second lost 0.7-1.0 dB (stage 11).
+PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 0 --anchor-frames 16
         --anchor-lowpass 2)
 ADVERSARIAL_START=${ADVERSARIAL_START:-60}  # the critic's first iteration (a dry run: 1, so it runs)
 CRITIC=(--adversarial-weight 0.3 --critic-lr-scale 10 --critic-updates 4 --adversarial-start "$ADVERSARIAL_START")
