@@ -272,10 +272,11 @@ def texture_distance(encoder: Encoder, recon: torch.Tensor, target: torch.Tensor
     so this asks for the target's kind of texture in each part of the frame without its exact phase — which
     a regression target cannot ask for without blurring what it cannot place (the texture loss of
     Sajjadi et al. 2017, "EnhanceNet", on the world's own features instead of an image classifier's)."""
+    with torch.no_grad():  # the target is a constant: no graph through its features
+        targets = encoder_features(encoder, target)
     terms = []
-    for f_recon, f_target in zip(encoder_features(encoder, recon), encoder_features(encoder, target),
-                                 strict=True):
-        g_recon, g_target = local_gram(f_recon, grid), local_gram(f_target.detach(), grid)
+    for f_recon, f_target in zip(encoder_features(encoder, recon), targets, strict=True):
+        g_recon, g_target = local_gram(f_recon, grid), local_gram(f_target, grid)
         terms.append((g_recon - g_target).abs().mean() / g_target.abs().mean().clamp_min(1e-6))
     return torch.stack(terms).mean()
 

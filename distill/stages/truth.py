@@ -349,16 +349,19 @@ class TruthStage(Stage):
         depth = None
         if self.depth_optimizer is not None and batch.depths is not None:  # switch batches carry no depth
             depth = self._depth_step(generated, truth, batch, iteration)
-        judged = texture = pixel = None
-        decoded_terms = o.trains_dit and (o.texture_weight > 0 or o.pixel_weight > 0)
-        if self.critic is not None or decoded_terms:
+        # Terms on decoded frames (the critic needs --train dit too): the same picks, decoded once.
+        texture = pixel = None
+        texture_on, pixel_on = o.trains_dit and o.texture_weight > 0, o.trains_dit and o.pixel_weight > 0
+        judged = None
+        if self.critic is not None or texture_on or pixel_on:
             judged = self._judged(generated, batch, d.critic_frames)
-        if judged is not None and o.texture_weight > 0 and o.trains_dit:
-            texture = texture_distance(self.vae.encoder, judged[1], judged[0], o.texture_grid)
-            loss = loss + o.texture_weight * texture
-        if judged is not None and o.pixel_weight > 0 and o.trains_dit:
-            pixel = (judged[1] - judged[0]).abs().mean()
-            loss = loss + o.pixel_weight * pixel
+            real, fake = judged
+            if texture_on:
+                texture = texture_distance(self.vae.encoder, fake, real, o.texture_grid)
+                loss = loss + o.texture_weight * texture
+            if pixel_on:
+                pixel = (fake - real).abs().mean()
+                loss = loss + o.pixel_weight * pixel
         if self.critic is not None:
             assert judged is not None
             weight = 0.0
