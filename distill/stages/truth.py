@@ -169,14 +169,14 @@ class TruthDraws:
 
 def draw(objective: TruthObjective, student_steps: int, batch: int, generator: torch.Generator
          ) -> TruthDraws:
-    o = objective
-    context = int(torch.randint(1, o.max_context + 1, (1,), generator=generator))
-    exit_steps = int(torch.randint(1, student_steps + 1, (1,), generator=generator))
-    seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator).tolist()
+    o, dev = objective, generator.device  # a CUDA generator draws on its own device
+    context = int(torch.randint(1, o.max_context + 1, (1,), generator=generator, device=dev))
+    exit_steps = int(torch.randint(1, student_steps + 1, (1,), generator=generator, device=dev))
+    seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator, device=dev).tolist()
     total = batch * o.rollout_frames
-    picks = torch.randperm(total, generator=generator)[: min(o.decoder_frames, total)]
+    picks = torch.randperm(total, generator=generator, device=dev)[: min(o.decoder_frames, total)]
     graded = batch * (o.grad_frames or o.rollout_frames)
-    critic = torch.randperm(graded, generator=generator)[: min(o.adversarial_frames, graded)]
+    critic = torch.randperm(graded, generator=generator, device=dev)[: min(o.adversarial_frames, graded)]
     return TruthDraws(context, exit_steps, seeds, picks, critic)
 
 
@@ -324,7 +324,7 @@ class TruthStage(Stage):
         index = iteration // (o.switch_every * o.switch_reuse)  # the switch batch this iteration uses
         if self._switch_cache is None or self._switch_cache[0] != index:
             g = self.generator(index)  # the switch frame: at least one rollout frame before and after it
-            at = int(torch.randint(o.max_context + 1, o.clip_frames, (1,), generator=g))
+            at = int(torch.randint(o.max_context + 1, o.clip_frames, (1,), generator=g, device=g.device))
             make = self.switch_clips or world_switch_clips(self.config, self.cfg, self.device)
             self._switch_cache = (index, make(index, size, o.clip_frames, at).to(self.device))
         return self._switch_cache[1]
