@@ -175,6 +175,53 @@ def resample(frames: Tensor, flow: Tensor, mode: str = "bilinear") -> Tensor:
                          align_corners=False)
 
 
+def plane_fill_flow(flow: Tensor, depth: Tensor, camera: CameraConfig) -> Tensor:
+    """``camera.reveal_fill = "plane"``: a backward flow (N, 2, H, W) whose pixels read outside the reference
+    frame (what the motion uncovered) → one that reads its nearest edge column instead, at the row the wall
+    continued as a plane would put there, given the reference frame's wall depth per column ``depth`` (N, W).
+
+    The wall points of the edge column and of the column ``camera.reveal_span`` in span a line on the floor
+    plan; the ray through the uncovered point meets it at depth z, and its row r (from the horizon) shows what
+    the edge column (depth z_e) shows at r · z / z_e: wall tops and bottoms continue as straight lines in
+    perspective, as does the floor's texture. Where the line is behind the camera or the ray nearly parallel,
+    z is held within [z_e / 4, 4 z_e]."""
+    n, _, h, w = flow.shape
+    dev = flow.device
+    f = focal_pixels(w, camera)
+    xs = torch.arange(w, device=dev, dtype=flow.dtype).view(1, 1, w) + flow[:, 0]
+    out_left, out_right = xs < -0.5, xs > w - 0.5
+    if not bool((out_left | out_right).any()):
+        return flow
+    span = min(camera.reveal_span, w - 1)
+    centre = (w - 1) / 2  # pixel index → centred coordinate: x − centre
+    d = depth.float().clamp_min(MIN_DEPTH)
+    ray = (xs - centre) / f  # the uncovered point's ray (ray, 1) in the reference camera
+
+    def plane_depth(edge: int, inner: int) -> tuple[Tensor, Tensor]:
+        z0, z1 = d[:, edge].view(n, 1, 1), d[:, inner].view(n, 1, 1)
+        x0, x1 = (edge - centre) / f * z0, (inner - centre) / f * z1
+        # The line through (x0, z0) and (x1, z1): normal (z1 − z0, x0 − x1), n · p = c.
+        nx, nz = z1 - z0, x0 - x1
+        c = nx * x0 + nz * z0
+        denom = nx * ray + nz
+        z = c / torch.where(denom.abs() < 1e-6, torch.full_like(denom, 1e-6), denom)
+        z = torch.where(torch.isfinite(z) & (z > 0), z, z0.expand_as(z))
+        return torch.minimum(torch.maximum(z, z0 / 4), z0 * 4), z0
+
+    z_left, e_left = plane_depth(0, span)
+    z_right, e_right = plane_depth(w - 1, w - 1 - span)
+    z = torch.where(out_left, z_left, z_right)
+    z_edge = torch.where(out_left, e_left, e_right)
+    ys = torch.arange(h, device=dev, dtype=flow.dtype).view(1, h, 1) + flow[:, 1]
+    rows = (ys - (h - 1) / 2) * z / z_edge + (h - 1) / 2
+    edge_x = torch.where(out_left, torch.zeros_like(xs), torch.full_like(xs, w - 1.0))
+    px = torch.arange(w, device=dev, dtype=flow.dtype).view(1, 1, w)
+    py = torch.arange(h, device=dev, dtype=flow.dtype).view(1, h, 1)
+    out = out_left | out_right
+    return torch.stack([torch.where(out, edge_x - px, flow[:, 0]),
+                        torch.where(out, rows - py, flow[:, 1])], 1)
+
+
 def gaussian_blur(frames: Tensor, sigma: float) -> Tensor:
     """``frames`` (N, C, H, W) blurred by a Gaussian of ``sigma`` pixels (separable, edges repeated)."""
     radius = max(1, math.ceil(3 * sigma))
@@ -284,10 +331,14 @@ class Reprojector(nn.Module):
         anchored = self.camera.anchor_frames > 0
         # The depth at the new frame's pixels: with anchors the depth carried to it where known; without, the
         # moved frame's own (which a small motion barely changes), as models saved before anchors were made.
+        frame_depth = depth  # the moved frame's own wall depth per column, for the "plane" fill
         if anchored:
             depth = torch.where(torch.isfinite(carried_on), carried_on, depth)
         q = inverse_depth(depth, sky, frames.shape[-2], self.camera)
-        moved = resample(frames, pose_flow(q, turn, offset, self.camera), self.camera.resample)
+        flow = pose_flow(q, turn, offset, self.camera)
+        if self.camera.reveal_fill == "plane":
+            flow = plane_fill_flow(flow, frame_depth, self.camera)
+        moved = resample(frames, flow, self.camera.resample)
         nxt = None
         if anchored:
             moved, nxt = self._from_anchor(frames, moved, q, turn, offset, still, anchor)

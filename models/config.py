@@ -127,6 +127,7 @@ class SamplingConfig:
 
 
 RESAMPLING = ("bilinear", "bicubic", "nearest")
+REVEAL_FILLS = ("edge", "plane")
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,20 @@ class CameraConfig:
     # and the blurred colours from the frame before, so what the DiT changed since the anchor (a new theme,
     # its corrections) carries on every frame; 0 takes the anchor whole.
     anchor_lowpass: float = 0.0
+    # What the previous frame shows where the motion uncovered it (the strip a turn brings in): "edge"
+    # repeats the frame's edge column across it, so every slanted wall edge continues as a horizontal streak
+    # (which the DiT bends into a bow and, turned on, into bands); "plane" continues the wall at the edge as a
+    # plane (the line through the wall points of the edge column and one ``reveal_span`` columns in) and reads
+    # the edge column at each row scaled by the depth ratio, so wall tops, bottoms and the floor continue in
+    # perspective. "edge" here so models saved before it play as they did.
+    reveal_fill: str = "edge"
+    reveal_span: int = 8  # pixel columns between the two wall points the "plane" fill extends
 
     def __post_init__(self) -> None:
+        if self.reveal_fill not in REVEAL_FILLS:
+            raise ValueError(f"camera.reveal_fill must be one of {REVEAL_FILLS}, got {self.reveal_fill!r}")
+        if self.reveal_span < 1:
+            raise ValueError(f"camera.reveal_span must be ≥ 1, got {self.reveal_span}")
         if not 0 < self.fov_degrees < 180:
             raise ValueError(f"camera.fov_degrees must be in (0, 180), got {self.fov_degrees}")
         if self.move_step < 0 or self.wall_height <= 0 or self.depth_width < 1:

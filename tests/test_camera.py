@@ -24,6 +24,7 @@ from worldloop.models.camera import (
     gaussian_blur,
     inverse_depth,
     key_motion,
+    plane_fill_flow,
     pose_flow,
     reprojection_flow,
     resample,
@@ -124,6 +125,56 @@ def test_reprojection_predicts_the_engines_next_frame(keys: tuple[str, ...]) -> 
         return (10 * torch.log10(1 / (a - unit(after)).square().flatten(1).mean(1))).mean().item()
 
     assert psnr(moved) > psnr(unit(before)) + 3
+
+
+@pytest.mark.parametrize("turn", [-1, 1])
+def test_the_plane_fill_draws_what_a_turn_reveals_in_perspective(turn: int) -> None:
+    """Turned 6 frames at once from the engine's frame and depth, the strip the turn brings in is closer to
+    the engine's when the wall at the frame's edge is continued as a plane than when the edge column is
+    repeated (measured on these worlds: +1.7 dB turning left, +3.0 right); what the frame saw reads as
+    before."""
+    size, frames = 128, 6
+    world = World(list(range(10_000_000, 10_000_016)), size, size)
+    world.reset()
+    before = world.render().permute(0, 3, 1, 2).float() / 255
+    depth = world.column_depths(size)
+    sky = torch.tensor([p.has_sky for p in world.params])
+    for _ in range(frames):
+        after = world.next_frame(torch.full((16,), BIT["turn_right" if turn > 0 else "turn_left"]))
+    after = after.permute(0, 3, 1, 2).float() / 255
+    q = inverse_depth(depth, sky, size, CAMERA)
+    angle = torch.full((16,), turn * math.radians(CAMERA.turn_degrees * frames))
+    flow = pose_flow(q, angle, torch.zeros(16, 2), CAMERA)
+    filled = plane_fill_flow(flow, depth, CAMERA)
+    source_x = torch.arange(size).view(1, 1, size) + flow[:, 0]
+    revealed = ((source_x < -0.5) | (source_x > size - 0.5))[:, None].expand_as(after)
+    assert 0.2 < revealed.float().mean().item() < 0.5
+    assert torch.equal(filled[:, :, ~revealed[0, 0]], flow[:, :, ~revealed[0, 0]])
+
+    def psnr(f: torch.Tensor) -> float:
+        error = (resample(before, f, "bicubic").clamp(0, 1) - after)[revealed]
+        return 10 * math.log10(1 / error.square().mean())
+
+    assert psnr(filled) > psnr(flow) + 1.0
+
+
+def test_the_plane_fill_holds_a_wall_seen_edge_on_near_the_edge_depth() -> None:
+    """A wall line the ray never meets (behind the camera, or parallel) leaves the edge's depth within 4×:
+    every revealed pixel reads the edge column, within the frame's rows scaled by at most 4."""
+    n, h, w = 3, 16, 32
+    depth = torch.stack([torch.linspace(1, 8, w), torch.linspace(8, 1, w), torch.full((w,), 2.0)])
+    flow = torch.zeros(n, 2, h, w)
+    flow[:, 0] = -10.0  # everything reads 10 px to the left: the left 10 columns are revealed
+    filled = plane_fill_flow(flow, depth, CAMERA)
+    revealed = filled[:, :, :, :10]
+    reads_x = torch.arange(10).view(1, 1, 10) + revealed[:, 0]
+    assert torch.equal(reads_x, torch.zeros_like(reads_x))
+    rows = torch.arange(h).view(1, h, 1) + revealed[:, 1] - (h - 1) / 2
+    centred = (torch.arange(h).view(1, h, 1) - (h - 1) / 2).expand_as(rows)
+    ratio = rows / centred
+    assert bool(((ratio >= 0.25 - 1e-5) & (ratio <= 4 + 1e-5)).all())
+    assert torch.allclose(ratio[2], torch.ones_like(ratio[2]))  # a wall square to the view keeps its rows
+    assert torch.equal(filled[:, :, :, 10:], flow[:, :, :, 10:])
 
 
 @pytest.mark.parametrize("keys", [("forward",), ("turn_right",), ("right",), ("forward", "turn_left")])

@@ -390,12 +390,12 @@ def test_cli_truth_starts_a_reprojecting_student_from_a_delta_one(
     assert files.config.camera.resample == "bicubic"  # the defaults for a new reprojecting student
     assert files.config.camera.depth_memory == 1.0
     more = ["--student", str(tmp_path / "r" / "model"), "--resample", "bilinear", "--depth-memory", "0.5",
-            "--anchor-frames", "4", "--anchor-lowpass", "1.5"]
+            "--anchor-frames", "4", "--anchor-lowpass", "1.5", "--reveal-fill", "plane"]
     assert main([*base, "--teacher", str(delta), *more, "--out", str(tmp_path / "r2")]) == 0
     again = checkpoint.load_model(tmp_path / "r2" / "model")
     assert again.config.camera.resample == "bilinear" and "depth_fit" not in again.metadata  # fitted once
     assert again.config.camera.depth_memory == 0.5 and again.config.camera.anchor_frames == 4
-    assert again.config.camera.anchor_lowpass == 1.5
+    assert again.config.camera.anchor_lowpass == 1.5 and again.config.camera.reveal_fill == "plane"
     # --depth-lr-scale: the depth network learns on the rollouts' own frames (its own learning rate), with
     # the DiT; the depth loss is logged.
     start_depth = {k: v for k, v in files.dit.items() if k.startswith("reprojector.depth_net.")}

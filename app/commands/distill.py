@@ -28,7 +28,7 @@ from worldloop.app.commands.train import add_run_options, train_config
 from worldloop.app.errors import user_input
 from worldloop.distill.stages.runtime import TrainConfig, setup_distributed, teardown_distributed
 from worldloop.models import checkpoint
-from worldloop.models.config import RESAMPLING, ModelConfig
+from worldloop.models.config import RESAMPLING, REVEAL_FILLS, ModelConfig
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cd": {"iterations": 4000, "batch_size": 16, "lr": 1e-4, "warmup": 100, "ema_decay": 0.99},
@@ -153,6 +153,10 @@ def _truth_options(p: argparse.ArgumentParser) -> None:
                    help="with anchors: take only the anchor's detail above a Gaussian blur of this many "
                         "pixels and the frame before's colours below it (0: the anchor whole; default: the "
                         "start's)")
+    p.add_argument("--reveal-fill", choices=list(REVEAL_FILLS),
+                   help="what a reprojecting student's moved frame shows where a turn uncovers it: the edge "
+                        "column repeated, or the wall at the edge continued as a plane in perspective "
+                        "(default: the start's)")
 
 
 def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelConfig]:
@@ -176,7 +180,7 @@ def student_model_config(args: argparse.Namespace) -> tuple[ModelConfig, ModelCo
     if getattr(args, "reproject", False) and not config.camera.reproject:  # a new reprojecting student
         config = config.replace(camera=dataclasses.replace(config.camera, reproject=True, depth_memory=1.0))
     # CameraConfig fields of the same names as the options.
-    for option in ("resample", "depth_memory", "anchor_frames", "anchor_lowpass"):
+    for option in ("resample", "depth_memory", "anchor_frames", "anchor_lowpass", "reveal_fill"):
         value = getattr(args, option, None)
         if value is None:
             continue
