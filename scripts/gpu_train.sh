@@ -8,6 +8,7 @@
 #   2. critic (the rest): from 1's model, 24-frame rollouts with gradients through all of them, the previous
 #      frame moved from 16-frame anchors, and a patch critic on the decoded rollout frames, so what a step or a
 #      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
+#   A START that already reprojects (what phase 2 made, once shipped) skips phase 1: phase 2 gets all the time.
 #   If a phase ends without exporting a model (it exports at the end, on SIGTERM and at every checkpoint), it is
 #   tried once more without bf16 and, for phase 2, without the critic, in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
 #   command, status, seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
@@ -36,7 +37,9 @@ TOTAL_S=$("$PY" -c "print(int(float('$MINUTES') * 60))")
 COMMON=(--teacher "$START" --student-steps 2 --max-context 9 --lr 3e-4 --latent-spectrum-weight 0
         --pixel-weight 10 --context-sigma 0 --device "$DEVICE" --batch-size "$BATCH" --iterations "$ITERATIONS"
         --checkpoint-every 50 --log-every 10)
-PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1)
+# What a turn uncovers continues the edge wall as a plane (models/camera.py: +0.4 / +1.2 / +1.7 / +1.1 dB turning
+# left at frames 1 / 4 / 8 / 16 on the last GPU model, untrained for it).
+PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1 --reveal-fill plane)
 # Gradients through every rollout frame: through the last 8 only, the first second lost 0.7-1.0 dB (stage 11).
 PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 0 --anchor-frames 16
         --anchor-lowpass 2)
@@ -71,9 +74,16 @@ EOF
 }
 left() { echo $((TOTAL_S - MARGIN_S - SECONDS)); }
 
-phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" "$@" ||
-  { rm -rf "$WORK/reproject"; phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" --no-bf16 "$@"; }
-if [ -f "$WORK/reproject/model/config.json" ]; then
+# A START that already reprojects (a model phase 2 made, shipped) needs no phase 1: phase 2 gets all the time.
+if "$PY" -c "import json, sys; sys.exit(0 if json.load(open('$START/config.json'))['config']['camera']['reproject'] else 1)"
+then
+  printf '{"phase": "reproject", "rc": null, "skipped": "%s already reprojects"}\n' "$START" >> "$RECORD"
+  PHASE2[1]=$START
+else
+  phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" "$@" ||
+    { rm -rf "$WORK/reproject"; phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" --no-bf16 "$@"; }
+fi
+if [ -f "${PHASE2[1]}/config.json" ]; then
   phase critic "$(left)" "${PHASE2[@]}" "${CRITIC[@]}" "$@" ||
     { rm -rf "$WORK/critic"; phase critic "$(left)" "${PHASE2[@]}" --no-bf16 "$@"; }
 fi

@@ -223,6 +223,8 @@ def train(stage: Stage, cfg: TrainConfig, ddp: Distributed, run: RunDir, *, resu
             progress.update(done.frames * ddp.world_size, data_seconds, loss=done.loss)
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations or done.log_now:
                 record = {k: float(v) for k, v in done.record.items()}
+                if ddp.device.type == "cuda":  # what a bigger batch would have room for, next time
+                    record["cuda_peak_gib"] = torch.cuda.max_memory_allocated(ddp.device) / 2**30
                 log.write(iteration=iteration, **record, frames_per_s=progress.rate(),
                           seconds_per_iteration=progress.seconds_per_iteration(),
                           data_share=progress.data_share(), cpu_minutes=round(run_minutes(), 3))
