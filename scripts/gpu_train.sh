@@ -10,7 +10,7 @@
 #      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
 #   A START that already reprojects (what phase 2 made, once shipped) skips phase 1: phase 2 gets all the time.
 #   If a phase ends without exporting a model (it exports at the end, on SIGTERM and at every checkpoint), it is
-#   tried once more without bf16 and, for phase 2, without the critic, in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
+#   tried once more without bf16 at half the batch and, for phase 2, without the critic, in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
 #   command, status, seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
 #   `cat OUT/bundle.tar.* | tar -x -C DEST` gives DEST/reproject/model and DEST/critic/model). Evaluate them
 #   where the call came from: `worldloop eval --model DEST/critic/model@1 --model assets/default@1`.
@@ -27,7 +27,10 @@ source scripts/gpu_env.sh
 START=${START:-assets/default}
 WORK=${WORK:-/tmp/worldloop-gpu-train}
 DEVICE=${DEVICE:-cuda}
-BATCH=${BATCH:-32}
+# 32 on the first call: 160-310 frames/s, launch-bound, 1.3-3.2 s an iteration. Phase 2 holds about 0.5 GB per
+# rollout in float32 (measured on the CPU: 2.5 GB at batch 2, 4.5 at 6), so 64 fits an H200 many times over.
+BATCH=${BATCH:-64}
+RETRY=(--no-bf16 --batch-size $(( BATCH > 1 ? BATCH / 2 : 1 )))  # a failed phase's second try
 ITERATIONS=${ITERATIONS:-100000}  # the phases stop on time; a dry run caps them
 MARGIN_S=40  # kept back for the bundle
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
@@ -81,11 +84,11 @@ then
   PHASE2[1]=$START
 else
   phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" "$@" ||
-    { rm -rf "$WORK/reproject"; phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" --no-bf16 "$@"; }
+    { rm -rf "$WORK/reproject"; phase reproject $(( ($(left)) * 2 / 5 )) "${PHASE1[@]}" "$@" "${RETRY[@]}"; }
 fi
 if [ -f "${PHASE2[1]}/config.json" ]; then
   phase critic "$(left)" "${PHASE2[@]}" "${CRITIC[@]}" "$@" ||
-    { rm -rf "$WORK/critic"; phase critic "$(left)" "${PHASE2[@]}" --no-bf16 "$@"; }
+    { rm -rf "$WORK/critic"; phase critic "$(left)" "${PHASE2[@]}" "$@" "${RETRY[@]}"; }
 fi
 
 "$PY" - "$WORK" "$OUT" "$SECONDS" <<'EOF'
