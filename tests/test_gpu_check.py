@@ -184,7 +184,8 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
     out = tmp_path / "out"
     dry = {"START": str(tmp_path / "start" / "model"), "DEVICE": "cpu", "BATCH": "2", "ITERATIONS": "2",
            "ADVERSARIAL_START": "1", "WORK": str(tmp_path / "work")}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(out), "3"], cwd=REPO,
+    # Minutes enough for a loaded machine: ITERATIONS stops the phases long before them on an idle one.
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(out), "6"], cwd=REPO,
                           text=True, capture_output=True, timeout=900, env=env | dry)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "gpu_train.json").read_text())
@@ -211,7 +212,7 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
     # From a start that already reprojects (the critic model just made), phase 1 is skipped.
     again = tmp_path / "again"
     dry |= {"START": str(got / "critic" / "model"), "WORK": str(tmp_path / "work2")}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(again), "2"], cwd=REPO,
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(again), "4"], cwd=REPO,
                           text=True, capture_output=True, timeout=900, env=env | dry)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((again / "gpu_train.json").read_text())
