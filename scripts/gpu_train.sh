@@ -40,9 +40,10 @@ TOTAL_S=$("$PY" -c "print(int(float('$MINUTES') * 60))")
 COMMON=(--teacher "$START" --student-steps 2 --max-context 9 --lr 3e-4 --latent-spectrum-weight 0
         --pixel-weight 10 --context-sigma 0 --device "$DEVICE" --batch-size "$BATCH" --iterations "$ITERATIONS"
         --checkpoint-every 50 --log-every 10)
-# What a turn uncovers continues the edge wall as a plane (models/camera.py: +0.4 / +1.2 / +1.7 / +1.1 dB turning
-# left at frames 1 / 4 / 8 / 16 on the last GPU model, untrained for it).
-PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1 --reveal-fill plane)
+# The uncovered strip repeats the edge column ("edge"): "plane" (docs/TRAINING.md, stage 12) won held turns but
+# lost 0.6-0.8 dB at horizons 4 / 16 in the eval's mixed keys, trained with it or not. Pass --reveal-fill plane
+# to try it.
+PHASE1=(--student "$START" --reproject --resample bicubic --depth-memory 1)
 # Gradients through every rollout frame: through the last 8 only, the first second lost 0.7-1.0 dB (stage 11).
 PHASE2=(--student "$WORK/reproject/model" --rollout-frames 24 --grad-frames 0 --anchor-frames 16
         --anchor-lowpass 2)

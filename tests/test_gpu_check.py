@@ -208,14 +208,17 @@ def test_the_training_script_dry_runs_both_phases_and_brings_back_both_models(tm
     for name in ("reproject", "critic"):  # both phases regress decoded frames onto the engine's in pixels
         phase_log = [json.loads(x) for x in (got / name / "log.jsonl").read_text().splitlines()]
         assert all(x["pixel_l1"] > 0 for x in phase_log), phase_log
-    assert critic.config.camera.reveal_fill == "plane"  # phase 1's conversion continues walls in perspective
+    assert critic.config.camera.reveal_fill == "edge"
     # From a start that already reprojects (the critic model just made), phase 1 is skipped.
     again = tmp_path / "again"
     dry |= {"START": str(got / "critic" / "model"), "WORK": str(tmp_path / "work2")}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_train.sh"), str(again), "4"], cwd=REPO,
-                          text=True, capture_output=True, timeout=900, env=env | dry)
+    script = ["bash", str(REPO / "scripts" / "gpu_train.sh"), str(again), "4", "--reveal-fill", "plane"]
+    done = subprocess.run(script, cwd=REPO, text=True, capture_output=True, timeout=900, env=env | dry)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((again / "gpu_train.json").read_text())
     assert [(p["phase"], p["rc"]) for p in summary["phases"]] == [("reproject", None), ("critic", 0)]
     assert "already reprojects" in summary["phases"][0]["skipped"]
     assert summary["models"] == ["critic/model"]
+    got2 = unbundle(again, tmp_path / "got2")
+    plane = load_model(choose_model(got2 / "critic" / "model", None, fallback=False))
+    assert plane.config.camera.reveal_fill == "plane"  # extra options reach the phases
