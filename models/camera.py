@@ -186,11 +186,13 @@ def plane_fill_flow(flow: Tensor, depth: Tensor, camera: CameraConfig) -> Tensor
     perspective, as does the floor's texture. Where the line is behind the camera or the ray nearly parallel,
     z is held within [z_e / 4, 4 z_e]."""
     n, _, h, w = flow.shape
-    dev = flow.device
     f = focal_pixels(w, camera)
-    xs = torch.arange(w, device=dev, dtype=flow.dtype).view(1, 1, w) + flow[:, 0]
+    px = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
+    py = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
+    xs, ys = px + flow[:, 0], py + flow[:, 1]  # the pixels each new pixel reads
     out_left, out_right = xs < -0.5, xs > w - 0.5
-    if not bool((out_left | out_right).any()):
+    out = out_left | out_right
+    if not bool(out.any()):
         return flow
     span = min(camera.reveal_span, w - 1)
     centre = (w - 1) / 2  # pixel index → centred coordinate: x − centre
@@ -203,21 +205,16 @@ def plane_fill_flow(flow: Tensor, depth: Tensor, camera: CameraConfig) -> Tensor
         # The line through (x0, z0) and (x1, z1): normal (z1 − z0, x0 − x1), n · p = c.
         nx, nz = z1 - z0, x0 - x1
         c = nx * x0 + nz * z0
-        denom = nx * ray + nz
-        z = c / torch.where(denom.abs() < 1e-6, torch.full_like(denom, 1e-6), denom)
-        z = torch.where(torch.isfinite(z) & (z > 0), z, z0.expand_as(z))
+        z = c / (nx * ray + nz)  # ±inf for a ray parallel to the line, held at 4 z0 below
+        z = torch.where(z > 0, z, z0.expand_as(z))  # the line behind the camera (NaN compares False too)
         return torch.minimum(torch.maximum(z, z0 / 4), z0 * 4), z0
 
     z_left, e_left = plane_depth(0, span)
     z_right, e_right = plane_depth(w - 1, w - 1 - span)
     z = torch.where(out_left, z_left, z_right)
     z_edge = torch.where(out_left, e_left, e_right)
-    ys = torch.arange(h, device=dev, dtype=flow.dtype).view(1, h, 1) + flow[:, 1]
     rows = (ys - (h - 1) / 2) * z / z_edge + (h - 1) / 2
     edge_x = torch.where(out_left, torch.zeros_like(xs), torch.full_like(xs, w - 1.0))
-    px = torch.arange(w, device=dev, dtype=flow.dtype).view(1, 1, w)
-    py = torch.arange(h, device=dev, dtype=flow.dtype).view(1, h, 1)
-    out = out_left | out_right
     return torch.stack([torch.where(out, edge_x - px, flow[:, 0]),
                         torch.where(out, rows - py, flow[:, 1])], 1)
 

@@ -10,8 +10,9 @@
 #      turn reveals is drawn as the engine draws it rather than as the mean of what it could be.
 #   A START that already reprojects (what phase 2 made, once shipped) skips phase 1: phase 2 gets all the time.
 #   If a phase ends without exporting a model (it exports at the end, on SIGTERM and at every checkpoint), it is
-#   tried once more without bf16 at half the batch and, for phase 2, without the critic, in the time left. What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's
-#   command, status, seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
+#   tried once more without bf16 at half the batch and, for phase 2, without the critic, in the time left.
+#   What comes back in OUT (at most 8 files of at most 16 MiB): gpu_train.json (each phase's command, status,
+#   seconds and last log line) and bundle.tar.000, … (both phases' models, logs and train.json;
 #   `cat OUT/bundle.tar.* | tar -x -C DEST` gives DEST/reproject/model and DEST/critic/model). Evaluate them
 #   where the call came from: `worldloop eval --model DEST/critic/model@1 --model assets/default@1`.
 #
@@ -78,9 +79,8 @@ EOF
 }
 left() { echo $((TOTAL_S - MARGIN_S - SECONDS)); }
 
-# A START that already reprojects (a model phase 2 made, shipped) needs no phase 1: phase 2 gets all the time.
-if "$PY" -c "import json, sys; sys.exit(0 if json.load(open('$START/config.json'))['config']['camera']['reproject'] else 1)"
-then
+if "$PY" -c "import sys; from worldloop.models.checkpoint import read_config
+sys.exit(0 if read_config(sys.argv[1])[0].camera.reproject else 1)" "$START"; then
   printf '{"phase": "reproject", "rc": null, "skipped": "%s already reprojects"}\n' "$START" >> "$RECORD"
   PHASE2[1]=$START
 else
