@@ -87,12 +87,14 @@ class WorldStart:
         world.set_poses(open_headings(world, g))
         explorer = Explorer(world.seeds)
         frames, keys = [world.render()], [0]  # the first frame is made with no keys, as in training clips
+        poses = [world.poses[0].cpu()]
         for _ in range(self.frames - 1):
             held = explorer.act(world)
             frames.append(world.next_frame(held))
             keys.append(int(held[0]))
+            poses.append(world.poses[0].cpu())
         video = downsample(torch.cat(frames), k).cpu().numpy()
-        return StartFrames(video, tuple(keys)), world
+        return StartFrames(video, tuple(keys), torch.stack(poses).numpy()), world
 
 
 def add_start_options(parser: argparse.ArgumentParser, *, what: str = "every session") -> None:

@@ -45,7 +45,8 @@ def hold(models: list, key: int, worlds: int, marks: list[int]) -> tuple[dict, l
         for i, wm in enumerate(models):
             start = WorldStart(wm.config.height, wm.config.width, context_frames(wm.config))
             first, engine = EngineBeside.start(start, prompt, SEED + w)
-            session = wm.new_session(prompt, w, first_frames=first.frames, first_keys=list(first.keys))
+            session = wm.new_session(prompt, w, first_frames=first.frames, first_keys=list(first.keys),
+                                     first_poses=first.poses)
             for n in range(1, max(marks) + 1):
                 frame = wm.next_frame([session], [key])[0]
                 truth = engine.next_frame(key)

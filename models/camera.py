@@ -29,7 +29,7 @@ On the built-in world's frames with the engine's own depth, this alone takes a f
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -82,11 +82,15 @@ def inverse_depth(column_depth: Tensor, sky: Tensor, height: int, camera: Camera
     return torch.where(rows < half * wall, wall.expand(n, height, width), plane)
 
 
-def camera_step(keys: Tensor, camera: CameraConfig) -> tuple[Tensor, Tensor]:
+Motion = tuple[Tensor, Tensor, Tensor]  # (step, strafe, turn) per row, as ``key_motion`` gives them
+
+
+def camera_step(keys: Tensor, camera: CameraConfig, motion: Motion | None = None) -> tuple[Tensor, Tensor]:
     """The camera motion of held ``keys`` (N, num_keys) as the map from the new camera's coordinates (x right,
     z ahead, in tiles) to the previous camera's, ``p_prev = R(turn) · p_new + offset``: (turn (N,) radians,
-    offset (N, 2)). The camera turns by ``turn``, then steps ``(strafe, step)`` along its new axes."""
-    step, strafe, turn = key_motion(keys, camera)
+    offset (N, 2)). The camera turns by ``turn``, then steps ``(strafe, step)`` along its new axes.
+    ``motion`` replaces the keys' own (``key_motion``): a step a wall blocks."""
+    step, strafe, turn = key_motion(keys, camera) if motion is None else motion
     return turn, rotate(torch.stack([strafe, step], 1), turn)
 
 
@@ -130,7 +134,8 @@ def reprojection_flow(inv_depth: Tensor, keys: Tensor, camera: CameraConfig) -> 
     return pose_flow(inv_depth, *camera_step(keys, camera), camera)
 
 
-def carry_column_depth(depth: Tensor, keys: Tensor, camera: CameraConfig, max_gap: float = 6.0) -> Tensor:
+def carry_column_depth(depth: Tensor, keys: Tensor, camera: CameraConfig, max_gap: float = 6.0,
+                       motion: Motion | None = None) -> Tensor:
     """The wall depth through each pixel column (N, W) of a frame → that of the frame after the held
     ``keys``' camera motion: each column's wall point is moved into the new camera and the new columns read
     the moved points linearly between neighbours. NaN where no point landed within ``max_gap`` columns: what a
@@ -142,7 +147,7 @@ def carry_column_depth(depth: Tensor, keys: Tensor, camera: CameraConfig, max_ga
     n, w = depth.shape
     dev = depth.device
     f = focal_pixels(w, camera)
-    step, strafe, turn = (m.view(n, 1) for m in key_motion(keys, camera))
+    step, strafe, turn = (m.view(n, 1) for m in (key_motion(keys, camera) if motion is None else motion))
     x, z = _centred(w, dev).view(1, w) / f * depth.float(), depth.float()
     cos, sin = torch.cos(turn), torch.sin(turn)
     # The inverse of reprojection_flow's map: previous camera → new camera (undo the turn, then the step).
@@ -269,6 +274,19 @@ class Anchor(NamedTuple):
     age: Tensor
 
 
+class Redraw(Protocol):
+    """A change to the moved previous frame before it is encoded: (the moved frame (N, 3, H, W) in [-1, 1],
+    the wall depth per column of the new frame (N, W), the previous frame (N, 3, H, W), its own wall depth
+    (N, W), the sky flags (N,), the rows whose camera stands still (N,)) → the frame to encode."""
+
+    def __call__(self, moved: Tensor, depth: Tensor, previous: Tensor, previous_depth: Tensor, sky: Tensor,
+                 still: Tensor) -> Tensor: ...
+
+    def motion(self, keys: Tensor) -> Motion:
+        """The camera's motion under held ``keys`` (N, num_keys) (``key_motion``'s, less what walls block)."""
+        ...
+
+
 class Reprojector(nn.Module):
     """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
     the decoder, the camera motion at ``DepthNet``'s depth, and the encoder (all without gradients)."""
@@ -303,7 +321,7 @@ class Reprojector(nn.Module):
 
     @torch.no_grad()
     def move(self, vae: nn.Module, latents: Tensor, keys: Tensor, frames: Tensor | None = None,
-             carried: Tensor | None = None, anchor: Anchor | None = None
+             carried: Tensor | None = None, anchor: Anchor | None = None, redraw: Redraw | None = None
              ) -> tuple[Tensor, Tensor, Anchor | None]:
         """``latents`` (N, C, h, w) moved by ``keys`` (N, num_keys) → (the moved latents, the wall depth per
         pixel column carried on to the moved frame (N, W), NaN where the motion uncovered it, and the anchor
@@ -311,20 +329,22 @@ class Reprojector(nn.Module):
         the latents' decoded frames when the caller already has them (else they are decoded here);
         ``carried`` is the depth this method returned for ``latents``' own frame (or None: the depth network
         alone reads it); ``anchor`` the anchor it returned (or None; rows whose age reached ``anchor_frames``
-        renew theirs from the latents' own frame, as a None anchor does)."""
+        renew theirs from the latents' own frame, as a None anchor does). ``redraw`` (``Redraw``; the surface
+        memory's, ``models.surface_memory``) may change the moved frame before it is encoded."""
         width = frames.shape[-1] if frames is not None else self.frame_size[1]
         depth, sky = self.column_depth(latents, width, carried)
-        carried_on = carry_column_depth(depth, keys, self.camera)
+        motion = key_motion(keys, self.camera) if redraw is None else redraw.motion(keys)
+        carried_on = carry_column_depth(depth, keys, self.camera, motion=motion)
         # A camera that does not move keeps its frame exactly: the autoencoder's round trip is not idempotent
         # (iterated on a still frame it amplifies texture into noise: sharpness ×4.8 after 16 round trips,
         # ×79 after 64), so a still camera skips it; it neither moves nor ages its anchor.
-        still = torch.stack(key_motion(keys, self.camera)).abs().amax(0) == 0
+        still = torch.stack(motion).abs().amax(0) == 0
         if bool(still.all()):
             return latents, carried_on, anchor
         if frames is None:
             frames = vae.decode(latents.to(vae.dtype))
         frames = frames.float()
-        turn, offset = camera_step(keys, self.camera)
+        turn, offset = camera_step(keys, self.camera, motion)
         anchored = self.camera.anchor_frames > 0
         # The depth at the new frame's pixels: with anchors the depth carried to it where known; without, the
         # moved frame's own (which a small motion barely changes), as models saved before anchors were made.
@@ -339,6 +359,9 @@ class Reprojector(nn.Module):
         nxt = None
         if anchored:
             moved, nxt = self._from_anchor(frames, moved, q, turn, offset, still, anchor)
+        if redraw is not None:
+            seen = torch.where(torch.isfinite(carried_on), carried_on, depth)
+            moved = redraw(moved, seen, frames, frame_depth, sky, still)
         out = vae.encode(moved.clamp(-1, 1).to(vae.dtype)).float().to(latents.dtype)
         return torch.where(still.view(-1, 1, 1, 1), latents, out), carried_on, nxt
 

@@ -175,6 +175,15 @@ class CameraConfig:
     # perspective. "edge" here so models saved before it play as they did.
     reveal_fill: str = "edge"
     reveal_span: int = 8  # pixel columns between the two wall points the "plane" fill extends
+    # ``models.surface_memory``: > 0 keeps the texture each stream saw in the world's texture coordinates,
+    # this many texels per tile edge, and draws it on the moved previous frame wherever that surface reappears
+    # (a stream needs its camera pose in the world's grid, given with its first frames; without one it plays
+    # as with 0). 0 here so models saved before it play as they did.
+    surface_memory: int = 0
+    memory_sigma: float = 1.5  # pixels of the blur that splits a frame into light and colour and detail
+    # Weight of a generated frame's detail against a given (real) frame's: small, so what the stream was
+    # shown stays and generated frames only fill texels nothing real has covered.
+    memory_trust: float = 0.02
 
     def __post_init__(self) -> None:
         if self.reveal_fill not in REVEAL_FILLS:
@@ -194,6 +203,9 @@ class CameraConfig:
             raise ValueError(f"camera.depth_memory must be in [0, 1], got {self.depth_memory}")
         if self.resample not in RESAMPLING:
             raise ValueError(f"camera.resample must be one of {RESAMPLING}, got {self.resample!r}")
+        if self.surface_memory < 0 or self.memory_sigma <= 0 or not 0 <= self.memory_trust <= 1:
+            raise ValueError("camera.surface_memory must be ≥ 0, camera.memory_sigma > 0 and "
+                             "camera.memory_trust in [0, 1]")
 
 
 @dataclass(frozen=True)

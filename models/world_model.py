@@ -46,6 +46,9 @@ from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
 from worldloop.models.kv_cache import CacheSnapshot, CacheView, KVCache, PromptKV
 from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
+from worldloop.models.surface_memory import Memory, Redrawer
+from worldloop.models.surface_memory import empty as empty_memory
+from worldloop.models.surface_memory import write as write_memory
 from worldloop.models.text import PromptEncoder
 from worldloop.models.vae import LatentAutoencoder, to_uint8
 
@@ -86,6 +89,10 @@ class Session:
     # A model with ``camera.anchor_frames``: its anchor (``models.camera.Anchor``, this stream's row: frame
     # (3, H, W), turn (), offset (2,), age ()) as it stood after the frame of the given index.
     anchor: tuple[int, tuple[Tensor, ...]] | None = field(default=None, repr=False)
+    # A model with ``camera.surface_memory`` and a stream whose pose in the world's grid is known
+    # (``first_poses``): its surface memory (``models.surface_memory.Memory``, this stream's row) with the
+    # pose of the frame of the given index.
+    memory: tuple[int, Memory] | None = field(default=None, repr=False)
     closed: bool = False
 
 
@@ -98,6 +105,7 @@ class SessionSnapshot:
     prompt: str
     seed: int
     rng_state: Tensor
+    memory: tuple[int, Memory] | None = None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -219,20 +227,25 @@ class WorldModel:
     # -- sessions ------------------------------------------------------------------------------------------
 
     def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
-                    first_keys: Sequence[int] | np.ndarray | None = None) -> Session:
+                    first_keys: Sequence[int] | np.ndarray | None = None,
+                    first_poses: Sequence[Sequence[float]] | np.ndarray | None = None) -> Session:
         """Open a session in a free cache slot; ``first_frames`` uint8 (T, H, W, 3) become its context.
 
         ``first_keys`` (T bitmasks) are the keys each context frame was made with, as in training; without
-        them the context frames carry no keys.
+        them the context frames carry no keys. ``first_poses`` (T, 3): each context frame's camera in the
+        world's grid (x, y in tiles, heading in radians; the built-in world's poses), which a model with
+        ``camera.surface_memory`` needs to remember the frames' textures (others ignore it).
         """
         prompt_kv = self._encode_prompt(prompt)  # validates before any state changes
         context = self._first_context(first_frames, first_keys)
+        poses = self._first_poses(first_poses, first_frames)
         free = [i for i in range(self.max_sessions) if i not in self._sessions]
         if not free:
             raise RuntimeError(f"all {self.max_sessions} sessions of the model are in use")
         session = Session(free[0], prompt, seed, torch.Generator().manual_seed(seed))
         self._sessions[session.slot] = session
         self._start(session, prompt_kv, context)
+        session.memory = self._first_memory(context, first_frames, poses)
         return session
 
     def close_session(self, session: Session) -> None:
@@ -242,20 +255,22 @@ class WorldModel:
         session.closed = True
 
     def reset(self, session: Session, prompt: str | None = None, seed: int | None = None,
-              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | np.ndarray | None = None
-              ) -> None:
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | np.ndarray | None = None,
+              first_poses: Sequence[Sequence[float]] | np.ndarray | None = None) -> None:
         """Start the session's stream again (optionally with a new prompt and seed, and from context frames
         as in ``new_session``)."""
         self._check(session)
         new_prompt = session.prompt if prompt is None else prompt
         prompt_kv = self._encode_prompt(new_prompt)
         context = self._first_context(first_frames, first_keys)
+        poses = self._first_poses(first_poses, first_frames)
         session.prompt, session.seed = new_prompt, session.seed if seed is None else seed
         session.generator.manual_seed(session.seed)
         session.frame_index, session.pending, session.pending_keys = 0, None, None
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
         session.shown = session.carried = session.anchor = None
         self._start(session, prompt_kv, context)
+        session.memory = self._first_memory(context, first_frames, poses)
 
     def _first_context(self, first_frames: np.ndarray | None, first_keys: Sequence[int] | np.ndarray | None
                        ) -> tuple[Tensor, Tensor] | None:
@@ -266,6 +281,40 @@ class WorldModel:
             return None
         latents = self._encode_frames(first_frames)
         return latents, self._context_keys(first_keys, len(latents))
+
+    def _first_poses(self, first_poses: Sequence[Sequence[float]] | np.ndarray | None,
+                     first_frames: np.ndarray | None) -> Tensor | None:
+        """Checked context poses (T, 3) float32, or None."""
+        if first_poses is None:
+            return None
+        if first_frames is None:
+            raise ValueError("first_poses without first_frames")
+        try:
+            poses = torch.as_tensor(np.asarray(first_poses, dtype=np.float64), dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"first_poses must be numbers (T, 3): {exc}") from None
+        if poses.shape != (len(first_frames), 3) or not bool(torch.isfinite(poses).all()):
+            raise ValueError(f"first_poses must be finite (x, y, heading) per first frame, shape "
+                             f"({len(first_frames)}, 3), got {tuple(poses.shape)}")
+        return poses.to(self.device)
+
+    def _first_memory(self, context: tuple[Tensor, Tensor] | None, first_frames: np.ndarray | None,
+                      poses: Tensor | None) -> tuple[int, Memory] | None:
+        """A stream's surface memory after its context frames, seen from ``poses`` (None: the model keeps
+        none, or the poses are unknown)."""
+        rep = self.dit.reprojector
+        if poses is None or context is None or rep is None or rep.camera.surface_memory == 0:
+            return None
+        cam = rep.camera
+        with torch.no_grad():
+            frames = torch.as_tensor(first_frames).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            depth, sky = rep.column_depth(context[0], frames.shape[-1])
+            memory = empty_memory(poses[-1:], cam.surface_memory)
+            for t in range(len(frames)):  # one frame at a time: each is written from its own pose
+                seen = memory._replace(pose=poses[t: t + 1])
+                memory = write_memory(seen, frames[t: t + 1], depth[t: t + 1], sky[t: t + 1], cam,
+                                      cam.surface_memory, cam.memory_sigma)
+        return len(frames) - 1, Memory(poses[-1], memory.detail[0], memory.weight[0], memory.walls[0])
 
     def _start(self, session: Session, prompt_kv: PromptKV, context: tuple[Tensor, Tensor] | None) -> None:
         """An empty cache slot under the prompt, then the context frames (if any)."""
@@ -294,7 +343,7 @@ class WorldModel:
         self._check(session, plain=True)
         return SessionSnapshot(self.cache.snapshot(session.slot), session.frame_index,
                                _clone(session.pending), _clone(session.pending_keys), session.prompt,
-                               session.seed, session.generator.get_state())
+                               session.seed, session.generator.get_state(), session.memory)
 
     def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
         """Rewind (or branch) a session to a snapshot, taken from it or from another session."""
@@ -307,6 +356,7 @@ class WorldModel:
         session.generator.set_state(snapshot.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
         session.carried = session.anchor = None  # the snapshot's stream may have seen other walls
+        session.memory = snapshot.memory  # its tensors are never changed in place
 
     def commit(self, session: Session) -> None:
         """Keep the speculative frames: they become ordinary frames of the stream."""
@@ -325,6 +375,7 @@ class WorldModel:
         session.frame_index, session.pending, session.pending_keys = back.frame_index, None, None
         session.generator.set_state(back.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
+        session.memory = back.memory
 
     # -- the rollout loop ----------------------------------------------------------------------------------
 
@@ -546,15 +597,33 @@ class _FrameForward:
                 carried = torch.stack([s.carried[1] if s.carried is not None
                                        and s.carried[0] == s.frame_index - 1 else unknown
                                        for s in self.sessions])
+            redraw = self._redrawer()
             moved, depth, anchor = wm.dit.reprojector.move(wm.vae, base, self.keys, frames, carried,
-                                                           self._anchors())
+                                                           self._anchors(), redraw)
             for i, s in enumerate(self.sessions):
                 s.anchor = None if anchor is None else (s.frame_index, tuple(part[i] for part in anchor))
+                if redraw is not None and bool(redraw.active[i]):
+                    s.memory = (s.frame_index, Memory(*(part[i] for part in redraw.memory)))
             for s, row in zip(self.sessions, depth, strict=True):
                 s.carried = (s.frame_index, row)
             out = torch.where(has.view(-1, 1, 1, 1), moved.to(base.dtype), base)
         self.timings.reproject_ms += (time.perf_counter() - start) * 1e3
         return out
+
+    def _redrawer(self) -> Redrawer | None:
+        """The sessions' surface memories as of their previous frame, as ``Reprojector.move``'s redraw (None:
+        the model keeps none, or no session has one); a session without one gets an empty placeholder that
+        draws nothing."""
+        cam = self.wm.dit.reprojector.camera
+        held = [s.memory[1] if s.memory is not None and s.memory[0] == s.frame_index - 1 else None
+                for s in self.sessions]
+        if cam.surface_memory == 0 or all(row is None for row in held):
+            return None
+        blank = empty_memory(torch.zeros(1, 3, device=self.wm.device), cam.surface_memory)
+        rows = [Memory(*(part[0] for part in blank)) if row is None else row for row in held]
+        memory = Memory(*(torch.stack(part).to(self.wm.device) for part in zip(*rows, strict=True)))
+        active = torch.tensor([row is not None for row in held], device=self.wm.device)
+        return Redrawer(memory, self.keys, active, cam)
 
     def _anchors(self) -> Anchor | None:
         """The sessions' anchors as of their previous frame (``camera.anchor_frames``; None: no session has

@@ -37,14 +37,16 @@ class WorldModelLike(Protocol):
     @property
     def frame_shape(self) -> tuple[int, int]: ...
     def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
-                    first_keys: Sequence[int] | None = None) -> Any: ...
+                    first_keys: Sequence[int] | None = None,
+                    first_poses: np.ndarray | None = None) -> Any: ...
     def next_frame(self, sessions: Sequence[Any], keys: Sequence[int],
                    speculative: bool = False) -> np.ndarray: ...
     def commit(self, session: Any) -> None: ...
     def discard(self, session: Any) -> None: ...
     def set_prompt(self, session: Any, prompt: str) -> None: ...
     def reset(self, session: Any, prompt: str | None = None, seed: int | None = None,
-              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None) -> None: ...
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None,
+              first_poses: np.ndarray | None = None) -> None: ...
     def snapshot(self, session: Any) -> Any: ...
     def restore(self, session: Any, snapshot: Any) -> None: ...
     def close_session(self, session: Any) -> None: ...
@@ -71,11 +73,13 @@ class SessionClosed(Exception):
 
 @dataclass(frozen=True, eq=False)
 class StartFrames:
-    """The context a stream starts from: real frames uint8 (N, H, W, 3) and the key bitmask each was made
-    with (``keys[0]`` led to the first)."""
+    """The context a stream starts from: real frames uint8 (N, H, W, 3), the key bitmask each was made
+    with (``keys[0]`` led to the first) and, when known, each frame's camera in the world's grid (N, 3): x, y
+    in tiles and the heading in radians (a model with a surface memory needs it)."""
 
     frames: np.ndarray
     keys: tuple[int, ...]
+    poses: np.ndarray | None = None
 
 
 # (prompt, seed) → the first frames of a fresh built-in world for the prompt's theme. The app injects it
@@ -203,7 +207,12 @@ def _chain(source: Future[Any], target: Future[Any]) -> None:
 
 def start_kwargs(start: StartFrames | None) -> dict[str, Any]:
     """``new_session``/``reset`` keyword arguments for a start (none for a start from the prompt)."""
-    return {} if start is None else {"first_frames": start.frames, "first_keys": list(start.keys)}
+    if start is None:
+        return {}
+    kwargs: dict[str, Any] = {"first_frames": start.frames, "first_keys": list(start.keys)}
+    if start.poses is not None:
+        kwargs["first_poses"] = start.poses
+    return kwargs
 
 
 class SessionHandle:

@@ -104,9 +104,10 @@ class FakeWorldModel:
         assert self._thread == me, "the model was called from two threads"
 
     def new_session(self, prompt: str, seed: int, first_frames: np.ndarray | None = None,
-                    first_keys: Sequence[int] | None = None) -> FakeSession:
+                    first_keys: Sequence[int] | None = None, first_poses: np.ndarray | None = None
+                    ) -> FakeSession:
         self._check_thread()
-        self._check_context(first_frames, first_keys)
+        self._check_context(first_frames, first_keys, first_poses)
         free = [i for i in range(self.max_sessions) if i not in self._slots]
         if not free:
             raise RuntimeError(f"all {self.max_sessions} cache slots are in use")
@@ -116,15 +117,18 @@ class FakeWorldModel:
         self.sessions.append(FakeSession(free[0], prompt, seed, context=first_frames, context_keys=keys))
         return self.sessions[-1]
 
-    def _check_context(self, frames: np.ndarray | None, keys: Sequence[int] | None) -> None:
-        """As ``WorldModel``: uint8 (T, H, W, 3) at the frame size, one key state per frame."""
+    def _check_context(self, frames: np.ndarray | None, keys: Sequence[int] | None,
+                       poses: np.ndarray | None = None) -> None:
+        """As ``WorldModel``: uint8 (T, H, W, 3) at the frame size, one key state and pose per frame."""
         if frames is None:
-            assert keys is None, "first_keys without first_frames"
+            assert keys is None and poses is None, "first_keys or first_poses without first_frames"
             return
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*self.frame_shape, 3):
             raise ValueError(f"first_frames must be uint8 (T, {self.frame_shape}, 3), got {frames.shape}")
         if keys is not None and len(keys) != len(frames):
             raise ValueError("first_keys must give one key state per first frame")
+        if poses is not None and np.shape(poses) != (len(frames), 3):
+            raise ValueError("first_poses must give one (x, y, heading) per first frame")
 
     def next_frame(self, sessions: Sequence[FakeSession], keys: Sequence[int],
              speculative: bool = False) -> np.ndarray:
@@ -168,9 +172,10 @@ class FakeWorldModel:
         session.prompt = prompt
 
     def reset(self, session: FakeSession, prompt: str | None = None, seed: int | None = None,
-              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None) -> None:
+              first_frames: np.ndarray | None = None, first_keys: Sequence[int] | None = None,
+              first_poses: np.ndarray | None = None) -> None:
         self._check_thread()
-        self._check_context(first_frames, first_keys)
+        self._check_context(first_frames, first_keys, first_poses)
         session.pending.clear()
         session.prompt = session.prompt if prompt is None else prompt
         session.seed = session.seed if seed is None else seed

@@ -116,7 +116,7 @@ class WorldClips:
         self.seed, self.rank, self.held_out = seed, rank, held_out
         self.random_keys, self.key_hold = random_keys, key_hold
         self.still = still  # share of the random key states that hold no key (the camera stands still)
-        self.depth_columns = depth_columns  # > 0: clips carry poses and per-column depths (auxiliary targets)
+        self.depth_columns = depth_columns  # > 0: clips carry per-column depths (auxiliary targets)
         self.switch_at = switch_at
 
     def seeds(self, step: int, size: int) -> torch.Tensor:
@@ -142,8 +142,8 @@ class WorldClips:
         poses, depths = [], []
         held, left = torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.long)
         for i in range(self.frames):
+            poses.append(world.poses.float())
             if self.depth_columns:
-                poses.append(world.poses.float())
                 depths.append(world.column_depths(self.depth_columns).float())
             if i == self.frames - 1:
                 break

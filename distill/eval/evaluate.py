@@ -86,6 +86,7 @@ class EngineClips:
     prompts: list[str]
     themes: list[int]
     seeds: list[int] = field(default_factory=list)
+    poses: np.ndarray | None = None  # float (E, T, 3): the camera's x, y (tiles), heading (radians)
 
 
 def engine_clips(height: int, width: int, episodes: int, frames: int, seed: int,
@@ -93,7 +94,8 @@ def engine_clips(height: int, width: int, episodes: int, frames: int, seed: int,
     source = WorldClips(height, width, frames, device, seed=seed, held_out=True)
     batch = source.batch(0, episodes)
     return EngineClips(batch.frames.cpu().numpy(), batch.keys.cpu().numpy(), batch.prompts,
-                       batch.themes.tolist(), source.seeds(0, episodes).tolist())
+                       batch.themes.tolist(), source.seeds(0, episodes).tolist(),
+                       None if batch.poses is None else batch.poses.cpu().numpy())
 
 
 def context_length(wm: WorldModel, requested: int) -> int:
@@ -109,7 +111,8 @@ def rollout_from_engine(wm: WorldModel, clips: EngineClips, context_frames: int,
     Returns the open sessions and the generated frames uint8 (E, frames, H, W, 3).
     """
     sessions = [wm.new_session(p, seed=seed + i, first_frames=clips.frames[i, :context_frames],
-                               first_keys=clips.keys[i, :context_frames])
+                               first_keys=clips.keys[i, :context_frames],
+                               first_poses=None if clips.poses is None else clips.poses[i, :context_frames])
                 for i, p in enumerate(clips.prompts)]
     return sessions, _roll(wm, sessions, clips, context_frames, frames)
 
@@ -246,13 +249,16 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
     themes = [THEMES.index(p.theme) for p in world.params]
     first = [downsample(world.render(), k)]
     first_keys = [torch.zeros(len(seeds), dtype=torch.long)]  # the first frame is made with no keys
+    first_poses = [world.poses.cpu()]
     for _ in range(context_frames - 1):
         first_keys.append(explorer.act(world))
         first.append(downsample(world.next_frame(first_keys[-1]), k))
+        first_poses.append(world.poses.cpu())
     start = np.stack([f.cpu().numpy() for f in first], 1)
     start_keys = torch.stack([m.cpu() for m in first_keys], 1).numpy()
+    start_poses = torch.stack(first_poses, 1).numpy()
     sessions = [wm.new_session(world.prompts[i], seed=cfg.seed + 1000 + i, first_frames=start[i],
-                               first_keys=start_keys[i])
+                               first_keys=start_keys[i], first_poses=start_poses[i])
                 for i in range(len(seeds))]
     total = max(1, round(cfg.drift_seconds * wm.config.fps))
     points: list[dict[str, Any]] = []

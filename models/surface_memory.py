@@ -1,0 +1,281 @@
+"""Surface memory: the texture a stream has seen on each surface of a grid maze, kept where it lies.
+
+The built-in world (and any world of unit-high walls on a grid, seen from half their height) repeats its
+textures: every wall face shows one texture across one tile, the floor and the ceiling one texture per world
+unit, the sky one panorama around the camera. A reprojecting model moves the previous frame by the camera's
+motion, so it keeps what it saw only as long as the picture keeps it: every resample blurs the texture, and
+what a step or a turn brings into view has no texture at all (the regression-trained DiT draws the mean of
+what it could be). Kept in *texture coordinates* instead — wall (u along the face, v up it), floor and
+ceiling (the point's position modulo one tile), sky (azimuth, elevation) — what the stream saw once can be
+drawn sharp again anywhere that surface appears, for as long as the stream lasts.
+
+What is stored is each texel's *relative detail*: the frame divided by its Gaussian blur, minus one. Light,
+fog and the theme's colours are the blur's: they vary across the world and the DiT may change them (a prompt
+switch), so they come from the frame being drawn, and only the detail comes from memory
+(``apply``: the blurred frame times one plus the detail).
+
+Where a pixel lies needs the camera's pose in the world's grid (x, y in tiles, heading in radians: the
+built-in world's convention, ``distill.world``) and the wall depth through each pixel column. The pose is
+given with the stream's first frames (a stream started from the built-in world knows it) and then
+dead-reckoned from the held keys (``advance``), stopped at the walls the memory has seen (``blocked``). The
+depth is the model's reading (``models.camera.DepthNet``, carried by the camera); walls stand on the grid's
+lines, so each column's wall point is snapped to the nearer grid line its depth allows (``wall_hits``), which
+makes the texture coordinate exact wherever the depth is within half a tile.
+
+On the built-in world's frames with the engine's poses and depths (8 held-out worlds, explorer keys), a memory
+written from the first 9 frames restores the texture of frames 9 to 71 to 34.2–38.7 dB and 0.95–0.98 of the
+engine's sharpness, where the blurred frames alone are at 29.7–32.5 dB and 0.41–0.45.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from worldloop.models.camera import Motion, focal_pixels, gaussian_blur, key_motion
+from worldloop.models.config import CameraConfig
+
+WALL, FLOOR, CEILING, SKY = range(4)
+SKY_TILES = 8  # the sky's panorama is this many texture tiles around
+MAX_DETAIL = 4.0  # relative detail is clamped to ±this (a dark pixel over a darker blur)
+MAP_TILES = 64  # the wall map covers tiles [0, 64)² of the grid (the built-in world's mazes are 17 across)
+RADIUS = 0.25  # tiles: how close the camera comes to a wall (the built-in world's collision margin)
+
+
+class Memory(NamedTuple):
+    """The surface memory of N streams: each stream's camera pose (N, 3) (x, y in tiles, heading in radians,
+    in the world's grid); per texel of its atlas (``atlas_size``), the weighted sum of the relative detail
+    seen there (N, 3, S) and the sum of the weights (N, 1, S); and per grid tile, the weight of the wall
+    sightings there (N, MAP_TILES²), which stops the camera at walls as the world does."""
+
+    pose: Tensor
+    detail: Tensor
+    weight: Tensor
+    walls: Tensor
+
+
+def atlas_size(texels: int) -> int:
+    """Texels of one stream's atlas: wall, floor and ceiling ``texels`` × ``texels`` each, the sky
+    ``SKY_TILES · texels`` around × ``texels`` up."""
+    return (3 + SKY_TILES) * texels * texels
+
+
+def empty(pose: Tensor, texels: int) -> Memory:
+    """A memory that has seen nothing, for cameras at ``pose`` (N, 3)."""
+    n, s = pose.shape[0], atlas_size(texels)
+    return Memory(pose.float(), pose.new_zeros(n, 3, s, dtype=torch.float32),
+                  pose.new_zeros(n, 1, s, dtype=torch.float32),
+                  pose.new_zeros(n, MAP_TILES * MAP_TILES, dtype=torch.float32))
+
+
+def _world_step(pose: Tensor, motion: Motion) -> tuple[Tensor, Tensor, Tensor]:
+    """The heading after the turn and the step (dx, dy) in the grid of ``motion`` from ``pose``."""
+    step, strafe, turn = motion
+    angle = torch.remainder(pose[:, 2] + turn, 2 * math.pi)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return angle, step * cos - strafe * sin, step * sin + strafe * cos
+
+
+def advance(pose: Tensor, motion: Motion) -> Tensor:
+    """Poses (N, 3) after one frame's ``motion`` (``key_motion``'s (step, strafe, turn), or ``blocked``'s):
+    turn first, then step along the new heading and strafe axis (the built-in world's rule)."""
+    angle, dx, dy = _world_step(pose, motion)
+    return torch.stack([pose[:, 0] + dx, pose[:, 1] + dy, angle], 1)
+
+
+def is_wall(walls: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """(N,) bool: the tile under (x, y) (N,) has been seen to be a wall (a weight of half a real sighting)."""
+    ix, iy = torch.floor(x).long(), torch.floor(y).long()
+    inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
+    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1))[:, None]
+    return inside & (walls.gather(1, index)[:, 0] >= 0.5)
+
+
+def blocked(memory: Memory, keys: Tensor, camera: CameraConfig) -> Motion:
+    """The motion of held ``keys`` (N, num_keys) from the memory's poses, each axis of the step dropped
+    where it would bring the camera within ``RADIUS`` of a wall tile the memory knows (the built-in world's
+    rule: one axis at a time, so the camera slides along walls). Returned as (step, strafe, turn) along the
+    turned camera's axes."""
+    motion = key_motion(keys, camera)
+    angle, dx, dy = _world_step(memory.pose, motion)
+    x, y = memory.pose[:, 0], memory.pose[:, 1]
+
+    def hits(px: Tensor, py: Tensor) -> Tensor:
+        out = torch.zeros_like(px, dtype=torch.bool)
+        for ox in (-RADIUS, RADIUS):
+            for oy in (-RADIUS, RADIUS):
+                out |= is_wall(memory.walls, px + ox, py + oy)
+        return out
+
+    dx = torch.where((dx != 0) & hits(x + dx, y), torch.zeros_like(dx), dx)
+    dy = torch.where((dy != 0) & hits(x + dx, y + dy), torch.zeros_like(dy), dy)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return dx * cos + dy * sin, dy * cos - dx * sin, motion[2]
+
+
+def column_rays(pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
+    """The ray through each pixel column's centre (N, W, 2), of unit length along the heading."""
+    c = (torch.arange(width, device=pose.device, dtype=torch.float32) + 0.5 - width / 2) / focal_pixels(
+        width, camera)
+    a = pose[:, 2:3]
+    heading = torch.stack([torch.cos(a), torch.sin(a)], -1)  # (N, 1, 2)
+    right = torch.stack([-torch.sin(a), torch.cos(a)], -1)
+    return heading + right * c.view(1, -1, 1)
+
+
+def wall_hits(pose: Tensor, depth: Tensor, rays: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each column's wall depth snapped to the grid (N, W), its texture coordinate u (N, W) in [0, 1) and the
+    wall tile it hit (N, W) (its index in the wall map; -1 where the depth fits no grid line or the tile lies
+    outside the map).
+
+    The column's wall point at ``depth`` is moved along its ray to the nearer of the two grid lines through
+    its rounded coordinates (x = round(x) or y = round(y)), the one whose depth is closer in ratio; u is the
+    point's position along that face, mirrored as the built-in world mirrors it (so a face reads left to
+    right from where it is seen)."""
+    px, py = pose[:, 0:1], pose[:, 1:2]
+    rx, ry = rays[..., 0], rays[..., 1]
+    d = depth.float().clamp_min(1e-2)
+    hx, hy = px + d * rx, py + d * ry
+
+    def to_line(p: Tensor, line: Tensor, r: Tensor) -> Tensor:
+        t = (line - p) / torch.where(r.abs() < 1e-6, torch.full_like(r, 1e-6), r)
+        return torch.where(t > 0.05, t, torch.full_like(t, math.inf))
+
+    tx, ty = to_line(px, torch.round(hx), rx), to_line(py, torch.round(hy), ry)
+    on_x = (tx / d).log().abs() <= (ty / d).log().abs()
+    t = torch.where(on_x, tx, ty)
+    ok = torch.isfinite(t) & ((t / d).log().abs() < 0.7)
+    t = torch.where(ok, t, d)
+    along = torch.where(on_x, py + t * ry, px + t * rx)
+    u = torch.frac(along)
+    u = torch.where((on_x & (rx > 0)) | (~on_x & (ry < 0)), 1 - u, u)
+    # The tile behind the face: past the line in the ray's direction.
+    line_x, line_y = px + t * rx, py + t * ry
+    tx_ = torch.where(on_x, torch.round(line_x) - (rx < 0).float(), torch.floor(line_x))
+    ty_ = torch.where(on_x, torch.floor(line_y), torch.round(line_y) - (ry < 0).float())
+    tx_, ty_ = tx_.long(), ty_.long()
+    inside = ok & (tx_ >= 0) & (tx_ < MAP_TILES) & (ty_ >= 0) & (ty_ < MAP_TILES)
+    tile = torch.where(inside, ty_.clamp(0, MAP_TILES - 1) * MAP_TILES + tx_.clamp(0, MAP_TILES - 1), -1)
+    return t, u.clamp(0, 1 - 1e-6), tile
+
+
+def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
+                texels: int) -> tuple[Tensor, Tensor]:
+    """Each pixel's texel in the atlas (N, H·W) long and its footprint (N, H·W): texels of its surface per
+    pixel across (1 or less: the pixel sees the texture at full resolution), for a frame of cameras at
+    ``pose`` (N, 3) whose columns see walls ``depth`` (N, W) tiles away and ``sky`` (N,) bool above them."""
+    n = pose.shape[0]
+    dev = pose.device
+    f = focal_pixels(width, camera)
+    half = 0.5 * camera.wall_height
+    rays = column_rays(pose, width, camera)
+    perp, u_wall, _ = wall_hits(pose, depth, rays)
+    y = (torch.arange(height, device=dev, dtype=torch.float32) + 0.5 - height / 2).view(1, height, 1)
+    is_wall = y.abs() < (f * half / perp)[:, None, :]
+    v_wall = (0.5 + y * perp[:, None, :] / (f * 2 * half)).clamp(0, 1 - 1e-6)
+    plane = f * half / y.abs()  # each row's floor (or ceiling) distance along the heading
+    points = pose[:, None, None, :2] + plane.view(1, height, 1, 1) * rays[:, None, :, :]
+    fu, fv = torch.frac(points[..., 0]), torch.frac(points[..., 1])
+    azimuth = torch.remainder(torch.atan2(rays[..., 1], rays[..., 0]) / (2 * math.pi), 1.0)[:, None, :]
+    elevation = (y.abs() / (height / 2)).clamp(max=1 - 1e-6)
+    top = torch.where(sky.view(n, 1, 1), SKY, CEILING)
+    surface = torch.where(is_wall, WALL, torch.where(y > 0, FLOOR, top))
+    u = torch.where(is_wall, u_wall[:, None, :], torch.where(surface == SKY, azimuth, fu))
+    v = torch.where(is_wall, v_wall, torch.where(surface == SKY, elevation, fv))
+    across = torch.where(surface == SKY, SKY_TILES * texels, texels)
+    iu = (u * across).long().clamp(max=SKY_TILES * texels - 1)
+    iv = (v * texels).long().clamp(0, texels - 1)
+    base = torch.where(surface == SKY, 3 * texels * texels, surface * texels * texels)
+    index = base + iv * across + torch.minimum(iu, across - 1)
+    distance = torch.where(is_wall, perp[:, None, :], plane.expand(n, height, width))
+    footprint = torch.where(surface == SKY, torch.ones_like(distance), distance * texels / f)
+    return index.view(n, -1), footprint.view(n, -1)
+
+
+def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """Frames (N, 3, H, W) in [-1, 1] → (their blur, in [0, 1]; their relative detail, clamped)."""
+    lit = (frames.float() + 1) / 2
+    blur = gaussian_blur(lit, sigma)
+    return blur, (lit / blur.clamp_min(0.02) - 1).clamp(-MAX_DETAIL, MAX_DETAIL)
+
+
+def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: CameraConfig, texels: int,
+          sigma: float, trust: Tensor | float = 1.0, fill: bool = False) -> Memory:
+    """``memory`` after seeing ``frames`` (N, 3, H, W) in [-1, 1] from its poses: each pixel adds its detail
+    to its texel, weighted by ``trust`` (per stream or one) over its footprint squared beyond one texel (a far
+    surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
+    still lacks confidence (``read``), so what the memory holds firmly stays as it is."""
+    n, _, h, w = frames.shape
+    index, footprint = coordinates(memory.pose, depth, sky, h, w, camera, texels)
+    _, detail = relative_detail(frames, sigma)
+    trust = torch.as_tensor(trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
+    weight = (trust / footprint.clamp_min(1) ** 2)[:, None, :]
+    if fill:
+        weight = weight * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
+    add = memory.detail.scatter_add(2, index[:, None, :].expand(n, 3, -1), detail.reshape(n, 3, -1) * weight)
+    # Each column's wall tile, once per column (a column's weight: its sighting's trust).
+    _, _, tile = wall_hits(memory.pose, depth, column_rays(memory.pose, w, camera))
+    sighted = (trust * (tile >= 0).float()).expand(n, w)
+    walls = memory.walls.scatter_add(1, tile.clamp_min(0), sighted / max(1, w // 16))
+    return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls)
+
+
+def read(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
+         texels: int) -> tuple[Tensor, Tensor]:
+    """The detail the memory holds for a frame seen from its poses: (detail (N, 3, H, W), attenuated by the
+    footprint beyond one texel; confidence (N, 1, H, W) in [0, 1]: the texel's weight, saturating at one
+    full-resolution sighting)."""
+    n = memory.pose.shape[0]
+    index, footprint = coordinates(memory.pose, depth, sky, height, width, camera, texels)
+    weight = memory.weight.gather(2, index[:, None, :])
+    detail = memory.detail.gather(2, index[:, None, :].expand(n, 3, -1)) / weight.clamp_min(1e-6)
+    detail = detail / footprint.clamp_min(1)[:, None, :]
+    return detail.view(n, 3, height, width), _confidence(weight).view(n, 1, height, width)
+
+
+def _confidence(weight: Tensor) -> Tensor:
+    """A texel's weight → how far its detail is trusted, in [0, 1]: one at half a full-resolution sighting."""
+    return (weight / 0.5).clamp(max=1)
+
+
+def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float) -> Tensor:
+    """``frames`` (N, 3, H, W) in [-1, 1] with their own detail replaced by the memory's where it is
+    confident: their blur times one plus the detail, in [-1, 1]; pixels of confidence 0 stay as they were."""
+    blur, own = relative_detail(frames, sigma)
+    mixed = confidence * detail + (1 - confidence) * own
+    out = (blur * (1 + mixed) * 2 - 1).clamp(-1, 1)
+    return torch.where(confidence > 0, out, frames.float())
+
+
+class Redrawer:
+    """The surface memory of a batch of streams as ``Reprojector.move``'s ``redraw``: it writes the previous
+    frame at its pose (a generated frame fills only what the memory lacks, at ``camera.memory_trust``), moves
+    the poses by the held keys, and draws the memory's detail on the moved frame. ``memory`` holds the
+    streams' memory after the call; rows where ``active`` (N,) is False (no pose) keep their frame."""
+
+    def __init__(self, memory: Memory, keys: Tensor, active: Tensor, camera: CameraConfig) -> None:
+        self.memory, self.keys, self.active, self.camera = memory, keys, active, camera
+        self.step: Motion | None = None
+
+    def motion(self, keys: Tensor) -> Motion:
+        """``blocked``'s motion for streams with a memory, the keys' own for the rest (remembered for the
+        call that follows, which moves the poses by it)."""
+        free, held = key_motion(keys, self.camera), blocked(self.memory, keys, self.camera)
+        self.step = tuple(torch.where(self.active, h, f) for h, f in zip(held, free, strict=True))
+        return self.step
+
+    def __call__(self, moved: Tensor, depth: Tensor, previous: Tensor, previous_depth: Tensor, sky: Tensor,
+                 still: Tensor) -> Tensor:
+        cam, texels = self.camera, self.camera.surface_memory
+        trust = cam.memory_trust * (self.active & ~still).float()
+        memory = write(self.memory, previous, previous_depth, sky, cam, texels, cam.memory_sigma, trust,
+                       fill=True)
+        step = self.step if self.step is not None else key_motion(self.keys, cam)
+        memory = memory._replace(pose=advance(memory.pose, step))
+        detail, confidence = read(memory, depth, sky, *moved.shape[-2:], cam, texels)
+        self.memory = memory
+        confidence = confidence * self.active.view(-1, 1, 1, 1)
+        return apply(moved, detail, confidence, cam.memory_sigma)

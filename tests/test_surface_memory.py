@@ -1,0 +1,174 @@
+"""The surface memory (``models/surface_memory.py``): texture kept in the world's texture coordinates, walls
+that stop the camera, and a session that carries both."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_camera import BIT, CAMERA, _delta, held
+from tests.train_fakes import FakePromptEncoder
+from worldloop.distill.world.engine import World, WorldConfig, move
+from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.world.raycast import cast
+from worldloop.models import surface_memory as sm
+from worldloop.models.camera import with_reprojector
+from worldloop.models.config import preset
+from worldloop.models.dit import DiT
+from worldloop.models.keys import KEYS
+from worldloop.models.vae import LatentAutoencoder
+from worldloop.models.world_model import WorldModel
+
+SIZE, TEXELS, SIGMA = 128, 64, 1.5
+
+
+def _walk(worlds: int, frames: int, seed: int = 9_400_000):
+    """Explorer-driven engine frames (T of (N, 3, H, W) in [-1, 1]), poses, column depths, key vectors."""
+    world = World(list(range(seed, seed + worlds)), SIZE, SIZE)
+    world.reset()
+    explorer = Explorer(world.seeds)
+    out = []
+    for t in range(frames):
+        codes = explorer.act(world) if t else torch.zeros(worlds, dtype=torch.long)
+        shot = world.next_frame(codes) if t else world.render()
+        keys = torch.stack([(codes >> i) & 1 for i in range(len(KEYS))], 1).float()
+        out.append((shot.permute(0, 3, 1, 2).float() / 127.5 - 1, world.poses.clone(),
+                    world.column_depths(SIZE), keys))
+    return world, out
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (10 * torch.log10(4 / (a - b).square().flatten(1).mean(1))).mean().item()
+
+
+def _grad(x: torch.Tensor) -> float:
+    return float((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean())
+
+
+def test_a_memory_of_the_first_frames_redraws_the_texture_of_later_ones() -> None:
+    """Written from the first 6 engine frames at the engine's poses and depths, the memory gives frame 24's
+    blur (σ 1.5 px, as a resampled frame is blurred) back its texture: closer to the engine's frame than the
+    blur (measured: +2.9 dB) and about as sharp."""
+    world, walk = _walk(4, 25)
+    sky = torch.tensor([p.has_sky for p in world.params])
+    memory = sm.empty(walk[0][1], TEXELS)
+    for frames, pose, depth, _ in walk[:6]:
+        memory = sm.write(memory._replace(pose=pose), frames, depth, sky, CAMERA, TEXELS, SIGMA)
+    frames, pose, depth, _ = walk[24]
+    detail, confidence = sm.read(memory._replace(pose=pose), depth, sky, SIZE, SIZE, CAMERA, TEXELS)
+    assert confidence.mean() > 0.9
+    blur = sm.relative_detail(frames, SIGMA)[0] * 2 - 1
+    redrawn = sm.apply(blur, detail, confidence, SIGMA)
+    assert _psnr(redrawn, frames) > _psnr(blur, frames) + 2
+    assert _grad(redrawn) > 0.8 * _grad(frames) > 1.5 * _grad(blur)
+    # Nothing seen, nothing drawn: an empty memory leaves the frame exactly as it was.
+    empty_detail, none = sm.read(sm.empty(pose, TEXELS), depth, sky, SIZE, SIZE, CAMERA, TEXELS)
+    assert float(none.max()) == 0.0
+    assert torch.equal(sm.apply(blur, empty_detail, none, SIGMA), blur)
+
+
+def test_wall_hits_snap_a_rough_depth_to_the_engines_wall() -> None:
+    """A wall depth off by up to ±5 % is snapped back onto the grid line the engine's ray hit: the same
+    depth, texture coordinate and wall tile for most columns (measured: 93 % within 3 tiles; at ±20 %, 77 %:
+    the nearer line in ratio is sometimes the other face's)."""
+    world = World(list(range(9_400_100, 9_400_106)), 64, SIZE)
+    world.reset()
+    rays = sm.column_rays(world.poses, SIZE, CAMERA)
+    hits = cast(world.scene.grid, world.scene.size, world.pos, rays)
+    torch.manual_seed(0)
+    rough = hits.dist * (1 + 0.05 * (2 * torch.rand_like(hits.dist) - 1))
+    depth, u, tile = sm.wall_hits(world.poses, rough, rays)
+    near = hits.dist < 3
+    exact = (depth - hits.dist).abs() < 1e-3
+    assert exact[near].float().mean() > 0.9
+    assert ((u - hits.u).abs() < 1e-3)[near & exact].all()
+    size = world.scene.size
+    ty, tx = tile.clamp_min(0) // sm.MAP_TILES, tile.clamp_min(0) % sm.MAP_TILES
+    assert ((tile >= 0) & (tx < size) & (ty < size))[near & exact].all()
+    walls = world.scene.grid.gather(1, (ty * size + tx).clamp(max=size * size - 1)) > 0
+    assert walls[near & exact].float().mean() > 0.97  # (a ray through a wall's corner may name its neighbour)
+
+
+def test_advance_is_the_worlds_motion_away_from_walls() -> None:
+    pose = torch.tensor([[4.5, 3.5, 0.3], [2.2, 6.1, 5.9]])
+    for names in [("forward",), ("turn_left", "right"), ("back", "left", "turn_right")]:
+        keys = held(*names).expand(2, -1)
+        code = torch.full((2,), sum(BIT[k] for k in names))
+        grid = torch.zeros(2, 64 * 64, dtype=torch.long)
+        pos, angle, _ = move(grid.view(2, 64, 64), pose[:, :2], pose[:, 2], code, WorldConfig())
+        out = sm.advance(pose, sm.key_motion(keys, CAMERA))
+        assert torch.allclose(out, torch.cat([pos, angle[:, None]], 1), atol=1e-5)
+
+
+def test_a_known_wall_stops_the_camera_and_it_slides_along() -> None:
+    """A wall tile the memory has seen ahead stops a step into it; walking at it diagonally keeps the part of
+    the step along it, as the built-in world does; with no wall the step is the keys' own."""
+    pose = torch.tensor([[5.5, 5.5, 0.0], [5.5, 5.5, math.pi / 4], [5.5, 5.5, 0.0]])
+    memory = sm.empty(pose, 8)
+    walls = memory.walls.clone()
+    walls[:2, 5 * sm.MAP_TILES + 6] = 1.0  # the tile east of the camera (rows 0 and 1 only)
+    memory = memory._replace(pose=torch.tensor([[5.7, 5.5, 0.0], [5.7, 5.5, math.pi / 4], [5.7, 5.5, 0.0]]),
+                             walls=walls)
+    step, strafe, turn = sm.blocked(memory, held("forward").expand(3, -1), CAMERA)
+    moved = sm.advance(memory.pose, (step, strafe, turn))
+    assert moved[0, 0] == pytest.approx(5.7) and moved[0, 1] == pytest.approx(5.5)  # blocked
+    assert moved[1, 0] == pytest.approx(5.7) and moved[1, 1] > 5.5 + 0.05  # slides south
+    assert moved[2, 0] == pytest.approx(5.8)  # nothing known there: it walks
+
+
+@pytest.fixture
+def memory_model() -> WorldModel:
+    config = _delta(preset("tiny"))
+    torch.manual_seed(0)
+    plain = DiT(config).eval()
+    config = config.replace(camera=replace(CAMERA, depth_memory=1.0, surface_memory=16))
+    torch.manual_seed(1)
+    dit = DiT(config)
+    dit.load_state_dict(with_reprojector(plain.state_dict(), config))
+    return WorldModel(config, dit, LatentAutoencoder(config), FakePromptEncoder(16), precision="fp32")
+
+
+def test_a_session_started_with_poses_keeps_a_memory_and_moves_its_pose(memory_model: WorldModel) -> None:
+    """Context frames with poses fill the memory; each moving frame dead-reckons its pose (a still one keeps
+    it); a rewind restores the memory of its frame; a session without poses keeps none and plays as before."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+    poses = np.array([[4.5, 4.5, 0.0], [4.6, 4.5, 0.0], [4.7, 4.5, 0.0]])
+    s = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_keys=[0, 1, 1], first_poses=poses)
+    assert s.memory is not None and s.memory[0] == 2
+    assert float(s.memory[1].weight.sum()) > 0
+    wm.next_frame([s], [BIT["turn_right"]])
+    assert float(s.memory[1].pose[2]) == pytest.approx(math.radians(CAMERA.turn_degrees))
+    snap = wm.snapshot(s)
+    wm.next_frame([s], [0])
+    assert float(s.memory[1].pose[2]) == pytest.approx(math.radians(CAMERA.turn_degrees))  # still
+    wm.next_frame([s], [BIT["forward"]])
+    x = float(s.memory[1].pose[0])
+    assert x != pytest.approx(4.7)
+    wm.restore(s, snap)
+    assert s.memory is snap.memory
+    other = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_keys=[0, 1, 1])
+    assert other.memory is None
+    out = wm.next_frame([s, other], [BIT["forward"], BIT["forward"]])
+    assert out.shape == (2, h, w, 3) and other.memory is None and s.memory is not None
+
+
+def test_bad_first_poses_are_refused(memory_model: WorldModel) -> None:
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.zeros((2, h, w, 3), dtype=np.uint8)
+    for poses, match in [([[1.0, 2.0, 0.0]], "shape"), ([[1.0, 2.0], [1.0, 2.0]], "shape"),
+                         ([[1.0, math.nan, 0.0], [1, 2, 0]], "finite"),
+                         ([["a", 1, 2], [1, 2, 0]], "numbers")]:
+        with pytest.raises(ValueError, match=match):
+            wm.new_session("a desert ruin", seed=3, first_frames=frames, first_poses=poses)
+    with pytest.raises(ValueError, match="without first_frames"):
+        wm.new_session("a desert ruin", seed=3, first_poses=[[1.0, 2.0, 0.0]])
+    with pytest.raises(ValueError, match="surface_memory"):
+        replace(CAMERA, surface_memory=-1)
