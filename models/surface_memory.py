@@ -245,6 +245,10 @@ def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float) -> T
     """``frames`` (N, 3, H, W) in [-1, 1] with their own detail replaced by the memory's where it is
     confident: their blur times one plus the detail, in [-1, 1]; pixels of confidence 0 stay as they were."""
     blur, own = relative_detail(frames, sigma)
+    # Only the memory's detail finer than the blur: its coarser part (a texture seen slightly misplaced, a
+    # lighter or darker sighting) would multiply into the next frame's colours and, frame after frame, take
+    # the picture to black or white.
+    detail = detail - gaussian_blur(detail, sigma)
     mixed = confidence * detail + (1 - confidence) * own
     out = (blur * (1 + mixed) * 2 - 1).clamp(-1, 1)
     return torch.where(confidence > 0, out, frames.float())
