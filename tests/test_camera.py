@@ -494,9 +494,9 @@ def test_next_frame_moves_the_frame_it_showed(tiny_delta_pair, monkeypatch: pyte
     given: list[bool] = []
     move = Reprojector.move
 
-    def spy(self, vae, latents, keys, frames=None, carried=None, anchor=None):
+    def spy(self, vae, latents, keys, frames=None, carried=None, anchor=None, redraw=None):
         given.append(frames is not None)
-        return move(self, vae, latents, keys, frames, carried, anchor)
+        return move(self, vae, latents, keys, frames, carried, anchor, redraw)
 
     monkeypatch.setattr(Reprojector, "move", spy)
     runs = []
