@@ -345,6 +345,9 @@ def test_interactive_start_plays_on_torch_while_the_graphs_are_prepared(
     monkeypatch.setenv("WORLDLOOP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(loading, "resolve_backend", lambda backend, device, config: (
         ("onnxruntime-int8", "auto: test") if backend == "auto" else (backend, "asked for")))
+    # auto picks ONNX Runtime only on a CPU without native bf16, where PyTorch plays in float32 (on one with
+    # it the model would run bf16, which the float32 graphs cannot take over mid-session)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     release, real = threading.Event(), loading.prepare_graphs_in_child
 
     def gated(*args: Any) -> None:

@@ -291,7 +291,8 @@ def test_pool_windows_carry_poses_and_depths() -> None:
     assert batch.poses is not None and batch.poses.shape == (5, 3, 3)
     assert batch.depths is not None and batch.depths.shape == (5, 3, 4)
     plain = ClipPool(WorldClips(64, 64, 8), clips=4, frames=3, chunk=4, refresh_every=0).batch(0, 2)
-    assert plain.poses is None and plain.depths is None
+    # Every clip carries its poses (a surface memory starts from them); depths only when asked for.
+    assert plain.poses is not None and plain.poses.shape == (2, 3, 3) and plain.depths is None
 
 
 def test_warp_teacher_fits_its_key_flow_first_and_plays(tmp_path: Path) -> None:
