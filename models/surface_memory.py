@@ -163,16 +163,17 @@ def wall_hits(pose: Tensor, depth: Tensor, rays: Tensor) -> tuple[Tensor, Tensor
 
 
 def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
-                texels: int) -> tuple[Tensor, Tensor]:
-    """Each pixel's texel in the atlas (N, H·W) long and its footprint (N, H·W): texels of its surface per
-    pixel across (1 or less: the pixel sees the texture at full resolution), for a frame of cameras at
-    ``pose`` (N, 3) whose columns see walls ``depth`` (N, W) tiles away and ``sky`` (N,) bool above them."""
+                texels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each pixel's texel in the atlas (N, H·W) long, its footprint (N, H·W): texels of its surface per
+    pixel across (1 or less: the pixel sees the texture at full resolution), and each column's wall tile
+    (N, W) (``wall_hits``), for a frame of cameras at ``pose`` (N, 3) whose columns see walls ``depth``
+    (N, W) tiles away and ``sky`` (N,) bool above them."""
     n = pose.shape[0]
     dev = pose.device
     f = focal_pixels(width, camera)
     half = 0.5 * camera.wall_height
     rays = column_rays(pose, width, camera)
-    perp, u_wall, _ = wall_hits(pose, depth, rays)
+    perp, u_wall, tile = wall_hits(pose, depth, rays)
     y = (torch.arange(height, device=dev, dtype=torch.float32) + 0.5 - height / 2).view(1, height, 1)
     is_wall = y.abs() < (f * half / perp)[:, None, :]
     v_wall = (0.5 + y * perp[:, None, :] / (f * 2 * half)).clamp(0, 1 - 1e-6)
@@ -192,7 +193,7 @@ def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: in
     index = base + iv * across + torch.minimum(iu, across - 1)
     distance = torch.where(is_wall, perp[:, None, :], plane.expand(n, height, width))
     footprint = torch.where(surface == SKY, torch.ones_like(distance), distance * texels / f)
-    return index.view(n, -1), footprint.view(n, -1)
+    return index.view(n, -1), footprint.view(n, -1), tile
 
 
 def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
@@ -209,7 +210,7 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
     still lacks confidence (``read``), so what the memory holds firmly stays as it is."""
     n, _, h, w = frames.shape
-    index, footprint = coordinates(memory.pose, depth, sky, h, w, camera, texels)
+    index, footprint, tile = coordinates(memory.pose, depth, sky, h, w, camera, texels)
     _, detail = relative_detail(frames, sigma)
     trust = torch.as_tensor(trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
     weight = (trust / footprint.clamp_min(1) ** 2)[:, None, :]
@@ -217,7 +218,6 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
         weight = weight * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
     add = memory.detail.scatter_add(2, index[:, None, :].expand(n, 3, -1), detail.reshape(n, 3, -1) * weight)
     # Each column's wall tile, once per column (a column's weight: its sighting's trust).
-    _, _, tile = wall_hits(memory.pose, depth, column_rays(memory.pose, w, camera))
     sighted = (trust * (tile >= 0).float()).expand(n, w)
     walls = memory.walls.scatter_add(1, tile.clamp_min(0), sighted / max(1, w // 16))
     return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls)
@@ -229,7 +229,7 @@ def read(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, ca
     footprint beyond one texel; confidence (N, 1, H, W) in [0, 1]: the texel's weight, saturating at one
     full-resolution sighting)."""
     n = memory.pose.shape[0]
-    index, footprint = coordinates(memory.pose, depth, sky, height, width, camera, texels)
+    index, footprint, _ = coordinates(memory.pose, depth, sky, height, width, camera, texels)
     weight = memory.weight.gather(2, index[:, None, :])
     detail = memory.detail.gather(2, index[:, None, :].expand(n, 3, -1)) / weight.clamp_min(1e-6)
     detail = detail / footprint.clamp_min(1)[:, None, :]
