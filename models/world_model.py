@@ -329,7 +329,8 @@ class WorldModel:
             session.frame_index = len(latents)
 
     def set_prompt(self, session: Session, prompt: str) -> None:
-        """Switch the prompt: new prompt K/V and a re-cache of the window under it (the sink is kept)."""
+        """Switch the prompt: new prompt K/V and a re-cache of the window under it (the sink is kept). A
+        surface memory forgets its texture (a new prompt is a new look) and keeps its wall map."""
         self._check(session, plain=True)
         prompt_kv = self._encode_prompt(prompt)
         self.cache.set_prompt([session.slot], prompt_kv)
@@ -337,6 +338,10 @@ class WorldModel:
         self.cache.evict(session.slot)
         if len(context.frames):
             self._write_context(session, context.latents, context.keys, context.frames, context.sigma)
+        if session.memory is not None:  # the old prompt's texture is not the new one's; the walls stay put
+            at, memory = session.memory
+            session.memory = (at, memory._replace(detail=torch.zeros_like(memory.detail),
+                                                  weight=torch.zeros_like(memory.weight)))
         session.prompt = prompt
 
     def snapshot(self, session: Session) -> SessionSnapshot:

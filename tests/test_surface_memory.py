@@ -3,6 +3,7 @@ that stop the camera, and a session that carries both."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -12,6 +13,8 @@ import torch
 
 from tests.test_camera import BIT, CAMERA, _delta, held
 from tests.train_fakes import FakePromptEncoder
+from worldloop.distill.data.clips import ClipBatch
+from worldloop.distill.stages.truth import start_streams
 from worldloop.distill.world.engine import World, WorldConfig, move
 from worldloop.distill.world.explorer import Explorer
 from worldloop.distill.world.raycast import cast
@@ -172,3 +175,40 @@ def test_bad_first_poses_are_refused(memory_model: WorldModel) -> None:
         wm.new_session("a desert ruin", seed=3, first_poses=[[1.0, 2.0, 0.0]])
     with pytest.raises(ValueError, match="surface_memory"):
         replace(CAMERA, surface_memory=-1)
+
+
+def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: WorldModel) -> None:
+    """A new prompt is a new look: the memory's texture goes, its wall map (the maze) stays."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(1).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    poses = np.array([[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+    s = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_poses=poses)
+    walls = s.memory[1].walls.clone()
+    assert float(s.memory[1].weight.sum()) > 0 and float(walls.sum()) > 0
+    wm.set_prompt(s, "an ice cave")
+    at, memory = s.memory
+    assert at == 1 and float(memory.weight.abs().sum()) == 0 and float(memory.detail.abs().sum()) == 0
+    assert torch.equal(memory.walls, walls)
+    assert torch.equal(memory.pose, torch.tensor(poses[-1], dtype=torch.float32))
+    wm.next_frame([s], [BIT["forward"]])  # generated frames fill it again
+    assert float(s.memory[1].weight.sum()) > 0
+
+
+def test_training_rollouts_start_with_the_clips_poses(memory_model: WorldModel) -> None:
+    """``distill truth`` restarts its streams with the clip's poses, so a model with a surface memory trains
+    with it on; clips without poses start streams without one."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = torch.randint(0, 256, (2, 5, h, w, 3), dtype=torch.uint8)
+    poses = torch.tensor([4.5, 4.5, 0.0]).expand(2, 5, 3).clone()
+    poses[1, :, 0] += torch.arange(5) * 0.1
+    keys, themes = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    clips = ClipBatch(frames, keys, ["a", "b"], themes, poses=poses)
+    sessions = [wm.new_session("a", seed=0), wm.new_session("b", seed=1)]
+    start_streams(wm, sessions, clips, context=3, first=4, seeds=[0, 1])
+    for i, s in enumerate(sessions):
+        assert s.memory is not None and s.memory[0] == 2
+        assert torch.allclose(s.memory[1].pose, poses[i, 3])
+    start_streams(wm, sessions, dataclasses.replace(clips, poses=None), context=3, first=4, seeds=[0, 1])
+    assert all(s.memory is None for s in sessions)

@@ -182,11 +182,15 @@ def draw(objective: TruthObjective, student_steps: int, batch: int, generator: t
 
 def start_streams(wm: WorldModel, sessions: list[Session], clips: ClipBatch, context: int,
                   first: int, seeds: list[int]) -> None:
-    """Restart every stream from the clip's ``context`` engine frames ending just before frame ``first``."""
+    """Restart every stream from the clip's ``context`` engine frames ending just before frame ``first``,
+    with the camera poses of those frames where the clips carry them (a model with a surface memory,
+    ``camera.surface_memory``, then rolls out with it as it plays)."""
     frames = clips.frames[:, first - context: first].cpu().numpy()
     keys = clips.keys[:, first - context: first].cpu().numpy()
+    poses = None if clips.poses is None else clips.poses[:, first - context: first].cpu().numpy()
     for i, (session, prompt, seed) in enumerate(zip(sessions, clips.prompts, seeds, strict=True)):
-        wm.reset(session, prompt=prompt, seed=seed, first_frames=frames[i], first_keys=keys[i])
+        wm.reset(session, prompt=prompt, seed=seed, first_frames=frames[i], first_keys=keys[i],
+                 first_poses=None if poses is None else poses[i])
 
 
 def roll(wm: WorldModel, sessions: list[Session], clips: ClipBatch, encoder: PromptEncoder, first: int,
