@@ -249,6 +249,11 @@ def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float) -> T
     # lighter or darker sighting) would multiply into the next frame's colours and, frame after frame, take
     # the picture to black or white.
     detail = detail - gaussian_blur(detail, sigma)
+    # Only where the memory's detail is stronger than the frame's own: a freshly moved frame (or the DiT's)
+    # may be sharper than the average of the sightings, and then it stays.
+    energy = gaussian_blur(torch.cat([detail, own]).square().mean(1, keepdim=True), sigma)
+    stronger = (energy[: len(detail)] > energy[len(detail):]).float()
+    confidence = confidence * stronger
     mixed = confidence * detail + (1 - confidence) * own
     out = (blur * (1 + mixed) * 2 - 1).clamp(-1, 1)
     return torch.where(confidence > 0, out, frames.float())

@@ -212,3 +212,19 @@ def test_training_rollouts_start_with_the_clips_poses(memory_model: WorldModel) 
         assert torch.allclose(s.memory[1].pose, poses[i, 3])
     start_streams(wm, sessions, dataclasses.replace(clips, poses=None), context=3, first=4, seeds=[0, 1])
     assert all(s.memory is None for s in sessions)
+
+
+def test_the_memory_draws_only_where_its_detail_is_stronger_than_the_frames() -> None:
+    """A sharp frame keeps its own texture over a fainter memory; a flat one takes the memory's."""
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    checker = (((yy // 2 + xx // 2) % 2).float() * 2 - 1).expand(1, 3, 32, 32)
+    sharp = 0.4 * checker  # in [-1, 1]: grey ± 0.4
+    flat = torch.zeros(1, 3, 32, 32)
+    faint = 0.1 * checker.flip(-1)  # the memory's detail: weaker, and not where the frame's is
+    confident = torch.ones(1, 1, 32, 32)
+    kept = sm.apply(sharp, faint, confident, SIGMA)
+    inner = (..., slice(8, 24), slice(8, 24))
+    assert torch.allclose(kept[inner], sharp[inner], atol=0.05)
+    drawn = sm.apply(flat, faint, confident, SIGMA)
+    assert float((drawn[inner] - flat[inner]).abs().mean()) > 0.02
+    assert float(sm.apply(flat, faint, torch.zeros_like(confident), SIGMA).abs().max()) == 0
