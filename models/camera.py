@@ -286,6 +286,11 @@ class Redraw(Protocol):
         """The camera's motion under held ``keys`` (N, num_keys) (``key_motion``'s, less what walls block)."""
         ...
 
+    def depth(self, depth: Tensor) -> Tensor:
+        """The previous frame's wall depth per column (N, W): what the redraw knows of it (the surface
+        memory: the walls it has mapped), else ``depth`` (the model's reading)."""
+        ...
+
 
 class Reprojector(nn.Module):
     """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
@@ -333,6 +338,8 @@ class Reprojector(nn.Module):
         memory's, ``models.surface_memory``) may change the moved frame before it is encoded."""
         width = frames.shape[-1] if frames is not None else self.frame_size[1]
         depth, sky = self.column_depth(latents, width, carried)
+        if redraw is not None:
+            depth = redraw.depth(depth)
         motion = key_motion(keys, self.camera) if redraw is None else redraw.motion(keys)
         carried_on = carry_column_depth(depth, keys, self.camera, motion=motion)
         # A camera that does not move keeps its frame exactly: the autoencoder's round trip is not idempotent

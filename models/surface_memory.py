@@ -43,6 +43,11 @@ SKY_TILES = 8  # the sky's panorama is this many texture tiles around
 MAX_DETAIL = 4.0  # relative detail is clamped to ±this (a dark pixel over a darker blur)
 MAP_TILES = 64  # the wall map covers tiles [0, 64)² of the grid (the built-in world's mazes are 17 across)
 RADIUS = 0.25  # tiles: how close the camera comes to a wall (the built-in world's collision margin)
+WALL_NEAR = 2.0  # tiles: a wall read nearer than this counts in full in the wall map, farther ones less
+EMPTY_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75)  # where along a column's ray to its wall the map sees floor
+EMPTY_WEIGHT = 0.5  # each of those points, per column sighting
+MAX_EMPTY = 8.0  # tiles: no farther
+MARCH = 0.05  # tiles: the step of a ray through the wall map
 
 
 class Memory(NamedTuple):
@@ -116,6 +121,28 @@ def blocked(memory: Memory, keys: Tensor, camera: CameraConfig) -> Motion:
     return dx * cos + dy * sin, dy * cos - dx * sin, motion[2]
 
 
+def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig) -> Tensor:
+    """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) where the wall map knows it: the ray
+    crosses tiles seen empty (evidence below zero) until it meets a mapped wall (``is_wall``), within
+    ``MAX_EMPTY`` tiles; the hit is snapped to the wall's grid line (``wall_hits``). Columns whose ray meets
+    a tile the map does not know first keep ``reading``."""
+    n, w = reading.shape
+    rays = column_rays(pose, w, camera)
+    t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
+    x = pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1]
+    y = pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2]
+    ix, iy = torch.floor(x).long(), torch.floor(y).long()
+    inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
+    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1)).view(n, -1)
+    value = torch.where(inside, walls.gather(1, index).view(n, w, -1), torch.zeros_like(x))
+    wall, known = value >= 0.5, (value >= 0.5) | (value < 0)
+    # The first sample that is not known empty: a wall there gives the depth, anything else does not.
+    stop = (~known | wall).float().argmax(-1, keepdim=True)
+    hit = wall.gather(-1, stop)[..., 0] & (~known | wall).any(-1)
+    snapped, _, _ = wall_hits(pose, t[stop[..., 0]], rays)
+    return torch.where(hit, snapped, reading)
+
+
 def column_rays(pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
     """The ray through each pixel column's centre (N, W, 2), of unit length along the heading."""
     c = (torch.arange(width, device=pose.device, dtype=torch.float32) + 0.5 - width / 2) / focal_pixels(
@@ -163,11 +190,11 @@ def wall_hits(pose: Tensor, depth: Tensor, rays: Tensor) -> tuple[Tensor, Tensor
 
 
 def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
-                texels: int) -> tuple[Tensor, Tensor, Tensor]:
+                texels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each pixel's texel in the atlas (N, H·W) long, its footprint (N, H·W): texels of its surface per
-    pixel across (1 or less: the pixel sees the texture at full resolution), and each column's wall tile
-    (N, W) (``wall_hits``), for a frame of cameras at ``pose`` (N, 3) whose columns see walls ``depth``
-    (N, W) tiles away and ``sky`` (N,) bool above them."""
+    pixel across (1 or less: the pixel sees the texture at full resolution), and each column's snapped wall
+    depth and wall tile (N, W) (``wall_hits``), for a frame of cameras at ``pose`` (N, 3) whose columns see
+    walls ``depth`` (N, W) tiles away and ``sky`` (N,) bool above them."""
     n = pose.shape[0]
     dev = pose.device
     f = focal_pixels(width, camera)
@@ -193,7 +220,7 @@ def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: in
     index = base + iv * across + torch.minimum(iu, across - 1)
     distance = torch.where(is_wall, perp[:, None, :], plane.expand(n, height, width))
     footprint = torch.where(surface == SKY, torch.ones_like(distance), distance * texels / f)
-    return index.view(n, -1), footprint.view(n, -1), tile
+    return index.view(n, -1), footprint.view(n, -1), perp, tile
 
 
 def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
@@ -210,17 +237,45 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
     still lacks confidence (``read``), so what the memory holds firmly stays as it is."""
     n, _, h, w = frames.shape
-    index, footprint, tile = coordinates(memory.pose, depth, sky, h, w, camera, texels)
+    index, footprint, perp, tile = coordinates(memory.pose, depth, sky, h, w, camera, texels)
     _, detail = relative_detail(frames, sigma)
     trust = torch.as_tensor(trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
     weight = (trust / footprint.clamp_min(1) ** 2)[:, None, :]
     if fill:
         weight = weight * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
     add = memory.detail.scatter_add(2, index[:, None, :].expand(n, 3, -1), detail.reshape(n, 3, -1) * weight)
-    # Each column's wall tile, once per column (a column's weight: its sighting's trust).
-    sighted = (trust * (tile >= 0).float()).expand(n, w)
-    walls = memory.walls.scatter_add(1, tile.clamp_min(0), sighted / max(1, w // 16))
+    walls = map_walls(memory.walls, memory.pose, depth.float(), perp, tile, trust, camera)
     return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls)
+
+
+def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Tensor, trust: Tensor,
+              camera: CameraConfig) -> Tensor:
+    """The wall map (N, MAP_TILES²) after one frame's sightings from ``pose`` (N, 3): each column's wall tile
+    (``wall_hits``: ``tile``, at the snapped depth ``perp``, read at ``depth``) gains evidence as far as the
+    reading can place it on the grid (near walls: a depth off by 12 % moves a wall 5 tiles away past the next
+    grid line, one 1.5 tiles away not; and only where snapping moved it little), and the tiles its ray
+    crossed before it, seen empty, lose some; the camera's own tile is empty. Evidence weighs ``trust`` (N, 1)
+    per sighting; ``is_wall`` reads half a sighting as a wall."""
+    n, w = perp.shape
+    per_column = trust / max(1, w // 16)  # a wall seen across a sixteenth of the frame: one sighting
+    reading = depth.clamp_min(1e-2)
+    placed = (WALL_NEAR / reading).clamp(max=1).square() * ((perp / reading).log().abs() < 0.1).float()
+    walls = walls.scatter_add(1, tile.clamp_min(0), per_column * placed * (tile >= 0).float())
+    rays = column_rays(pose, w, camera)
+    empty = torch.minimum(perp, reading)  # along each ray, tiles short of the wall are empty
+    fractions = torch.tensor(EMPTY_FRACTIONS, device=pose.device).view(1, 1, -1)
+    along = (empty[..., None] * fractions).clamp(max=MAX_EMPTY)  # (N, W, F)
+    x = pose[:, 0, None, None] + along * rays[..., 0:1]
+    y = pose[:, 1, None, None] + along * rays[..., 1:2]
+    ix, iy = torch.floor(x).long(), torch.floor(y).long()
+    inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
+    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1)).view(n, -1)
+    seen_empty = (per_column * EMPTY_WEIGHT).view(-1, 1, 1) * inside.float()
+    walls = walls.scatter_add(1, index, -seen_empty.expand(n, w, len(EMPTY_FRACTIONS)).reshape(n, -1))
+    own = (torch.floor(pose[:, 1]).long().clamp(0, MAP_TILES - 1) * MAP_TILES
+           + torch.floor(pose[:, 0]).long().clamp(0, MAP_TILES - 1))[:, None]
+    emptied = torch.minimum(walls.gather(1, own), -per_column * EMPTY_WEIGHT)
+    return walls.scatter(1, own, emptied)
 
 
 def read(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
@@ -229,7 +284,7 @@ def read(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, ca
     footprint beyond one texel; confidence (N, 1, H, W) in [0, 1]: the texel's weight, saturating at one
     full-resolution sighting)."""
     n = memory.pose.shape[0]
-    index, footprint, _ = coordinates(memory.pose, depth, sky, height, width, camera, texels)
+    index, footprint, _, _ = coordinates(memory.pose, depth, sky, height, width, camera, texels)
     weight = memory.weight.gather(2, index[:, None, :])
     detail = memory.detail.gather(2, index[:, None, :].expand(n, 3, -1)) / weight.clamp_min(1e-6)
     detail = detail / footprint.clamp_min(1)[:, None, :]
@@ -275,6 +330,12 @@ class Redrawer:
         free, held = key_motion(keys, self.camera), blocked(self.memory, keys, self.camera)
         self.step = tuple(torch.where(self.active, h, f) for h, f in zip(held, free, strict=True))
         return self.step
+
+    def depth(self, depth: Tensor) -> Tensor:
+        """The previous frame's column depth from the wall map where it knows the walls (streams with a
+        memory; ``map_depth``), else ``depth``."""
+        mapped = map_depth(self.memory.walls, self.memory.pose, depth.float(), self.camera)
+        return torch.where(self.active.view(-1, 1), mapped, depth.float()).to(depth.dtype)
 
     def __call__(self, moved: Tensor, depth: Tensor, previous: Tensor, previous_depth: Tensor, sky: Tensor,
                  still: Tensor) -> Tensor:
