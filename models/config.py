@@ -184,6 +184,10 @@ class CameraConfig:
     # Weight of a generated frame's detail against a given (real) frame's: small, so what the stream was
     # shown stays and generated frames only fill texels nothing real has covered.
     memory_trust: float = 0.02
+    # > 0: the memory also keeps each texel's colour with the stream's fog taken out (fitted on its first
+    # frames), and each frame pulls the moved frame's light and colour this far towards it (0: detail only,
+    # as models saved before it).
+    memory_colour: float = 0.0
 
     def __post_init__(self) -> None:
         if self.reveal_fill not in REVEAL_FILLS:
@@ -206,6 +210,8 @@ class CameraConfig:
         if self.surface_memory < 0 or self.memory_sigma <= 0 or not 0 <= self.memory_trust <= 1:
             raise ValueError("camera.surface_memory must be ≥ 0, camera.memory_sigma > 0 and "
                              "camera.memory_trust in [0, 1]")
+        if not 0 <= self.memory_colour <= 1:
+            raise ValueError(f"camera.memory_colour must be in [0, 1], got {self.memory_colour}")
 
 
 @dataclass(frozen=True)

@@ -48,18 +48,25 @@ EMPTY_FRACTIONS = (0.15, 0.3, 0.45, 0.6, 0.75)  # where along a column's ray to 
 EMPTY_WEIGHT = 0.5  # each of those points, per column sighting
 MAX_EMPTY = 8.0  # tiles: no farther
 MARCH = 0.05  # tiles: the step of a ray through the wall map
+MAX_FOG = 0.35  # per tile: the densest fog fit_fog considers (the built-in themes: 0.03 to 0.32)
 
 
 class Memory(NamedTuple):
     """The surface memory of N streams: each stream's camera pose (N, 3) (x, y in tiles, heading in radians,
     in the world's grid); per texel of its atlas (``atlas_size``), the weighted sum of the relative detail
     seen there (N, 3, S) and the sum of the weights (N, 1, S); and per grid tile, the weight of the wall
-    sightings there (N, MAP_TILES²), which stops the camera at walls as the world does."""
+    sightings there (N, MAP_TILES²): positive where walls were seen, negative where the floor was, which
+    stops the camera at walls as the world does. With ``camera.memory_colour``, per texel also the weighted
+    sum of the colour seen there with the fog taken out (N, 3, S) and its weights (N, 1, S), and the
+    stream's fog (N, 4): its colour (r, g, b in [0, 1]) and density per tile (``fit_fog``)."""
 
     pose: Tensor
     detail: Tensor
     weight: Tensor
     walls: Tensor
+    colour: Tensor
+    colour_weight: Tensor
+    fog: Tensor
 
 
 def atlas_size(texels: int) -> int:
@@ -71,9 +78,20 @@ def atlas_size(texels: int) -> int:
 def empty(pose: Tensor, texels: int) -> Memory:
     """A memory that has seen nothing, for cameras at ``pose`` (N, 3)."""
     n, s = pose.shape[0], atlas_size(texels)
-    return Memory(pose.float(), pose.new_zeros(n, 3, s, dtype=torch.float32),
-                  pose.new_zeros(n, 1, s, dtype=torch.float32),
-                  pose.new_zeros(n, MAP_TILES * MAP_TILES, dtype=torch.float32))
+
+    def zeros(*shape: int) -> Tensor:
+        return pose.new_zeros(n, *shape, dtype=torch.float32)
+
+    return Memory(pose.float(), zeros(3, s), zeros(1, s), zeros(MAP_TILES * MAP_TILES), zeros(3, s),
+                  zeros(1, s), zeros(4))
+
+
+def forget_looks(memory: Memory) -> Memory:
+    """``memory`` without the texture and colour it saw (a new prompt is a new look); the walls and the
+    pose stay."""
+    return memory._replace(detail=torch.zeros_like(memory.detail), weight=torch.zeros_like(memory.weight),
+                           colour=torch.zeros_like(memory.colour),
+                           colour_weight=torch.zeros_like(memory.colour_weight))
 
 
 def _world_step(pose: Tensor, motion: Motion) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,21 +214,19 @@ def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: in
     depth and wall tile (N, W) (``wall_hits``), for a frame of cameras at ``pose`` (N, 3) whose columns see
     walls ``depth`` (N, W) tiles away and ``sky`` (N,) bool above them."""
     n = pose.shape[0]
-    dev = pose.device
     f = focal_pixels(width, camera)
     half = 0.5 * camera.wall_height
     rays = column_rays(pose, width, camera)
     perp, u_wall, tile = wall_hits(pose, depth, rays)
-    y = (torch.arange(height, device=dev, dtype=torch.float32) + 0.5 - height / 2).view(1, height, 1)
-    is_wall = y.abs() < (f * half / perp)[:, None, :]
+    surface, distance = surfaces(perp, sky, height, width, camera)
+    is_wall = surface == WALL
+    y = _rows(height, pose.device)
     v_wall = (0.5 + y * perp[:, None, :] / (f * 2 * half)).clamp(0, 1 - 1e-6)
     plane = f * half / y.abs()  # each row's floor (or ceiling) distance along the heading
     points = pose[:, None, None, :2] + plane.view(1, height, 1, 1) * rays[:, None, :, :]
     fu, fv = torch.frac(points[..., 0]), torch.frac(points[..., 1])
     azimuth = torch.remainder(torch.atan2(rays[..., 1], rays[..., 0]) / (2 * math.pi), 1.0)[:, None, :]
     elevation = (y.abs() / (height / 2)).clamp(max=1 - 1e-6)
-    top = torch.where(sky.view(n, 1, 1), SKY, CEILING)
-    surface = torch.where(is_wall, WALL, torch.where(y > 0, FLOOR, top))
     u = torch.where(is_wall, u_wall[:, None, :], torch.where(surface == SKY, azimuth, fu))
     v = torch.where(is_wall, v_wall, torch.where(surface == SKY, elevation, fv))
     across = torch.where(surface == SKY, SKY_TILES * texels, texels)
@@ -218,9 +234,61 @@ def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: in
     iv = (v * texels).long().clamp(0, texels - 1)
     base = torch.where(surface == SKY, 3 * texels * texels, surface * texels * texels)
     index = base + iv * across + torch.minimum(iu, across - 1)
-    distance = torch.where(is_wall, perp[:, None, :], plane.expand(n, height, width))
     footprint = torch.where(surface == SKY, torch.ones_like(distance), distance * texels / f)
-    return index.view(n, -1), footprint.view(n, -1), perp, tile
+    return index.view(n, -1), footprint.view(n, -1), perp, tile, distance.view(n, -1)
+
+
+def _rows(height: int, device: torch.device) -> Tensor:
+    """Each pixel row's offset from the horizon (1, H, 1), in pixels (positive: below it)."""
+    return (torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2).view(1, height, 1)
+
+
+def surfaces(depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig
+             ) -> tuple[Tensor, Tensor]:
+    """What each pixel sees (N, H, W): ``WALL``, ``FLOOR``, ``CEILING`` or ``SKY``, and how far along the
+    heading (tiles), for columns whose walls stand ``depth`` (N, W) away and ``sky`` (N,) above them."""
+    f = focal_pixels(width, camera)
+    half = 0.5 * camera.wall_height
+    y = _rows(height, depth.device)
+    is_wall = y.abs() < (f * half / depth.float().clamp_min(1e-2))[:, None, :]
+    top = torch.where(sky.view(-1, 1, 1), SKY, CEILING)
+    surface = torch.where(is_wall, WALL, torch.where(y > 0, FLOOR, top))
+    plane = (f * half / y.abs()).expand(depth.shape[0], height, width)
+    return surface, torch.where(is_wall, depth.float()[:, None, :].expand_as(plane), plane)
+
+
+def fit_fog(frames: Tensor, depth: Tensor, sky: Tensor, camera: CameraConfig, sigma: float) -> Tensor:
+    """One stream's fog from its frames (T, 3, H, W) in [-1, 1], their column depth (T, W) and sky flags
+    (T,): (4,) its colour (r, g, b in [0, 1]) and density per tile. Every surface is taken for one colour
+    (wall, floor, ceiling) lit evenly and seen through ``fog + (colour - fog) · exp(-density · distance)``,
+    as the built-in world draws it; the density is the grid value (0 to MAX_FOG per tile) whose least-squares
+    fit leaves the smallest residual. Lamps and texture are the residual's; what matters here is how the
+    colour of a surface changes with its distance."""
+    t, _, h, w = frames.shape
+    blur = relative_detail(frames, sigma)[0][..., ::2, ::2].permute(0, 2, 3, 1).reshape(-1, 3)
+    surface, distance = surfaces(depth, sky, h, w, camera)
+    surface, distance = surface[..., ::2, ::2].reshape(-1), distance[..., ::2, ::2].reshape(-1)
+    seen = surface != SKY
+    if int(seen.sum()) < 16:
+        return frames.new_zeros(4)
+    blur, surface, distance = blur[seen], surface[seen], distance[seen].clamp(max=MAX_EMPTY)
+    kinds = torch.stack([surface == kind for kind in (WALL, FLOOR, CEILING)], 1).float()
+    best: tuple[float, Tensor] | None = None
+    for density in torch.linspace(0, MAX_FOG, 36).tolist():
+        e = torch.exp(-density * distance)[:, None]
+        design = torch.cat([1 - e, e * kinds], 1)
+        solution = torch.linalg.lstsq(design, blur).solution
+        residual = float((design @ solution - blur).square().sum())
+        if best is None or residual < best[0]:
+            best = (residual, torch.cat([solution[0].clamp(0, 1), torch.tensor([density])]))
+    assert best is not None
+    return best[1].to(frames.device)
+
+
+def _fogged(fog: Tensor, distance: Tensor, index: Tensor, texels: int) -> Tensor:
+    """How much of a surface's own colour reaches each pixel (N, P) through the fog (1 for the sky)."""
+    e = torch.exp(-fog[:, 3:4] * distance)
+    return torch.where(index >= 3 * texels * texels, torch.ones_like(e), e)
 
 
 def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
@@ -237,15 +305,23 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
     still lacks confidence (``read``), so what the memory holds firmly stays as it is."""
     n, _, h, w = frames.shape
-    index, footprint, perp, tile = coordinates(memory.pose, depth, sky, h, w, camera, texels)
-    _, detail = relative_detail(frames, sigma)
+    index, footprint, perp, tile, distance = coordinates(memory.pose, depth, sky, h, w, camera, texels)
+    blur, detail = relative_detail(frames, sigma)
     trust = torch.as_tensor(trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
     weight = (trust / footprint.clamp_min(1) ** 2)[:, None, :]
     if fill:
         weight = weight * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
-    add = memory.detail.scatter_add(2, index[:, None, :].expand(n, 3, -1), detail.reshape(n, 3, -1) * weight)
+    spread = index[:, None, :].expand(n, 3, -1)
+    add = memory.detail.scatter_add(2, spread, detail.reshape(n, 3, -1) * weight)
     walls = map_walls(memory.walls, memory.pose, depth.float(), perp, tile, trust, camera)
-    return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls)
+    # The colour with the fog taken out, weighted by how much of it came through the fog.
+    e = _fogged(memory.fog, distance, index, texels)[:, None, :]
+    fog = memory.fog[:, :3, None]
+    own = (fog + (blur.reshape(n, 3, -1) - fog) / e.clamp_min(0.05)).clamp(0, 1.5)
+    through = weight * e.square()
+    return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls,
+                  memory.colour.scatter_add(2, spread, own * through),
+                  memory.colour_weight.scatter_add(2, index[:, None, :], through), memory.fog)
 
 
 def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Tensor, trust: Tensor,
@@ -255,12 +331,14 @@ def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Te
     reading can place it on the grid (near walls: a depth off by 12 % moves a wall 5 tiles away past the next
     grid line, one 1.5 tiles away not; and only where snapping moved it little), and the tiles its ray
     crossed before it, seen empty, lose some; the camera's own tile is empty. Evidence weighs ``trust`` (N, 1)
-    per sighting; ``is_wall`` reads half a sighting as a wall."""
+    per sighting (walls its square); ``is_wall`` reads half a sighting as a wall."""
     n, w = perp.shape
     per_column = trust / max(1, w // 16)  # a wall seen across a sixteenth of the frame: one sighting
     reading = depth.clamp_min(1e-2)
     placed = (WALL_NEAR / reading).clamp(max=1).square() * ((perp / reading).log().abs() < 0.1).float()
-    walls = walls.scatter_add(1, tile.clamp_min(0), per_column * placed * (tile >= 0).float())
+    # A wall counts trust squared: a generated frame's wall is a guess, and a wall mapped where there is none
+    # stops the camera for good, where a floor mapped where a wall stands only lets it walk on.
+    walls = walls.scatter_add(1, tile.clamp_min(0), per_column * trust * placed * (tile >= 0).float())
     rays = column_rays(pose, w, camera)
     empty = torch.minimum(perp, reading)  # along each ray, tiles short of the wall are empty
     fractions = torch.tensor(EMPTY_FRACTIONS, device=pose.device).view(1, 1, -1)
@@ -278,17 +356,44 @@ def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Te
     return walls.scatter(1, own, emptied)
 
 
+class Look(NamedTuple):
+    """What a memory holds for a frame (``look``): the detail (N, 3, H, W), attenuated by the footprint
+    beyond one texel, and its confidence (N, 1, H, W) in [0, 1]; the colour seen through the stream's fog at
+    this frame's distances (N, 3, H, W) in [0, 1] and its confidence (both None unless asked for)."""
+
+    detail: Tensor
+    confidence: Tensor
+    colour: Tensor | None = None
+    colour_confidence: Tensor | None = None
+
+
+def look(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
+         texels: int, colour: bool = False) -> Look:
+    """What the memory holds for a frame seen from its poses whose columns see walls ``depth`` (N, W) away
+    (confidences: the texel's weight, saturating at one full-resolution sighting)."""
+    n = memory.pose.shape[0]
+    index, footprint, _, _, distance = coordinates(memory.pose, depth, sky, height, width, camera, texels)
+    at = index[:, None, :]
+    weight = memory.weight.gather(2, at)
+    detail = memory.detail.gather(2, at.expand(n, 3, -1)) / weight.clamp_min(1e-6)
+    detail = detail / footprint.clamp_min(1)[:, None, :]
+    out = Look(detail.view(n, 3, height, width), _confidence(weight).view(n, 1, height, width))
+    if not colour:
+        return out
+    seen = memory.colour_weight.gather(2, at)
+    own = memory.colour.gather(2, at.expand(n, 3, -1)) / seen.clamp_min(1e-6)
+    e = _fogged(memory.fog, distance, index, texels)[:, None, :]
+    fog = memory.fog[:, :3, None]
+    through = (fog + (own - fog) * e).clamp(0, 1)
+    return out._replace(colour=through.view(n, 3, height, width),
+                        colour_confidence=_confidence(seen).view(n, 1, height, width))
+
+
 def read(memory: Memory, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
          texels: int) -> tuple[Tensor, Tensor]:
-    """The detail the memory holds for a frame seen from its poses: (detail (N, 3, H, W), attenuated by the
-    footprint beyond one texel; confidence (N, 1, H, W) in [0, 1]: the texel's weight, saturating at one
-    full-resolution sighting)."""
-    n = memory.pose.shape[0]
-    index, footprint, _, _ = coordinates(memory.pose, depth, sky, height, width, camera, texels)
-    weight = memory.weight.gather(2, index[:, None, :])
-    detail = memory.detail.gather(2, index[:, None, :].expand(n, 3, -1)) / weight.clamp_min(1e-6)
-    detail = detail / footprint.clamp_min(1)[:, None, :]
-    return detail.view(n, 3, height, width), _confidence(weight).view(n, 1, height, width)
+    """The detail the memory holds for a frame seen from its poses and its confidence (``look``)."""
+    seen = look(memory, depth, sky, height, width, camera, texels)
+    return seen.detail, seen.confidence
 
 
 def _confidence(weight: Tensor) -> Tensor:
@@ -296,10 +401,18 @@ def _confidence(weight: Tensor) -> Tensor:
     return (weight / 0.5).clamp(max=1)
 
 
-def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float) -> Tensor:
+def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float, colour: Tensor | None = None,
+          colour_confidence: Tensor | None = None, pull: float = 0.0) -> Tensor:
     """``frames`` (N, 3, H, W) in [-1, 1] with their own detail replaced by the memory's where it is
-    confident: their blur times one plus the detail, in [-1, 1]; pixels of confidence 0 stay as they were."""
+    confident: their blur times one plus the detail, in [-1, 1]; with ``colour`` (N, 3, H, W) in [0, 1], the
+    blur first moves ``pull`` × its confidence of the way towards the colour's own blur (the light and colour
+    a long rollout loses, a little each frame); pixels the memory knows nothing of stay as they were."""
     blur, own = relative_detail(frames, sigma)
+    changed = confidence > 0
+    if colour is not None and colour_confidence is not None and pull > 0:
+        towards = pull * colour_confidence
+        blur = blur + towards * (gaussian_blur(colour, sigma) - blur)
+        changed = changed | (towards > 0)
     # Only the memory's detail finer than the blur: its coarser part (a texture seen slightly misplaced, a
     # lighter or darker sighting) would multiply into the next frame's colours and, frame after frame, take
     # the picture to black or white.
@@ -311,7 +424,7 @@ def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float) -> T
     confidence = confidence * stronger
     mixed = confidence * detail + (1 - confidence) * own
     out = (blur * (1 + mixed) * 2 - 1).clamp(-1, 1)
-    return torch.where(confidence > 0, out, frames.float())
+    return torch.where(changed, out, frames.float())
 
 
 class Redrawer:
@@ -345,7 +458,9 @@ class Redrawer:
                        fill=True)
         step = self.step if self.step is not None else key_motion(self.keys, cam)
         memory = memory._replace(pose=advance(memory.pose, step))
-        detail, confidence = read(memory, depth, sky, *moved.shape[-2:], cam, texels)
+        seen = look(memory, depth, sky, *moved.shape[-2:], cam, texels, colour=cam.memory_colour > 0)
         self.memory = memory
-        confidence = confidence * self.active.view(-1, 1, 1, 1)
-        return apply(moved, detail, confidence, cam.memory_sigma)
+        active = self.active.view(-1, 1, 1, 1).float()
+        colour_confidence = None if seen.colour_confidence is None else seen.colour_confidence * active
+        return apply(moved, seen.detail, seen.confidence * active, cam.memory_sigma, seen.colour,
+                     colour_confidence, cam.memory_colour)

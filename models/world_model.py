@@ -46,7 +46,7 @@ from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
 from worldloop.models.kv_cache import CacheSnapshot, CacheView, KVCache, PromptKV
 from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
-from worldloop.models.surface_memory import Memory, Redrawer
+from worldloop.models.surface_memory import Memory, Redrawer, fit_fog, forget_looks
 from worldloop.models.surface_memory import empty as empty_memory
 from worldloop.models.surface_memory import write as write_memory
 from worldloop.models.text import PromptEncoder
@@ -310,11 +310,13 @@ class WorldModel:
             frames = torch.as_tensor(first_frames).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
             depth, sky = rep.column_depth(context[0], frames.shape[-1])
             memory = empty_memory(poses[-1:], cam.surface_memory)
+            if cam.memory_colour > 0:
+                memory = memory._replace(fog=fit_fog(frames, depth, sky, cam, cam.memory_sigma)[None])
             for t in range(len(frames)):  # one frame at a time: each is written from its own pose
                 seen = memory._replace(pose=poses[t: t + 1])
                 memory = write_memory(seen, frames[t: t + 1], depth[t: t + 1], sky[t: t + 1], cam,
                                       cam.surface_memory, cam.memory_sigma)
-        return len(frames) - 1, Memory(poses[-1], memory.detail[0], memory.weight[0], memory.walls[0])
+        return len(frames) - 1, Memory(*(part[0] for part in memory))._replace(pose=poses[-1])
 
     def _start(self, session: Session, prompt_kv: PromptKV, context: tuple[Tensor, Tensor] | None) -> None:
         """An empty cache slot under the prompt, then the context frames (if any)."""
@@ -338,10 +340,8 @@ class WorldModel:
         self.cache.evict(session.slot)
         if len(context.frames):
             self._write_context(session, context.latents, context.keys, context.frames, context.sigma)
-        if session.memory is not None:  # the old prompt's texture is not the new one's; the walls stay put
-            at, memory = session.memory
-            session.memory = (at, memory._replace(detail=torch.zeros_like(memory.detail),
-                                                  weight=torch.zeros_like(memory.weight)))
+        if session.memory is not None:  # the old prompt's look is not the new one's; the walls stay put
+            session.memory = (session.memory[0], forget_looks(session.memory[1]))
         session.prompt = prompt
 
     def snapshot(self, session: Session) -> SessionSnapshot:
