@@ -277,9 +277,13 @@ def fit_fog(frames: Tensor, depth: Tensor, sky: Tensor, camera: CameraConfig, si
     for density in torch.linspace(0, MAX_FOG, 36).tolist():
         e = torch.exp(-density * distance)[:, None]
         design = torch.cat([1 - e, e * kinds], 1)
-        solution = torch.linalg.lstsq(design, blur).solution
+        if density == 0:  # no fog: its colour is not in the picture (a zero column the solver cannot take)
+            solution = torch.cat([blur.new_zeros(1, 3), torch.linalg.lstsq(kinds, blur).solution])
+        else:
+            solution = torch.linalg.lstsq(design, blur).solution
         residual = float((design @ solution - blur).square().sum())
-        if best is None or residual < best[0]:
+        # A denser fog must fit better, not as well (a fog-free frame fits every density alike).
+        if best is None or residual < best[0] - max(1e-3 * best[0], 1e-6 * len(blur)):
             best = (residual, torch.cat([solution[0].clamp(0, 1), torch.tensor([density])]))
     assert best is not None
     return best[1].to(frames.device)

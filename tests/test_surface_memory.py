@@ -268,3 +268,63 @@ def test_the_wall_map_gives_the_depth_of_the_walls_it_knows() -> None:
     assert right > 0.97, float(right)  # (a ray past a wall's corner may meet the neighbouring face)
     blank = sm.map_depth(sm.empty(pose, TEXELS).walls, pose, reading, CAMERA)
     assert torch.equal(blank, reading)
+
+
+def test_fit_fog_reads_the_fog_of_a_dark_theme_from_its_frames() -> None:
+    """Where a stream's first frames show fog (a fitted density of 0.1 per tile or more, where its colour
+    matters), its colour is the world's within 0.15 per channel (themes whose fog is darker than their
+    lamps); a fog-free grey corridor fits no fog."""
+    world = World(list(range(9_600_000, 9_600_012)), SIZE, SIZE)
+    world.reset()
+    explorer = Explorer(world.seeds)
+    frames, depths = [], []
+    for t in range(9):
+        shot = world.next_frame(explorer.act(world)) if t else world.render()
+        frames.append(shot.permute(0, 3, 1, 2).float() / 127.5 - 1)
+        depths.append(world.column_depths(SIZE))
+    frames, depths = torch.stack(frames, 1), torch.stack(depths, 1)
+    checked = 0
+    for i, p in enumerate(world.params):
+        if p.theme not in ("ice cave", "dungeon", "neon city", "toxic lab"):
+            continue
+        fog = sm.fit_fog(frames[i], depths[i], torch.tensor(p.has_sky).expand(9), CAMERA, SIGMA)
+        assert 0 <= float(fog[3]) <= sm.MAX_FOG
+        if float(fog[3]) >= 0.1:
+            assert (fog[:3] - torch.tensor(p.fog_color)).abs().max() < 0.15, (p.theme, fog, p.fog_color)
+            checked += 1
+    assert checked >= 4
+    depth = torch.linspace(0.8, 4.0, SIZE).expand(3, SIZE)
+    flat = torch.full((3, 3, SIZE, SIZE), 0.2)
+    assert float(sm.fit_fog(flat, depth, torch.zeros(3, dtype=torch.bool), CAMERA, SIGMA)[3]) == 0
+
+
+def test_the_colour_memory_brings_back_the_light_a_frame_lost() -> None:
+    """A memory written from real frames with their fog, read back at the same poses, gives their colour;
+    pulled towards it, a frame gone dark regains its light in proportion to the pull."""
+    world, walk = _walk(4, 6, seed=9_400_400)
+    sky = torch.tensor([p.has_sky for p in world.params])
+    camera = replace(CAMERA, memory_colour=0.5)
+    frames0, pose0, depth0, _ = walk[0]
+    fog = torch.stack([sm.fit_fog(frames0[i: i + 1], depth0[i: i + 1], sky[i: i + 1], camera, SIGMA)
+                       for i in range(4)])
+    memory = sm.empty(pose0, TEXELS)._replace(fog=fog)
+    for frames, pose, depth, _ in walk:
+        memory = sm.write(memory._replace(pose=pose), frames, depth, sky, camera, TEXELS, SIGMA)
+    frames, pose, depth, _ = walk[-1]
+    seen = sm.look(memory._replace(pose=pose), depth, sky, SIZE, SIZE, camera, TEXELS, colour=True)
+    blur = sm.relative_detail(frames, SIGMA)[0]
+    known = seen.colour_confidence.expand_as(blur) > 0.9
+    assert known.float().mean() > 0.5
+    assert float((seen.colour - blur)[known].abs().mean()) < 0.06
+    dark = frames * 0.5 - 0.5  # half the light
+    lit = (frames + 1) / 2
+    for pull in (0.5, 1.0):
+        out = sm.apply(dark, seen.detail, seen.confidence, SIGMA, seen.colour, seen.colour_confidence, pull)
+        before = float(((dark + 1) / 2 - lit)[known].abs().mean())
+        after = float(((out + 1) / 2 - lit)[known].abs().mean())
+        assert after < before * (1 - 0.6 * pull), (pull, before, after)
+    unchanged = sm.apply(dark, seen.detail, torch.zeros_like(seen.confidence), SIGMA, seen.colour,
+                         torch.zeros_like(seen.confidence), 1.0)
+    assert torch.equal(unchanged, dark.float())
+    with pytest.raises(ValueError, match="memory_colour"):
+        replace(CAMERA, memory_colour=1.5)
