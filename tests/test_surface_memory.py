@@ -128,7 +128,7 @@ def memory_model() -> WorldModel:
     config = _delta(preset("tiny"))
     torch.manual_seed(0)
     plain = DiT(config).eval()
-    config = config.replace(camera=replace(CAMERA, depth_memory=1.0, surface_memory=16))
+    config = config.replace(camera=replace(CAMERA, depth_memory=1.0, surface_memory=16, memory_colour=0.3))
     torch.manual_seed(1)
     dit = DiT(config)
     dit.load_state_dict(with_reprojector(plain.state_dict(), config))
@@ -186,9 +186,11 @@ def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: W
     s = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_poses=poses)
     walls = s.memory[1].walls.clone()
     assert float(s.memory[1].weight.sum()) > 0 and float(walls.abs().sum()) > 0
+    assert float(s.memory[1].colour_weight.sum()) > 0
     wm.set_prompt(s, "an ice cave")
     at, memory = s.memory
     assert at == 1 and float(memory.weight.abs().sum()) == 0 and float(memory.detail.abs().sum()) == 0
+    assert float(memory.colour.abs().sum()) == 0 and float(memory.colour_weight.abs().sum()) == 0
     assert torch.equal(memory.walls, walls)
     assert torch.equal(memory.pose, torch.tensor(poses[-1], dtype=torch.float32))
     wm.next_frame([s], [BIT["forward"]])  # generated frames fill it again
