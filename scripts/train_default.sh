@@ -3,9 +3,9 @@
 # CPU time, iterations and results of each. Runs are resumable: re-run a stage with --resume to continue it.
 # Stages stop themselves after their --cpu-minutes (process CPU time), saving and exporting their model.
 #
-#   bash scripts/train_default.sh            # everything (about 4 CPU-hours on a 2-core CPU)
+#   bash scripts/train_default.sh            # everything (about 5 CPU-hours on a 2-core CPU)
 #   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | warp |
-#                                              # reproject | long | export
+#                                              # reproject | long | memory | export
 # (the decoder, warp and long stages are measured experiments the shipped model does not use; STAGE=all skips
 # them)
 set -euo pipefail
@@ -140,10 +140,25 @@ if run long; then
   done
 fi
 
-# 5. Evaluate against the shipped model and export the shipping form (1 step; 2 steps with --steps 2).
+# 4⁗. Stages 13-14 (docs/TRAINING.md), the shipped model since 2026-12-04: stage 3d's student converted to
+#    reprojection (its depth network fitted on engine frames, output layer zeroed; one step at lr 1e-12, so
+#    the reprojection alone), given a surface memory with colour (camera.surface_memory 64, memory_colour
+#    0.3; anchors of 16 with a 2-px low-pass, carried depth), then trained 30 CPU-minutes with the memory on.
+S3=runs/truth-cs0/model
+if run memory; then
+  worldloop distill truth --teacher "$S3" --student "$S3" --student-steps 2 --max-context 9 --reproject \
+    --resample bicubic --depth-memory 1 --anchor-frames 16 --anchor-lowpass 2 --context-sigma 0 \
+    --batch-size 2 --iterations 1 --lr 1e-12 --threads 1 --out runs/base-reproj-run
+  with_camera runs/base-reproj-run/model runs/mem64-c0.3 '{"surface_memory": 64, "memory_colour": 0.3}'
+  worldloop distill truth --teacher "$S3" --student runs/mem64-c0.3 --student-steps 2 --max-context 9 \
+    --rollout-frames 10 --lr 3e-4 --threads 1 --checkpoint-every 50 --latent-spectrum-weight 6 \
+    --context-sigma 0 --out runs/memc-truth --cpu-minutes 30 --snapshot-minutes 10
+fi
+SHIP=${SHIP:-runs/memc-truth/snapshots/cpu0030.000}
+
+# 5. Evaluate against the model shipped before it and export the shipping form (1 step; 2 with --steps 2).
 if run export; then
-  worldloop eval --model assets/default@1,2 --model runs/truth-cs0/model@1,2 --drift-seconds 60 \
-    --out runs/eval-default
-  worldloop export --model runs/truth-cs0/model --out assets/default --steps 1 \
+  worldloop eval --model "$SHIP@1,2" --model "$S3@1,2" --drift-seconds 60 --out runs/eval-default
+  worldloop export --model "$SHIP" --out assets/default --steps 1 \
     --report runs/eval-default/report.json --note "docs/TRAINING.md"
 fi

@@ -62,7 +62,7 @@ def test_the_shipped_models_carry_their_card_and_shard_index(name: str, tmp_path
     write_model_card(copy, report)
     assert (copy / "README.md").read_text() == card
     if name == "default":
-        assert "model-index:" in card and "| this model | 1 | 24.18 |" in card
+        assert "model-index:" in card and "| this model | 1 | 30.67 |" in card
         index = json.loads((folder / "dit_ema.safetensors.index.json").read_text())
         shards = shard_files(folder / "dit_ema.safetensors")
         assert sorted(set(index["weight_map"].values())) == [f.name for f in shards] and len(shards) == 2
