@@ -109,12 +109,18 @@ def advance(pose: Tensor, motion: Motion) -> Tensor:
     return torch.stack([pose[:, 0] + dx, pose[:, 1] + dy, angle], 1)
 
 
-def is_wall(walls: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """(N,) bool: the tile under (x, y) (N,) has been seen to be a wall (a weight of half a real sighting)."""
+def map_tile(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The wall map's index of the tile under each point (x, y) (any shape, tiles), and whether it lies
+    inside the map (outside: the index of the nearest edge tile)."""
     ix, iy = torch.floor(x).long(), torch.floor(y).long()
     inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
-    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1))[:, None]
-    return inside & (walls.gather(1, index)[:, 0] >= 0.5)
+    return iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1), inside
+
+
+def is_wall(walls: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """(N,) bool: the tile under (x, y) (N,) has been seen to be a wall (a weight of half a real sighting)."""
+    index, inside = map_tile(x, y)
+    return inside & (walls.gather(1, index[:, None])[:, 0] >= 0.5)
 
 
 def blocked(memory: Memory, keys: Tensor, camera: CameraConfig) -> Motion:
@@ -148,11 +154,8 @@ def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig
     rays = column_rays(pose, w, camera)
     t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
     x = pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1]
-    y = pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2]
-    ix, iy = torch.floor(x).long(), torch.floor(y).long()
-    inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
-    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1)).view(n, -1)
-    value = torch.where(inside, walls.gather(1, index).view(n, w, -1), torch.zeros_like(x))
+    index, inside = map_tile(x, pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
+    value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, w, -1), torch.zeros_like(x))
     wall, known = value >= 0.5, (value >= 0.5) | (value < 0)
     # The first sample that is not known empty: a wall there gives the depth, anything else does not.
     stop = (~known | wall).float().argmax(-1, keepdim=True)
@@ -318,14 +321,17 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     spread = index[:, None, :].expand(n, 3, -1)
     add = memory.detail.scatter_add(2, spread, detail.reshape(n, 3, -1) * weight)
     walls = map_walls(memory.walls, memory.pose, depth.float(), perp, tile, trust, camera)
+    out = memory._replace(detail=add, weight=memory.weight.scatter_add(2, index[:, None, :], weight),
+                          walls=walls)
+    if camera.memory_colour == 0:  # a model that does not draw colour keeps none
+        return out
     # The colour with the fog taken out, weighted by how much of it came through the fog.
     e = _fogged(memory.fog, distance, index, texels)[:, None, :]
     fog = memory.fog[:, :3, None]
     own = (fog + (blur.reshape(n, 3, -1) - fog) / e.clamp_min(0.05)).clamp(0, 1.5)
     through = weight * e.square()
-    return Memory(memory.pose, add, memory.weight.scatter_add(2, index[:, None, :], weight), walls,
-                  memory.colour.scatter_add(2, spread, own * through),
-                  memory.colour_weight.scatter_add(2, index[:, None, :], through), memory.fog)
+    return out._replace(colour=memory.colour.scatter_add(2, spread, own * through),
+                        colour_weight=memory.colour_weight.scatter_add(2, index[:, None, :], through))
 
 
 def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Tensor, trust: Tensor,
@@ -347,15 +353,11 @@ def map_walls(walls: Tensor, pose: Tensor, depth: Tensor, perp: Tensor, tile: Te
     empty = torch.minimum(perp, reading)  # along each ray, tiles short of the wall are empty
     fractions = torch.tensor(EMPTY_FRACTIONS, device=pose.device).view(1, 1, -1)
     along = (empty[..., None] * fractions).clamp(max=MAX_EMPTY)  # (N, W, F)
-    x = pose[:, 0, None, None] + along * rays[..., 0:1]
-    y = pose[:, 1, None, None] + along * rays[..., 1:2]
-    ix, iy = torch.floor(x).long(), torch.floor(y).long()
-    inside = (ix >= 0) & (ix < MAP_TILES) & (iy >= 0) & (iy < MAP_TILES)
-    index = (iy.clamp(0, MAP_TILES - 1) * MAP_TILES + ix.clamp(0, MAP_TILES - 1)).view(n, -1)
-    seen_empty = (per_column * EMPTY_WEIGHT).view(-1, 1, 1) * inside.float()
-    walls = walls.scatter_add(1, index, -seen_empty.expand(n, w, len(EMPTY_FRACTIONS)).reshape(n, -1))
-    own = (torch.floor(pose[:, 1]).long().clamp(0, MAP_TILES - 1) * MAP_TILES
-           + torch.floor(pose[:, 0]).long().clamp(0, MAP_TILES - 1))[:, None]
+    index, inside = map_tile(pose[:, 0, None, None] + along * rays[..., 0:1],
+                             pose[:, 1, None, None] + along * rays[..., 1:2])
+    seen_empty = (per_column * EMPTY_WEIGHT).view(-1, 1, 1) * inside.float()  # (N, W, F)
+    walls = walls.scatter_add(1, index.view(n, -1), -seen_empty.expand_as(along).reshape(n, -1))
+    own = map_tile(pose[:, 0], pose[:, 1])[0][:, None]
     emptied = torch.minimum(walls.gather(1, own), -per_column * EMPTY_WEIGHT)
     return walls.scatter(1, own, emptied)
 
