@@ -188,6 +188,10 @@ class CameraConfig:
     # frames), and each frame pulls the moved frame's light and colour this far towards it (0: detail only,
     # as models saved before it).
     memory_colour: float = 0.0
+    # Frames after a prompt switch in which the colour memory neither learns from the generated frames nor
+    # pulls them: the DiT repaints the picture in the new prompt's colours first (the frames right after a
+    # switch still carry the old colours, and kept as the new look they held the picture there).
+    repaint_frames: int = 16
 
     def __post_init__(self) -> None:
         if self.reveal_fill not in REVEAL_FILLS:
@@ -212,6 +216,8 @@ class CameraConfig:
                              "camera.memory_trust in [0, 1]")
         if not 0 <= self.memory_colour <= 1:
             raise ValueError(f"camera.memory_colour must be in [0, 1], got {self.memory_colour}")
+        if self.repaint_frames < 0:
+            raise ValueError(f"camera.repaint_frames must be ≥ 0, got {self.repaint_frames}")
 
 
 @dataclass(frozen=True)

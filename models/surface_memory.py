@@ -306,18 +306,21 @@ def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
 
 
 def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: CameraConfig, texels: int,
-          sigma: float, trust: Tensor | float = 1.0, fill: bool = False) -> Memory:
+          sigma: float, trust: Tensor | float = 1.0, fill: bool = False,
+          colour_trust: Tensor | float | None = None) -> Memory:
     """``memory`` after seeing ``frames`` (N, 3, H, W) in [-1, 1] from its poses: each pixel adds its detail
     to its texel, weighted by ``trust`` (per stream or one) over its footprint squared beyond one texel (a far
     surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
-    still lacks confidence (``read``), so what the memory holds firmly stays as it is."""
+    still lacks confidence (``read``), so what the memory holds firmly stays as it is. ``colour_trust``
+    (default: ``trust``) weighs the colour the same way."""
     n, _, h, w = frames.shape
     index, footprint, perp, tile, distance = coordinates(memory.pose, depth, sky, h, w, camera, texels)
     blur, detail = relative_detail(frames, sigma)
     trust = torch.as_tensor(trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
-    weight = (trust / footprint.clamp_min(1) ** 2)[:, None, :]
+    share = (1 / footprint.clamp_min(1) ** 2)[:, None, :]
     if fill:
-        weight = weight * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
+        share = share * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
+    weight = trust[:, :, None] * share
     spread = index[:, None, :].expand(n, 3, -1)
     add = memory.detail.scatter_add(2, spread, detail.reshape(n, 3, -1) * weight)
     walls = map_walls(memory.walls, memory.pose, depth.float(), perp, tile, trust, camera)
@@ -329,6 +332,9 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     e = _fogged(memory.fog, distance, index, texels)[:, None, :]
     fog = memory.fog[:, :3, None]
     own = (fog + (blur.reshape(n, 3, -1) - fog) / e.clamp_min(0.05)).clamp(0, 1.5)
+    if colour_trust is not None:
+        colour_trust = torch.as_tensor(colour_trust, device=frames.device, dtype=torch.float32)
+        weight = colour_trust.view(-1, 1, 1) * share
     through = weight * e.square()
     return out._replace(colour=memory.colour.scatter_add(2, spread, own * through),
                         colour_weight=memory.colour_weight.scatter_add(2, index[:, None, :], through))
@@ -437,10 +443,13 @@ class Redrawer:
     """The surface memory of a batch of streams as ``Reprojector.move``'s ``redraw``: it writes the previous
     frame at its pose (a generated frame fills only what the memory lacks, at ``camera.memory_trust``), moves
     the poses by the held keys, and draws the memory's detail on the moved frame. ``memory`` holds the
-    streams' memory after the call; rows where ``active`` (N,) is False (no pose) keep their frame."""
+    streams' memory after the call; rows where ``active`` (N,) is False (no pose) keep their frame. Rows
+    where ``colour`` (N,) is False (repainting after a prompt switch) neither write nor draw colour."""
 
-    def __init__(self, memory: Memory, keys: Tensor, active: Tensor, camera: CameraConfig) -> None:
+    def __init__(self, memory: Memory, keys: Tensor, active: Tensor, camera: CameraConfig,
+                 colour: Tensor | None = None) -> None:
         self.memory, self.keys, self.active, self.camera = memory, keys, active, camera
+        self.colour = active if colour is None else active & colour
         self.step: Motion | None = None
 
     def motion(self, keys: Tensor) -> Motion:
@@ -461,12 +470,13 @@ class Redrawer:
         cam, texels = self.camera, self.camera.surface_memory
         trust = cam.memory_trust * (self.active & ~still).float()
         memory = write(self.memory, previous, previous_depth, sky, cam, texels, cam.memory_sigma, trust,
-                       fill=True)
+                       fill=True, colour_trust=trust * self.colour.float())
         step = self.step if self.step is not None else key_motion(self.keys, cam)
         memory = memory._replace(pose=advance(memory.pose, step))
         seen = look(memory, depth, sky, *moved.shape[-2:], cam, texels, colour=cam.memory_colour > 0)
         self.memory = memory
         active = self.active.view(-1, 1, 1, 1).float()
-        colour_confidence = None if seen.colour_confidence is None else seen.colour_confidence * active
+        colour_confidence = (None if seen.colour_confidence is None
+                             else seen.colour_confidence * self.colour.view(-1, 1, 1, 1).float())
         return apply(moved, seen.detail, seen.confidence * active, cam.memory_sigma, seen.colour,
                      colour_confidence, cam.memory_colour)

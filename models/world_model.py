@@ -93,6 +93,9 @@ class Session:
     # (``first_poses``): its surface memory (``models.surface_memory.Memory``, this stream's row) with the
     # pose of the frame of the given index.
     memory: tuple[int, Memory] | None = field(default=None, repr=False)
+    # The frame index from which the surface memory keeps colour again after a prompt switch
+    # (``camera.repaint_frames``).
+    repaint_until: int = 0
     closed: bool = False
 
 
@@ -106,6 +109,11 @@ class SessionSnapshot:
     seed: int
     rng_state: Tensor
     memory: tuple[int, Memory] | None = None
+    repaint_until: int = 0
+    # The camera's carried depth and anchor: kept by the rollback of speculative frames (the same stream), not
+    # by ``snapshot`` (``restore`` may branch another stream from it).
+    carried: tuple[int, Tensor] | None = None
+    anchor: tuple[int, tuple[Tensor, ...]] | None = None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -271,6 +279,7 @@ class WorldModel:
         session.shown = session.carried = session.anchor = None
         self._start(session, prompt_kv, context)
         session.memory = self._first_memory(context, first_frames, poses)
+        session.repaint_until = 0
 
     def _first_context(self, first_frames: np.ndarray | None, first_keys: Sequence[int] | np.ndarray | None
                        ) -> tuple[Tensor, Tensor] | None:
@@ -342,13 +351,15 @@ class WorldModel:
             self._write_context(session, context.latents, context.keys, context.frames, context.sigma)
         if session.memory is not None:  # the old prompt's look is not the new one's; the walls stay put
             session.memory = (session.memory[0], forget_looks(session.memory[1]))
+            session.repaint_until = session.frame_index + self.config.camera.repaint_frames
         session.prompt = prompt
 
     def snapshot(self, session: Session) -> SessionSnapshot:
         self._check(session, plain=True)
         return SessionSnapshot(self.cache.snapshot(session.slot), session.frame_index,
                                _clone(session.pending), _clone(session.pending_keys), session.prompt,
-                               session.seed, session.generator.get_state(), session.memory)
+                               session.seed, session.generator.get_state(), session.memory,
+                               session.repaint_until)
 
     def restore(self, session: Session, snapshot: SessionSnapshot) -> None:
         """Rewind (or branch) a session to a snapshot, taken from it or from another session."""
@@ -362,6 +373,7 @@ class WorldModel:
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
         session.carried = session.anchor = None  # the snapshot's stream may have seen other walls
         session.memory = snapshot.memory  # its tensors are never changed in place
+        session.repaint_until = snapshot.repaint_until
 
     def commit(self, session: Session) -> None:
         """Keep the speculative frames: they become ordinary frames of the stream."""
@@ -380,7 +392,8 @@ class WorldModel:
         session.frame_index, session.pending, session.pending_keys = back.frame_index, None, None
         session.generator.set_state(back.rng_state)
         session.speculative, session.pending_speculative, session.rollback = 0, False, None
-        session.memory = back.memory
+        session.memory, session.repaint_until = back.memory, back.repaint_until
+        session.carried, session.anchor = back.carried, back.anchor
 
     # -- the rollout loop ----------------------------------------------------------------------------------
 
@@ -448,7 +461,8 @@ class WorldModel:
             for s in sessions:
                 if s.rollback is None:
                     s.rollback = SessionSnapshot(None, s.frame_index, None, None, s.prompt, s.seed,
-                                                 s.generator.get_state())
+                                                 s.generator.get_state(), s.memory, s.repaint_until,
+                                                 s.carried, s.anchor)
         samp = self.config.sampling
         counts = [steps or (samp.first_frame_steps if s.frame_index == 0 else self.steps) for s in sessions]
         grids = [sigma_grid(c, samp.shift) for c in counts]
@@ -628,7 +642,9 @@ class _FrameForward:
         rows = [Memory(*(part[0] for part in blank)) if row is None else row for row in held]
         memory = Memory(*(torch.stack(part).to(self.wm.device) for part in zip(*rows, strict=True)))
         active = torch.tensor([row is not None for row in held], device=self.wm.device)
-        return Redrawer(memory, self.keys, active, cam)
+        colour = torch.tensor([s.frame_index >= s.repaint_until for s in self.sessions],
+                              device=self.wm.device)
+        return Redrawer(memory, self.keys, active, cam, colour)
 
     def _anchors(self) -> Anchor | None:
         """The sessions' anchors as of their previous frame (``camera.anchor_frames``; None: no session has

@@ -197,6 +197,52 @@ def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: W
     assert float(s.memory[1].weight.sum()) > 0
 
 
+def test_after_a_prompt_switch_the_colour_memory_waits_for_the_repaint(memory_model: WorldModel) -> None:
+    """For ``camera.repaint_frames`` frames after a switch the generated frames (still in the old prompt's
+    colours) neither fill the colour memory nor are pulled by it; the texture memory fills at once; then the
+    colour memory learns again. A rewind restores the repaint's frame count."""
+    wm = memory_model
+    repaint = wm.config.camera.repaint_frames
+    assert repaint >= 2
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(1).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    s = wm.new_session("a desert ruin", seed=3, first_frames=frames,
+                       first_poses=[[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+    wm.set_prompt(s, "an ice cave")
+    assert s.repaint_until == s.frame_index + repaint
+    snap = wm.snapshot(s)
+    for _ in range(repaint):
+        wm.next_frame([s], [BIT["forward"]])
+        assert float(s.memory[1].colour_weight.sum()) == 0
+    assert float(s.memory[1].weight.sum()) > 0  # the texture memory did not wait
+    wm.next_frame([s], [BIT["forward"]])
+    wm.next_frame([s], [BIT["forward"]])
+    assert float(s.memory[1].colour_weight.sum()) > 0
+    wm.restore(s, snap)
+    assert s.repaint_until == snap.repaint_until and float(s.memory[1].colour_weight.sum()) == 0
+    with pytest.raises(ValueError, match="repaint_frames"):
+        replace(CAMERA, repaint_frames=-1)
+
+
+def test_a_discarded_speculative_frame_keeps_the_memory(memory_model: WorldModel) -> None:
+    """The server makes frames speculatively and discards them on a key change: the stream must come back to
+    the memory, carried depth and anchor it had, not lose them."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(2).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    s = wm.new_session("a desert ruin", seed=3, first_frames=frames,
+                       first_poses=[[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+    wm.next_frame([s], [BIT["forward"]])
+    before, carried, anchor = s.memory, s.carried, s.anchor
+    assert carried is not None
+    wm.next_frame([s], [BIT["turn_left"]], speculative=True)
+    assert s.memory is not before and s.carried is not carried
+    wm.discard(s)
+    assert s.memory is before and s.carried is carried and s.anchor is anchor
+    wm.next_frame([s], [BIT["forward"]])
+    assert s.memory is not None and s.memory[0] == s.frame_index - 1
+
+
 def test_training_rollouts_start_with_the_clips_poses(memory_model: WorldModel) -> None:
     """``distill truth`` restarts its streams with the clip's poses, so a model with a surface memory trains
     with it on; clips without poses start streams without one."""
