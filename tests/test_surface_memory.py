@@ -113,7 +113,7 @@ def test_a_known_wall_stops_the_camera_and_it_slides_along() -> None:
     pose = torch.tensor([[5.5, 5.5, 0.0], [5.5, 5.5, math.pi / 4], [5.5, 5.5, 0.0]])
     memory = sm.empty(pose, 8)
     walls = memory.walls.clone()
-    walls[:2, 5 * sm.MAP_TILES + 6] = 1.0  # the tile east of the camera (rows 0 and 1 only)
+    walls[:2, 5 * sm.MAP_TILES + 6] = sm.WALL_EVIDENCE  # the tile east of the camera (rows 0 and 1 only)
     memory = memory._replace(pose=torch.tensor([[5.7, 5.5, 0.0], [5.7, 5.5, math.pi / 4], [5.7, 5.5, 0.0]]),
                              walls=walls)
     step, strafe, turn = sm.blocked(memory, held("forward").expand(3, -1), CAMERA)
@@ -280,21 +280,22 @@ def test_the_memory_draws_only_where_its_detail_is_stronger_than_the_frames() ->
 
 def test_a_rough_depth_maps_few_false_walls_and_never_the_cameras_own_tile() -> None:
     """Read at the depth network's accuracy (log depth off by 12 %), the wall map marks few walls where the
-    maze has none: only near readings count in full, and the floor each ray crossed is seen empty. With
-    the engine's depth it is exact."""
+    maze has none (at most 2 %; at a threshold of half a sighting it was 11 %): only near readings count in
+    full, the floor each ray crossed is seen empty, and a wall takes ``WALL_EVIDENCE`` sightings. With the
+    engine's depth it is exact."""
     world, walk = _walk(16, 9, seed=9_400_200)
     size = world.scene.size
     grid = world.scene.grid.view(-1, size, size) > 0
     sky = torch.tensor([p.has_sky for p in world.params])
     g = torch.Generator().manual_seed(0)
-    for noise, most_false in ((0.0, 0.0), (0.12, 0.2)):
+    for noise, most_false, least_true in ((0.0, 0.0, 75), (0.12, 0.02, 60)):
         memory = sm.empty(walk[0][1], TEXELS)
         for frames, pose, depth, _ in walk:
             rough = depth * torch.exp(noise * torch.randn(depth.shape, generator=g))
             memory = sm.write(memory._replace(pose=pose), frames, rough, sky, CAMERA, TEXELS, SIGMA)
-        marked = memory.walls.view(-1, sm.MAP_TILES, sm.MAP_TILES)[:, :size, :size] >= 0.5
+        marked = memory.walls.view(-1, sm.MAP_TILES, sm.MAP_TILES)[:, :size, :size] >= sm.WALL_EVIDENCE
         false, true = int((marked & ~grid).sum()), int((marked & grid).sum())
-        assert true > 80 and false <= most_false * (true + false), (noise, true, false)
+        assert true > least_true and false <= most_false * (true + false), (noise, true, false)
         pose = walk[-1][1]
         assert not sm.is_wall(memory.walls, pose[:, 0], pose[:, 1]).any()
 
