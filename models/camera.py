@@ -291,6 +291,11 @@ class Redraw(Protocol):
         memory: the walls it has mapped), else ``depth`` (the model's reading)."""
         ...
 
+    def reveal(self, carried: Tensor) -> Tensor:
+        """The new frame's carried wall depth (N, W), NaN where the motion uncovered a column, with what the
+        redraw will draw there filled in (or as it is)."""
+        ...
+
 
 class Reprojector(nn.Module):
     """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
@@ -342,6 +347,8 @@ class Reprojector(nn.Module):
             depth = redraw.depth(depth)
         motion = key_motion(keys, self.camera) if redraw is None else redraw.motion(keys)
         carried_on = carry_column_depth(depth, keys, self.camera, motion=motion)
+        if redraw is not None:
+            carried_on = redraw.reveal(carried_on)
         # A camera that does not move keeps its frame exactly: the autoencoder's round trip is not idempotent
         # (iterated on a still frame it amplifies texture into noise: sharpness ×4.8 after 16 round trips,
         # ×79 after 64), so a still camera skips it; it neither moves nor ages its anchor.

@@ -188,9 +188,16 @@ class CameraConfig:
     # frames), and each frame pulls the moved frame's light and colour this far towards it (0: detail only,
     # as models saved before it).
     memory_colour: float = 0.0
-    # Frames after a prompt switch in which the colour memory neither learns from the generated frames nor
-    # pulls them: the DiT repaints the picture in the new prompt's colours first (the frames right after a
-    # switch still carry the old colours, and kept as the new look they held the picture there).
+    # > 0: where the camera's motion uncovers pixel columns (a turn's new side) the surface memory draws them
+    # (its colour, fully, and its texture) at the depth its wall map suggests: through the floor it knows to
+    # a wall it knows, or, where the ray meets a tile it does not know, a wall this many tiles past that
+    # tile's near edge; that depth is then carried like any other. 0: the moved frame's own fill
+    # (``reveal_fill``), as models saved before it.
+    memory_reveal: float = 0.0
+    # Frames after a prompt switch in which the memory neither learns the look (texture and colour) of the
+    # generated frames nor pulls their colour: the DiT repaints the picture in the new prompt's look first
+    # (the frames right after a switch still carry the old look, and kept as the new one they held the
+    # picture there).
     repaint_frames: int = 16
 
     def __post_init__(self) -> None:
@@ -216,6 +223,8 @@ class CameraConfig:
                              "camera.memory_trust in [0, 1]")
         if not 0 <= self.memory_colour <= 1:
             raise ValueError(f"camera.memory_colour must be in [0, 1], got {self.memory_colour}")
+        if self.memory_reveal < 0:
+            raise ValueError(f"camera.memory_reveal must be ≥ 0, got {self.memory_reveal}")
         if self.repaint_frames < 0:
             raise ValueError(f"camera.repaint_frames must be ≥ 0, got {self.repaint_frames}")
 

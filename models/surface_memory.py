@@ -51,6 +51,7 @@ MARCH = 0.05  # tiles: the step of a ray through the wall map
 WALL_EVIDENCE = 4.0  # sightings (a wall across a sixteenth of the frame: one) that make a tile a wall: fewer
 # let the depth network's misreadings through (at 0.5, 30 % of the mapped walls of 16 rollouts from 9 engine
 # frames stood on floor, and stopped the camera where the world lets it walk; at 4, 5 %)
+KNOWN_EMPTY = 1.0  # sightings of floor that let a guessed depth pass a tile (generated frames' few do not)
 MAX_FOG = 0.35  # per tile: the densest fog fit_fog considers (the built-in themes: 0.03 to 0.32)
 
 
@@ -166,6 +167,28 @@ def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig
     hit = wall.gather(-1, stop)[..., 0] & (~known | wall).any(-1)
     snapped, _, _ = wall_hits(pose, t[stop[..., 0]], rays)
     return torch.where(hit, snapped, reading)
+
+
+def guess_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig, beyond: float) -> Tensor:
+    """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) as the wall map suggests it where the
+    view is new (``camera.memory_reveal``): the ray crosses the camera's own tile and tiles seen empty
+    (``KNOWN_EMPTY``); a mapped wall there gives the depth, and a tile the map does not know puts a wall
+    ``beyond`` tiles past the ray's entry into it (the maze's next tile taken as floor), at most ``MAX_EMPTY``
+    tiles away. Snapped to the grid as a reading is (``wall_hits``)."""
+    n = pose.shape[0]
+    rays = column_rays(pose, width, camera)
+    t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
+    index, inside = map_tile(pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1],
+                             pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
+    value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, width, -1), torch.zeros_like(t))
+    own = map_tile(pose[:, 0], pose[:, 1])[0].view(n, 1, 1)
+    wall = value >= WALL_EVIDENCE
+    passable = ((value <= -KNOWN_EMPTY) | (index == own)) & ~wall
+    stop = (~passable).float().argmax(-1, keepdim=True)
+    met = (~passable).any(-1)
+    at = torch.where(met, t[stop[..., 0]], torch.full_like(stop[..., 0], MAX_EMPTY, dtype=torch.float32))
+    depth = torch.where(met & wall.gather(-1, stop)[..., 0], at, (at + beyond).clamp(max=MAX_EMPTY))
+    return wall_hits(pose, depth, rays)[0]
 
 
 def column_rays(pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
@@ -311,12 +334,12 @@ def relative_detail(frames: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
 
 def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: CameraConfig, texels: int,
           sigma: float, trust: Tensor | float = 1.0, fill: bool = False,
-          colour_trust: Tensor | float | None = None) -> Memory:
+          look_trust: Tensor | float | None = None) -> Memory:
     """``memory`` after seeing ``frames`` (N, 3, H, W) in [-1, 1] from its poses: each pixel adds its detail
     to its texel, weighted by ``trust`` (per stream or one) over its footprint squared beyond one texel (a far
     surface's pixel averages its texture; a near one sees it whole). ``fill``: only as much as the texel
-    still lacks confidence (``read``), so what the memory holds firmly stays as it is. ``colour_trust``
-    (default: ``trust``) weighs the colour the same way."""
+    still lacks confidence (``read``), so what the memory holds firmly stays as it is. ``look_trust``
+    (default: ``trust``) weighs the look (detail and colour) instead, ``trust`` then the wall map only."""
     n, _, h, w = frames.shape
     index, footprint, perp, tile, distance = coordinates(memory.pose, depth, sky, h, w, camera, texels)
     blur, detail = relative_detail(frames, sigma)
@@ -324,7 +347,9 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     share = (1 / footprint.clamp_min(1) ** 2)[:, None, :]
     if fill:
         share = share * (1 - _confidence(memory.weight.gather(2, index[:, None, :])))
-    weight = trust[:, :, None] * share
+    if look_trust is not None:
+        look_trust = torch.as_tensor(look_trust, device=frames.device, dtype=torch.float32).reshape(-1, 1)
+    weight = (trust if look_trust is None else look_trust)[:, :, None] * share
     spread = index[:, None, :].expand(n, 3, -1)
     add = memory.detail.scatter_add(2, spread, detail.reshape(n, 3, -1) * weight)
     walls = map_walls(memory.walls, memory.pose, depth.float(), perp, tile, trust, camera)
@@ -336,9 +361,6 @@ def write(memory: Memory, frames: Tensor, depth: Tensor, sky: Tensor, camera: Ca
     e = _fogged(memory.fog, distance, index, texels)[:, None, :]
     fog = memory.fog[:, :3, None]
     own = (fog + (blur.reshape(n, 3, -1) - fog) / e.clamp_min(0.05)).clamp(0, 1.5)
-    if colour_trust is not None:
-        colour_trust = torch.as_tensor(colour_trust, device=frames.device, dtype=torch.float32)
-        weight = colour_trust.view(-1, 1, 1) * share
     through = weight * e.square()
     return out._replace(colour=memory.colour.scatter_add(2, spread, own * through),
                         colour_weight=memory.colour_weight.scatter_add(2, index[:, None, :], through))
@@ -418,11 +440,15 @@ def _confidence(weight: Tensor) -> Tensor:
 
 
 def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float, colour: Tensor | None = None,
-          colour_confidence: Tensor | None = None, pull: float = 0.0) -> Tensor:
+          colour_confidence: Tensor | None = None, pull: float = 0.0, reveal: Tensor | None = None) -> Tensor:
     """``frames`` (N, 3, H, W) in [-1, 1] with their own detail replaced by the memory's where it is
     confident: their blur times one plus the detail, in [-1, 1]; with ``colour`` (N, 3, H, W) in [0, 1], the
     blur first moves ``pull`` × its confidence of the way towards the colour's own blur (the light and colour
-    a long rollout loses, a little each frame); pixels the memory knows nothing of stay as they were."""
+    a long rollout loses, a little each frame); pixels the memory knows nothing of stay as they were.
+    Where ``reveal`` (N, 1, H, W) bool (pixels the camera's motion uncovered: the frame there is a guess) the
+    memory's detail is drawn whether or not the frame's own is stronger. (Drawing its colour there in full as
+    well lost 0.6 dB at horizon 1 of the eval's rollouts for no gain: a turn's first columns mostly continue
+    the wall beside them, which the moved frame's fill already has.)"""
     blur, own = relative_detail(frames, sigma)
     changed = confidence > 0
     if colour is not None and colour_confidence is not None and pull > 0:
@@ -436,7 +462,8 @@ def apply(frames: Tensor, detail: Tensor, confidence: Tensor, sigma: float, colo
     # Only where the memory's detail is stronger than the frame's own: a freshly moved frame (or the DiT's)
     # may be sharper than the average of the sightings, and then it stays.
     energy = gaussian_blur(torch.cat([detail, own]).square().mean(1, keepdim=True), sigma)
-    stronger = (energy[: len(detail)] > energy[len(detail):]).float()
+    stronger = energy[: len(detail)] > energy[len(detail):]
+    stronger = (stronger if reveal is None else stronger | reveal).float()
     confidence = confidence * stronger
     mixed = confidence * detail + (1 - confidence) * own
     out = (blur * (1 + mixed) * 2 - 1).clamp(-1, 1)
@@ -448,13 +475,15 @@ class Redrawer:
     frame at its pose (a generated frame fills only what the memory lacks, at ``camera.memory_trust``), moves
     the poses by the held keys, and draws the memory's detail on the moved frame. ``memory`` holds the
     streams' memory after the call; rows where ``active`` (N,) is False (no pose) keep their frame. Rows
-    where ``colour`` (N,) is False (repainting after a prompt switch) neither write nor draw colour."""
+    where ``colour`` (N,) is False (repainting after a prompt switch) neither write their look (texture and
+    colour) nor draw colour."""
 
     def __init__(self, memory: Memory, keys: Tensor, active: Tensor, camera: CameraConfig,
                  colour: Tensor | None = None) -> None:
         self.memory, self.keys, self.active, self.camera = memory, keys, active, camera
         self.colour = active if colour is None else active & colour
         self.step: Motion | None = None
+        self.revealed: Tensor | None = None  # (N, W) the columns ``reveal`` gave a depth
 
     def motion(self, keys: Tensor) -> Motion:
         """``blocked``'s motion for streams with a memory, the keys' own for the rest (remembered for the
@@ -469,12 +498,27 @@ class Redrawer:
         mapped = map_depth(self.memory.walls, self.memory.pose, depth.float(), self.camera)
         return torch.where(self.active.view(-1, 1), mapped, depth.float()).to(depth.dtype)
 
+    def reveal(self, carried: Tensor) -> Tensor:
+        """The new frame's carried column depth (N, W) with the columns the motion uncovered (NaN) given the
+        wall map's guess (``guess_depth``, ``camera.memory_reveal`` > 0, streams with a memory), which the
+        call that follows draws from the memory; without ``memory_reveal``, ``carried`` as it is."""
+        beyond = self.camera.memory_reveal
+        uncovered = ~torch.isfinite(carried) & self.active.view(-1, 1)
+        if beyond <= 0 or not bool(uncovered.any()):
+            self.revealed = None
+            return carried
+        step = self.step if self.step is not None else key_motion(self.keys, self.camera)
+        guess = guess_depth(self.memory.walls, advance(self.memory.pose, step), carried.shape[1], self.camera,
+                            beyond)
+        self.revealed = uncovered
+        return torch.where(uncovered, guess.to(carried.dtype), carried)
+
     def __call__(self, moved: Tensor, depth: Tensor, previous: Tensor, previous_depth: Tensor, sky: Tensor,
                  still: Tensor) -> Tensor:
         cam, texels = self.camera, self.camera.surface_memory
         trust = cam.memory_trust * (self.active & ~still).float()
         memory = write(self.memory, previous, previous_depth, sky, cam, texels, cam.memory_sigma, trust,
-                       fill=True, colour_trust=trust * self.colour.float())
+                       fill=True, look_trust=trust * self.colour.float())
         step = self.step if self.step is not None else key_motion(self.keys, cam)
         memory = memory._replace(pose=advance(memory.pose, step))
         seen = look(memory, depth, sky, *moved.shape[-2:], cam, texels, colour=cam.memory_colour > 0)
@@ -482,5 +526,8 @@ class Redrawer:
         active = self.active.view(-1, 1, 1, 1).float()
         colour_confidence = (None if seen.colour_confidence is None
                              else seen.colour_confidence * self.colour.view(-1, 1, 1, 1).float())
+        reveal = None
+        if self.revealed is not None:
+            reveal = (self.revealed & ~still.view(-1, 1))[:, None, None, :].expand(-1, 1, moved.shape[-2], -1)
         return apply(moved, seen.detail, seen.confidence * active, cam.memory_sigma, seen.colour,
-                     colour_confidence, cam.memory_colour)
+                     colour_confidence, cam.memory_colour, reveal)

@@ -193,14 +193,15 @@ def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: W
     assert float(memory.colour.abs().sum()) == 0 and float(memory.colour_weight.abs().sum()) == 0
     assert torch.equal(memory.walls, walls)
     assert torch.equal(memory.pose, torch.tensor(poses[-1], dtype=torch.float32))
-    wm.next_frame([s], [BIT["forward"]])  # generated frames fill it again
+    for _ in range(wm.config.camera.repaint_frames + 2):  # generated frames fill it again, once repainted
+        wm.next_frame([s], [BIT["forward"]])
     assert float(s.memory[1].weight.sum()) > 0
 
 
 def test_after_a_prompt_switch_the_colour_memory_waits_for_the_repaint(memory_model: WorldModel) -> None:
     """For ``camera.repaint_frames`` frames after a switch the generated frames (still in the old prompt's
-    colours) neither fill the colour memory nor are pulled by it; the texture memory fills at once; then the
-    colour memory learns again. A rewind restores the repaint's frame count."""
+    look) neither fill the texture and colour memory nor are pulled by it; then it learns again. A rewind
+    restores the repaint's frame count."""
     wm = memory_model
     repaint = wm.config.camera.repaint_frames
     assert repaint >= 2
@@ -213,11 +214,10 @@ def test_after_a_prompt_switch_the_colour_memory_waits_for_the_repaint(memory_mo
     snap = wm.snapshot(s)
     for _ in range(repaint):
         wm.next_frame([s], [BIT["forward"]])
-        assert float(s.memory[1].colour_weight.sum()) == 0
-    assert float(s.memory[1].weight.sum()) > 0  # the texture memory did not wait
+        assert float(s.memory[1].colour_weight.sum()) == 0 and float(s.memory[1].weight.sum()) == 0
     wm.next_frame([s], [BIT["forward"]])
     wm.next_frame([s], [BIT["forward"]])
-    assert float(s.memory[1].colour_weight.sum()) > 0
+    assert float(s.memory[1].colour_weight.sum()) > 0 and float(s.memory[1].weight.sum()) > 0
     wm.restore(s, snap)
     assert s.repaint_until == snap.repaint_until and float(s.memory[1].colour_weight.sum()) == 0
     with pytest.raises(ValueError, match="repaint_frames"):
@@ -377,3 +377,55 @@ def test_the_colour_memory_brings_back_the_light_a_frame_lost() -> None:
     assert torch.equal(unchanged, dark.float())
     with pytest.raises(ValueError, match="memory_colour"):
         replace(CAMERA, memory_colour=1.5)
+
+
+def test_a_new_view_gets_the_depth_the_wall_map_suggests() -> None:
+    """Through floor the map knows to a wall it knows: that wall's depth; into a tile it does not know (or
+    one only generated frames' few sightings call floor): a wall ``beyond`` tiles past the ray's entry."""
+    pose = torch.tensor([[5.5, 5.5, 0.0], [5.5, 5.5, 0.0], [5.5, 5.5, 0.0]])  # facing east (+x)
+    walls = sm.empty(pose, 8).walls.clone()
+    row = 5 * sm.MAP_TILES
+    walls[0, row + 6] = walls[0, row + 7] = -2 * sm.KNOWN_EMPTY
+    walls[0, row + 8] = sm.WALL_EVIDENCE  # row 0: floor to x = 8, then a wall: its face at x = 8
+    walls[2, row + 6] = -0.1 * sm.KNOWN_EMPTY  # row 2: a generated frame's guess of floor does not count
+    depth = sm.guess_depth(walls, pose, 32, CAMERA, beyond=1.0)
+    centre = depth[:, 15:17].mean(1)
+    assert float(centre[0]) == pytest.approx(2.5, abs=0.02)
+    # Rows 1 and 2 know only their own tile: the ray enters the next at x = 6, the wall stands one tile on.
+    assert centre[1:].tolist() == pytest.approx([1.5, 1.5], abs=0.02)
+    assert torch.isfinite(depth).all() and float(depth.min()) > 0.4
+
+
+def test_the_memory_fills_what_a_turn_uncovers(memory_model: WorldModel) -> None:
+    """With ``camera.memory_reveal`` the columns a turn uncovers (NaN in the carried depth) take the wall
+    map's guess and are drawn with the memory's texture; the others, and streams without a memory, keep
+    theirs; without it nothing changes."""
+    cam = replace(memory_model.config.camera, memory_reveal=0.5)
+    pose = torch.tensor([[4.5, 4.5, 0.0], [4.5, 4.5, 0.0]])
+    memory = sm.empty(pose, 8)
+    keys = held("turn_right").expand(2, -1)
+    carried = torch.full((2, 16), 2.0)
+    carried[:, 12:] = math.nan  # the turn's new side
+    active = torch.tensor([True, False])
+    redraw = sm.Redrawer(memory, keys, active, cam)
+    redraw.motion(keys)
+    out = redraw.reveal(carried)
+    assert torch.isfinite(out[0]).all() and torch.equal(out[0, :12], carried[0, :12])
+    assert torch.isnan(out[1, 12:]).all()  # no memory: nothing to guess from
+    assert redraw.revealed is not None and redraw.revealed[0, 12:].all() and not redraw.revealed[0, :12].any()
+    off = sm.Redrawer(memory, keys, active, replace(cam, memory_reveal=0.0))
+    off.motion(keys)
+    assert off.reveal(carried) is carried and off.revealed is None
+    with pytest.raises(ValueError, match="memory_reveal"):
+        replace(CAMERA, memory_reveal=-1.0)
+    # Drawn: where revealed, the memory's detail replaces the frame's own even where the frame's is stronger.
+    g = torch.Generator().manual_seed(0)
+    frames = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1) * 0.5
+    detail = 0.05 * torch.randn(1, 3, 16, 16, generator=g)
+    confidence = torch.ones(1, 1, 16, 16)
+    reveal = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    reveal[..., 12:] = True
+    kept = sm.apply(frames, detail, confidence, 1.0)
+    drawn = sm.apply(frames, detail, confidence, 1.0, reveal=reveal)
+    assert torch.allclose(drawn[..., :11], kept[..., :11], atol=1e-6)
+    assert float((drawn[..., 13:] - kept[..., 13:]).abs().mean()) > 0.02
