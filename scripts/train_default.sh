@@ -156,9 +156,12 @@ if run memory; then
 fi
 SHIP=${SHIP:-runs/memc-truth/snapshots/cpu0030.000}
 
-# 5. Evaluate against the model shipped before it and export the shipping form (1 step; 2 with --steps 2).
+# 5. Stage 15's runtime (docs/TRAINING.md, 2026-12-05): the memory draws what a turn uncovers at the wall
+#    map's guess (camera.memory_reveal 0.5; repaint_frames and the wall evidence are defaults). Evaluate
+#    against the model shipped before it and export the shipping form (1 step; 2 with --steps 2).
 if run export; then
-  worldloop eval --model "$SHIP@1,2" --model "$S3@1,2" --drift-seconds 60 --out runs/eval-default
-  worldloop export --model "$SHIP" --out assets/default --steps 1 \
+  with_camera "$SHIP" runs/ship-default '{"memory_reveal": 0.5}'
+  worldloop eval --model runs/ship-default@1,2 --model "$S3@1,2" --drift-seconds 60 --out runs/eval-default
+  worldloop export --model runs/ship-default --out assets/default --steps 1 \
     --report runs/eval-default/report.json --note "docs/TRAINING.md"
 fi
