@@ -188,10 +188,10 @@ class CameraConfig:
     # frames), and each frame pulls the moved frame's light and colour this far towards it (0: detail only,
     # as models saved before it).
     memory_colour: float = 0.0
-    # > 0: where the camera's motion uncovers pixel columns (a turn's new side) the surface memory draws them
-    # (its colour, fully, and its texture) at the depth its wall map suggests: through the floor it knows to
-    # a wall it knows, or, where the ray meets a tile it does not know, a wall this many tiles past that
-    # tile's near edge; that depth is then carried like any other. 0: the moved frame's own fill
+    # > 0: where the camera's motion uncovers pixel columns (a turn's new side) the surface memory draws its
+    # texture there (its colour at the usual pull) at the depth its wall map suggests: through the floor it
+    # knows to a wall it knows, or, where the ray meets a tile it does not know, a wall this many tiles past
+    # that tile's near edge; that depth is then carried like any other. 0: the moved frame's own fill
     # (``reveal_fill``), as models saved before it.
     memory_reveal: float = 0.0
     # Frames after a prompt switch in which the memory neither learns the look (texture and colour) of the

@@ -149,17 +149,24 @@ def blocked(memory: Memory, keys: Tensor, camera: CameraConfig) -> Motion:
     return dx * cos + dy * sin, dy * cos - dx * sin, motion[2]
 
 
+def _march(walls: Tensor, pose: Tensor, rays: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Samples every ``MARCH`` tiles along each column's ray (N, W, 2) out to ``MAX_EMPTY``: their distance
+    along the heading (S,), the wall map's tile under each (N, W, S) and its evidence there (0 outside)."""
+    n, w = rays.shape[:2]
+    t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
+    index, inside = map_tile(pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1],
+                             pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
+    value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, w, -1), torch.zeros_like(t))
+    return t, index, value
+
+
 def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig) -> Tensor:
     """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) where the wall map knows it: the ray
     crosses tiles seen empty (evidence below zero) until it meets a mapped wall (``is_wall``), within
     ``MAX_EMPTY`` tiles; the hit is snapped to the wall's grid line (``wall_hits``). Columns whose ray meets
     a tile the map does not know first keep ``reading``."""
-    n, w = reading.shape
-    rays = column_rays(pose, w, camera)
-    t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
-    x = pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1]
-    index, inside = map_tile(x, pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
-    value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, w, -1), torch.zeros_like(x))
+    rays = column_rays(pose, reading.shape[1], camera)
+    t, _, value = _march(walls, pose, rays)
     wall = value >= WALL_EVIDENCE
     known = wall | (value < 0)
     # The first sample that is not known empty: a wall there gives the depth, anything else does not.
@@ -175,13 +182,9 @@ def guess_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig, b
     (``KNOWN_EMPTY``); a mapped wall there gives the depth, and a tile the map does not know puts a wall
     ``beyond`` tiles past the ray's entry into it (the maze's next tile taken as floor), at most ``MAX_EMPTY``
     tiles away. Snapped to the grid as a reading is (``wall_hits``)."""
-    n = pose.shape[0]
     rays = column_rays(pose, width, camera)
-    t = torch.arange(1, int(MAX_EMPTY / MARCH) + 1, device=pose.device, dtype=torch.float32) * MARCH
-    index, inside = map_tile(pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1],
-                             pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
-    value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, width, -1), torch.zeros_like(t))
-    own = map_tile(pose[:, 0], pose[:, 1])[0].view(n, 1, 1)
+    t, index, value = _march(walls, pose, rays)
+    own = map_tile(pose[:, 0], pose[:, 1])[0].view(-1, 1, 1)
     wall = value >= WALL_EVIDENCE
     passable = ((value <= -KNOWN_EMPTY) | (index == own)) & ~wall
     stop = (~passable).float().argmax(-1, keepdim=True)
@@ -475,13 +478,13 @@ class Redrawer:
     frame at its pose (a generated frame fills only what the memory lacks, at ``camera.memory_trust``), moves
     the poses by the held keys, and draws the memory's detail on the moved frame. ``memory`` holds the
     streams' memory after the call; rows where ``active`` (N,) is False (no pose) keep their frame. Rows
-    where ``colour`` (N,) is False (repainting after a prompt switch) neither write their look (texture and
+    where ``learns`` (N,) is False (repainting after a prompt switch) neither write their look (texture and
     colour) nor draw colour."""
 
     def __init__(self, memory: Memory, keys: Tensor, active: Tensor, camera: CameraConfig,
-                 colour: Tensor | None = None) -> None:
+                 learns: Tensor | None = None) -> None:
         self.memory, self.keys, self.active, self.camera = memory, keys, active, camera
-        self.colour = active if colour is None else active & colour
+        self.learns = active if learns is None else active & learns
         self.step: Motion | None = None
         self.revealed: Tensor | None = None  # (N, W) the columns ``reveal`` gave a depth
 
@@ -498,6 +501,10 @@ class Redrawer:
         mapped = map_depth(self.memory.walls, self.memory.pose, depth.float(), self.camera)
         return torch.where(self.active.view(-1, 1), mapped, depth.float()).to(depth.dtype)
 
+    def _step(self) -> Motion:
+        """This frame's motion: ``motion``'s, or the keys' own if it was not asked for."""
+        return self.step if self.step is not None else key_motion(self.keys, self.camera)
+
     def reveal(self, carried: Tensor) -> Tensor:
         """The new frame's carried column depth (N, W) with the columns the motion uncovered (NaN) given the
         wall map's guess (``guess_depth``, ``camera.memory_reveal`` > 0, streams with a memory), which the
@@ -507,9 +514,8 @@ class Redrawer:
         if beyond <= 0 or not bool(uncovered.any()):
             self.revealed = None
             return carried
-        step = self.step if self.step is not None else key_motion(self.keys, self.camera)
-        guess = guess_depth(self.memory.walls, advance(self.memory.pose, step), carried.shape[1], self.camera,
-                            beyond)
+        guess = guess_depth(self.memory.walls, advance(self.memory.pose, self._step()), carried.shape[1],
+                            self.camera, beyond)
         self.revealed = uncovered
         return torch.where(uncovered, guess.to(carried.dtype), carried)
 
@@ -518,14 +524,13 @@ class Redrawer:
         cam, texels = self.camera, self.camera.surface_memory
         trust = cam.memory_trust * (self.active & ~still).float()
         memory = write(self.memory, previous, previous_depth, sky, cam, texels, cam.memory_sigma, trust,
-                       fill=True, look_trust=trust * self.colour.float())
-        step = self.step if self.step is not None else key_motion(self.keys, cam)
-        memory = memory._replace(pose=advance(memory.pose, step))
+                       fill=True, look_trust=trust * self.learns.float())
+        memory = memory._replace(pose=advance(memory.pose, self._step()))
         seen = look(memory, depth, sky, *moved.shape[-2:], cam, texels, colour=cam.memory_colour > 0)
         self.memory = memory
         active = self.active.view(-1, 1, 1, 1).float()
         colour_confidence = (None if seen.colour_confidence is None
-                             else seen.colour_confidence * self.colour.view(-1, 1, 1, 1).float())
+                             else seen.colour_confidence * self.learns.view(-1, 1, 1, 1).float())
         reveal = None
         if self.revealed is not None:
             reveal = (self.revealed & ~still.view(-1, 1))[:, None, None, :].expand(-1, 1, moved.shape[-2], -1)

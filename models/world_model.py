@@ -93,8 +93,8 @@ class Session:
     # (``first_poses``): its surface memory (``models.surface_memory.Memory``, this stream's row) with the
     # pose of the frame of the given index.
     memory: tuple[int, Memory] | None = field(default=None, repr=False)
-    # The frame index from which the surface memory keeps colour again after a prompt switch
-    # (``camera.repaint_frames``).
+    # The frame index from which the surface memory learns the look of generated frames again after a prompt
+    # switch (``camera.repaint_frames``).
     repaint_until: int = 0
     closed: bool = False
 
@@ -642,9 +642,9 @@ class _FrameForward:
         rows = [Memory(*(part[0] for part in blank)) if row is None else row for row in held]
         memory = Memory(*(torch.stack(part).to(self.wm.device) for part in zip(*rows, strict=True)))
         active = torch.tensor([row is not None for row in held], device=self.wm.device)
-        colour = torch.tensor([s.frame_index >= s.repaint_until for s in self.sessions],
+        learns = torch.tensor([s.frame_index >= s.repaint_until for s in self.sessions],
                               device=self.wm.device)
-        return Redrawer(memory, self.keys, active, cam, colour)
+        return Redrawer(memory, self.keys, active, cam, learns)
 
     def _anchors(self) -> Anchor | None:
         """The sessions' anchors as of their previous frame (``camera.anchor_frames``; None: no session has

@@ -198,7 +198,7 @@ def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: W
     assert float(s.memory[1].weight.sum()) > 0
 
 
-def test_after_a_prompt_switch_the_colour_memory_waits_for_the_repaint(memory_model: WorldModel) -> None:
+def test_after_a_prompt_switch_the_memory_waits_for_the_repaint(memory_model: WorldModel) -> None:
     """For ``camera.repaint_frames`` frames after a switch the generated frames (still in the old prompt's
     look) neither fill the texture and colour memory nor are pulled by it; then it learns again. A rewind
     restores the repaint's frame count."""
