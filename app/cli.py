@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("worldloop.app.commands.distill", "distil the teacher into a 1–2-step student"),
     "eval": ("worldloop.app.commands.eval",
              "evaluate models against the engine (PSNR, keys, prompts, drift)"),
+    "looks": ("worldloop.app.commands.looks", "build a model's bank of looks (a new prompt's first texture)"),
     "export": ("worldloop.app.commands.export", "write the shipping form of a model directory, or ONNX"),
     "speedrun": ("worldloop.app.commands.speedrun", "train a playable model end to end within a time budget"),
     "gpu-check": ("worldloop.app.commands.gpu_check",

@@ -48,8 +48,8 @@ def _keys(idm: torch.nn.Module, last: np.ndarray, frames: np.ndarray) -> torch.T
     return torch.stack([predict_keys(idm, torch.from_numpy(s)).cpu() for s in streams])
 
 
-def breakdown(path: Path, episodes: int, seed: int, idm: torch.nn.Module, classifier: torch.nn.Module
-              ) -> None:
+def breakdown(path: Path, episodes: int, seed: int, idm: torch.nn.Module, classifier: torch.nn.Module,
+              save: Path | None = None) -> None:
     """Replay the eval's rollouts and switch for the model at ``path`` and print the breakdown."""
     wm = WorldModel.from_pretrained(path, steps=1, max_sessions=episodes)
     start = context_length(wm, 0)
@@ -88,6 +88,14 @@ def breakdown(path: Path, episodes: int, seed: int, idm: torch.nn.Module, classi
     print(f"mean     {'':13}  {(seen_e == own[:, None]).float().mean():6.2f}  "
           f"{(seen_m == own[:, None]).float().mean():5.2f}{'':17}  {'':13} "
           f"{(seen_a == target[:, None]).float().mean():5.2f}")
+    hits = (seen_a == target[:, None]).float()
+    print("adherence by 8 frames after the switch: "
+          + " ".join(f"{hits[:, j: j + 8].mean():.2f}" for j in range(0, SWITCH, 8)))
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(save / f"{path.name}.npz", model=np.concatenate([generated, after], 1),
+                            engine=clips.frames[:, start: start + HORIZON + SWITCH],
+                            themes=np.array(clips.themes), targets=np.array(targets))
     keys = torch.from_numpy(clips.keys[:, start: start + HORIZON])
     bits = torch.stack([(keys >> b) & 1 for b in range(len(KEYS))], -1).bool()
     last = clips.frames[:, start - 1]
@@ -112,6 +120,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the eval's --seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save", type=Path, help="write each model's frames and the engine's (MODEL.npz) here")
     p.add_argument("--idm", type=Path, default=shipped_asset("evaluators/idm"))
     p.add_argument("--classifier", type=Path, default=shipped_asset("evaluators/classifier"))
     args = p.parse_args()
@@ -119,7 +128,7 @@ def main() -> None:
     idm = load_evaluator(args.idm, "idm")
     classifier = load_evaluator(args.classifier, "classifier")
     for path in args.models:
-        breakdown(path, args.episodes, args.seed, idm, classifier)
+        breakdown(path, args.episodes, args.seed, idm, classifier, args.save)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from worldloop.models.config import ModelConfig
 from worldloop.models.dit import DiT
 from worldloop.models.model_card import CARD_FILE, eval_rows, model_card
+from worldloop.models.surface_memory import LOOKS_FILE
 from worldloop.models.vae import LatentAutoencoder
 
 FORMAT = "worldloop-model"
@@ -385,7 +386,8 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
                  note: str | None = None, steps: int | None = None, report: dict[str, Any] | None = None
                  ) -> Path:
     """The shipping form of a model directory: config, EMA weights (else the raw ones) in ``dtype``, VAE,
-    and its model card (with this model's figures from the ``worldloop eval`` ``report``, if given).
+    its bank of looks if it has one, and its model card (with this model's figures from the ``worldloop
+    eval`` ``report``, if given).
 
     ``steps`` sets the denoising steps it plays with (its first frame keeps at least as many).
 
@@ -411,6 +413,8 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
                                        first_frame_steps=max(steps, config.sampling.first_frame_steps))
         config = config.replace(sampling=sampling)
     _write_config(tmp, config, meta)
+    if (source / LOOKS_FILE).is_file():  # the bank of looks travels with the weights (``worldloop looks``)
+        shutil.copyfile(source / LOOKS_FILE, tmp / LOOKS_FILE)
     write_model_card(tmp, report)
     _check_shapes(load_model(tmp), tmp)
     if out.exists():

@@ -40,13 +40,23 @@ import torch
 from torch import Tensor
 
 from worldloop.models.camera import Anchor, with_reprojector
-from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, load_into, load_model
+from worldloop.models.checkpoint import DIT_FILE, EMA_FILE, VAE_FILE, CheckpointError, load_into, load_model
 from worldloop.models.config import BACKENDS, ONNX_BACKENDS, ModelConfig
 from worldloop.models.dit import CachedOutput, DiT
 from worldloop.models.keys import ALL_KEYS_MASK, keys_to_tensor
 from worldloop.models.kv_cache import CacheSnapshot, CacheView, KVCache, PromptKV
 from worldloop.models.sampling import add_noise, randn_rows, sample_frame, sigma_grid
-from worldloop.models.surface_memory import Memory, Redrawer, fit_fog, forget_looks
+from worldloop.models.surface_memory import (
+    LOOKS_FILE,
+    Looks,
+    Memory,
+    Redrawer,
+    fit_fog,
+    forget_looks,
+    load_looks,
+    nearest_look,
+    with_look,
+)
 from worldloop.models.surface_memory import empty as empty_memory
 from worldloop.models.surface_memory import write as write_memory
 from worldloop.models.text import PromptEncoder
@@ -148,6 +158,9 @@ class WorldModel:
         self.latent_shape = (config.latent_channels, *config.latent_size)
         self.last_timings = FrameTimings(batch=0)
         self.metadata: dict = {}  # from the model directory's config.json
+        # A model with a surface memory may carry a bank of looks (``surface_memory.Looks``): a new prompt's
+        # surfaces start from the nearest entry's texture and colour instead of from nothing.
+        self.looks: Looks | None = None
         self.on_timings: Callable[[FrameTimings], None] | None = None
         self._sessions: dict[int, Session] = {}
         with torch.no_grad():
@@ -230,6 +243,12 @@ class WorldModel:
                  precision=precision, backend=backend, onnx_dir=onnx_dir, model_dir=path,
                  calibration_frames=calibration_frames)
         wm.metadata = files.metadata
+        looks = Path(path) / LOOKS_FILE
+        if looks.is_file() and config.camera.surface_memory > 0:
+            try:
+                wm.looks = load_looks(looks, config.camera.surface_memory)
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
         return wm
 
     # -- sessions ------------------------------------------------------------------------------------------
@@ -350,7 +369,11 @@ class WorldModel:
         if len(context.frames):
             self._write_context(session, context.latents, context.keys, context.frames, context.sigma)
         if session.memory is not None:  # the old prompt's look is not the new one's; the walls stay put
-            session.memory = (session.memory[0], forget_looks(session.memory[1]))
+            memory = forget_looks(session.memory[1])
+            entry = self._nearest_look(prompt)
+            if entry is not None:  # the new look from the bank's nearest prompt
+                memory = with_look(memory, self.looks, entry)
+            session.memory = (session.memory[0], memory)
             session.repaint_until = session.frame_index + self.config.camera.repaint_frames
         session.prompt = prompt
 
@@ -510,6 +533,13 @@ class WorldModel:
         if vec.shape != (batch, self.config.dit.num_keys):
             raise ValueError(f"expected keys for {batch} sessions, got shape {tuple(vec.shape)}")
         return vec.to(self.device)
+
+    def _nearest_look(self, prompt: str) -> int | None:
+        """The entry of the bank of looks whose prompt is nearest to ``prompt`` (None: no bank, or no entry
+        near enough, ``surface_memory.LOOK_MATCH``)."""
+        if self.looks is None or not prompt.strip():
+            return None
+        return nearest_look(self.looks, self.prompt_encoder.encode([prompt]).tokens[0, 0])
 
     def _encode_prompt(self, prompt: str) -> PromptKV:
         emb = self.prompt_encoder.encode([prompt])

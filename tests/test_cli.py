@@ -96,7 +96,8 @@ def test_unknown_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def test_models_are_named_with_model_dir_everywhere() -> None:
     """Every command that loads a world model takes ``--model DIR``; eval and export also their positional."""
     named = {tuple(w) for w, p in commands() if "--model" in p._option_string_actions}
-    assert named == {("play",), ("serve",), ("gradio",), ("rollout",), ("bench",), ("eval",), ("export",)}
+    assert named == {("play",), ("serve",), ("gradio",), ("rollout",), ("bench",), ("eval",), ("export",),
+                     ("looks",)}
     metavars = {a.metavar for _, p in commands() for a in options(p)}  # one spelling of a model directory
     assert "DIR" in metavars and not metavars & {"MODEL", "MODEL_DIR"}
     parser = build_parser(["export", "eval"])

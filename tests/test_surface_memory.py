@@ -224,6 +224,45 @@ def test_after_a_prompt_switch_the_memory_waits_for_the_repaint(memory_model: Wo
         replace(CAMERA, repaint_frames=-1)
 
 
+def _bank(wm: WorldModel, prompts: list[str]) -> sm.Looks:
+    """A bank of looks for ``wm``: one entry per prompt (its vector from the model's encoder), random
+    texture, a colour and a fog of its own."""
+    k, atlas = len(prompts), sm.atlas_size(wm.config.camera.surface_memory)
+    g = torch.Generator().manual_seed(5)
+    vectors = wm.prompt_encoder.encode(prompts).tokens[:, 0]
+    colour = torch.linspace(0.2, 0.8, k).view(k, 1, 1).expand(k, 3, atlas).clone()
+    fog = torch.stack([torch.tensor([0.1 * i, 0.2, 0.3, 0.05 * (i + 1)]) for i in range(k)])
+    detail, confidence = 0.3 * torch.randn(k, 3, atlas, generator=g), torch.ones(k, 2, atlas)
+    return sm.Looks(torch.nn.functional.normalize(vectors, dim=-1), detail, colour, confidence, fog)
+
+
+def test_a_prompt_switch_starts_from_the_banks_nearest_look(memory_model: WorldModel) -> None:
+    """With a bank of looks the switched memory holds the look of the entry nearest the new prompt (texture,
+    colour, fog) and keeps it while it repaints, learning nothing from the frames; a prompt near no entry
+    starts from nothing, as without a bank."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(2).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    wm.looks = looks = _bank(wm, ["an ice cave", "a desert ruin"])
+    try:
+        poses = [[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]]
+        s = wm.new_session("a dungeon", seed=3, first_frames=frames, first_poses=poses)
+        wm.set_prompt(s, "a desert ruin")
+        memory = s.memory[1]
+        assert torch.allclose(memory.detail / memory.weight, looks.detail[1], atol=1e-5)
+        assert torch.allclose(memory.colour / memory.colour_weight, looks.colour[1], atol=1e-5)
+        assert torch.equal(memory.fog, looks.fog[1]) and float(memory.weight.min()) == 0.5
+        for _ in range(3):
+            wm.next_frame([s], [BIT["forward"]])
+        assert torch.allclose(s.memory[1].weight, memory.weight)  # repainting: the look stays the bank's
+        assert torch.allclose(s.memory[1].colour_weight, memory.colour_weight)
+        wm.set_prompt(s, "zzz qqq")  # a fake vector near neither entry
+        assert float(s.memory[1].weight.sum()) == 0 and float(s.memory[1].colour_weight.sum()) == 0
+        wm.close_session(s)
+    finally:
+        wm.looks = None
+
+
 def test_a_discarded_speculative_frame_keeps_the_memory(memory_model: WorldModel) -> None:
     """The server makes frames speculatively and discards them on a key change: the stream must come back to
     the memory, carried depth and anchor it had, not lose them."""
@@ -381,7 +420,8 @@ def test_the_colour_memory_brings_back_the_light_a_frame_lost() -> None:
 
 def test_a_new_view_gets_the_depth_the_wall_map_suggests() -> None:
     """Through floor the map knows to a wall it knows: that wall's depth; into a tile it does not know (or
-    one only generated frames' few sightings call floor): a wall ``beyond`` tiles past the ray's entry."""
+    one only generated frames' few sightings call floor), unless it is one of the maze's cells: a wall
+    ``beyond`` tiles past the ray's entry."""
     pose = torch.tensor([[5.5, 5.5, 0.0], [5.5, 5.5, 0.0], [5.5, 5.5, 0.0]])  # facing east (+x)
     walls = sm.empty(pose, 8).walls.clone()
     row = 5 * sm.MAP_TILES
@@ -394,6 +434,11 @@ def test_a_new_view_gets_the_depth_the_wall_map_suggests() -> None:
     # Rows 1 and 2 know only their own tile: the ray enters the next at x = 6, the wall stands one tile on.
     assert centre[1:].tolist() == pytest.approx([1.5, 1.5], abs=0.02)
     assert torch.isfinite(depth).all() and float(depth.min()) > 0.4
+    # The maze's cells (odd column and row) are never walls: from the passage at x = 4 the ray goes on through
+    # the unknown cell (5, 5) and stops in the unknown passage after it, at x = 6 (+ beyond).
+    passage = torch.tensor([[4.5, 5.5, 0.0]])
+    ahead = sm.guess_depth(sm.empty(passage, 8).walls, passage, 32, CAMERA, beyond=1.0)
+    assert float(ahead[:, 15:17].mean()) == pytest.approx(2.5, abs=0.02)
 
 
 def test_the_memory_fills_what_a_turn_uncovers(memory_model: WorldModel) -> None:
