@@ -28,6 +28,7 @@ import torch
 from worldloop.app.loading import shipped_asset
 from worldloop.distill.eval.evaluate import context_length, engine_clips, switch_targets
 from worldloop.distill.eval.evaluators import load_evaluator, predict_keys, predict_themes
+from worldloop.distill.world.engine import World
 from worldloop.distill.world.themes import THEMES
 from worldloop.models.keys import KEYS
 from worldloop.models.world_model import WorldModel
@@ -46,6 +47,17 @@ def _keys(idm: torch.nn.Module, last: np.ndarray, frames: np.ndarray) -> torch.T
     """The IDM's held-key probabilities (E, T, keys) for the transitions into each frame."""
     streams = np.concatenate([last[:, None], frames], 1)
     return torch.stack([predict_keys(idm, torch.from_numpy(s)).cpu() for s in streams])
+
+
+def _switched(clips, targets: list[int], start: int) -> np.ndarray:
+    """The engine's frames after the switch: the same mazes in the target themes, at the clips' poses."""
+    h, w = clips.frames.shape[2:4]
+    world = World(clips.seeds, h, w).rethemed([THEMES[t] for t in targets])
+    out = []
+    for t in range(start + HORIZON, start + HORIZON + SWITCH):
+        world.set_poses(torch.from_numpy(clips.poses[:, t]))
+        out.append(world.render().cpu().numpy())
+    return np.stack(out, 1)
 
 
 def breakdown(path: Path, episodes: int, seed: int, idm: torch.nn.Module, classifier: torch.nn.Module,
@@ -94,7 +106,7 @@ def breakdown(path: Path, episodes: int, seed: int, idm: torch.nn.Module, classi
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(save / f"{path.name}.npz", model=np.concatenate([generated, after], 1),
-                            engine=clips.frames[:, start: start + HORIZON + SWITCH],
+                            engine=np.concatenate([engine, _switched(clips, targets, start)], 1),
                             themes=np.array(clips.themes), targets=np.array(targets))
     keys = torch.from_numpy(clips.keys[:, start: start + HORIZON])
     bits = torch.stack([(keys >> b) & 1 for b in range(len(KEYS))], -1).bool()
@@ -120,7 +132,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the eval's --seed")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--save", type=Path, help="write each model's frames and the engine's (MODEL.npz) here")
+    p.add_argument("--save", type=Path, help="write each model's frames and the engine's here (MODEL.npz; "
+                                             "after the switch: the same mazes in the new themes)")
     p.add_argument("--idm", type=Path, default=shipped_asset("evaluators/idm"))
     p.add_argument("--classifier", type=Path, default=shipped_asset("evaluators/classifier"))
     args = p.parse_args()

@@ -296,6 +296,11 @@ class Redraw(Protocol):
         redraw will draw there filled in (or as it is)."""
         ...
 
+    def see(self, depth: Tensor, sky: Tensor, height: int, width: int) -> object:
+        """Note the new frame's wall depth per column (N, W) when no camera moved (the redraw is not called
+        then), for what the redraw does with the finished frame."""
+        ...
+
 
 class Reprojector(nn.Module):
     """The moved previous frame of a reprojecting model: latents (N, C, h, w) and held keys → latents, via
@@ -354,6 +359,8 @@ class Reprojector(nn.Module):
         # ×79 after 64), so a still camera skips it; it neither moves nor ages its anchor.
         still = torch.stack(motion).abs().amax(0) == 0
         if bool(still.all()):
+            if redraw is not None:
+                redraw.see(torch.where(torch.isfinite(carried_on), carried_on, depth), sky, *self.frame_size)
             return latents, carried_on, anchor
         if frames is None:
             frames = vae.decode(latents.to(vae.dtype))

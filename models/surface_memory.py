@@ -495,6 +495,7 @@ class Redrawer:
         self.memory, self.keys, self.active, self.camera = memory, keys, active, camera
         self.learns = active if learns is None else active & learns
         self.step: Motion | None = None
+        self.drawn: Look | None = None  # what the memory holds for the new frame (``see``, ``finish``)
         self.revealed: Tensor | None = None  # (N, W) the columns ``reveal`` gave a depth
 
     def motion(self, keys: Tensor) -> Motion:
@@ -534,15 +535,32 @@ class Redrawer:
         trust = cam.memory_trust * (self.active & ~still).float()
         memory = write(self.memory, previous, previous_depth, sky, cam, texels, cam.memory_sigma, trust,
                        fill=True, look_trust=trust * self.learns.float())
-        memory = memory._replace(pose=advance(memory.pose, self._step()))
-        seen = look(memory, depth, sky, *moved.shape[-2:], cam, texels, colour=cam.memory_colour > 0)
-        self.memory = memory
+        self.memory = memory._replace(pose=advance(memory.pose, self._step()))
+        seen = self.see(depth, sky, *moved.shape[-2:])
         active = self.active.view(-1, 1, 1, 1).float()
         reveal = None
         if self.revealed is not None:
             reveal = (self.revealed & ~still.view(-1, 1))[:, None, None, :].expand(-1, 1, moved.shape[-2], -1)
         return apply(moved, seen.detail, seen.confidence * active, cam.memory_sigma, seen.colour,
                      seen.colour_confidence, cam.memory_colour, reveal)
+
+    def see(self, depth: Tensor, sky: Tensor, height: int, width: int) -> Look:
+        """What the memory holds for the new frame (its poses, its columns' wall ``depth`` (N, W)), kept for
+        ``finish``; called by ``__call__``, and by a move in which no camera moves (no redraw then)."""
+        cam = self.camera
+        self.drawn = look(self.memory, depth, sky, height, width, cam, cam.surface_memory,
+                          colour=cam.memory_colour > 0)
+        return self.drawn
+
+    def finish(self, frames: Tensor) -> Tensor:
+        """The new frames (N, 3, H, W) in [-1, 1] as made by the DiT from the moved ones, with the memory's
+        detail drawn on them again where it is stronger than theirs (the autoencoder's round trip and the DiT
+        soften what the redraw drew; a still camera's frame gets it as a moving one's does, so the picture
+        does not soften when the player stops); rows without a memory as they are."""
+        if self.drawn is None:
+            return frames
+        confidence = self.drawn.confidence * self.active.view(-1, 1, 1, 1).float()
+        return apply(frames, self.drawn.detail.to(frames), confidence.to(frames), self.camera.memory_sigma)
 
 
 LOOKS_FILE = "looks.safetensors"  # a model directory's bank of looks (``Looks``), when it has one

@@ -163,6 +163,7 @@ class WorldModel:
         self.looks: Looks | None = None
         self.on_timings: Callable[[FrameTimings], None] | None = None
         self._sessions: dict[int, Session] = {}
+        self._last_redraw: Redrawer | None = None  # the surface memory's redraw of the frame being made
         with torch.no_grad():
             self._null_prompt = self.dit.null_prompt_kv(1)
         self.model_dir = None if model_dir is None else Path(model_dir)
@@ -428,6 +429,10 @@ class WorldModel:
             latents, timings = self._generate(sessions, keys, speculative)
             t0 = time.perf_counter()
             decoded = self._decode_frames(latents)
+            redraw, self._last_redraw = self._last_redraw, None
+            if redraw is not None:  # the surface memory's detail on the new frames as well
+                finished = redraw.finish(decoded.permute(0, 3, 1, 2).float() / 127.5 - 1)
+                decoded = to_uint8(finished).contiguous()
             if self.dit.reprojector is not None:
                 for s, frame in zip(sessions, decoded, strict=True):
                     s.shown = (s.pending, frame) if s.pending is not None else None
@@ -480,6 +485,7 @@ class WorldModel:
             raise ValueError("next_frame needs one or more distinct sessions")
         key_vec = self._key_vectors(keys, len(sessions))
         timings = FrameTimings(batch=len(sessions))
+        self._last_redraw = None
         if speculative:
             for s in sessions:
                 if s.rollback is None:
@@ -647,6 +653,7 @@ class _FrameForward:
                                        and s.carried[0] == s.frame_index - 1 else unknown
                                        for s in self.sessions])
             redraw = self._redrawer()
+            wm._last_redraw = redraw
             moved, depth, anchor = wm.dit.reprojector.move(wm.vae, base, self.keys, frames, carried,
                                                            self._anchors(), redraw)
             for i, s in enumerate(self.sessions):

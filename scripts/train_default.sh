@@ -5,7 +5,7 @@
 #
 #   bash scripts/train_default.sh            # everything (about 5 CPU-hours on a 2-core CPU)
 #   STAGE=truth bash scripts/train_default.sh  # one stage: autoencoder | teacher | truth | decoder | warp |
-#                                              # reproject | long | memory | export
+#                                              # reproject | long | memory | rollouts20 | export
 # (the decoder, warp and long stages are measured experiments the shipped model does not use; STAGE=all skips
 # them)
 set -euo pipefail
@@ -156,12 +156,24 @@ if run memory; then
 fi
 SHIP=${SHIP:-runs/memc-truth/snapshots/cpu0030.000}
 
-# 5. Stage 15's runtime (docs/TRAINING.md, 2026-12-05): the memory draws what a turn uncovers at the wall
-#    map's guess (camera.memory_reveal 0.5; repaint_frames and the wall evidence are defaults). Evaluate
-#    against the model shipped before it and export the shipping form (1 step; 2 with --steps 2).
+# 5. Stage 16 (docs/TRAINING.md, 2026-12-05), the shipped weights: stage 14's student with stage 15's runtime
+#    (the memory draws what a turn uncovers at the wall map's guess: camera.memory_reveal 0.5; repaint_frames
+#    and the wall evidence are defaults), trained 30 CPU-minutes on 20-frame rollouts with that runtime.
+if run rollouts20; then
+  with_camera "$SHIP" runs/ship-s15 '{"memory_reveal": 0.5}'
+  worldloop distill truth --teacher runs/ship-s15 --student runs/ship-s15 --student-steps 2 --max-context 9 \
+    --rollout-frames 20 --lr 3e-4 --threads 1 --latent-spectrum-weight 6 --context-sigma 0 \
+    --out runs/rv-truth20 --cpu-minutes 30 --snapshot-minutes 10
+fi
+SHIP16=${SHIP16:-runs/rv-truth20/snapshots/cpu0030.000}
+
+# 6. The shipping form: the bank of looks a prompt switch starts from (`worldloop looks`: 17 training worlds,
+#    every pattern of every theme, 300 frames each), the eval against the engine, the export (1 step; 2 with
+#    --steps 2) with the eval's figures in its model card.
 if run export; then
-  with_camera "$SHIP" runs/ship-default '{"memory_reveal": 0.5}'
-  worldloop eval --model runs/ship-default@1,2 --model "$S3@1,2" --drift-seconds 60 --out runs/eval-default
+  rm -rf runs/ship-default && cp -r "$SHIP16" runs/ship-default
+  worldloop looks --model runs/ship-default --frames 300
+  worldloop eval --model runs/ship-default@1,2 --drift-seconds 60 --out runs/eval-default
   worldloop export --model runs/ship-default --out assets/default --steps 1 \
-    --report runs/eval-default/report.json --note "docs/TRAINING.md"
+    --report runs/eval-default/report.json --note "docs/TRAINING.md, stage 16"
 fi

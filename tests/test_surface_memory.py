@@ -263,6 +263,26 @@ def test_a_prompt_switch_starts_from_the_banks_nearest_look(memory_model: WorldM
         wm.looks = None
 
 
+def test_the_shown_frame_gets_the_memorys_detail_moving_or_still(memory_model: WorldModel) -> None:
+    """The DiT's frame, decoded, has the memory's texture drawn on it again where the memory is sharper, the
+    same whether the camera moved or stood still (else the picture would soften each time the player
+    stops); a session without poses shows its decoded frame as it is."""
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(4).integers(0, 256, (2, h, w, 3), dtype=np.uint8)  # much texture
+    poses = [[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]]
+    s = wm.new_session("a dungeon", seed=3, first_frames=frames, first_poses=poses)
+    plain = wm.new_session("a dungeon", seed=3, first_frames=frames)
+    for held_keys in ([BIT["forward"], BIT["forward"]], [0, 0], [BIT["turn_left"], 0]):
+        shown = wm.next_frame([s, plain], held_keys)
+        decoded = wm.vae.decode_frames(torch.stack([s.pending, plain.pending]).to(wm.device)).cpu().numpy()
+        assert np.abs(shown[0].astype(int) - decoded[0]).mean() > 2, held_keys
+        assert np.array_equal(shown[1], decoded[1])
+        assert np.array_equal(s.shown[1].cpu().numpy(), shown[0])  # the next move starts from what was shown
+    wm.close_session(s)
+    wm.close_session(plain)
+
+
 def test_a_discarded_speculative_frame_keeps_the_memory(memory_model: WorldModel) -> None:
     """The server makes frames speculatively and discards them on a key change: the stream must come back to
     the memory, carried depth and anchor it had, not lose them."""
