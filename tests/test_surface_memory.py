@@ -263,6 +263,34 @@ def test_a_prompt_switch_starts_from_the_banks_nearest_look(memory_model: WorldM
         wm.looks = None
 
 
+def test_a_stream_from_the_prompt_alone_starts_from_the_banks_look(memory_model: WorldModel) -> None:
+    """No frames, no poses: with a bank of looks the stream's memory holds the nearest entry's look at
+    ``PROMPT_START_POSE`` with no walls mapped, and moves from there as it plays; without a bank, or for a
+    prompt near no entry, it keeps none."""
+    from worldloop.models.world_model import PROMPT_START_POSE
+
+    wm = memory_model
+    s = wm.new_session("a desert ruin", seed=1)
+    assert s.memory is None  # no bank
+    wm.close_session(s)
+    wm.looks = looks = _bank(wm, ["an ice cave", "a desert ruin"])
+    try:
+        s = wm.new_session("a desert ruin", seed=1)
+        assert s.memory is not None and s.memory[0] == 0
+        memory = s.memory[1]
+        assert memory.pose.tolist() == pytest.approx(list(PROMPT_START_POSE))
+        assert torch.allclose(memory.detail / memory.weight, looks.detail[1], atol=1e-5)
+        assert float(memory.walls.abs().sum()) == 0
+        for _ in range(3):
+            wm.next_frame([s], [BIT["forward"]])
+        assert s.memory[0] == s.frame_index - 1 and float(s.memory[1].pose[0]) > PROMPT_START_POSE[0]
+        wm.reset(s, prompt="zzz qqq")  # near neither entry
+        assert s.memory is None
+        wm.close_session(s)
+    finally:
+        wm.looks = None
+
+
 def test_the_shown_frame_gets_the_memorys_detail_moving_or_still(memory_model: WorldModel) -> None:
     """The DiT's frame, decoded, has the memory's texture drawn on it again where the memory is sharper, the
     same whether the camera moved or stood still (else the picture would soften each time the player
