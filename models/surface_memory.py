@@ -249,6 +249,22 @@ def wall_hits(pose: Tensor, depth: Tensor, rays: Tensor) -> tuple[Tensor, Tensor
     return t, u.clamp(0, 1 - 1e-6), tile
 
 
+def fit_pose(depth: Tensor, camera: CameraConfig, steps: int = 10, headings: int = 90) -> Tensor:
+    """A camera pose (3,) in the grid's frame that fits one frame's column ``depth`` (W,) (a picture given
+    without its pose): the position within its tile (x, y in [0, 1)) and the heading (in [0, π/2): the grid
+    looks the same every quarter turn) whose rays put the walls the depth reads on grid lines, tried on a
+    ``steps`` × ``steps`` × ``headings`` lattice; near walls (which place the grid best) count most."""
+    offsets = torch.arange(steps, dtype=torch.float32) / steps
+    angles = torch.arange(headings, dtype=torch.float32) * (0.5 * math.pi / headings)
+    x, y, a = torch.meshgrid(offsets, offsets, angles, indexing="ij")
+    poses = torch.stack([x.reshape(-1), y.reshape(-1), a.reshape(-1)], 1).to(depth.device)
+    d = depth.float().reshape(1, -1).expand(len(poses), -1)
+    t, _, _ = wall_hits(poses, d, column_rays(poses, d.shape[1], camera))
+    misfit = (t / d.clamp_min(1e-2)).log().abs().clamp(max=0.7)
+    near = 1 / d.clamp_min(0.25)
+    return poses[int(((misfit * near).sum(1) / near.sum(1)).argmin())]
+
+
 def coordinates(pose: Tensor, depth: Tensor, sky: Tensor, height: int, width: int, camera: CameraConfig,
                 texels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each pixel's texel in the atlas (N, H·W) long, its footprint (N, H·W): texels of its surface per

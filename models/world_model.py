@@ -52,6 +52,7 @@ from worldloop.models.surface_memory import (
     Memory,
     Redrawer,
     fit_fog,
+    fit_pose,
     forget_looks,
     load_looks,
     nearest_look,
@@ -268,7 +269,8 @@ class WorldModel:
         ``first_keys`` (T bitmasks) are the keys each context frame was made with, as in training; without
         them the context frames carry no keys. ``first_poses`` (T, 3): each context frame's camera in the
         world's grid (x, y in tiles, heading in radians; the built-in world's poses), which a model with
-        ``camera.surface_memory`` needs to remember the frames' textures (others ignore it).
+        ``camera.surface_memory`` needs to remember the frames' textures (others ignore it); all NaN: unknown
+        (a picture), the last frame's pose is then fitted to its depth (``surface_memory.fit_pose``).
         """
         prompt_kv = self._encode_prompt(prompt)  # validates before any state changes
         context = self._first_context(first_frames, first_keys)
@@ -328,9 +330,10 @@ class WorldModel:
             poses = torch.as_tensor(np.asarray(first_poses, dtype=np.float64), dtype=torch.float32)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"first_poses must be numbers (T, 3): {exc}") from None
-        if poses.shape != (len(first_frames), 3) or not bool(torch.isfinite(poses).all()):
-            raise ValueError(f"first_poses must be finite (x, y, heading) per first frame, shape "
-                             f"({len(first_frames)}, 3), got {tuple(poses.shape)}")
+        if poses.shape != (len(first_frames), 3) or not (bool(torch.isfinite(poses).all())
+                                                         or bool(torch.isnan(poses).all())):
+            raise ValueError(f"first_poses must be finite (x, y, heading) per first frame (or all NaN: "
+                             f"unknown), shape ({len(first_frames)}, 3), got {tuple(poses.shape)}")
         return poses.to(self.device)
 
     def _first_memory(self, context: tuple[Tensor, Tensor] | None, first_frames: np.ndarray | None,
@@ -338,8 +341,10 @@ class WorldModel:
         """A stream's surface memory after its context frames, seen from ``poses``; from the prompt alone
         (no frames, no poses) the look of the bank's entry nearest ``prompt`` at ``PROMPT_START_POSE``, with
         no walls mapped (the picture's geometry is the DiT's, its surfaces take the bank's texture and the map
-        fills as the stream plays). None: the model keeps no memory, the poses of given frames are unknown, or
-        a prompt alone finds no look."""
+        fills as the stream plays); from frames whose poses are unknown (all NaN: a picture) the last alone,
+        at the pose within a tile that fits its depth reading (``surface_memory.fit_pose``) in the map's
+        middle. None: the model keeps no memory, the frames come without poses, or a prompt alone finds no
+        look."""
         rep = self.dit.reprojector
         if rep is None or rep.camera.surface_memory == 0:
             return None
@@ -355,7 +360,13 @@ class WorldModel:
         cam = rep.camera
         with torch.no_grad():
             frames = torch.as_tensor(first_frames).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            last = len(frames) - 1  # the frame the memory is as of
             depth, sky = rep.column_depth(context[0], frames.shape[-1])
+            if bool(torch.isnan(poses).any()):  # unknown (a picture): the last frame's pose fitted, it alone
+                offset = torch.tensor([PROMPT_START_POSE[0] - 0.5, PROMPT_START_POSE[1] - 0.5, 0.0],
+                                      device=self.device)
+                poses = (fit_pose(depth[-1], cam) + offset)[None]
+                frames, depth, sky = frames[-1:], depth[-1:], sky[-1:]
             memory = empty_memory(poses[-1:], cam.surface_memory)
             if cam.memory_colour > 0:
                 memory = memory._replace(fog=fit_fog(frames, depth, sky, cam, cam.memory_sigma)[None])
@@ -363,7 +374,7 @@ class WorldModel:
                 seen = memory._replace(pose=poses[t: t + 1])
                 memory = write_memory(seen, frames[t: t + 1], depth[t: t + 1], sky[t: t + 1], cam,
                                       cam.surface_memory, cam.memory_sigma)
-        return len(frames) - 1, Memory(*(part[0] for part in memory))._replace(pose=poses[-1])
+        return last, Memory(*(part[0] for part in memory))._replace(pose=poses[-1])
 
     def _start(self, session: Session, prompt_kv: PromptKV, context: tuple[Tensor, Tensor] | None) -> None:
         """An empty cache slot under the prompt, then the context frames (if any)."""

@@ -75,7 +75,8 @@ class SessionClosed(Exception):
 class StartFrames:
     """The context a stream starts from: real frames uint8 (N, H, W, 3), the key bitmask each was made
     with (``keys[0]`` led to the first) and, when known, each frame's camera in the world's grid (N, 3): x, y
-    in tiles and the heading in radians (a model with a surface memory needs it)."""
+    in tiles and the heading in radians (a model with a surface memory needs it; all NaN: unknown, the model
+    fits one)."""
 
     frames: np.ndarray
     keys: tuple[int, ...]
@@ -126,13 +127,14 @@ class Starts:
     def frames(self, start_from: StartFrom, prompt: str, seed: int, picture: np.ndarray | None
                ) -> StartFrames | None:
         """The context frames of a start (None: from the prompt alone). A picture is one frame made with no
-        keys, as the first frame of every training clip; a world start renders the world (slow: milliseconds
+        keys, as the first frame of every training clip, its pose unknown (NaN: a model with a surface memory
+        fits one); a world start renders the world (slow: milliseconds
         to tenths of a second, so the engine calls this off its generation thread)."""
         if start_from == "prompt":
             return None
         if start_from == "picture":
             assert picture is not None
-            return StartFrames(picture[None], (0,))
+            return StartFrames(picture[None], (0,), np.full((1, 3), np.nan))  # pose unknown: fitted
         assert self.world is not None
         return self.world(prompt, seed)
 

@@ -13,7 +13,7 @@ import torch
 
 from tests.test_camera import BIT, CAMERA, _delta, held
 from tests.train_fakes import FakePromptEncoder
-from worldloop.distill.data.clips import ClipBatch
+from worldloop.distill.data.clips import ClipBatch, open_headings, random_poses
 from worldloop.distill.stages.truth import start_streams
 from worldloop.distill.world.engine import World, WorldConfig, move
 from worldloop.distill.world.explorer import Explorer
@@ -261,6 +261,43 @@ def test_a_prompt_switch_starts_from_the_banks_nearest_look(memory_model: WorldM
         wm.close_session(s)
     finally:
         wm.looks = None
+
+
+def test_fit_pose_finds_where_in_its_tile_and_which_way_the_camera_stands() -> None:
+    """From one frame's engine depth alone: the heading (up to the grid's quarter turns) within 3 degrees and
+    the tile-centre position within 0.1 tile, for 8 worlds."""
+    world = World(list(range(2**30 + 50, 2**30 + 58)), SIZE, SIZE)
+    g = torch.Generator().manual_seed(0)
+    world.set_poses(random_poses(world.grid.cpu(), g))
+    world.set_poses(open_headings(world, g))
+    depth = world.column_depths(SIZE)
+    quarter = math.pi / 2
+    for true, row in zip(world.poses, depth, strict=True):
+        fit = sm.fit_pose(row, CAMERA)
+        turn = (float(true[2]) - float(fit[2])) % quarter
+        assert min(turn, quarter - turn) < math.radians(3)
+        assert float((fit[:2] - torch.remainder(true[:2], 1)).abs().max()) <= 0.1 + 1e-6
+
+
+def test_a_picture_starts_a_memory_at_the_pose_its_depth_fits(memory_model: WorldModel) -> None:
+    """Frames whose poses are unknown (all NaN: a picture) start a memory from the last one at a fitted pose
+    in the map's middle; poses partly NaN are refused before any state changes."""
+    from worldloop.models.world_model import PROMPT_START_POSE
+
+    wm = memory_model
+    h, w = wm.frame_shape
+    frames = np.random.default_rng(5).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    s = wm.new_session("a dungeon", seed=2, first_frames=frames, first_poses=np.full((2, 3), np.nan))
+    assert s.memory is not None and s.memory[0] == 1 and float(s.memory[1].weight.sum()) > 0
+    pose = s.memory[1].pose
+    assert PROMPT_START_POSE[0] - 0.5 <= float(pose[0]) < PROMPT_START_POSE[0] + 0.5
+    assert 0 <= float(pose[2]) < math.pi / 2
+    wm.next_frame([s], [BIT["forward"]])
+    wm.close_session(s)
+    with pytest.raises(ValueError, match="all NaN"):
+        wm.new_session("a dungeon", seed=2, first_frames=frames,
+                       first_poses=[[4.5, 4.5, 0.0], [math.nan] * 3])
+    assert not wm._sessions  # nothing was opened
 
 
 def test_a_stream_from_the_prompt_alone_starts_from_the_banks_look(memory_model: WorldModel) -> None:
