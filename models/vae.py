@@ -39,6 +39,7 @@ and, by default, bfloat16 (≈1.7× faster on CPUs with AVX-512 BF16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -167,13 +168,16 @@ class LatentAutoencoder(nn.Module):
         return self.decode_raw(z / self.latent_scale).clamp(-1.0, 1.0)
 
     @torch.inference_mode()
-    def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) → uint8 frames (B, H, W, 3), for display and encoding.
+    def decode_frames(self, z: torch.Tensor,
+                      finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Latents (B, C, h, w) → uint8 frames (B, H, W, 3), for display and encoding; ``finish`` changes the
+        decoded frames (float32 in [-1, 1]) before they are quantised.
 
         Runs in the module's dtype and channels_last; call ``optimize_for_inference`` once beforehand.
         """
         z = (z / self.latent_scale).to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return to_uint8(self.decoder(z)).contiguous()
+        images = self.decoder(z)
+        return to_uint8(images if finish is None else finish(images.float())).contiguous()
 
     @torch.inference_mode()
     def encode_frames(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -22,7 +22,7 @@ CAM = replace(CAMERA, depth_memory=1.0, surface_memory=TEXELS, memory_colour=0.3
 @pytest.fixture(scope="module")
 def bank() -> tuple[sm.Looks, list]:
     worlds = bank_worlds(1)
-    return build_looks(CAM, 64, 64, worlds, 24, PromptEncoder(16), progress=False), worlds
+    return build_looks(CAM, 64, 64, worlds, 24, PromptEncoder(16)), worlds
 
 
 @pytest.mark.parametrize("per_theme", [1, 3])

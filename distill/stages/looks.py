@@ -2,28 +2,24 @@
 
 For each of the built-in world's themes, a few training worlds (seeds below the held-out range), chosen so
 that every wall, floor and ceiling pattern the theme allows is among them: the explorer walks each for
-``frames`` frames, and a surface memory writes every frame at the engine's own pose and column depth (the
-truth, so the texture lands where it belongs). What the memory then holds — per texel the mean relative
-detail and the fog-free colour, and the fog — is that world's look, keyed by the sentence vector of its
-prompt. ``worldloop looks`` writes it into a model directory (``models.surface_memory.LOOKS_FILE``).
+``frames`` frames (the engine's ``rollout``), and a surface memory writes every frame at the engine's own
+pose and column depth (the truth, so the texture lands where it belongs). What the memory then holds — per
+texel the mean relative detail and the fog-free colour, and the fog — is that world's look, keyed by the
+sentence vector of its prompt. ``worldloop looks`` writes it into a model directory
+(``models.surface_memory.LOOKS_FILE``).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from tqdm import tqdm
 
-from worldloop.distill.data.clips import downsample, open_headings, random_poses, render_scale
-from worldloop.distill.world.engine import World
-from worldloop.distill.world.explorer import Explorer
+from worldloop.distill.data.clips import downsample, render_scale
+from worldloop.distill.world.rollout import rollout
 from worldloop.distill.world.themes import THEME_TABLE, THEMES, WorldParams, sample_params
 from worldloop.models import surface_memory as sm
 from worldloop.models.config import CameraConfig
 from worldloop.models.text import PromptEncoder
-
-log = logging.getLogger(__name__)
 
 FOG_FRAMES = 16  # frames the fog is fitted on
 FIRST_SEED = 700_000_000  # the bank's worlds are drawn from here up (training seeds, below the held-out ones)
@@ -60,42 +56,32 @@ def bank_worlds(per_theme: int) -> list[WorldParams]:
 
 @torch.no_grad()
 def build_looks(camera: CameraConfig, height: int, width: int, worlds: list[WorldParams], frames: int,
-                encoder: PromptEncoder, seed: int = 0, progress: bool = True) -> sm.Looks:
-    """The look of each of ``worlds`` after the explorer's ``frames`` frames through it (frames of
-    ``height`` × ``width``, written as ``camera``'s surface memory writes them)."""
+                encoder: PromptEncoder) -> sm.Looks:
+    """The look of each of ``worlds`` after the explorer's ``frames`` frames through it (the engine's
+    ``rollout`` at ``height`` × ``width``, each frame written as ``camera``'s surface memory writes it, at
+    the engine's pose and depth; the fog fitted on the first ``FOG_FRAMES``, as a stream's on its context)."""
     if camera.surface_memory <= 0:
         raise ValueError("the model keeps no surface memory (camera.surface_memory 0): looks are of no use")
     if frames < 2:
         raise ValueError(f"--frames must be at least 2, got {frames}")
     scale = render_scale(height, width)
-    world = World(worlds, height * scale, width * scale)
-    g = torch.Generator().manual_seed(seed)
-    world.set_poses(random_poses(world.grid.cpu(), g))
-    world.set_poses(open_headings(world, g))
-    explorer = Explorer(world.seeds)
+    clip = rollout(worlds, frames, height=height * scale, width=width * scale, depth_columns=width)
+    assert clip.depths is not None
     sky = torch.tensor([p.has_sky for p in worlds])
     texels, sigma = camera.surface_memory, camera.memory_sigma
-    memory = sm.empty(world.poses.float(), texels)
-    shot = world.render()
-    first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for t in tqdm(range(frames), desc="looks", unit="frame", disable=not progress):
-        seen = (downsample(shot, scale).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                world.column_depths(width).float(), world.poses.float())
-        # The fog is fitted on the first frames, as a stream fits it on its context, and the colour is
-        # written through it: those frames wait for it.
-        todo = [seen] if len(first) >= FOG_FRAMES else []
-        if len(first) < FOG_FRAMES:
-            first.append(seen)
-            if len(first) == FOG_FRAMES or t == frames - 1:
-                images, depths = (torch.stack(part, 1) for part in list(zip(*first, strict=True))[:2])
-                if camera.memory_colour > 0:
-                    memory = memory._replace(fog=torch.stack([
-                        sm.fit_fog(images[i], depths[i], sky[i].expand(len(first)), camera, sigma)
-                        for i in range(len(worlds))]))
-                todo = first
-        for image, depth, pose in todo:
-            memory = sm.write(memory._replace(pose=pose), image, depth, sky, camera, texels, sigma)
-        if t < frames - 1:
-            shot = world.next_frame(explorer.act(world))
-    prompts = encoder.encode([world.prompts[i] for i in range(len(worlds))]).tokens[:, 0]
+
+    def image(t: int) -> torch.Tensor:  # frame t of every world, (K, 3, H, W) in [-1, 1]
+        return downsample(clip.frames[:, t], scale).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    memory = sm.empty(clip.poses[:, 0], texels)
+    if camera.memory_colour > 0:
+        first = min(FOG_FRAMES, frames)
+        images = torch.stack([image(t) for t in range(first)], 1)
+        memory = memory._replace(fog=torch.stack([
+            sm.fit_fog(images[i], clip.depths[i, :first], sky[i].expand(first), camera, sigma)
+            for i in range(len(worlds))]))
+    for t in tqdm(range(frames), desc="looks", unit="frame", disable=None):
+        memory = sm.write(memory._replace(pose=clip.poses[:, t]), image(t), clip.depths[:, t], sky, camera,
+                          texels, sigma)
+    prompts = encoder.encode(list(clip.prompts)).tokens[:, 0]
     return sm.looks_of(memory, prompts)

@@ -27,13 +27,15 @@ class Rollout:
     collided: torch.Tensor  # (B, T) bool: the move into that frame hit a wall
     prompts: list[str]
     params: list[WorldParams]
+    depths: torch.Tensor | None = None  # (B, T, depth_columns) float: each frame's wall depth per column
 
 
 def rollout(worlds: Sequence[int | WorldParams], n_frames: int, keys: torch.Tensor | None = None,
             height: int = 64, width: int = 64, device: torch.device | str = "cpu",
             config: WorldConfig | None = None, theme: str | None = None,
-            explorer: ExplorerConfig | None = None) -> Rollout:
-    """Run worlds (seeds or params) for ``n_frames`` under ``keys`` (B, T), or under the explorer if None."""
+            explorer: ExplorerConfig | None = None, depth_columns: int = 0) -> Rollout:
+    """Run worlds (seeds or params) for ``n_frames`` under ``keys`` (B, T), or under the explorer if None;
+    with ``depth_columns`` also each frame's wall depth through that many columns (``column_depths``)."""
     if n_frames < 1:
         raise ValueError(f"n_frames must be positive, got {n_frames}")
     world = World(worlds, height, width, device, config, theme)
@@ -47,8 +49,11 @@ def rollout(worlds: Sequence[int | WorldParams], n_frames: int, keys: torch.Tens
     used = torch.empty(b, n_frames, dtype=torch.long, device=world.device)
     poses = torch.empty(b, n_frames, 3, device=world.device)
     collided = torch.empty(b, n_frames, dtype=torch.bool, device=world.device)
+    depths = torch.empty(b, n_frames, depth_columns, device=world.device) if depth_columns else None
     for t in range(n_frames):
         used[:, t] = policy.act(world) if policy is not None else keys[:, t]
         frames[:, t] = world.next_frame(used[:, t])
         poses[:, t], collided[:, t] = world.poses, world.collided
-    return Rollout(frames, used, poses, collided, world.prompts, world.params)
+        if depths is not None:
+            depths[:, t] = world.column_depths(depth_columns)
+    return Rollout(frames, used, poses, collided, world.prompts, world.params, depths)
