@@ -55,6 +55,8 @@ WALL_EVIDENCE = 4.0  # sightings (a wall across a sixteenth of the frame: one) t
 # let the depth network's misreadings through (at 0.5, 30 % of the mapped walls of 16 rollouts from 9 engine
 # frames stood on floor, and stopped the camera where the world lets it walk; at 4, 5 %)
 KNOWN_EMPTY = 1.0  # sightings of floor that let a guessed depth pass a tile (generated frames' few do not)
+PHANTOM_MARGIN = 0.15  # tiles: how far short of what the wall map rules out a reading may put a wall
+CORNER_MARGIN = 0.3  # tiles: how far past an unseen corner of the maze a reading may put its wall
 MAX_FOG = 0.35  # per tile: the densest fog fit_fog considers (the built-in themes: 0.03 to 0.32)
 
 
@@ -179,28 +181,56 @@ def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig
     return torch.where(hit, snapped, reading)
 
 
-def guess_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig, beyond: float) -> Tensor:
-    """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) as the wall map suggests it where the
-    view is new (``camera.memory_reveal``): the ray crosses the camera's own tile, tiles seen empty
-    (``KNOWN_EMPTY``) and the maze's cells; a mapped wall there gives the depth, and any other tile the map
-    does not know puts a wall ``beyond`` tiles past the ray's entry into it, at most ``MAX_EMPTY`` tiles away.
-    Snapped to the grid as a reading is (``wall_hits``). (Letting the rays through unknown cells: on 16
-    held-out worlds of another eval seed, +0.2 dB at horizon 64, sharpness 0.24 → 0.35, exact keys 0.86 →
-    0.92; stopping them at the unknown tiles between four cells as well gained nothing.)"""
-    rays = column_rays(pose, width, camera)
+def _clear(walls: Tensor, pose: Tensor, rays: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How far each column's ray (N, W, 2) from ``pose`` (N, 3) runs through tiles no wall can stand in: the
+    camera's own tile, tiles seen empty (``KNOWN_EMPTY``) and the maze's unknown cells (odd column and row:
+    ``distill.world.maze``, never walls). Returns the distance along the heading at which it enters the first
+    other tile (N, W) (``MAX_EMPTY`` if none is met), whether it met one (N, W) and whether that tile is a
+    mapped wall (N, W)."""
     t, index, value = _march(walls, pose, rays)
     own = map_tile(pose[:, 0], pose[:, 1])[0].view(-1, 1, 1)
     wall = value >= WALL_EVIDENCE
-    passable = ((value <= -KNOWN_EMPTY) | (index == own)) & ~wall
-    # The maze's cells (odd column and row: ``distill.world.maze``) are never walls: a ray goes on through one
-    # the map does not know, and stops in the first unknown tile between two cells.
     cell = (index % MAP_TILES % 2 == 1) & (index // MAP_TILES % 2 == 1)
-    passable = passable | (cell & ~wall)
+    passable = ((value <= -KNOWN_EMPTY) | (index == own) | cell) & ~wall
     stop = (~passable).float().argmax(-1, keepdim=True)
     met = (~passable).any(-1)
     at = torch.where(met, t[stop[..., 0]], torch.full_like(stop[..., 0], MAX_EMPTY, dtype=torch.float32))
-    depth = torch.where(met & wall.gather(-1, stop)[..., 0], at, (at + beyond).clamp(max=MAX_EMPTY))
+    return at, met, met & wall.gather(-1, stop)[..., 0]
+
+
+def guess_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig, beyond: float) -> Tensor:
+    """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) as the wall map suggests it where the
+    view is new (``camera.memory_reveal``): the ray crosses the tiles no wall can stand in (``_clear``: the
+    camera's own, tiles seen empty, the maze's cells); a mapped wall there gives the depth, and any other tile
+    the map does not know puts a wall ``beyond`` tiles past the ray's entry into it, at most ``MAX_EMPTY``
+    tiles away. Snapped to the grid as a reading is (``wall_hits``). (Letting the rays through unknown cells:
+    on 16 held-out worlds of another eval seed, +0.2 dB at horizon 64, sharpness 0.24 → 0.35, exact keys
+    0.86 → 0.92; stopping them at the unknown tiles between four cells as well gained nothing.)"""
+    rays = column_rays(pose, width, camera)
+    at, _, wall = _clear(walls, pose, rays)
+    depth = torch.where(wall, at, (at + beyond).clamp(max=MAX_EMPTY))
     return wall_hits(pose, depth, rays)[0]
+
+
+def clear_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
+    """Each column's depth (N, W) along the heading up to which the wall map rules a wall out (``_clear``):
+    a reading nearer than this puts a wall where none can stand."""
+    return _clear(walls, pose, column_rays(pose, width, camera))[0]
+
+
+def corner_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -> tuple[Tensor, Tensor]:
+    """Each column's depth (N, W) along the heading to the first of the maze's corners its ray enters that the
+    wall map has not seen empty, snapped to the grid (``wall_hits``), and whether the ray meets one within
+    ``MAX_EMPTY`` tiles (N, W). The corners are the tiles at an even column and row (``distill.world.maze``:
+    cells stand on odd tiles, the tiles between two cells are walls or passages, and a corner is a wall unless
+    a room cleared it), so a wall read farther away than one is a guess the map can bound."""
+    rays = column_rays(pose, width, camera)
+    t, index, value = _march(walls, pose, rays)
+    corner = (index % MAP_TILES % 2 == 0) & (index // MAP_TILES % 2 == 0) & (value > -KNOWN_EMPTY)
+    met = corner.any(-1)
+    first = corner.float().argmax(-1, keepdim=True)
+    at = (t[first[..., 0]] - MARCH).clamp(min=MARCH)  # the sample before the first inside the corner
+    return wall_hits(pose, torch.where(met, at, torch.full_like(at, MAX_EMPTY)), rays)[0], met
 
 
 def column_rays(pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
@@ -523,8 +553,21 @@ class Redrawer:
 
     def depth(self, depth: Tensor) -> Tensor:
         """The previous frame's column depth from the wall map where it knows the walls (streams with a
-        memory; ``map_depth``), else ``depth``."""
-        mapped = map_depth(self.memory.walls, self.memory.pose, depth.float(), self.camera)
+        memory; ``map_depth``), else ``depth``; a reading that puts a wall where the map rules one out (nearer
+        than ``clear_depth`` by more than ``PHANTOM_MARGIN``: a wall the DiT drew in a corridor the stream has
+        seen, or in one of the maze's cells) takes the map's guess instead (``guess_depth``), so the picture
+        does not keep a wall the world does not have; one that reads a wall more than ``CORNER_MARGIN`` past
+        a corner of the maze the map has not seen empty takes the corner's depth (``corner_depth``), so the
+        picture does not open up, frame after frame, into the far, fogged and blurred plain that the DiT's
+        drift makes of a maze it has not seen."""
+        cam, pose = self.camera, self.memory.pose
+        mapped = map_depth(self.memory.walls, pose, depth.float(), cam)
+        phantom = mapped < clear_depth(self.memory.walls, pose, depth.shape[1], cam) - PHANTOM_MARGIN
+        if bool(phantom.any()):
+            guess = guess_depth(self.memory.walls, pose, depth.shape[1], cam, cam.memory_reveal)
+            mapped = torch.where(phantom, guess, mapped)
+        corner, met = corner_depth(self.memory.walls, pose, depth.shape[1], cam)
+        mapped = torch.where(met & (mapped > corner + CORNER_MARGIN), corner, mapped)
         return torch.where(self.active.view(-1, 1), mapped, depth.float()).to(depth.dtype)
 
     def _step(self) -> Motion:

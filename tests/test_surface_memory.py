@@ -526,6 +526,57 @@ def test_a_new_view_gets_the_depth_the_wall_map_suggests() -> None:
     assert float(ahead[:, 15:17].mean()) == pytest.approx(2.5, abs=0.02)
 
 
+def test_a_reading_that_puts_a_wall_where_none_can_stand_takes_the_maps_guess() -> None:
+    """A reading nearer than the floor the map knows (or inside one of the maze's cells) is a wall the DiT
+    drew where the world has none: the previous frame's depth becomes the map's guess there; a reading at or
+    past what the map rules out stays, as do streams without a memory."""
+    pose = torch.tensor([[5.5, 5.5, 0.0], [5.5, 5.5, 0.0]])  # facing east (+x), in the cell (5, 5)
+    memory = sm.empty(pose, 8)
+    walls = memory.walls.clone()
+    row = 5 * sm.MAP_TILES
+    walls[:, row + 6] = -2 * sm.KNOWN_EMPTY  # the passage x ∈ [6, 7) was seen empty; (7, 5) is a cell
+    walls[:, row + 8] = sm.WALL_EVIDENCE  # and a wall at x = 8
+    memory = memory._replace(walls=walls)
+    clear = sm.clear_depth(walls, pose, 32, CAMERA)
+    assert clear[:, 14:18].flatten().tolist() == pytest.approx([2.5] * 8, abs=0.06)
+    cam = replace(CAMERA, memory_reveal=0.5)
+    keys = held("forward").expand(2, -1)
+    redraw = sm.Redrawer(memory, keys, torch.tensor([True, False]), cam)
+    reading = torch.full((2, 32), 1.0)  # a wall half a tile ahead, at x = 6.5: in the passage seen empty
+    reading[:, :4] = 0.4  # the left columns look across the cell at its side wall
+    out = redraw.depth(reading)
+    assert out[0, 14:18].tolist() == pytest.approx([2.5] * 4, abs=0.02)  # the mapped wall at x = 8
+    assert torch.equal(out[1], reading[1])  # no memory: the reading stays
+    near = redraw.depth(torch.full((2, 32), 2.45))  # within the margin of the wall: kept as read
+    assert near[0, 14:18].tolist() == pytest.approx([2.45] * 4, abs=0.02)
+
+
+def test_a_reading_past_a_corner_of_the_maze_the_map_has_not_seen_empty_stops_there() -> None:
+    """The maze's corners (even column and row) are walls unless a room cleared them: a reading that puts its
+    wall farther than the first corner the map has not seen empty takes the corner's depth; once the map has
+    seen that corner empty, the next one bounds it."""
+    pose = torch.tensor([[5.5, 5.5, math.pi / 4]] * 2)  # looking across the corner (6, 6)
+    memory = sm.empty(pose, 8)
+    corner, met = sm.corner_depth(memory.walls, pose, 32, CAMERA)
+    assert bool(met[:, 15:17].all())
+    assert corner[:, 15:17].flatten().tolist() == pytest.approx([0.5 * math.sqrt(2)] * 4, abs=0.05)
+    cam = replace(CAMERA, memory_reveal=0.5)
+    keys = held("forward").expand(2, -1)
+    far = torch.full((2, 32), 3.0)  # the DiT's picture opened up: a wall three tiles off, past the corner
+    out = sm.Redrawer(memory, keys, torch.tensor([True, False]), cam).depth(far)
+    assert out[0, 15:17].tolist() == pytest.approx([0.5 * math.sqrt(2)] * 2, abs=0.05)
+    assert torch.equal(out[1], far[1])  # no memory: as read
+    walls = memory.walls.clone()
+    walls[:, 6 * sm.MAP_TILES + 6] = -2 * sm.KNOWN_EMPTY  # the corner was a room's, seen empty
+    seen = memory._replace(walls=walls)
+    # The next corner on the diagonal, (8, 8), is 2.5 √2 ≈ 3.54 tiles off: a wall read at 3.45 stays.
+    kept = sm.Redrawer(seen, keys, torch.tensor([True, False]), cam).depth(torch.full((2, 32), 3.45))
+    assert kept[0, 15:17].tolist() == pytest.approx([3.45] * 2, abs=0.02)
+    beyond = sm.Redrawer(seen, keys, torch.tensor([True, False]), cam).depth(torch.full((2, 32), 5.0))
+    assert beyond[0, 15:17].tolist() == pytest.approx([2.5 * math.sqrt(2)] * 2, abs=0.1)  # (a ray along the
+    # diagonal grazes the passages beside the corner)
+
+
 def test_the_memory_fills_what_a_turn_uncovers(memory_model: WorldModel) -> None:
     """With ``camera.memory_reveal`` the columns a turn uncovers (NaN in the carried depth) take the wall
     map's guess and are drawn with the memory's texture; the others, and streams without a memory, keep

@@ -59,7 +59,7 @@ class EvalConfig:
     context_frames: int = 0  # engine frames given as context; 0 = sink + window of the model
     switch_frames: int = 48  # frames generated after the prompt switch
     drift_seconds: float = 600.0
-    drift_sessions: int = 2
+    drift_sessions: int = 8  # two swing by ±0.4 in the sharpness change over a minute
     drift_every: int = 30  # frames between drift measurements
     seed: int = 0
     context_sigma: float | None = None  # overrides each model's sampling.context_sigma (None: its own)
