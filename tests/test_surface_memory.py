@@ -123,6 +123,23 @@ def test_a_known_wall_stops_the_camera_and_it_slides_along() -> None:
     assert moved[2, 0] == pytest.approx(5.8)  # nothing known there: it walks
 
 
+def test_a_corner_of_the_maze_stops_the_camera_until_the_map_has_seen_it_empty() -> None:
+    """The maze's corners (even column and row) are drawn as walls until seen empty (``corner_depth``), and
+    they stop the camera as walls do: walking at the corner (6, 6) the camera slides along it; once the map
+    has seen it empty (a room's), the camera walks in."""
+    pose = torch.tensor([[5.7, 5.7, math.pi / 4], [5.7, 5.7, math.pi / 4]])
+    memory = sm.empty(pose, 8)
+    walls = memory.walls.clone()
+    walls[1, 6 * sm.MAP_TILES + 6] = -2 * sm.KNOWN_EMPTY
+    memory = memory._replace(walls=walls)
+    at = torch.tensor([6.5, 6.5])
+    assert sm.is_solid(memory.walls, at, at).tolist() == [True, False]
+    assert not sm.is_solid(memory.walls, torch.tensor([6.5, 7.5]), torch.tensor([5.5, 5.5])).any()
+    moved = sm.advance(memory.pose, sm.blocked(memory, held("forward").expand(2, -1), CAMERA))
+    assert moved[0, 0] > 5.75 and moved[0, 1] == pytest.approx(5.7)  # slides east along the corner
+    assert moved[1, 0] > 5.75 and moved[1, 1] > 5.75  # seen empty: it walks on
+
+
 @pytest.fixture
 def memory_model() -> WorldModel:
     config = _delta(preset("tiny"))
@@ -142,7 +159,7 @@ def test_a_session_started_with_poses_keeps_a_memory_and_moves_its_pose(memory_m
     h, w = wm.frame_shape
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
-    poses = np.array([[4.5, 4.5, 0.0], [4.6, 4.5, 0.0], [4.7, 4.5, 0.0]])
+    poses = np.array([[5.5, 5.5, 0.0], [5.6, 5.5, 0.0], [5.7, 5.5, 0.0]])
     s = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_keys=[0, 1, 1], first_poses=poses)
     assert s.memory is not None and s.memory[0] == 2
     assert float(s.memory[1].weight.sum()) > 0
@@ -182,7 +199,7 @@ def test_a_prompt_switch_forgets_the_texture_and_keeps_the_walls(memory_model: W
     wm = memory_model
     h, w = wm.frame_shape
     frames = np.random.default_rng(1).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
-    poses = np.array([[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+    poses = np.array([[5.5, 5.5, 0.0], [5.6, 5.5, 0.0]])  # in a maze cell's row: no corner stops the walk
     s = wm.new_session("a desert ruin", seed=3, first_frames=frames, first_poses=poses)
     walls = s.memory[1].walls.clone()
     assert float(s.memory[1].weight.sum()) > 0 and float(walls.abs().sum()) > 0
@@ -208,7 +225,7 @@ def test_after_a_prompt_switch_the_memory_waits_for_the_repaint(memory_model: Wo
     h, w = wm.frame_shape
     frames = np.random.default_rng(1).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     s = wm.new_session("a desert ruin", seed=3, first_frames=frames,
-                       first_poses=[[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+                       first_poses=[[5.5, 5.5, 0.0], [5.6, 5.5, 0.0]])
     wm.set_prompt(s, "an ice cave")
     assert s.repaint_until == s.frame_index + repaint
     snap = wm.snapshot(s)
@@ -245,7 +262,7 @@ def test_a_prompt_switch_starts_from_the_banks_nearest_look(memory_model: WorldM
     frames = np.random.default_rng(2).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     wm.looks = looks = _bank(wm, ["an ice cave", "a desert ruin"])
     try:
-        poses = [[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]]
+        poses = [[5.5, 5.5, 0.0], [5.6, 5.5, 0.0]]
         s = wm.new_session("a dungeon", seed=3, first_frames=frames, first_poses=poses)
         wm.set_prompt(s, "a desert ruin")
         memory = s.memory[1]
@@ -335,7 +352,7 @@ def test_the_shown_frame_gets_the_memorys_detail_moving_or_still(memory_model: W
     wm = memory_model
     h, w = wm.frame_shape
     frames = np.random.default_rng(4).integers(0, 256, (2, h, w, 3), dtype=np.uint8)  # much texture
-    poses = [[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]]
+    poses = [[5.5, 5.5, 0.0], [5.6, 5.5, 0.0]]
     s = wm.new_session("a dungeon", seed=3, first_frames=frames, first_poses=poses)
     plain = wm.new_session("a dungeon", seed=3, first_frames=frames)
     for held_keys in ([BIT["forward"], BIT["forward"]], [0, 0], [BIT["turn_left"], 0]):
@@ -355,7 +372,7 @@ def test_a_discarded_speculative_frame_keeps_the_memory(memory_model: WorldModel
     h, w = wm.frame_shape
     frames = np.random.default_rng(2).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     s = wm.new_session("a desert ruin", seed=3, first_frames=frames,
-                       first_poses=[[4.5, 4.5, 0.0], [4.6, 4.5, 0.0]])
+                       first_poses=[[5.5, 5.5, 0.0], [5.6, 5.5, 0.0]])
     wm.next_frame([s], [BIT["forward"]])
     before, carried, anchor = s.memory, s.carried, s.anchor
     assert carried is not None

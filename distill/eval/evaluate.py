@@ -16,8 +16,9 @@ context, keys and prompts and measures what comes out. For each model and step c
 4. Drift: a long rollout (``drift_seconds`` at the model's FPS) driven by the explorer in a lockstep engine
    world; classifier confidence, sharpness and colour statistics of model and engine frames over time.
 
-Outputs in ``out``: ``report.json``, ``rollout.mp4`` (engine | model per episode), ``drift.mp4``,
-``horizons.png`` and ``drift.png`` (``distill/eval_plots.py``).
+Outputs in ``out``: ``report.json``, ``rollout.mp4`` (engine | model per episode), ``drift.mp4`` (engine |
+model of every drift session, four to a row, at each measurement), ``horizons.png`` and ``drift.png``
+(``distill/eval_plots.py``).
 """
 
 from __future__ import annotations
@@ -272,11 +273,21 @@ def drift(wm: WorldModel, classifier: EvaluatorNet | None, cfg: EvalConfig, cont
             points.append({"frame": t + 1, "seconds": (t + 1) / wm.config.fps,
                            "model": frame_stats(frames, classifier, themes),
                            "engine": frame_stats(engine, classifier, themes)})
-            video.append(np.concatenate([engine[0], frames[0]], 1))
+            video.append(_tiles(engine, frames))
     for s in sessions:
         wm.close_session(s)
     return {"frames": total, "sessions": len(seeds), "every": cfg.drift_every, "points": points,
             "summary": drift_summary(points)}, video
+
+
+def _tiles(engine: np.ndarray, model: np.ndarray, per_row: int = 4) -> np.ndarray:
+    """Every session's engine | model frame side by side (uint8 (B, H, W, 3) each), ``per_row`` sessions to a
+    row of the picture (the last row padded black)."""
+    pairs = np.concatenate([engine, model], 2)
+    rows = -(-len(pairs) // per_row)
+    pad = rows * min(per_row, len(pairs)) - len(pairs)
+    pairs = np.concatenate([pairs, np.zeros((pad, *pairs.shape[1:]), pairs.dtype)])
+    return np.concatenate([np.concatenate(list(row), 1) for row in pairs.reshape(rows, -1, *pairs.shape[1:])])
 
 
 def drift_summary(points: list[dict[str, Any]]) -> dict[str, float]:
