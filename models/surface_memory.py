@@ -132,13 +132,25 @@ def is_wall(walls: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return inside & (walls.gather(1, index[:, None])[:, 0] >= WALL_EVIDENCE)
 
 
+def _cell(index: Tensor) -> Tensor:
+    """Whether each wall-map tile ``index`` is one of the maze's cells (odd column and row:
+    ``distill.world.maze``), which are never walls."""
+    return (index % MAP_TILES % 2 == 1) & (index // MAP_TILES % 2 == 1)
+
+
+def _unseen_corner(index: Tensor, value: Tensor) -> Tensor:
+    """Whether each wall-map tile ``index`` (evidence ``value``) is one of the maze's corners (even column and
+    row: a wall unless a room cleared it) that the map has not seen empty."""
+    return (index % MAP_TILES % 2 == 0) & (index // MAP_TILES % 2 == 0) & (value > -KNOWN_EMPTY)
+
+
 def is_solid(walls: Tensor, x: Tensor, y: Tensor, own: Tensor | None = None) -> Tensor:
     """(N,) bool: the tile under (x, y) (N,) stops the camera: a wall seen (``is_wall``), or one of the maze's
     corners (even column and row) not seen empty, which the picture draws as a wall (``corner_depth``),
     unless it is the tile ``own`` (N,) the camera stands in."""
     index, inside = map_tile(x, y)
     value = walls.gather(1, index[:, None])[:, 0]
-    corner = (index % MAP_TILES % 2 == 0) & (index // MAP_TILES % 2 == 0) & (value > -KNOWN_EMPTY)
+    corner = _unseen_corner(index, value)
     if own is not None:
         corner = corner & (index != own)
     return inside & ((value >= WALL_EVIDENCE) | corner)
@@ -171,13 +183,15 @@ def blocked(memory: Memory, keys: Tensor, camera: CameraConfig) -> Motion:
 class March(NamedTuple):
     """Each column's ray (N, W, 2) from cameras at ``pose`` (N, 3), sampled every ``MARCH`` tiles out to
     ``MAX_EMPTY``: the samples' distance along the heading (S,), the wall map's tile under each (N, W, S) and
-    its evidence there (N, W, S; 0 outside the map). One march serves every reading of the map below."""
+    its evidence there (N, W, S; 0 outside the map), and the tile each camera stands in (N, 1, 1). One march
+    serves every reading of the map below."""
 
     pose: Tensor
     rays: Tensor
     t: Tensor
     index: Tensor
     value: Tensor
+    own: Tensor
 
 
 def march(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -> March:
@@ -188,23 +202,26 @@ def march(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -> Marc
     index, inside = map_tile(pose[:, 0, None, None] + t.view(1, 1, -1) * rays[..., 0:1],
                              pose[:, 1, None, None] + t.view(1, 1, -1) * rays[..., 1:2])
     value = torch.where(inside, walls.gather(1, index.view(n, -1)).view(n, w, -1), torch.zeros_like(t))
-    return March(pose, rays, t, index, value)
+    own = map_tile(pose[:, 0], pose[:, 1])[0].view(-1, 1, 1)
+    return March(pose, rays, t, index, value, own)
 
 
-def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig,
-              marched: March | None = None) -> Tensor:
+def map_depth(walls: Tensor, pose: Tensor, reading: Tensor, camera: CameraConfig) -> Tensor:
     """Each column's wall depth (N, W) from cameras at ``pose`` (N, 3) where the wall map knows it: the ray
     crosses tiles seen empty (evidence below zero) until it meets a mapped wall (``is_wall``), within
     ``MAX_EMPTY`` tiles; the hit is snapped to the wall's grid line (``wall_hits``). Columns whose ray meets
-    a tile the map does not know first keep ``reading``. ``marched``: this map's ``march`` from ``pose``, if
-    the caller has it."""
-    m = marched if marched is not None else march(walls, pose, reading.shape[1], camera)
+    a tile the map does not know first keep ``reading``."""
+    return _mapped(march(walls, pose, reading.shape[1], camera), reading)
+
+
+def _mapped(m: March, reading: Tensor) -> Tensor:
+    """``map_depth`` from a march."""
     wall = m.value >= WALL_EVIDENCE
     known = wall | (m.value < 0)
     # The first sample that is not known empty: a wall there gives the depth, anything else does not.
     stop = (~known | wall).float().argmax(-1, keepdim=True)
     hit = wall.gather(-1, stop)[..., 0] & (~known | wall).any(-1)
-    snapped, _, _ = wall_hits(pose, m.t[stop[..., 0]], m.rays)
+    snapped, _, _ = wall_hits(m.pose, m.t[stop[..., 0]], m.rays)
     return torch.where(hit, snapped, reading)
 
 
@@ -214,10 +231,8 @@ def _clear(m: March) -> tuple[Tensor, Tensor, Tensor]:
     ``distill.world.maze``, never walls). Returns the distance along the heading at which it enters the first
     other tile (N, W) (``MAX_EMPTY`` if none is met), whether it met one (N, W) and whether that tile is a
     mapped wall (N, W)."""
-    own = map_tile(m.pose[:, 0], m.pose[:, 1])[0].view(-1, 1, 1)
     wall = m.value >= WALL_EVIDENCE
-    cell = (m.index % MAP_TILES % 2 == 1) & (m.index // MAP_TILES % 2 == 1)
-    passable = ((m.value <= -KNOWN_EMPTY) | (m.index == own) | cell) & ~wall
+    passable = ((m.value <= -KNOWN_EMPTY) | (m.index == m.own) | _cell(m.index)) & ~wall
     stop = (~passable).float().argmax(-1, keepdim=True)
     met = (~passable).any(-1)
     at = torch.where(met, m.t[stop[..., 0]], torch.full_like(stop[..., 0], MAX_EMPTY, dtype=torch.float32))
@@ -249,22 +264,23 @@ def clear_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -
     return _clear(march(walls, pose, width, camera))[0]
 
 
-def corner_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig,
-                 marched: March | None = None) -> tuple[Tensor, Tensor]:
+def corner_depth(walls: Tensor, pose: Tensor, width: int, camera: CameraConfig) -> tuple[Tensor, Tensor]:
     """Each column's depth (N, W) along the heading to the first of the maze's corners its ray enters that the
-    wall map has not seen empty, snapped to the grid (``wall_hits``), and whether the ray meets one within
-    ``MAX_EMPTY`` tiles (N, W). The corners are the tiles at an even column and row (``distill.world.maze``:
-    cells stand on odd tiles, the tiles between two cells are walls or passages, and a corner is a wall unless
-    a room cleared it), so a wall read farther away than one is a guess the map can bound. ``marched``: this
-    map's ``march`` from ``pose``, if the caller has it."""
-    m = marched if marched is not None else march(walls, pose, width, camera)
-    own = map_tile(pose[:, 0], pose[:, 1])[0].view(-1, 1, 1)  # a camera standing in a corner: a room's
-    corner = (m.index % MAP_TILES % 2 == 0) & (m.index // MAP_TILES % 2 == 0) & (m.value > -KNOWN_EMPTY)
-    corner = corner & (m.index != own)
+    wall map has not seen empty (but the one the camera stands in: a room's), snapped to the grid
+    (``wall_hits``), and whether the ray meets one within ``MAX_EMPTY`` tiles (N, W). The corners are the
+    tiles at an even column and row (``distill.world.maze``: cells stand on odd tiles, the tiles between two
+    cells are walls or passages, and a corner is a wall unless a room cleared it), so a wall read farther
+    away than one is a guess the map can bound."""
+    return _corner(march(walls, pose, width, camera))
+
+
+def _corner(m: March) -> tuple[Tensor, Tensor]:
+    """``corner_depth`` from a march."""
+    corner = _unseen_corner(m.index, m.value) & (m.index != m.own)
     met = corner.any(-1)
     first = corner.float().argmax(-1, keepdim=True)
     at = (m.t[first[..., 0]] - MARCH).clamp(min=MARCH)  # the sample before the first inside the corner
-    return wall_hits(pose, torch.where(met, at, torch.full_like(at, MAX_EMPTY)), m.rays)[0], met
+    return wall_hits(m.pose, torch.where(met, at, torch.full_like(at, MAX_EMPTY)), m.rays)[0], met
 
 
 def column_rays(pose: Tensor, width: int, camera: CameraConfig) -> Tensor:
@@ -594,14 +610,13 @@ class Redrawer:
         a corner of the maze the map has not seen empty takes the corner's depth (``corner_depth``), so the
         picture does not open up, frame after frame, into the far, fogged and blurred plain that the DiT's
         drift makes of a maze it has not seen."""
-        cam, pose = self.camera, self.memory.pose
-        m = march(self.memory.walls, pose, depth.shape[1], cam)
-        mapped = map_depth(self.memory.walls, pose, depth.float(), cam, m)
+        m = march(self.memory.walls, self.memory.pose, depth.shape[1], self.camera)  # one march for all three
+        mapped = _mapped(m, depth.float())
         clear = _clear(m)
         phantom = mapped < clear[0] - PHANTOM_MARGIN
         if bool(phantom.any()):
-            mapped = torch.where(phantom, _guess(m, clear, cam.memory_reveal), mapped)
-        corner, met = corner_depth(self.memory.walls, pose, depth.shape[1], cam, m)
+            mapped = torch.where(phantom, _guess(m, clear, self.camera.memory_reveal), mapped)
+        corner, met = _corner(m)
         mapped = torch.where(met & (mapped > corner + CORNER_MARGIN), corner, mapped)
         return torch.where(self.active.view(-1, 1), mapped, depth.float()).to(depth.dtype)
 
